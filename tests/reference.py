@@ -36,7 +36,7 @@ def patches(layer: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
 
 def contributions(layer: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     """c (N, O, I) and pre-activation z (N, O), validated against ``layer(x)``."""
-    rows, out_shape = patches(layer, x)
+    rows, _out_shape = patches(layer, x)
     w = layer.weight.detach().reshape(layer.weight.shape[0], -1)
     g = rows.shape[1]
     og = w.shape[0] // g
@@ -62,7 +62,7 @@ def to_rows(layer: nn.Module, t: Tensor) -> Tensor:
 
 def reference_stats(layer: nn.Module, xs: list[Tensor], live_fn=None) -> dict[str, Tensor]:
     """All statistics over the batches ``xs``; ``live_fn(z_rows) -> bool (N, O)`` (None: all live)."""
-    cs, lives, bs = [], [], []
+    cs, lives, _bs = [], [], []
     for x in xs:
         c, z = contributions(layer, x)
         cs.append(c)

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference import reference_stats, to_rows
 from torch import nn
 
 import relprune
+from reference import reference_stats, to_rows
 from relprune import StatisticNotCollectedError
 
 STATS = ["contribution_mean", "contribution_std", "abs_contribution_mean", "relative_mean",

@@ -9,7 +9,6 @@ padding, dilation and groups without ever building im2col rows.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Union
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +16,7 @@ from torch import Tensor, nn
 
 from .errors import LayerError, NoPrunableLayersError
 
-PrunableLayer = Union[nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d]
+PrunableLayer = nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 _CONV_WEIGHT_GRAD = {

@@ -74,7 +74,7 @@ def _arg(args: tuple, kwargs: dict, index: int, name: str, default):
     return kwargs.get(name, default)
 
 
-def activation_blind_range(func, args: tuple, kwargs: dict) -> BlindRange | None | bool:
+def activation_blind_range(func, args: tuple, kwargs: dict) -> BlindRange | bool | None:
     """The blind range of a call if it is an activation with one; False if it is not."""
     if func in (F.relu, torch.relu, torch.relu_, F.relu_, torch.Tensor.relu, torch.Tensor.relu_):
         return RELU

@@ -82,7 +82,7 @@ def format_report(rows: list[LayerReport]) -> str:
     kept, total = sum(r.kept for r in rows), sum(r.total for r in rows)
     lines.append(("total", "", str(kept), str(total), f"{1 - kept / total if total else 0:.2%}"))
     widths = [max(len(x[i]) for x in [header, *lines]) for i in range(5)]
-    fmt = "  ".join("{:<%d}" % w if i < 2 else "{:>%d}" % w for i, w in enumerate(widths))
+    fmt = "  ".join(f"{{:{'<' if i < 2 else '>'}{w}}}" for i, w in enumerate(widths))
     out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
     out += [fmt.format(*line) for line in lines]
     return "\n".join(out)

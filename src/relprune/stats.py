@@ -13,7 +13,6 @@ not cancel.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import layers as L
-from .errors import CalibrationError, NonFiniteActivationError, StatisticNotCollectedError, StatsMismatchError
+from .errors import (
+    CalibrationError,
+    NonFiniteActivationError,
+    StatisticNotCollectedError,
+    StatsMismatchError,
+)
 from .liveness import BlindRange, LivenessTracer
 
 EPS = 1e-12
@@ -535,7 +539,7 @@ def _accumulate_grads(model: nn.Module, chosen: dict[str, nn.Module], result: di
             loss = loss_fn(model(x), target)
             weights = [captured[n] for n in chosen]
             grads = torch.autograd.grad(loss, weights, allow_unused=True)
-        for n, gr in zip(chosen, grads):
+        for n, gr in zip(chosen, grads, strict=False):
             if gr is not None:
                 result[n].sums["grad"] += gr.double()
             result[n].grad_batches += 1
