@@ -122,6 +122,11 @@ class LivenessTracer(TorchFunctionMode):
         self._owner: dict[int, tuple[str, Tensor]] = {}
         self.traces: dict[str, _Trace] = {}
 
+    def reset(self) -> None:
+        """Forget everything traced (between batches, and to drop tensor references)."""
+        self._owner.clear()
+        self.traces.clear()
+
     def mark(self, name: str, output: Tensor) -> None:
         """Record that ``output`` is the fresh output of layer ``name``."""
         self.traces[name] = _Trace()

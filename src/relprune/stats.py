@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from . import layers as L
 from .errors import (
     CalibrationError,
+    MissingLabelsError,
     NonFiniteActivationError,
     StatisticNotCollectedError,
     StatsMismatchError,
@@ -306,44 +307,77 @@ def split_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
     )
 
 
-def _accumulate(layer: nn.Module, ls: LayerStats, x: Tensor, out_shape: torch.Size,
+FLUSH_EVERY = 16
+
+
+class _Scratch:
+    """Per-layer working state of one collection: |W| and sums pending in the compute dtype.
+
+    Batch products land in compute-dtype buffers (fused into the matmul for
+    Linear) and move into the float64 sums every ``FLUSH_EVERY`` batches, so
+    the float64 add is paid rarely while rounding stays that of a short sum.
+    """
+
+    def __init__(self) -> None:
+        self.abs_weight: Tensor | None = None
+        self.pending: dict[str, Tensor] = {}
+        self.batches = 0
+
+    def add(self, layer: nn.Module, key: str, x: Tensor, g: Tensor) -> None:
+        buf = self.pending.get(key)
+        if isinstance(layer, nn.Linear):
+            if buf is None:
+                self.pending[key] = g.t() @ x
+            else:
+                buf.addmm_(g.t(), x)
+        elif buf is None:
+            self.pending[key] = L.weighted_input_sum(layer, x, g)
+        else:
+            buf.add_(L.weighted_input_sum(layer, x, g))
+
+    def flush(self, ls: LayerStats, force: bool = False) -> None:
+        self.batches += 1
+        if force or self.batches % FLUSH_EVERY == 0:
+            for key, buf in self.pending.items():
+                ls.sums[key].add_(buf.reshape(ls.sums[key].shape))
+            self.pending.clear()
+
+
+def _accumulate(layer: nn.Module, ls: LayerStats, scratch: _Scratch, x: Tensor, out_shape: torch.Size,
                 live: Tensor | None, need: frozenset[str]) -> None:
     """Add one batch's sums for one layer. ``live`` is the liveness mask (None: all live)."""
     cd = _compute_dtype(x)
     x = x.to(cd)
-    w = ls.weight.to(cd)
     xp = L.input_rows(layer, x)
     if live is None:
-        shape = (xp.shape[0], w.shape[0]) if isinstance(layer, nn.Linear) else out_shape
+        shape = (xp.shape[0], ls.weight.shape[0]) if isinstance(layer, nn.Linear) else out_shape
         g = torch.ones(shape, dtype=cd, device=x.device)
     else:
         g = L.output_rows(layer, live).to(cd)
-    ls.live_count += L.per_output_count(layer, g).double()
+    ls.live_count.add_(L.per_output_count(layer, g))
     ls.total_count += L.samples_in(layer, g)
     a = xp.abs() if need & {"sa", "r1", "r2"} else None
-
-    def add(key: str, value: Tensor) -> None:
-        ls.sums[key] += value.double()
-
     if need & {"s1", "s2"}:
         view = (1, -1) if isinstance(layer, nn.Linear) else (1, -1, *([1] * L.conv_dims(layer)))
         xs = xp - ls.shift.to(cd).reshape(view)
         if "s1" in need:
-            add("s1", L.weighted_input_sum(layer, xs, g))
+            scratch.add(layer, "s1", xs, g)
         if "s2" in need:
-            add("s2", L.weighted_input_sum(layer, xs * xs, g))
+            scratch.add(layer, "s2", xs * xs, g)
     if "sa" in need:
-        add("sa", L.weighted_input_sum(layer, a, g))
+        scratch.add(layer, "sa", a, g)
     if need & {"r1", "r2"}:
-        d = L.forward_abs(layer, a, w.abs())
+        if scratch.abs_weight is None or scratch.abs_weight.dtype != cd:
+            scratch.abs_weight = ls.weight.to(cd).abs()
+        d = L.forward_abs(layer, a, scratch.abs_weight)
         if ls.bias is not None:
             d = d + L.bias_view(layer, ls.bias.to(cd).abs())
         d = d + EPS
         gd = g / d
         if "r1" in need:
-            add("r1", L.weighted_input_sum(layer, a, gd))
+            scratch.add(layer, "r1", a, gd)
         if "r2" in need:
-            add("r2", L.weighted_input_sum(layer, a * a, gd / d))
+            scratch.add(layer, "r2", a * a, gd / d)
 
 
 def _new_layer_stats(layer: nn.Module, x: Tensor, liveness: str | None, statistics: frozenset[str],
@@ -375,7 +409,8 @@ def _resolve_statistics(statistics: Iterable[str] | None, has_labels: bool) -> f
 
 
 def _check_finite(name: str, what: str, t: Tensor) -> None:
-    if not torch.isfinite(t).all():
+    # A NaN or Inf anywhere makes the sum non-finite: one cheap reduction on the common path.
+    if not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
         bad = "NaN" if torch.isnan(t).any() else "Inf"
         raise NonFiniteActivationError(f"{bad} in the {what} of layer {name!r} during calibration")
 
@@ -429,6 +464,7 @@ def collect_stats(
 
     handles = [m.register_forward_hook(hook) for m in chosen.values()]
     result: dict[str, LayerStats] = {}
+    scratches: dict[str, _Scratch] = {}
     wanted: frozenset[str] | None = None
     need: frozenset[str] = frozenset()
     try:
@@ -451,8 +487,7 @@ def collect_stats(
                 need = _needed_sums(wanted)
             x = x.to(device)
             stashed.clear()
-            tracer.traces.clear()
-            tracer._owner.clear()
+            tracer.reset()
             act_need = need - {"grad"}
             with torch.no_grad(), tracer:
                 model(x)
@@ -470,11 +505,11 @@ def collect_stats(
                 if name not in result:
                     result[name] = _new_layer_stats(layer, inp, how, wanted, need)
                 if act_need:
-                    _accumulate(layer, result[name], inp, out_shape, live, act_need)
+                    scratch = scratches.setdefault(name, _Scratch())
+                    _accumulate(layer, result[name], scratch, inp, out_shape, live, act_need)
+                    scratch.flush(result[name])
             if "grad" in need:
                 if target is None:
-                    from .errors import MissingLabelsError
-
                     raise MissingLabelsError(
                         "statistic 'weight_grad' needs labelled batches: (input, target) tuples "
                         "or dicts with 'input' and 'target'"
@@ -484,12 +519,13 @@ def collect_stats(
             seen += 1
         if seen == 0:
             raise CalibrationError("the calibration batches are empty: no batch was yielded")
+        for name, scratch in scratches.items():
+            scratch.flush(result[name], force=True)
     finally:
         for h in handles:
             h.remove()
         stashed.clear()
-        tracer.traces.clear()
-        tracer._owner.clear()
+        tracer.reset()
         _restore_modes(modes)
     assert wanted is not None
     return Stats(result, liveness=liveness, statistics=wanted)
