@@ -95,12 +95,12 @@ def output_rows(layer: nn.Module, y: Tensor) -> Tensor:
     return y
 
 
-def forward_abs(layer: nn.Module, a: Tensor, abs_weight: Tensor) -> Tensor:
-    """``a`` (a non-negative prepared input) through the layer with |W|, no bias: sum_j |W_ij| a_j."""
+def forward_with(layer: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
+    """A prepared input (see :func:`input_rows`) through the layer with another weight and no bias."""
     if isinstance(layer, nn.Linear):
-        return a @ abs_weight.t()
+        return x @ weight.t()
     d = conv_dims(layer)
-    return _CONV_FORWARD[d](a, abs_weight, None, layer.stride, 0, layer.dilation, layer.groups)
+    return _CONV_FORWARD[d](x, weight, None, layer.stride, 0, layer.dilation, layer.groups)
 
 
 def weighted_input_sum(layer: nn.Module, x: Tensor, g: Tensor) -> Tensor:

@@ -99,12 +99,13 @@ def activation_blind_range(func, args: tuple, kwargs: dict) -> BlindRange | bool
 class _Trace:
     """What the pass learned about one layer's output."""
 
-    __slots__ = ("blind", "live", "other_use")
+    __slots__ = ("blind", "live", "other_use", "sources")
 
     def __init__(self) -> None:
         self.live: Tensor | None = None
         self.blind: set[str] = set()
         self.other_use = False
+        self.sources: list[tuple[str | None, BlindRange]] = []
 
     def add_live(self, mask: Tensor) -> None:
         self.live = mask if self.live is None else (self.live | mask)
@@ -121,6 +122,8 @@ class LivenessTracer(TorchFunctionMode):
         super().__init__()
         self._owner: dict[int, tuple[str, Tensor]] = {}
         self.traces: dict[str, _Trace] = {}
+        #: id(tensor) -> name of the module that returned it last, when the caller tracks that.
+        self.producers: dict[int, str] = {}
 
     def reset(self) -> None:
         """Forget everything traced (between batches, and to drop tensor references)."""
@@ -168,9 +171,54 @@ class LivenessTracer(TorchFunctionMode):
             # Before the call: an in-place activation overwrites its input.
             trace.add_live(blind.live(args[0]))
             trace.blind.add(str(blind))
+            trace.sources.append((self.producers.get(id(args[0])), blind))
             out = func(*args, **kwargs)
             if out is args[0]:  # in place: the tensor now holds the activation's output
                 del self._owner[id(out)]
             return out
         trace.other_use = True
         return func(*args, **kwargs)
+
+
+def find_live_sources(model: torch.nn.Module, example: Tensor,
+                      layers: dict[str, torch.nn.Module]) -> dict[str, tuple[str, BlindRange] | None]:
+    """For each layer, the module whose output feeds its blind-range activation, and that range.
+
+    One eval-mode forward of ``example`` under the tracer. None where the
+    layer's output has another use or no blind-range activation, or where the
+    activation's input is not the output of a module (a functional op), so
+    training-time code can read liveness from that module's output.
+    """
+    tracer = LivenessTracer()
+    names = {id(m): n for n, m in model.named_modules()}
+    layer_ids = {id(m): n for n, m in layers.items()}
+
+    def record(module: torch.nn.Module, args: tuple, output) -> None:
+        if isinstance(output, Tensor):
+            tracer.producers[id(output)] = names[id(module)]
+            if id(module) in layer_ids:
+                tracer.mark(layer_ids[id(module)], output)
+
+    handles = [m.register_forward_hook(record) for m in model.modules()]
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad(), tracer:
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, training in modes:
+            m.training = training
+    out: dict[str, tuple[str, BlindRange] | None] = {}
+    for name in layers:
+        trace = tracer.traces.get(name)
+        if trace is None or trace.other_use or not trace.sources:
+            out[name] = None
+            continue
+        srcs = set(trace.sources)
+        src, blind = next(iter(srcs))
+        out[name] = (src, blind) if len(srcs) == 1 and src is not None else None
+    tracer.reset()
+    tracer.producers.clear()
+    return out

@@ -369,7 +369,7 @@ def _accumulate(layer: nn.Module, ls: LayerStats, scratch: _Scratch, x: Tensor, 
     if need & {"r1", "r2"}:
         if scratch.abs_weight is None or scratch.abs_weight.dtype != cd:
             scratch.abs_weight = ls.weight.to(cd).abs()
-        d = L.forward_abs(layer, a, scratch.abs_weight)
+        d = L.forward_with(layer, a, scratch.abs_weight)
         if ls.bias is not None:
             d = d + L.bias_view(layer, ls.bias.to(cd).abs())
         d = d + EPS

@@ -1,0 +1,270 @@
+"""Sweeps: models x methods x sparsities x seeds x regimes, one JSON line per finished cell.
+
+A rerun skips cells already in ``results.jsonl``; an output folder whose
+recorded settings (training, fine-tuning, data) differ from this run's is
+refused rather than mixed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .criteria import get_criterion
+from .data import load_dataset
+from .errors import RelpruneError
+from .experiment import (
+    Method,
+    ModelInfo,
+    apply_method,
+    fresh_copy,
+    gather,
+    iterative_prune,
+    load_model,
+    save_model,
+)
+from .models import build_model
+from .report import load_results, write_report
+from .training import TrainConfig, calibration_batches, evaluate, save_json, train
+
+REGIMES = ("oneshot", "finetune", "iterative")
+TIMING_FIELDS = ("stats_seconds", "cell_seconds", "finished")
+
+
+@dataclass
+class BenchConfig:
+    """A sweep. Every list is a grid axis; see configs/*.toml for examples."""
+
+    models: list[str] = field(default_factory=lambda: ["lenet300:mnist"])
+    criteria: list[str] = field(default_factory=lambda: ["rc", "contrib-std", "magnitude", "wanda"])
+    scopes: list[str] = field(default_factory=lambda: ["global"])
+    n_m: list[str] = field(default_factory=list)
+    liveness: list[bool] = field(default_factory=lambda: [True])
+    bias_compensation: list[bool] = field(default_factory=lambda: [False])
+    ucb_k: list[float] = field(default_factory=lambda: [1.0])
+    sparsities: list[float] = field(default_factory=lambda: [0.5, 0.9, 0.95])
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    regimes: list[str] = field(default_factory=lambda: ["oneshot", "finetune"])
+    calib_samples: list[int] = field(default_factory=lambda: [1024])
+    pat: list[str] = field(default_factory=lambda: ["none"])
+    pat_alpha: list[float] = field(default_factory=lambda: [0.0])
+    pat_warmup: float = 0.2
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    finetune_epochs: int = 1
+    finetune_lr: float = 3e-4
+    iterative_rounds: int = 3
+    data_dir: str | None = None
+    download: bool = False
+    max_train_samples: int | None = None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> BenchConfig:
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib
+        raw = tomllib.loads(Path(path).read_text())
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise RelpruneError(f"{path}: unknown settings {unknown}; known: {sorted(known)}")
+        return cls(**raw)
+
+    def validate(self) -> None:
+        for c in self.criteria:
+            get_criterion(c)
+        bad = [r for r in self.regimes if r not in REGIMES]
+        if bad:
+            raise RelpruneError(f"unknown regimes {bad}; known: {REGIMES}")
+        for spec in self.models:
+            if ":" not in spec:
+                raise RelpruneError(f"models entries look like 'lenet300:mnist', got {spec!r}")
+        for s in self.sparsities:
+            if not 0 <= s < 1:
+                raise RelpruneError(f"sparsity {s} is outside [0, 1)")
+
+    def settings(self) -> dict[str, Any]:
+        """What every cell's number depends on beyond its own key."""
+        return {k: getattr(self, k) for k in ("epochs", "batch_size", "lr", "finetune_epochs", "finetune_lr",
+                                              "iterative_rounds", "pat_warmup", "max_train_samples")}
+
+    def methods(self) -> list[Method]:
+        out: list[Method] = []
+        for c in self.criteria:
+            data = get_criterion(c).data_driven
+            for live in (self.liveness if data else [True]):
+                for bc in self.bias_compensation:
+                    for k in (self.ucb_k if c == "rc-ucb" else [1.0]):
+                        out.extend(Method(c, s, live, bc, None, k) for s in self.scopes)
+                        out.extend(Method(c, "global", live, bc, p, k) for p in self.n_m)
+        return list(dict.fromkeys(out))
+
+
+def _settings_hash(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _append(path: Path, row: dict[str, Any]) -> None:
+    with path.open("a") as fh:
+        fh.write(json.dumps(row, sort_keys=True) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _clean_torn_tail(path: Path) -> None:
+    """Drop a half-written last line left by an interrupted run."""
+    if not path.is_file():
+        return
+    text = path.read_text()
+    if text and not text.endswith("\n"):
+        path.write_text(text[: text.rfind("\n") + 1])
+
+
+def check_out_dir(out: Path, cfg: BenchConfig) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    settings_path = out / "settings.json"
+    settings = cfg.settings()
+    if settings_path.is_file():
+        old = json.loads(settings_path.read_text())
+        if old != settings:
+            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            raise RelpruneError(
+                f"{out} holds results made with different settings ({', '.join(diff)}); "
+                "use another --out, or delete the folder to start over"
+            )
+    else:
+        save_json(settings, settings_path)
+
+
+def _pat_alphas(cfg: BenchConfig, pat: str) -> list[float]:
+    return [0.0] if pat == "none" else [a for a in cfg.pat_alpha if a > 0] or [0.0]
+
+
+def dense_model(cfg: BenchConfig, out: Path, model_name: str, dataset: str, data, seed: int, pat: str,
+                alpha: float) -> tuple[torch.nn.Module, float]:
+    """Train (or load) the dense model of one (model, dataset, seed, PAT) combination."""
+    tag = f"{model_name}_{dataset}_s{seed}" + ("" if pat == "none" else f"_{pat}{alpha:g}")
+    folder = out / "dense" / tag
+    if (folder / "model.safetensors").is_file():
+        model, info = load_model(folder)
+        return model, info.metrics["test_acc"]
+    torch.manual_seed(seed)
+    model = build_model(model_name, data.input_shape, data.num_classes)
+    tcfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=seed)
+    penalty = alpha_fn = None
+    if pat != "none":
+        from .regularizers import alpha_ramp, make_regularizer
+
+        penalty = make_regularizer(pat, model, data.train.x[:256])
+        alpha_fn = alpha_ramp(alpha, cfg.pat_warmup, cfg.epochs, -(-len(data.train) // cfg.batch_size))
+    try:
+        train(model, data, tcfg, penalty=penalty, alpha=alpha_fn, checkpoint=folder / "train.ckpt",
+              desc=f"dense {tag}")
+    finally:
+        if penalty is not None:
+            penalty.detach()
+    acc = evaluate(model, data.test)
+    info = ModelInfo(model_name, dataset, list(data.input_shape), data.num_classes, seed,
+                     {"test_acc": acc, "val_acc": evaluate(model, data.val)}, {"pat": pat, "pat_alpha": alpha})
+    save_model(model, info, folder)
+    (folder / "train.ckpt").unlink(missing_ok=True)
+    return model, acc
+
+
+def cells(cfg: BenchConfig) -> Iterator[dict[str, Any]]:
+    """Every cell key of the grid, in the order the sweep runs them."""
+    for spec in cfg.models:
+        model_name, dataset = spec.split(":", 1)
+        for seed in cfg.seeds:
+            for pat in cfg.pat:
+                for alpha in _pat_alphas(cfg, pat):
+                    for calib in cfg.calib_samples:
+                        for method in cfg.methods():
+                            sps = [round(1 - int(method.n_m.split(":")[0]) / int(method.n_m.split(":")[1]), 6)] \
+                                if method.n_m else cfg.sparsities
+                            for s in sps:
+                                for regime in cfg.regimes:
+                                    yield {"model": model_name, "dataset": dataset, "seed": seed, "pat": pat,
+                                           "pat_alpha": alpha, "calib_samples": calib, "method": method.label,
+                                           **{f"m_{k}": v for k, v in asdict(method).items()},
+                                           "sparsity": s, "regime": regime}
+
+
+def key_of(cell: dict[str, Any]) -> str:
+    return json.dumps({k: v for k, v in sorted(cell.items())}, sort_keys=True)
+
+
+def run_bench(cfg: BenchConfig, out: str | Path, *, log=print) -> Path:
+    """Run every unfinished cell, appending to out/results.jsonl, then write the report and plot."""
+    cfg.validate()
+    out = Path(out)
+    check_out_dir(out, cfg)
+    results = out / "results.jsonl"
+    _clean_torn_tail(results)
+    done = {r["key"] for r in load_results(results)}
+    todo = [c for c in cells(cfg) if key_of(c) not in done]
+    log(f"{len(done)} cells finished before, {len(todo)} to run -> {results}")
+    settings_id = _settings_hash(cfg.settings())
+    datasets: dict[tuple[str, int], Any] = {}
+    start = time.perf_counter()
+    by_model: dict[tuple, list[dict[str, Any]]] = {}
+    for c in todo:
+        by_model.setdefault((c["model"], c["dataset"], c["seed"], c["pat"], c["pat_alpha"]), []).append(c)
+    for (model_name, dataset, seed, pat, alpha), group in by_model.items():
+        data = datasets.get((dataset, seed))
+        if data is None:
+            data = load_dataset(dataset, cfg.data_dir, download_missing=cfg.download, seed=seed)
+            if cfg.max_train_samples:
+                data.train = data.train.head(cfg.max_train_samples)
+            datasets = {(dataset, seed): data}
+        dense, dense_acc = dense_model(cfg, out, model_name, dataset, data, seed, pat, alpha)
+        log(f"dense {model_name}/{dataset} seed {seed} pat {pat}: test accuracy {dense_acc:.4f}")
+        stats_cache: dict[tuple[int, bool], tuple[Any, float]] = {}
+        calib_cache: dict[int, list] = {}
+        for c in group:
+            t0 = time.perf_counter()
+            method = Method(**{k[2:]: v for k, v in c.items() if k.startswith("m_")})
+            calib = calib_cache.setdefault(c["calib_samples"], calibration_batches(data.train, c["calib_samples"],
+                                                                                 seed=seed))
+            ft = TrainConfig(epochs=cfg.finetune_epochs, batch_size=cfg.batch_size, lr=cfg.finetune_lr, seed=seed)
+            model = fresh_copy(dense)
+            stats_seconds = None
+            if c["regime"] == "iterative":
+                masks = iterative_prune(model, data, calib, method, c["sparsity"], cfg.iterative_rounds, ft)
+            else:
+                skey = (c["calib_samples"], method.liveness)
+                if skey not in stats_cache:
+                    same = [Method(**{k[2:]: v for k, v in o.items() if k.startswith("m_")}) for o in group
+                            if o["calib_samples"] == c["calib_samples"]]
+                    same = [m for m in same if m.liveness == method.liveness]
+                    stats_cache[skey] = gather(dense, calib, same, method.liveness)
+                stats, stats_seconds = stats_cache[skey]
+                masks = apply_method(model, stats, method, c["sparsity"], seed)
+                if c["regime"] == "finetune":
+                    train(model, data, ft, desc=f"finetune {method.label} {c['sparsity']:g}")
+            acc = evaluate(model, data.test)
+            row = {**c, "key": key_of(c), "accuracy": acc, "dense_accuracy": dense_acc,
+                   "achieved_sparsity": masks.sparsity, "settings": settings_id,
+                   "stats_seconds": stats_seconds, "cell_seconds": time.perf_counter() - t0,
+                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            _append(results, row)
+            log(f"{model_name}/{dataset} s{seed} {method.label:24} {c['sparsity']:.2f} {c['regime']:9} "
+                f"acc {acc:.4f}")
+    rows = load_results(results)
+    wall = time.perf_counter() - start
+    preamble = (f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}. "
+                f"This invocation ran {len(todo)} cells in {wall / 60:.1f} min. "
+                f"Settings: `{json.dumps(cfg.settings(), sort_keys=True)}`.\n")
+    write_report(rows, out, preamble)
+    return results
