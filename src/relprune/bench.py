@@ -7,6 +7,7 @@ refused rather than mixed.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 
 from .criteria import get_criterion
-from .data import load_dataset
+from .data import Split, load_dataset
 from .errors import RelpruneError
 from .experiment import (
     Method,
@@ -55,8 +56,7 @@ class BenchConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     regimes: list[str] = field(default_factory=lambda: ["oneshot", "finetune"])
     calib_samples: list[int] = field(default_factory=lambda: [1024])
-    pat: list[str] = field(default_factory=lambda: ["none"])
-    pat_alpha: list[float] = field(default_factory=lambda: [0.0])
+    pat: list[str] = field(default_factory=lambda: ["none"])  # "none" or "kind:alpha", e.g. "entropy:0.1"
     pat_warmup: float = 0.2
     epochs: int = 10
     batch_size: int = 128
@@ -67,6 +67,8 @@ class BenchConfig:
     data_dir: str | None = None
     download: bool = False
     max_train_samples: int | None = None
+    finetune_max_samples: int | None = None
+    threads: int | None = None
 
     @classmethod
     def from_file(cls, path: str | Path) -> BenchConfig:
@@ -87,6 +89,8 @@ class BenchConfig:
         bad = [r for r in self.regimes if r not in REGIMES]
         if bad:
             raise RelpruneError(f"unknown regimes {bad}; known: {REGIMES}")
+        for p in self.pat:
+            parse_pat(p)
         for spec in self.models:
             if ":" not in spec:
                 raise RelpruneError(f"models entries look like 'lenet300:mnist', got {spec!r}")
@@ -97,13 +101,16 @@ class BenchConfig:
     def settings(self) -> dict[str, Any]:
         """What every cell's number depends on beyond its own key."""
         return {k: getattr(self, k) for k in ("epochs", "batch_size", "lr", "finetune_epochs", "finetune_lr",
-                                              "iterative_rounds", "pat_warmup", "max_train_samples")}
+                                              "iterative_rounds", "pat_warmup", "max_train_samples",
+                                              "finetune_max_samples")}
 
     def methods(self) -> list[Method]:
         out: list[Method] = []
         for c in self.criteria:
-            data = get_criterion(c).data_driven
-            for live in (self.liveness if data else [True]):
+            crit = get_criterion(c)
+            # Liveness changes activation statistics only; gradients and |W| ignore it.
+            varies = bool(crit.statistics - {"weight_grad"})
+            for live in (self.liveness if varies else [True]):
                 for bc in self.bias_compensation:
                     for k in (self.ucb_k if c == "rc-ucb" else [1.0]):
                         out.extend(Method(c, s, live, bc, None, k) for s in self.scopes)
@@ -147,8 +154,20 @@ def check_out_dir(out: Path, cfg: BenchConfig) -> None:
         save_json(settings, settings_path)
 
 
-def _pat_alphas(cfg: BenchConfig, pat: str) -> list[float]:
-    return [0.0] if pat == "none" else [a for a in cfg.pat_alpha if a > 0] or [0.0]
+def parse_pat(spec: str) -> tuple[str, float]:
+    """'none' -> ('none', 0.0); 'entropy:0.1' -> ('entropy', 0.1)."""
+    if spec == "none":
+        return "none", 0.0
+    kind, _, alpha = spec.partition(":")
+    from .regularizers import REGULARIZERS
+
+    try:
+        value = float(alpha)
+    except ValueError:
+        value = -1.0
+    if kind not in REGULARIZERS or value <= 0:
+        raise RelpruneError(f"pat entries look like 'entropy:0.1' (kinds: {', '.join(REGULARIZERS)}), got {spec!r}")
+    return kind, value
 
 
 def dense_model(cfg: BenchConfig, out: Path, model_name: str, dataset: str, data, seed: int, pat: str,
@@ -187,8 +206,8 @@ def cells(cfg: BenchConfig) -> Iterator[dict[str, Any]]:
     for spec in cfg.models:
         model_name, dataset = spec.split(":", 1)
         for seed in cfg.seeds:
-            for pat in cfg.pat:
-                for alpha in _pat_alphas(cfg, pat):
+            for pat_spec in cfg.pat:
+                for pat, alpha in [parse_pat(pat_spec)]:
                     for calib in cfg.calib_samples:
                         for method in cfg.methods():
                             sps = [round(1 - int(method.n_m.split(":")[0]) / int(method.n_m.split(":")[1]), 6)] \
@@ -208,6 +227,8 @@ def key_of(cell: dict[str, Any]) -> str:
 def run_bench(cfg: BenchConfig, out: str | Path, *, log=print) -> Path:
     """Run every unfinished cell, appending to out/results.jsonl, then write the report and plot."""
     cfg.validate()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     out = Path(out)
     check_out_dir(out, cfg)
     results = out / "results.jsonl"
@@ -228,6 +249,12 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, log=print) -> Path:
             if cfg.max_train_samples:
                 data.train = data.train.head(cfg.max_train_samples)
             datasets = {(dataset, seed): data}
+        ft_data = data
+        if cfg.finetune_max_samples and cfg.finetune_max_samples < len(data.train):
+            # A fixed random subset, so the short fine-tune sees every class.
+            idx = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed + 99))
+            ft_data = dataclasses.replace(data, train=Split(data.train.x[idx[:cfg.finetune_max_samples]],
+                                                            data.train.y[idx[:cfg.finetune_max_samples]]))
         dense, dense_acc = dense_model(cfg, out, model_name, dataset, data, seed, pat, alpha)
         log(f"dense {model_name}/{dataset} seed {seed} pat {pat}: test accuracy {dense_acc:.4f}")
         stats_cache: dict[tuple[int, bool], tuple[Any, float]] = {}
@@ -241,7 +268,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, log=print) -> Path:
             model = fresh_copy(dense)
             stats_seconds = None
             if c["regime"] == "iterative":
-                masks = iterative_prune(model, data, calib, method, c["sparsity"], cfg.iterative_rounds, ft)
+                masks = iterative_prune(model, ft_data, calib, method, c["sparsity"], cfg.iterative_rounds, ft)
             else:
                 skey = (c["calib_samples"], method.liveness)
                 if skey not in stats_cache:
@@ -252,7 +279,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, log=print) -> Path:
                 stats, stats_seconds = stats_cache[skey]
                 masks = apply_method(model, stats, method, c["sparsity"], seed)
                 if c["regime"] == "finetune":
-                    train(model, data, ft, desc=f"finetune {method.label} {c['sparsity']:g}")
+                    train(model, ft_data, ft, desc=f"finetune {method.label} {c['sparsity']:g}")
             acc = evaluate(model, data.test)
             row = {**c, "key": key_of(c), "accuracy": acc, "dense_accuracy": dense_acc,
                    "achieved_sparsity": masks.sparsity, "settings": settings_id,

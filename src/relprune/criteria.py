@@ -89,6 +89,13 @@ def relative_contribution(weight: Tensor, stats: LayerStats | None, opts: dict[s
     return _stats(stats).relative_mean
 
 
+@register("rc-uniform", statistics=("relative_mean",), relative=True,
+          description="E[r_ij] x I: the mean share relative to the uniform share 1/I (fan-in neutral)")
+def relative_contribution_uniform(weight: Tensor, stats: LayerStats | None, opts: dict[str, Any]) -> Tensor:
+    s = _stats(stats)
+    return s.relative_mean * weight_matrix(s.relative_mean).shape[1]
+
+
 @register("rc-ucb", statistics=("relative_mean", "relative_std"), relative=True,
           description="E[r_ij] + k Std[r_ij]: keeps weights that are sometimes large (k=ucb_k)")
 def relative_contribution_ucb(weight: Tensor, stats: LayerStats | None, opts: dict[str, Any]) -> Tensor:

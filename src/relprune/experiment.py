@@ -47,7 +47,7 @@ class Method:
     def label(self) -> str:
         """A short readable name, e.g. 'rc', 'rc -live +bc [layer]', 'wanda 2:4'."""
         parts = [self.criterion]
-        if get_criterion(self.criterion).data_driven and not self.liveness and self.criterion != "snip":
+        if get_criterion(self.criterion).statistics - {"weight_grad"} and not self.liveness:
             parts.append("-live")
         if self.bias_compensation:
             parts.append("+bc")

@@ -45,16 +45,16 @@ def lenet5(input_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10) ->
 
 
 def vgg_small(input_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10) -> nn.Module:
-    """A small VGG-style net: two conv-BN-ReLU blocks of 32 and 64 channels, each pooled, then 256-classes."""
+    """A small VGG-style net: two blocks of two conv-BN-ReLU (16, then 32 channels), each pooled, then 128-classes."""
 
     def block(cin: int, cout: int) -> list[nn.Module]:
         return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
                 nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
                 nn.MaxPool2d(2)]
 
-    features = nn.Sequential(*block(input_shape[0], 32), *block(32, 64), nn.Flatten())
+    features = nn.Sequential(*block(input_shape[0], 16), *block(16, 32), nn.Flatten())
     flat = _flat_size(features, input_shape)
-    return nn.Sequential(*features, nn.Linear(flat, 256), nn.ReLU(), nn.Dropout(0.3), nn.Linear(256, num_classes))
+    return nn.Sequential(*features, nn.Linear(flat, 128), nn.ReLU(), nn.Dropout(0.3), nn.Linear(128, num_classes))
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {"lenet300": lenet300, "lenet5": lenet5, "vgg-small": vgg_small}

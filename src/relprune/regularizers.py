@@ -26,10 +26,11 @@ EPS = 1e-12
 
 
 class _Captured:
-    __slots__ = ("live", "x")
+    __slots__ = ("live", "out", "x")
 
     def __init__(self) -> None:
         self.x: Tensor | None = None
+        self.out: Tensor | None = None
         self.live: Tensor | None = None
 
 
@@ -60,6 +61,7 @@ class ContributionRegularizer(nn.Module):
     def _grab_input(self, name: str):
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
             self._captured[name].x = args[0]
+            self._captured[name].out = output
         return hook
 
     def _grab_live(self, name: str, blind: BlindRange):
@@ -73,21 +75,21 @@ class ContributionRegularizer(nn.Module):
             h.remove()
         self._handles.clear()
         for c in self._captured.values():
-            c.x = c.live = None
+            c.x = c.out = c.live = None
 
-    def _layer_inputs(self) -> Iterable[tuple[nn.Module, Tensor, Tensor | None]]:
-        """(layer, prepared input rows, liveness mask or None) for each layer, then forget them."""
+    def _layer_inputs(self) -> Iterable[tuple[nn.Module, Tensor, Tensor | None, Tensor]]:
+        """(layer, prepared input rows, liveness mask or None, output) for each layer, then forget them."""
         for name, layer in self._layers.items():
             c = self._captured[name]
             if c.x is None:
                 raise RelpruneError(f"regulariser: layer {name!r} has not run since the last call; "
                                     "run the model's forward before calling the regulariser")
-            x, live = c.x, c.live
+            x, live, out = c.x, c.live, c.out
             if self.max_samples is not None and x.shape[0] > self.max_samples:
-                x = x[: self.max_samples]
+                x, out = x[: self.max_samples], out[: self.max_samples]
                 live = None if live is None else live[: self.max_samples]
-            c.x = c.live = None
-            yield layer, L.input_rows(layer, x), live
+            c.x = c.out = c.live = None
+            yield layer, L.input_rows(layer, x), live, out
 
     def forward(self) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -104,55 +106,83 @@ def _bias_abs(layer: nn.Module) -> Tensor | None:
     return None if layer.bias is None else L.bias_view(layer, layer.bias.abs())
 
 
-class ContributionEntropy(ContributionRegularizer):
-    """Mean over neurons of H(q_i) / log I, q_i = the batch's mean relative shares of neuron i, normalised.
+def _live_input_sums(layer: nn.Module, xp: Tensor, live: Tensor | None, out: Tensor) -> tuple[Tensor, Tensor]:
+    """(sum over live samples of |x_j| per neuron, weight-shaped; live count per neuron).
 
-    Low entropy: each neuron relies on few inputs, so the rest can go.
-    ``detach_denominator`` treats D = |x||W|^T + |b| as a constant in the
-    backward pass (cheaper; the gradient then ignores how W moves D).
+    Differentiable in the inputs, so earlier layers get the gradient of how
+    their outputs shape this layer's shares.
+    """
+    g = _mask(layer, live, L.output_rows(layer, out.detach()))
+    return L.weighted_input_sum(layer, xp.abs(), g), L.per_output_count(layer, g)
+
+
+def _normalised_entropy(share: Tensor, counts: Tensor) -> Tensor | None:
+    """Mean over neurons with live samples of H(share_i / sum) / log I."""
+    fan_in = share.shape[1]
+    if fan_in < 2 or not (counts > 0).any():
+        return None
+    q = share / share.sum(1, keepdim=True).clamp_min(1e-30)
+    h = -(q * q.clamp_min(1e-30).log()).sum(1) / math.log(fan_in)
+    return h[counts > 0].mean()
+
+
+class ContributionEntropy(ContributionRegularizer):
+    """Mean over neurons of H(q_i) / log I, q_i = neuron i's relative shares in this batch, normalised.
+
+    Low entropy: each neuron relies on few inputs, so the rest can go. The
+    default estimator takes q_ij proportional to |W_ij| E_live|x_j| (a ratio of
+    means: one data-only product per layer, gradient through |W| alone);
+    ``exact=True`` uses the mean of per-sample shares E[|c_ij| / D_i] of
+    METHOD.md, differentiated through D as well (several times dearer).
     """
 
-    def __init__(self, *args, detach_denominator: bool = False, **kwargs):
+    def __init__(self, *args, exact: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        self.detach_denominator = detach_denominator
+        self.exact = exact
 
     def forward(self) -> Tensor:
         terms = []
-        for layer, xp, live in self._layer_inputs():
-            a = xp.abs()
+        for layer, xp, live, out in self._layer_inputs():
             absw = layer.weight.abs()
-            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.detach_denominator):
+            if self.exact:
+                a = xp.abs()
                 d = L.forward_with(layer, a, absw)
                 b = _bias_abs(layer)
                 d = (d if b is None else d + b) + EPS
                 g = _mask(layer, live, d)
-                m = L.weighted_input_sum(layer, a, g / d)
-            share = L.weight_matrix(absw * m)  # n_i E[r_i.]; the 1/n_i cancels in q
-            fan_in = share.shape[1]
-            if fan_in < 2:
-                continue
-            q = share / share.sum(1, keepdim=True).clamp_min(1e-30)
-            h = -(q * q.clamp_min(1e-30).log()).sum(1) / math.log(fan_in)
-            alive = L.per_output_count(layer, g) > 0
-            if alive.any():
-                terms.append(h[alive].mean())
+                share = L.weight_matrix(absw * L.weighted_input_sum(layer, a, g / d))
+                counts = L.per_output_count(layer, g.detach())
+            else:
+                sums, counts = _live_input_sums(layer, xp, live, out)
+                share = L.weight_matrix(absw * sums)
+            h = _normalised_entropy(share, counts)
+            if h is not None:
+                terms.append(h)
         return torch.stack(terms).mean() if terms else torch.zeros(())
 
 
+class ExactContributionEntropy(ContributionEntropy):
+    """:class:`ContributionEntropy` with the exact per-sample shares."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, exact=True, **kwargs)
+
+
 class ContributionL1(ContributionRegularizer):
-    """Per layer, sum_ij |W_ij| E|x_j| / sum_i E|z_i| over live samples; averaged over layers."""
+    """Per layer, sum_ij |W_ij| E_live|x_j| / sum_i E_live|z_i|; averaged over layers.
+
+    One data-only product per layer; z is the layer's own output from the
+    forward pass, so the gradient flows through it and through |W|.
+    """
 
     def forward(self) -> Tensor:
         terms = []
-        for layer, xp, live in self._layer_inputs():
-            w = layer.weight
-            z = L.forward_with(layer, xp, w)
-            if layer.bias is not None:
-                z = z + L.bias_view(layer, layer.bias)
+        for layer, xp, live, out in self._layer_inputs():
+            sums, counts = _live_input_sums(layer, xp, live, out)
+            n = counts.clamp_min(1)
+            num = (L.weight_matrix(layer.weight.abs() * sums) / n[:, None]).sum()
+            z = L.output_rows(layer, out)
             g = _mask(layer, live, z)
-            n = L.per_output_count(layer, g).clamp_min(1)
-            s_abs = L.weighted_input_sum(layer, xp.abs(), g)  # per neuron: sum over live samples of |x_j|
-            num = (L.weight_matrix(w.abs() * s_abs) / n[:, None]).sum()
             den = (L.per_output_count(layer, z.abs() * g) / n).sum()
             terms.append(num / (den + EPS))
         return torch.stack(terms).mean()
@@ -176,6 +206,7 @@ class WeightL1(ContributionRegularizer):
 
 REGULARIZERS: dict[str, type[ContributionRegularizer]] = {
     "entropy": ContributionEntropy,
+    "entropy-exact": ExactContributionEntropy,
     "contrib-l1": ContributionL1,
     "l1": WeightL1,
 }
