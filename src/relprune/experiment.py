@@ -6,7 +6,6 @@ training modules.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import time
@@ -20,7 +19,7 @@ from . import collect_stats, load_state_dict, prune
 from .criteria import get_criterion
 from .data import Data
 from .errors import CheckpointError
-from .masks import Masks
+from .masks import Masks, copy_model
 from .models import build_model
 from .stats import Stats
 from .training import TrainConfig, atomic_write_text, train
@@ -106,7 +105,7 @@ def iterative_prune(model: nn.Module, data: Data, calib: list[tuple[Tensor, Tens
 
 
 def fresh_copy(model: nn.Module) -> nn.Module:
-    return copy.deepcopy(model)
+    return copy_model(model)
 
 
 # -- model files --------------------------------------------------------------------

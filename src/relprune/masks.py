@@ -128,6 +128,27 @@ def apply_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
             torch_prune.custom_from_mask(layer, "weight", mask)
 
 
+def copy_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy`` that also works on masked models.
+
+    torch's pruning keeps ``weight`` as a computed, non-leaf tensor, which
+    deepcopy refuses; it is set aside during the copy and recomputed after.
+    """
+    import copy
+
+    masked = [m for m in model.modules() if is_masked(m) and "weight" in m.__dict__]
+    saved = [m.__dict__.pop("weight") for m in masked]
+    try:
+        clone = copy.deepcopy(model)
+    finally:
+        for m, w in zip(masked, saved, strict=True):
+            m.__dict__["weight"] = w
+    for m in clone.modules():
+        if is_masked(m) and "weight" not in m.__dict__:
+            m.weight = m.weight_orig * m.weight_mask
+    return clone
+
+
 def make_permanent(model: nn.Module) -> nn.Module:
     """Fold every mask into its weight (zeros stay) and drop the masking machinery."""
     for layer in model.modules():
