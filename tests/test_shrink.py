@@ -106,3 +106,37 @@ def test_model_is_left_unchanged():
     shrink(model, torch.randn(2, 1, 8, 8))
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("criterion", ["rc", "l1"])
+@pytest.mark.parametrize("name", ["lenet300", "lenet5", "vgg-small"])
+def test_structured_pruning_removes_exactly_the_requested_count(name, criterion):
+    from relprune.structured import prune_units, unit_pairs
+
+    torch.manual_seed(0)
+    model = build_model(name, (1, 28, 28), 10)
+    x = torch.randn(32, 1, 28, 28)
+    stats = relprune.collect_stats(model, [x], statistics=["relative_mean"]) if criterion == "rc" else None
+    kept = prune_units(model, stats, 0.5, criterion=criterion)
+    small, report = shrink(model, x)
+    for layer, _ in unit_pairs(model):
+        total = kept[layer].numel()
+        assert int(kept[layer].sum()) == total - round(0.5 * total)
+        assert report.kept_units[layer] == (int(kept[layer].sum()), total)
+    model.eval()
+    small.eval()
+    torch.testing.assert_close(small(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_structured_rc_keeps_the_unit_that_carries_the_signal():
+    from relprune.structured import unit_scores
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 1))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.eye(3))
+        model[0].bias.zero_()
+        model[2].weight.copy_(torch.tensor([[1.0, 0.01, 0.5]]))
+        model[2].bias.zero_()
+    stats = relprune.collect_stats(model, [torch.rand(64, 3)], statistics=["relative_mean"])
+    scores = unit_scores(model, stats)["0"]
+    assert scores.argmax() == 0 and scores.argmin() == 1
