@@ -9,7 +9,7 @@ import pytest
 
 from relprune.cli import main
 
-COMMANDS = ["demo", "train", "prune", "eval", "bench", "explain"]
+COMMANDS = ["demo", "train", "prune", "eval", "bench", "explain", "export", "load"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -62,6 +62,14 @@ def test_train_prune_eval_explain_on_digits(tmp_path, capsys):
     assert (tmp_path / "ex" / "explain.png").stat().st_size > 0
     assert main(["train", "--dataset", "digits", "--epochs", "1", "--pat", "entropy", "--pat-alpha", "0.1",
                  "--out", str(tmp_path / "pat")]) == 0
+    capsys.readouterr()
+    assert main(["export", "--checkpoint", str(pruned), "--out", str(tmp_path / "exp")]) == 0
+    out = capsys.readouterr().out
+    assert "dense (shrunk)" in out and "sparse (bitmask + values)" in out
+    for form in ("dense", "masked", "sparse"):
+        assert main(["load", str(tmp_path / "exp" / form)]) == 0
+        assert "test accuracy" in capsys.readouterr().out
+    assert main(["export", "--checkpoint", str(model), "--structured", "0.5", "--out", str(tmp_path / "st")]) == 0
 
 
 def test_demo_end_to_end(tmp_path):

@@ -1,4 +1,4 @@
-"""The ``relprune`` command: demo, train, prune, eval, bench, explain.
+"""The ``relprune`` command: demo, train, prune, eval, bench, explain, export, load.
 
 Each command's options come from a dataclass, so defaults live in one place
 and ``--help`` shows them.
@@ -274,6 +274,65 @@ def cmd_explain(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(ns: argparse.Namespace) -> int:
+    import torch
+
+    from . import collect_stats
+    from .experiment import load_model
+    from .export import export_dense, export_masked, export_sparse, file_size
+    from .shrink import shrink
+    from .structured import prune_units
+    from .training import calibration_batches
+
+    c = from_args(Common, ns)
+    model, info = load_model(ns.checkpoint)
+    model.eval()
+    example = torch.zeros(2, *info.input_shape)
+    if ns.structured:
+        d = from_args(DataArgs, ns)
+        stats = None
+        if ns.structured_criterion == "rc":
+            data = _load_data(dataclasses.replace(d, dataset=info.dataset), c.seed)
+            stats = collect_stats(model, calibration_batches(data.train, 1024, seed=c.seed),
+                                  statistics=["relative_mean"])
+        prune_units(model, stats, ns.structured, criterion=ns.structured_criterion)
+    small, report = shrink(model, example, allow_approximate=ns.allow_approximate)
+    out = Path(c.out)
+    meta = {"model": info.model, "dataset": info.dataset, "input_shape": info.input_shape,
+            "num_classes": info.num_classes}
+    paths = {
+        "dense (shrunk)": export_dense(small, out / "dense", meta),
+        "masked": export_masked(model, out / "masked", meta),
+        "sparse (bitmask + values)": export_sparse(model, out / "sparse", meta),
+    }
+    original = export_dense(load_model(ns.checkpoint)[0], out / ".original", meta)
+    base = file_size(original)
+    print(report)
+    print(f"{'form':28} {'bytes':>10} {'vs dense original':>18}")
+    print(f"{'dense original':28} {base:10d} {1:18.3f}")
+    for label, path in paths.items():
+        print(f"{label:28} {file_size(path):10d} {file_size(path) / base:18.3f}  {path}")
+    original.unlink()
+    original.with_suffix(".json").unlink()
+    original.parent.rmdir()
+    return 0
+
+
+def cmd_load(ns: argparse.Namespace) -> int:
+    from .export import load_exported
+    from .masks import format_report, sparsity_report
+    from .training import evaluate
+
+    model, meta = load_exported(ns.path)
+    print(f"{meta['format']} model: {sum(p.numel() for p in model.parameters())} parameters")
+    print(format_report(sparsity_report(model)))
+    if ns.evaluate:
+        d = dataclasses.replace(from_args(DataArgs, ns), dataset=meta.get("dataset", ns.dataset))
+        data = _load_data(d, ns.seed)
+        print(f"test accuracy {evaluate(model, data.test):.4f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="relprune", description="Prune PyTorch networks by measured relative contributions.",
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -320,6 +379,24 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--tau", type=float, default=0.1, help="threshold as a fraction of 1/I (default: 0.1)")
     ex.add_argument("--ucb-k", type=float, default=1.0, help="k in E[r] + k Std[r] (default: 1)")
     ex.set_defaults(func=cmd_explain)
+
+    exp = command("export", "shrink a (pruned) model and write it dense, masked and sparse, with sizes",
+                  Common, DataArgs, out="runs/export")
+    exp.add_argument("--checkpoint", default="runs/pruned", help="model folder (default: runs/pruned)")
+    exp.add_argument("--structured", type=float, default=0.0,
+                     help="first remove this fraction of units per layer (default: 0, none)")
+    exp.add_argument("--structured-criterion", choices=["rc", "l1"], default="rc",
+                     help="unit score for --structured (default: rc)")
+    exp.add_argument("--allow-approximate", action="store_true",
+                     help="shrink across modules that may mix channels (default: refuse)")
+    exp.set_defaults(func=cmd_export)
+
+    ld = command("load", "read an exported model back, print its size and sparsity, and evaluate it",
+                 Common, DataArgs)
+    ld.add_argument("path", help="an exported folder or .safetensors file")
+    ld.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=True,
+                    help="evaluate on the test split of its dataset (default: True)")
+    ld.set_defaults(func=cmd_load)
     return parser
 
 
