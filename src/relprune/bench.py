@@ -33,6 +33,7 @@ from .experiment import (
     load_model,
     save_model,
 )
+from .masks import current_masks
 from .models import build_model
 from .report import load_results, write_report
 from .training import TrainConfig, calibration_batches, evaluate, save_json, train
@@ -267,22 +268,29 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, log=print) -> Path:
             ft = TrainConfig(epochs=cfg.finetune_epochs, batch_size=cfg.batch_size, lr=cfg.finetune_lr, seed=seed)
             model = fresh_copy(dense)
             stats_seconds = None
-            if c["regime"] == "iterative":
-                masks = iterative_prune(model, ft_data, calib, method, c["sparsity"], cfg.iterative_rounds, ft)
-            else:
-                skey = (c["calib_samples"], method.liveness)
-                if skey not in stats_cache:
-                    same = [Method(**{k[2:]: v for k, v in o.items() if k.startswith("m_")}) for o in group
-                            if o["calib_samples"] == c["calib_samples"]]
-                    same = [m for m in same if m.liveness == method.liveness]
-                    stats_cache[skey] = gather(dense, calib, same, method.liveness)
-                stats, stats_seconds = stats_cache[skey]
-                masks = apply_method(model, stats, method, c["sparsity"], seed)
-                if c["regime"] == "finetune":
-                    train(model, ft_data, ft, desc=f"finetune {method.label} {c['sparsity']:g}")
+            try:
+                if c["regime"] == "iterative":
+                    masks = iterative_prune(model, ft_data, calib, method, c["sparsity"], cfg.iterative_rounds, ft)
+                else:
+                    skey = (c["calib_samples"], method.liveness)
+                    if skey not in stats_cache:
+                        same = [Method(**{k[2:]: v for k, v in o.items() if k.startswith("m_")}) for o in group
+                                if o["calib_samples"] == c["calib_samples"]]
+                        same = [m for m in same if m.liveness == method.liveness]
+                        stats_cache[skey] = gather(dense, calib, same, method.liveness)
+                    stats, stats_seconds = stats_cache[skey]
+                    masks = apply_method(model, stats, method, c["sparsity"], seed)
+                    if c["regime"] == "finetune":
+                        train(model, ft_data, ft, desc=f"finetune {method.label} {c['sparsity']:g}")
+            except RelpruneError as err:
+                # One impossible cell (e.g. an N:M pattern no layer admits) must not end the sweep;
+                # it is not recorded, so a rerun tries it again.
+                log(f"skipped {method.label} {c['sparsity']:g} {c['regime']}: {err}")
+                continue
             acc = evaluate(model, data.test)
             row = {**c, "key": key_of(c), "accuracy": acc, "dense_accuracy": dense_acc,
-                   "achieved_sparsity": masks.sparsity, "settings": settings_id,
+                   "achieved_sparsity": current_masks(model).sparsity, "pruned_layers": len(masks),
+                   "settings": settings_id,
                    "stats_seconds": stats_seconds, "cell_seconds": time.perf_counter() - t0,
                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
             _append(results, row)

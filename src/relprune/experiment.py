@@ -19,6 +19,7 @@ from . import collect_stats, load_state_dict, prune
 from .criteria import get_criterion
 from .data import Data
 from .errors import CheckpointError
+from .layers import prunable_layers, weight_matrix
 from .masks import Masks, copy_model
 from .models import build_model
 from .stats import Stats
@@ -83,7 +84,12 @@ def apply_method(model: nn.Module, stats: Stats | None, method: Method, sparsity
     if method.criterion == "rc-ucb":
         kwargs["ucb_k"] = method.ucb_k
     if method.n_m:
-        return prune(model, stats, n_m=method.n_m, **kwargs)
+        # Layers whose fan-in M does not divide stay dense, as N:M kernels require (e.g. a 5x5 first conv).
+        m = int(method.n_m.split(":")[1])
+        names = stats.keys() if stats is not None else prunable_layers(model).keys()
+        modules = dict(model.named_modules())
+        eligible = [n for n in names if weight_matrix(modules[n].weight).shape[1] % m == 0]
+        return prune(model, stats, n_m=method.n_m, layers=eligible, **kwargs)
     return prune(model, stats, sparsity=sparsity, **kwargs)
 
 
