@@ -5,8 +5,9 @@ time(collect_stats) / time(forward) for all weight-shaped statistics and for
 the statistics of `rc` alone, and peak extra memory / weight memory, at two
 calibration-set sizes (the ratios should not grow with the size).
 
-Memory is the peak resident set of a fresh subprocess that runs only that
-job, minus the peak of one that runs only the forward pass.
+Memory: the peak of bytes allocated (glibc mallinfo2, sampled every 0.2 ms)
+above the level before the job, minus the same for the plain forward pass,
+divided by the model's weight bytes.
 
     python benchmarks/stats_cost.py            # full run, about a minute
     python benchmarks/stats_cost.py --quick    # smaller sets
@@ -15,12 +16,10 @@ job, minus the peak of one that runs only the forward pass.
 from __future__ import annotations
 
 import argparse
-import json
+import ctypes
 import platform
-import resource
 import statistics
-import subprocess
-import sys
+import threading
 import time
 
 import torch
@@ -28,10 +27,14 @@ from torch import nn
 
 import relprune
 
-STAT_SETS = {
+STAT_SETS: dict[str, list[str] | None] = {
     "all": None,
     "rc": ["relative_mean"],
 }
+# Per-criterion rows: what each criterion's collect_stats call gathers.
+for _name, _crit in relprune.CRITERIA.items():
+    if _crit.statistics:
+        STAT_SETS[f"crit:{_name}"] = sorted(_crit.statistics)
 ACTIVATION_STATS = [s for s in relprune.STATISTICS if s != "weight_grad"]
 
 
@@ -56,6 +59,9 @@ def run_job(kind: str, job: str, samples: int, batch: int) -> float:
     model, shape = make_model(kind)
     model.eval()
     data = batches(shape, samples, batch)
+    if job.startswith("crit:") and "weight_grad" in (STAT_SETS[job] or []):
+        g = torch.Generator().manual_seed(2)
+        data = [(x, torch.randint(0, 10, (len(x),), generator=g)) for x in data]
     start = time.perf_counter()
     if job == "forward":
         with torch.no_grad():
@@ -63,40 +69,71 @@ def run_job(kind: str, job: str, samples: int, batch: int) -> float:
                 model(x)
     else:
         stats = ACTIVATION_STATS if STAT_SETS[job] is None else STAT_SETS[job]
+        if job.startswith("crit:"):
+            relprune.collect_stats(model, data, statistics=stats)
+            return time.perf_counter() - start
         relprune.collect_stats(model, data, statistics=stats)
     return time.perf_counter() - start
 
 
-def child(args: argparse.Namespace) -> None:
-    torch.set_num_threads(args.threads)
-    seconds = run_job(args.model, args.job, args.samples, args.batch)
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"seconds": seconds, "peak_bytes": peak_kib * 1024}))
+class _Mallinfo(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+        "keepcost")]
 
 
-def in_subprocess(model: str, job: str, samples: int, batch: int, threads: int) -> dict:
-    out = subprocess.run(
-        [sys.executable, __file__, "--child", "--model", model, "--job", job, "--samples", str(samples),
-         "--batch", str(batch), "--threads", str(threads)],
-        check=True, capture_output=True, text=True,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def _allocated() -> int:
+    """Bytes the C allocator has handed out now (glibc mallinfo2: small blocks plus mmapped ones)."""
+    info = _LIBC.mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+_LIBC = ctypes.CDLL("libc.so.6")
+_LIBC.mallinfo2.restype = _Mallinfo
+
+
+def peak_extra_bytes(kind: str, job: str, samples: int, batch: int) -> int:
+    """Peak allocated bytes above the level before the job (sampled every 0.2 ms)."""
+    model, shape = make_model(kind)
+    model.eval()
+    data = batches(shape, samples, batch)
+    if job.startswith("crit:") and "weight_grad" in (STAT_SETS[job] or []):
+        g = torch.Generator().manual_seed(2)
+        data = [(x, torch.randint(0, 10, (len(x),), generator=g)) for x in data]
+    base = _allocated()
+    peak = [base]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _allocated())
+            time.sleep(0.0002)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        if job == "forward":
+            with torch.no_grad():
+                for x in data:
+                    model(x)
+        else:
+            stats = ACTIVATION_STATS if STAT_SETS[job] is None else STAT_SETS[job]
+            relprune.collect_stats(model, data, statistics=stats)
+    finally:
+        done.set()
+        t.join()
+    return peak[0] - base
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smaller calibration sets")
+    p.add_argument("--criteria", action="store_true",
+                   help="also one row per criterion (its own statistics) at the larger size")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3, help="timing runs per cell (median)")
-    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--model", default="mlp", help=argparse.SUPPRESS)
-    p.add_argument("--job", default="forward", help=argparse.SUPPRESS)
-    p.add_argument("--samples", type=int, default=2048, help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.child:
-        child(args)
-        return
     torch.set_num_threads(args.threads)
     sizes = [1024, 4096] if args.quick else [2048, 8192]
     print(f"# relprune stats_cost  torch {torch.__version__}  {platform.machine()}  threads={args.threads}  "
@@ -107,7 +144,7 @@ def main() -> None:
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         for samples in sizes:
             run_job(kind, "forward", args.batch * 2, args.batch)  # warm-up
-            fwd_peak = in_subprocess(kind, "forward", samples, args.batch, args.threads)["peak_bytes"]
+            fwd_peak = peak_extra_bytes(kind, "forward", samples, args.batch)
             for job, target in (("all", 8), ("rc", 3)):
                 # Forward and statistics timed back to back in each repeat, so machine
                 # load drifts affect both sides of a ratio alike; median over repeats.
@@ -115,9 +152,19 @@ def main() -> None:
                 for _ in range(args.repeats):
                     fwd = run_job(kind, "forward", samples, args.batch)
                     ratios.append(run_job(kind, job, samples, args.batch) / fwd)
-                peak = in_subprocess(kind, job, samples, args.batch, args.threads)["peak_bytes"]
+                peak = peak_extra_bytes(kind, job, samples, args.batch)
                 mem = max(peak - fwd_peak, 0) / weight_bytes
                 print(f"{kind:5} {samples:7d} {job:>5} {statistics.median(ratios):10.2f} {target:>6} {mem:9.2f}")
+        if args.criteria:
+            for job in (j for j in STAT_SETS if j.startswith("crit:")):
+                ratios = []
+                for _ in range(args.repeats):
+                    fwd = run_job(kind, "forward", sizes[-1], args.batch)
+                    ratios.append(run_job(kind, job, sizes[-1], args.batch) / fwd)
+                peak = peak_extra_bytes(kind, job, sizes[-1], args.batch)
+                fwd_peak = peak_extra_bytes(kind, "forward", sizes[-1], args.batch)
+                mem = max(peak - fwd_peak, 0) / weight_bytes
+                print(f"{kind:5} {sizes[-1]:7d} {job[5:]:>13} {statistics.median(ratios):10.2f} {'':>6} {mem:9.2f}")
 
 
 if __name__ == "__main__":
