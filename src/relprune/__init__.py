@@ -34,6 +34,8 @@ from .masks import (
 from .pruning import prune
 from .stats import STATISTICS, LayerStats, Stats, collect_stats
 
+from . import export, regularizers, shrink, structured  # noqa: I001 - after the core they build on
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -64,11 +66,15 @@ __all__ = [
     "collect_stats",
     "copy_model",
     "current_masks",
+    "export",
     "format_report",
     "hardtanh",
     "load_state_dict",
     "make_permanent",
     "prune",
     "register",
+    "regularizers",
+    "shrink",
     "sparsity_report",
+    "structured",
 ]

@@ -77,7 +77,8 @@ def markdown_tables(rows: list[dict[str, Any]]) -> str:
         header = "| method | " + " | ".join(f"{100 * s:g}%" for s in sparsities) + " |"
         parts.append(header)
         parts.append("|---|" + "---:|" * len(sparsities))
-        order = sorted(methods, key=lambda m: -mean(mean(v) for v in methods[m].values()))
+        # Methods covering more sparsities first (N:M rows have one), then by mean accuracy.
+        order = sorted(methods, key=lambda m: (-len(methods[m]), -mean(mean(v) for v in methods[m].values())))
         for m in order:
             cells = []
             for s in sparsities:

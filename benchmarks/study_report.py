@@ -1,0 +1,62 @@
+"""Tables and plots of docs/results.md from the study's results file, one section per config.
+
+    python benchmarks/study_report.py [--results runs/study/results.jsonl] [--img docs/img]
+
+Prints markdown: for each configs/study/*.toml, the rows of that config only (mean ± std over
+seeds, best per column in bold), the number of cells and seeds, and writes one plot per config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+from statistics import mean
+
+from relprune.bench import BenchConfig, cells, key_of
+from relprune.report import load_results, markdown_tables, plot_accuracy
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", default="runs/study/results.jsonl")
+    p.add_argument("--configs", default="configs/study")
+    p.add_argument("--img", default="docs/img")
+    args = p.parse_args()
+    rows = load_results(args.results)
+    by_key = {r["key"]: r for r in rows}
+    img = Path(args.img)
+    img.mkdir(parents=True, exist_ok=True)
+    for cfg_path in sorted(Path(args.configs).glob("*.toml")):
+        cfg = BenchConfig.from_file(cfg_path)
+        keys = [key_of(c) for c in cells(cfg)]
+        mine = [by_key[k] for k in keys if k in by_key]
+        print(f"## {cfg_path.stem}\n")
+        print(f"`relprune bench --config {cfg_path} --out runs/study` - {len(mine)} of {len(keys)} cells "
+              f"finished, seeds {cfg.seeds}.\n")
+        if not mine:
+            continue
+        print(markdown_tables(mine))
+        png = plot_accuracy(mine, img / f"{cfg_path.stem}.png")
+        print(f"![{cfg_path.stem}]({Path('img') / png.name})\n")
+    # Overall: mean rank of each method label across (model, regime, sparsity) columns it appears in.
+    cols = defaultdict(dict)
+    for r in rows:
+        cols[(r["model"], r["dataset"], r["regime"], r["calib_samples"], r["sparsity"])].setdefault(
+            r["method"], []).append(r["accuracy"])
+    ranks = defaultdict(list)
+    for col in cols.values():
+        order = sorted(col, key=lambda m: -mean(col[m]))
+        for i, m in enumerate(order):
+            ranks[m].append(i / max(len(order) - 1, 1))
+    print("## Mean normalised rank over every column a method appears in (0 = always best)\n")
+    print("| method | mean rank | columns |\n|---|---:|---:|")
+    for m, rs in sorted(ranks.items(), key=lambda kv: mean(kv[1])):
+        print(f"| {m} | {mean(rs):.3f} | {len(rs)} |")
+    print()
+    print(json.dumps({"rows": len(rows)}))
+
+
+if __name__ == "__main__":
+    main()
