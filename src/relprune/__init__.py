@@ -4,6 +4,7 @@ Lifecycle: ``collect_stats`` on calibration data -> ``prune`` (masks applied,
 held through training) -> ``make_permanent``.
 """
 
+from . import export, regularizers, shrink, structured
 from .criteria import CRITERIA, Criterion, register
 from .errors import (
     CalibrationError,
@@ -33,8 +34,6 @@ from .masks import (
 )
 from .pruning import prune
 from .stats import STATISTICS, LayerStats, Stats, collect_stats
-
-from . import export, regularizers, shrink, structured  # noqa: I001 - after the core they build on
 
 __version__ = "0.1.0"
 
