@@ -55,24 +55,30 @@ def batches(shape: tuple[int, ...], samples: int, batch: int) -> list[torch.Tens
     return [torch.rand(batch, *shape, generator=g) for _ in range(samples // batch)]
 
 
-def run_job(kind: str, job: str, samples: int, batch: int) -> float:
+def prepare(kind: str, job: str, samples: int, batch: int) -> tuple[nn.Module, list]:
+    """The model in eval mode and the calibration batches (labelled when the job needs gradients)."""
     model, shape = make_model(kind)
     model.eval()
-    data = batches(shape, samples, batch)
+    data: list = batches(shape, samples, batch)
     if job.startswith("crit:") and "weight_grad" in (STAT_SETS[job] or []):
         g = torch.Generator().manual_seed(2)
         data = [(x, torch.randint(0, 10, (len(x),), generator=g)) for x in data]
-    start = time.perf_counter()
+    return model, data
+
+
+def execute(model: nn.Module, job: str, data: list) -> None:
     if job == "forward":
         with torch.no_grad():
             for x in data:
                 model(x)
     else:
-        stats = ACTIVATION_STATS if STAT_SETS[job] is None else STAT_SETS[job]
-        if job.startswith("crit:"):
-            relprune.collect_stats(model, data, statistics=stats)
-            return time.perf_counter() - start
-        relprune.collect_stats(model, data, statistics=stats)
+        relprune.collect_stats(model, data, statistics=STAT_SETS[job] or ACTIVATION_STATS)
+
+
+def run_job(kind: str, job: str, samples: int, batch: int) -> float:
+    model, data = prepare(kind, job, samples, batch)
+    start = time.perf_counter()
+    execute(model, job, data)
     return time.perf_counter() - start
 
 
@@ -94,12 +100,7 @@ _LIBC.mallinfo2.restype = _Mallinfo
 
 def peak_extra_bytes(kind: str, job: str, samples: int, batch: int) -> int:
     """Peak allocated bytes above the level before the job (sampled every 0.2 ms)."""
-    model, shape = make_model(kind)
-    model.eval()
-    data = batches(shape, samples, batch)
-    if job.startswith("crit:") and "weight_grad" in (STAT_SETS[job] or []):
-        g = torch.Generator().manual_seed(2)
-        data = [(x, torch.randint(0, 10, (len(x),), generator=g)) for x in data]
+    model, data = prepare(kind, job, samples, batch)
     base = _allocated()
     peak = [base]
     done = threading.Event()
@@ -112,13 +113,7 @@ def peak_extra_bytes(kind: str, job: str, samples: int, batch: int) -> int:
     t = threading.Thread(target=sample, daemon=True)
     t.start()
     try:
-        if job == "forward":
-            with torch.no_grad():
-                for x in data:
-                    model(x)
-        else:
-            stats = ACTIVATION_STATS if STAT_SETS[job] is None else STAT_SETS[job]
-            relprune.collect_stats(model, data, statistics=stats)
+        execute(model, job, data)
     finally:
         done.set()
         t.join()
@@ -138,33 +133,31 @@ def main() -> None:
     sizes = [1024, 4096] if args.quick else [2048, 8192]
     print(f"# relprune stats_cost  torch {torch.__version__}  {platform.machine()}  threads={args.threads}  "
           f"batch={args.batch}  {time.strftime('%Y-%m-%d')}")
-    print(f"{'model':5} {'samples':>7} {'stats':>5} {'time ratio':>10} {'target':>6} {'mem ratio':>9}")
+    print(f"{'model':5} {'samples':>7} {'statistics of':>13} {'time ratio':>10} {'target':>6} {'mem ratio':>9}")
     for kind in ("mlp", "cnn"):
         model, _ = make_model(kind)
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        run_job(kind, "forward", args.batch * 2, args.batch)  # warm-up
+
+        def measure(job: str, samples: int, kind: str = kind, weight_bytes: int = weight_bytes) -> tuple[float, float]:
+            # Forward and statistics timed back to back in each repeat, so machine load drifts
+            # affect both sides of a ratio alike; median over repeats.
+            ratios = []
+            for _ in range(args.repeats):
+                fwd = run_job(kind, "forward", samples, args.batch)
+                ratios.append(run_job(kind, job, samples, args.batch) / fwd)
+            extra = peak_extra_bytes(kind, job, samples, args.batch) - \
+                peak_extra_bytes(kind, "forward", samples, args.batch)
+            return statistics.median(ratios), max(extra, 0) / weight_bytes
+
         for samples in sizes:
-            run_job(kind, "forward", args.batch * 2, args.batch)  # warm-up
-            fwd_peak = peak_extra_bytes(kind, "forward", samples, args.batch)
             for job, target in (("all", 8), ("rc", 3)):
-                # Forward and statistics timed back to back in each repeat, so machine
-                # load drifts affect both sides of a ratio alike; median over repeats.
-                ratios = []
-                for _ in range(args.repeats):
-                    fwd = run_job(kind, "forward", samples, args.batch)
-                    ratios.append(run_job(kind, job, samples, args.batch) / fwd)
-                peak = peak_extra_bytes(kind, job, samples, args.batch)
-                mem = max(peak - fwd_peak, 0) / weight_bytes
-                print(f"{kind:5} {samples:7d} {job:>5} {statistics.median(ratios):10.2f} {target:>6} {mem:9.2f}")
+                ratio, mem = measure(job, samples)
+                print(f"{kind:5} {samples:7d} {job:>13} {ratio:10.2f} {target:>6} {mem:9.2f}")
         if args.criteria:
             for job in (j for j in STAT_SETS if j.startswith("crit:")):
-                ratios = []
-                for _ in range(args.repeats):
-                    fwd = run_job(kind, "forward", sizes[-1], args.batch)
-                    ratios.append(run_job(kind, job, sizes[-1], args.batch) / fwd)
-                peak = peak_extra_bytes(kind, job, sizes[-1], args.batch)
-                fwd_peak = peak_extra_bytes(kind, "forward", sizes[-1], args.batch)
-                mem = max(peak - fwd_peak, 0) / weight_bytes
-                print(f"{kind:5} {sizes[-1]:7d} {job[5:]:>13} {statistics.median(ratios):10.2f} {'':>6} {mem:9.2f}")
+                ratio, mem = measure(job, sizes[-1])
+                print(f"{kind:5} {sizes[-1]:7d} {job[5:]:>13} {ratio:10.2f} {'':>6} {mem:9.2f}")
 
 
 if __name__ == "__main__":
