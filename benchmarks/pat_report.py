@@ -47,7 +47,7 @@ def main() -> None:
             data_cache[key] = load_dataset(info.dataset, args.data_dir, seed=info.seed)
         calib = calibration_batches(data_cache[key].train, 1024, seed=info.seed)
         stats = relprune.collect_stats(model, calib, statistics=["relative_mean"])
-        entropy = float(torch.cat([neuron_entropy(s.relative_mean) for s in stats.values()]).mean())
+        entropy = float(torch.cat([neuron_entropy(s.relative_mean) for s in stats.values()]).nanmean())
         dense_info[(info.model, info.dataset, label(info.extra["pat"], info.extra["pat_alpha"]))].append(
             (info.metrics["test_acc"], entropy))
     print("### Dense models\n")

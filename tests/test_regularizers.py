@@ -66,7 +66,7 @@ def test_entropy_regulariser_lowers_measured_entropy():
             opt.step()
         reg.detach()
         stats = relprune.collect_stats(model, [x], statistics=["relative_mean"])
-        return float(torch.cat([neuron_entropy(s.relative_mean) for s in stats.values()]).mean())
+        return float(torch.cat([neuron_entropy(s.relative_mean) for s in stats.values()]).nanmean())
 
     assert run(1.0) < run(0.0) - 0.05
 
@@ -95,3 +95,9 @@ def test_calling_before_forward_is_an_error():
 def test_alpha_ramp():
     fn = alpha_ramp(2.0, 0.5, epochs=2, steps_per_epoch=10)
     assert fn(0, 0) == 0 and fn(0, 5) == pytest.approx(1.0) and fn(1, 0) == 2.0 and fn(1, 9) == 2.0
+
+
+def test_neuron_entropy_hand_cases():
+    shares = torch.tensor([[0.25, 0.25, 0.25, 0.25], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    h = neuron_entropy(shares)
+    assert h[0] == pytest.approx(1.0) and h[1] == pytest.approx(0.0) and torch.isnan(h[2])

@@ -14,11 +14,16 @@ from .stats import LayerStats, Stats
 
 
 def neuron_entropy(relative_mean: Tensor) -> Tensor:
-    """Per neuron, H(q_i) / log I with q_i = E[r_i.] normalised to sum 1 (1: uniform, 0: one input)."""
+    """Per neuron, H(q_i) / log I with q_i = E[r_i.] normalised to sum 1 (1: uniform, 0: one input).
+
+    NaN for a neuron whose shares are all zero (never live on the calibration data).
+    """
     q = weight_matrix(relative_mean).double()
-    q = q / q.sum(1, keepdim=True).clamp_min(1e-300)
+    total = q.sum(1, keepdim=True)
+    q = q / total.clamp_min(1e-300)
     h = -(q * q.clamp_min(1e-300).log()).sum(1)
-    return h / math.log(q.shape[1]) if q.shape[1] > 1 else torch.zeros_like(h)
+    h = h / math.log(q.shape[1]) if q.shape[1] > 1 else torch.zeros_like(h)
+    return torch.where(total.squeeze(1) > 0, h, torch.full_like(h, math.nan))
 
 
 @dataclass
@@ -29,6 +34,7 @@ class LayerSummary:
     median_share: float
     below_threshold: float
     mean_entropy: float
+    dead_neurons: int
 
 
 def summarise(stats: Stats, tau: float = 0.1, ucb_k: float = 1.0) -> list[LayerSummary]:
@@ -40,19 +46,22 @@ def summarise(stats: Stats, tau: float = 0.1, ucb_k: float = 1.0) -> list[LayerS
         fan_in = share.shape[1]
         ucb = weight_matrix(ls.relative_mean + ucb_k * ls.relative_std)
         live = float(ls.live_count.mean() / max(ls.total_count, 1))
+        entropy = neuron_entropy(ls.relative_mean)
         out.append(LayerSummary(name, tuple(ls.weight.shape), live, float((share * fan_in).median()),
                                 float((ucb < tau / fan_in).double().mean()),
-                                float(neuron_entropy(ls.relative_mean).mean())))
+                                float(entropy.nanmean()), int(entropy.isnan().sum())))
     return out
 
 
 def format_summary(rows: list[LayerSummary], tau: float) -> str:
-    header = f"{'layer':12} {'shape':>14} {'live':>6} {'median share x I':>16} {'ucb < tau/I':>12} {'entropy':>8}"
+    header = (f"{'layer':12} {'shape':>14} {'live':>6} {'median share x I':>16} {'ucb < tau/I':>12} "
+              f"{'entropy':>8} {'dead':>5}")
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(f"{r.name:12} {'x'.join(map(str, r.shape)):>14} {r.live_fraction:6.1%} "
-                     f"{r.median_share:16.3f} {r.below_threshold:12.1%} {r.mean_entropy:8.3f}")
-    lines.append(f"(share x I = 1 means the uniform share; tau = {tau:g})")
+                     f"{r.median_share:16.3f} {r.below_threshold:12.1%} {r.mean_entropy:8.3f} {r.dead_neurons:5d}")
+    lines.append(f"(share x I = 1 means the uniform share; tau = {tau:g}; entropy: mean over neurons live at "
+                 "least once; dead: neurons never live on the calibration data)")
     return "\n".join(lines)
 
 
@@ -81,7 +90,8 @@ def plot_explain(stats: Stats, path: str | Path, ucb_k: float = 1.0) -> Path:
         axes[i][1].set_xlabel("tau")
         axes[i][1].set_ylim(0, 1)
         axes[i][1].grid(alpha=0.3)
-        axes[i][2].hist(neuron_entropy(ls.relative_mean).numpy(), bins=40, range=(0, 1), color="tab:green")
+        entropy = neuron_entropy(ls.relative_mean)
+        axes[i][2].hist(entropy[~entropy.isnan()].numpy(), bins=40, range=(0, 1), color="tab:green")
         axes[i][2].set_title(f"{name}: per-neuron contribution entropy H(q)/log I", fontsize=9)
     fig.tight_layout()
     path = Path(path)
