@@ -17,17 +17,28 @@ from statistics import mean
 from relprune.bench import BenchConfig, cells, key_of
 from relprune.report import load_results, markdown_tables, plot_accuracy
 
+HEADLINE = ["rc", "rc -live", "contrib-std", "contrib-std -live", "contrib-share", "contrib-share -live",
+            "magnitude", "wanda", "ria", "snip", "random"]
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", default="runs/study/results.jsonl")
     p.add_argument("--configs", default="configs/study")
     p.add_argument("--img", default="docs/img")
+    p.add_argument("--summary", action="store_true",
+                   help="only the global-scope headline methods, every config's rows merged per model and regime")
     args = p.parse_args()
     rows = load_results(args.results)
     by_key = {r["key"]: r for r in rows}
     img = Path(args.img)
     img.mkdir(parents=True, exist_ok=True)
+    if args.summary:
+        headline = [r for r in rows if r["method"] in HEADLINE and r["calib_samples"] == 1024]
+        print(markdown_tables(headline))
+        png = plot_accuracy(headline, img / "summary.png")
+        print(f"![summary]({Path('img') / png.name})\n")
+        return
     for cfg_path in sorted(Path(args.configs).glob("*.toml")):
         cfg = BenchConfig.from_file(cfg_path)
         keys = [key_of(c) for c in cells(cfg)]
