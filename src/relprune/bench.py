@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from .allocation import parse_n_m
 from .criteria import get_criterion
 from .data import Split, load_dataset
 from .errors import RelpruneError
@@ -208,21 +209,25 @@ def cells(cfg: BenchConfig) -> Iterator[dict[str, Any]]:
         model_name, dataset = spec.split(":", 1)
         for seed in cfg.seeds:
             for pat_spec in cfg.pat:
-                for pat, alpha in [parse_pat(pat_spec)]:
-                    for calib in cfg.calib_samples:
-                        for method in cfg.methods():
-                            sps = [round(1 - int(method.n_m.split(":")[0]) / int(method.n_m.split(":")[1]), 6)] \
-                                if method.n_m else cfg.sparsities
-                            for s in sps:
-                                for regime in cfg.regimes:
-                                    yield {"model": model_name, "dataset": dataset, "seed": seed, "pat": pat,
-                                           "pat_alpha": alpha, "calib_samples": calib, "method": method.label,
-                                           **{f"m_{k}": v for k, v in asdict(method).items()},
-                                           "sparsity": s, "regime": regime}
+                pat, alpha = parse_pat(pat_spec)
+                for calib in cfg.calib_samples:
+                    for method in cfg.methods():
+                        if method.n_m:
+                            n, m = parse_n_m(method.n_m)
+                            sparsities = [round(1 - n / m, 6)]
+                        else:
+                            sparsities = cfg.sparsities
+                        for s in sparsities:
+                            for regime in cfg.regimes:
+                                yield {"model": model_name, "dataset": dataset, "seed": seed, "pat": pat,
+                                       "pat_alpha": alpha, "calib_samples": calib, "method": method.label,
+                                       **{f"m_{k}": v for k, v in asdict(method).items()},
+                                       "sparsity": s, "regime": regime}
 
 
 def key_of(cell: dict[str, Any]) -> str:
-    return json.dumps({k: v for k, v in sorted(cell.items())}, sort_keys=True)
+    """The identity of a cell in results.jsonl."""
+    return json.dumps(cell, sort_keys=True)
 
 
 def run_bench(cfg: BenchConfig, out: str | Path, *, log=print) -> Path:
