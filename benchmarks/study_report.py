@@ -29,7 +29,10 @@ def main() -> None:
     p.add_argument("--summary", action="store_true",
                    help="only the global-scope headline methods, every config's rows merged per model and regime")
     args = p.parse_args()
-    rows = load_results(args.results)
+    configs = [(path, BenchConfig.from_file(path)) for path in sorted(Path(args.configs).glob("*.toml"))]
+    planned = {key_of(c) for _, cfg in configs for c in cells(cfg)}
+    # Cells of grid versions trimmed away later are kept in the file but left out of every table.
+    rows = [r for r in load_results(args.results) if r["key"] in planned]
     by_key = {r["key"]: r for r in rows}
     img = Path(args.img)
     img.mkdir(parents=True, exist_ok=True)
@@ -39,8 +42,7 @@ def main() -> None:
         png = plot_accuracy(headline, img / "summary.png")
         print(f"![summary]({Path('img') / png.name})\n")
         return
-    for cfg_path in sorted(Path(args.configs).glob("*.toml")):
-        cfg = BenchConfig.from_file(cfg_path)
+    for cfg_path, cfg in configs:
         keys = [key_of(c) for c in cells(cfg)]
         mine = [by_key[k] for k in keys if k in by_key]
         print(f"## {cfg_path.stem}\n")
