@@ -22,7 +22,8 @@ import torch
 
 import relprune
 from relprune.data import load_dataset
-from relprune.experiment import DEFAULT_CRITERION, load_model
+from relprune.defaults import DEFAULT_CRITERION
+from relprune.experiment import load_model
 from relprune.export import export_dense, export_masked, export_sparse, file_size
 from relprune.shrink import shrink
 from relprune.structured import prune_units

@@ -15,13 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .defaults import DEFAULT_BIAS_COMPENSATION, DEFAULT_CRITERION, DEFAULT_LIVENESS, DEFAULT_SCOPE
 from .errors import RelpruneError
-from .experiment import (
-    DEFAULT_BIAS_COMPENSATION,
-    DEFAULT_CRITERION,
-    DEFAULT_LIVENESS,
-    DEFAULT_SCOPE,
-)
 
 
 class _Parser(argparse.ArgumentParser):

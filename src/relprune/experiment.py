@@ -18,18 +18,13 @@ from torch import Tensor, nn
 from . import collect_stats, load_state_dict, prune
 from .criteria import get_criterion
 from .data import Data
+from .defaults import DEFAULT_BIAS_COMPENSATION, DEFAULT_CRITERION, DEFAULT_LIVENESS, DEFAULT_SCOPE
 from .errors import CheckpointError
 from .layers import prunable_layers, weight_matrix
 from .masks import Masks, copy_model
 from .models import build_model
 from .stats import Stats
 from .training import TrainConfig, atomic_write_text, train
-
-# The library's defaults, fixed by the benchmark study (docs/results.md).
-DEFAULT_CRITERION = "rc"
-DEFAULT_SCOPE = "global"
-DEFAULT_LIVENESS = True
-DEFAULT_BIAS_COMPENSATION = False
 
 
 @dataclass(frozen=True)

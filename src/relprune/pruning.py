@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from . import allocation
 from .criteria import Criterion, get_criterion
+from .defaults import DEFAULT_BIAS_COMPENSATION, DEFAULT_CRITERION, DEFAULT_SCOPE
 from .errors import MissingLabelsError, RelpruneError, SparsityError, StatisticNotCollectedError
 from .layers import prunable_layers, weight_matrix
 from .masks import Masks, apply_masks, is_masked
@@ -24,10 +25,10 @@ def prune(
     stats: Stats | None,
     *,
     sparsity: float | None = None,
-    criterion: str | Criterion = "rc",
-    scope: str = "global",
+    criterion: str | Criterion = DEFAULT_CRITERION,
+    scope: str = DEFAULT_SCOPE,
     n_m: str | tuple[int, int] | None = None,
-    bias_compensation: bool = False,
+    bias_compensation: bool = DEFAULT_BIAS_COMPENSATION,
     threshold: float | None = None,
     layers: Iterable[str] | None = None,
     seed: int = 0,

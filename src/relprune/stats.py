@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import layers as L
+from .defaults import DEFAULT_LIVENESS
 from .errors import (
     CalibrationError,
     MissingLabelsError,
@@ -429,7 +430,7 @@ def collect_stats(
     batches: Iterable[Any],
     *,
     layers: Iterable[str] | None = None,
-    liveness: bool = True,
+    liveness: bool = DEFAULT_LIVENESS,
     statistics: Iterable[str] | None = None,
     blind_ranges: Mapping[str, LivenessOverride] | None = None,
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
