@@ -29,7 +29,7 @@ _CONV_FORWARD = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 def is_prunable(module: nn.Module) -> bool:
     """True for the layer kinds relprune prunes (Linear, Conv1d/2d/3d)."""
-    return type(module) in PRUNABLE_TYPES or isinstance(module, PRUNABLE_TYPES)
+    return isinstance(module, PRUNABLE_TYPES)
 
 
 def prunable_layers(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, nn.Module]:
