@@ -89,7 +89,7 @@ def _plot(table, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = sorted({(k[0], k[1], k[2], k[3]) for k in table if k[3] in ("rc", "magnitude")})
+    panels = sorted({(k[0], k[1], k[2], k[3]) for k in table if k[3] in ("contrib-std", "magnitude")})
     if not panels:
         return
     cols = 4
