@@ -2,7 +2,7 @@
 structured-pruned models, as ratios to the dense original, with test accuracy beside each row.
 
 Uses the study's seed-0 dense models (run benchmarks/run_study.sh first, or pass --lenet300 and
---vgg with folders written by `relprune train`). Unstructured: 90% by the default criterion;
+--vgg with folders written by `relprune train`). Unstructured: 90% by contrib-share;
 structured: 50% of the units of every hidden layer, by relative contribution (ours) and by L1 norm.
 Every pruned model gets the same short masked fine-tune (1 epoch over 16,384 training samples).
 
@@ -22,7 +22,6 @@ import torch
 
 import relprune
 from relprune.data import load_dataset
-from relprune.defaults import DEFAULT_CRITERION
 from relprune.experiment import load_model
 from relprune.export import export_dense, export_masked, export_sparse, file_size, load_exported
 from relprune.shrink import shrink
@@ -64,7 +63,7 @@ def rows_for(folder: Path, data_dir: str, repeats: int) -> list[tuple]:
 
     masked = relprune.copy_model(dense)
     stats = relprune.collect_stats(masked, calib)
-    relprune.prune(masked, stats, sparsity=0.9, criterion=DEFAULT_CRITERION)
+    relprune.prune(masked, stats, sparsity=0.9, criterion="contrib-share")
     finetune(masked, data, info.seed)
     shrunk, _ = shrink(masked, example)
 

@@ -53,20 +53,27 @@ def main() -> None:
         print(markdown_tables(mine))
         png = plot_accuracy(mine, img / f"{cfg_path.stem}.png")
         print(f"![{cfg_path.stem}]({Path('img') / png.name})\n")
-    # Overall: mean rank of each method label across (model, regime, sparsity) columns it appears in.
+    # Overall: the six criteria run in every one-shot and fine-tune config (global scope, liveness on,
+    # 1,024 calibration samples), ranked within each (model, regime, sparsity) column that has all six.
+    contenders = ["rc", "contrib-std", "contrib-share", "magnitude", "wanda", "ria"]
     cols = defaultdict(dict)
     for r in rows:
-        cols[(r["model"], r["dataset"], r["regime"], r["calib_samples"], r["sparsity"])].setdefault(
-            r["method"], []).append(r["accuracy"])
+        if r["calib_samples"] == 1024 and r["method"] in contenders and r["regime"] != "iterative":
+            cols[(r["model"], r["dataset"], r["regime"], r["sparsity"])].setdefault(r["method"], []).append(
+                r["accuracy"])
     ranks = defaultdict(list)
-    for col in cols.values():
+    wins = defaultdict(int)
+    used = [c for c in cols.values() if len(c) == len(contenders)]
+    for col in used:
         order = sorted(col, key=lambda m: -mean(col[m]))
+        wins[order[0]] += 1
         for i, m in enumerate(order):
-            ranks[m].append(i / max(len(order) - 1, 1))
-    print("## Mean normalised rank over every column a method appears in (0 = always best)\n")
-    print("| method | mean rank | columns |\n|---|---:|---:|")
+            ranks[m].append(i / (len(order) - 1))
+    print(f"## Overall: {len(contenders)} criteria over the {len(used)} (model, regime, sparsity) columns "
+          "where all ran\n")
+    print("| method | mean normalised rank (0 = always best) | columns won |\n|---|---:|---:|")
     for m, rs in sorted(ranks.items(), key=lambda kv: mean(kv[1])):
-        print(f"| {m} | {mean(rs):.3f} | {len(rs)} |")
+        print(f"| {m} | {mean(rs):.3f} | {wins[m]} |")
     print()
     print(json.dumps({"rows": len(rows)}))
 

@@ -77,5 +77,5 @@ def test_demo_end_to_end(tmp_path):
                              "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "| method | 50% | 75% | 90% |" in result.stdout
-    assert "magnitude" in result.stdout and "wanda" in result.stdout
+    assert "magnitude" in result.stdout and "wanda" in result.stdout and "contrib-share" in result.stdout
     assert (tmp_path / "accuracy_vs_sparsity.png").stat().st_size > 0

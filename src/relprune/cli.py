@@ -240,7 +240,7 @@ def cmd_demo(ns: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     cfg = BenchConfig(
-        models=["lenet300:digits"], criteria=[DEFAULT_CRITERION, "magnitude", "wanda"],
+        models=["lenet300:digits"], criteria=list(dict.fromkeys([DEFAULT_CRITERION, "contrib-share", "wanda"])),
         sparsities=[0.5, 0.75, 0.9], seeds=[ns.seed], regimes=["oneshot", "finetune"], calib_samples=[512],
         epochs=ns.epochs, batch_size=64, finetune_epochs=ns.finetune_epochs, lr=1e-3, finetune_lr=5e-4,
     )
@@ -343,8 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(out=out)
         return p
 
-    demo = command("demo", "train a small model on the built-in digits, prune it by three methods, "
-                   "fine-tune, print a table and write a plot", Common, out="runs/demo")
+    demo = command("demo", "train a small model on the built-in digits, prune it by the default criterion, "
+                   "our best contribution criterion and Wanda, fine-tune, print a table and write a plot",
+                   Common, out="runs/demo")
     demo.add_argument("--epochs", type=int, default=30, help="training epochs (default: 30)")
     demo.add_argument("--finetune-epochs", type=int, default=5, help="fine-tuning epochs (default: 5)")
     demo.set_defaults(func=cmd_demo)
