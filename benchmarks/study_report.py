@@ -12,7 +12,7 @@ import argparse
 import json
 from collections import defaultdict
 from pathlib import Path
-from statistics import mean
+from statistics import mean, pstdev
 
 from relprune.bench import BenchConfig, cells, key_of
 from relprune.report import load_results, markdown_tables, plot_accuracy
@@ -75,7 +75,90 @@ def main() -> None:
     for m, rs in sorted(ranks.items(), key=lambda kv: mean(kv[1])):
         print(f"| {m} | {mean(rs):.3f} | {wins[m]} |")
     print()
+    print_regime_split(rows, contenders)
+    print_calibration(rows)
+    print_iterative(rows)
+    print_accuracy_at(rows, 0.9)
     print(json.dumps({"rows": len(rows)}))
+
+
+def _mean_acc(rows: list[dict], **match) -> list[float]:
+    return [r["accuracy"] for r in rows if all(r.get(k) == v for k, v in match.items())]
+
+
+def print_regime_split(rows: list[dict], contenders: list[str]) -> None:
+    """Mean normalised rank and mean gap to the column's best, per regime and sparsity range."""
+    print("## Ranks by regime (mean normalised rank / mean points behind the column's best)\n")
+    print("| regime, sparsities | " + " | ".join(f"{i + 1}." for i in range(len(contenders))) + " |")
+    print("|---|" + "---|" * len(contenders))
+    for lo in (0.5, 0.9):
+        for regime in ("oneshot", "finetune"):
+            cols = defaultdict(dict)
+            for r in rows:
+                if (r["calib_samples"] == 1024 and r["method"] in contenders and r["regime"] == regime
+                        and r["sparsity"] >= lo):
+                    cols[(r["model"], r["dataset"], r["sparsity"])].setdefault(r["method"], []).append(
+                        r["accuracy"])
+            used = [c for c in cols.values() if len(c) == len(contenders)]
+            ranks, gaps = defaultdict(list), defaultdict(list)
+            for col in used:
+                order = sorted(col, key=lambda m: -mean(col[m]))
+                best = mean(col[order[0]])
+                for i, m in enumerate(order):
+                    ranks[m].append(i / (len(order) - 1))
+                    gaps[m].append(best - mean(col[m]))
+            cells = [f"{m} {mean(ranks[m]):.2f} / {100 * mean(gaps[m]):.1f}"
+                     for m in sorted(ranks, key=lambda m: mean(ranks[m]))]
+            print(f"| {regime}, {100 * lo:g}-98% ({len(used)} columns) | " + " | ".join(cells) + " |")
+    print()
+
+
+def print_calibration(rows: list[dict]) -> None:
+    print("## Calibration set size (one-shot, liveness on; mean ± std over seeds)\n")
+    sizes = sorted({r["calib_samples"] for r in rows})
+    print("| model | criterion | sparsity | " + " | ".join(f"{n} images" for n in sizes) + " |")
+    print("|---|---|---:|" + "---:|" * len(sizes))
+    keys = sorted({(r["model"], r["dataset"], r["method"]) for r in rows if r["calib_samples"] == 128})
+    for model, dataset, method in keys:
+        for sp in (0.9, 0.95):
+            cells = []
+            for n in sizes:
+                v = _mean_acc(rows, model=model, dataset=dataset, method=method, sparsity=sp, calib_samples=n,
+                              regime="oneshot")
+                cells.append(f"{100 * mean(v):.2f} ± {100 * pstdev(v):.2f}" if v else "")
+            print(f"| {model}/{dataset} | {method} | {100 * sp:g}% | " + " | ".join(cells) + " |")
+    print()
+
+
+def print_iterative(rows: list[dict]) -> None:
+    print("## Iterative (3 rounds) vs one-shot + the same fine-tune once (mean ± std over seeds)\n")
+    keys = sorted({(r["model"], r["dataset"], r["method"]) for r in rows if r["regime"] == "iterative"})
+    print("| model | criterion | sparsity | one-shot | one-shot + fine-tune | iterative |\n|---|---|---:|---:|---:|---:|")
+    for model, dataset, method in keys:
+        for sp in sorted({r["sparsity"] for r in rows if r["regime"] == "iterative"}):
+            cells = []
+            for regime in ("oneshot", "finetune", "iterative"):
+                v = _mean_acc(rows, model=model, dataset=dataset, method=method, sparsity=sp, regime=regime,
+                              calib_samples=1024)
+                cells.append(f"{100 * mean(v):.2f} ± {100 * pstdev(v):.2f}" if v else "")
+            print(f"| {model}/{dataset} | {method} | {100 * sp:g}% | " + " | ".join(cells) + " |")
+    print()
+
+
+def print_accuracy_at(rows: list[dict], sparsity: float) -> None:
+    print(f"## One-shot accuracy at {100 * sparsity:g}% per criterion, mean over seeds (global, liveness on)\n")
+    models = sorted({(r["model"], r["dataset"]) for r in rows})
+    crits = sorted({r["method"] for r in rows if " " not in r["method"]})
+    print("| criterion | " + " | ".join(f"{m}/{d}" for m, d in models) + " |")
+    print("|---|" + "---:|" * len(models))
+    for c in crits:
+        cells = []
+        for m, d in models:
+            v = _mean_acc(rows, model=m, dataset=d, method=c, sparsity=sparsity, regime="oneshot",
+                          calib_samples=1024)
+            cells.append(f"{100 * mean(v):.1f}" if v else "")
+        print(f"| {c} | " + " | ".join(cells) + " |")
+    print()
 
 
 if __name__ == "__main__":
