@@ -59,6 +59,13 @@ def _needed_sums(statistics: Iterable[str]) -> frozenset[str]:
     return frozenset(sums)
 
 
+def _shift_as_weight(shift: Tensor, weight_shape: torch.Size, groups: int) -> Tensor:
+    """The per-input-channel shift broadcast to the weight's shape (each output sees its group's inputs)."""
+    o = weight_shape[0]
+    k = shift.reshape(groups, -1).repeat_interleave(o // groups, dim=0)  # (O, in/groups)
+    return k.reshape(o, -1, *([1] * (len(weight_shape) - 2))) if len(weight_shape) > 2 else k
+
+
 @dataclass
 class LayerStats:
     """Running sums for one layer; properties turn them into weight-shaped statistics.
@@ -95,10 +102,7 @@ class LayerStats:
         return self._sum(key, stat) / self._n().clamp_min(1)
 
     def _shift_as_weight(self) -> Tensor:
-        o = self.weight.shape[0]
-        k = self.shift.reshape(self.groups, -1)  # (groups, in_channels/groups)
-        k = k.repeat_interleave(o // self.groups, dim=0)  # (O, in/groups)
-        return k.reshape(o, -1, *([1] * (self.weight.dim() - 2))) if self.weight.dim() > 2 else k
+        return _shift_as_weight(self.shift, self.weight.shape, self.groups)
 
     def _w(self) -> Tensor:
         return self.weight.double()
@@ -181,18 +185,12 @@ class LayerStats:
         """This layer's sums re-expressed around another input shift."""
         sums = dict(self.sums)
         if "s1" in sums and not torch.equal(shift, self.shift):
-            d = self._shift_as_weight() - LayerStats._shift_like(self, shift)
+            d = self._shift_as_weight() - _shift_as_weight(shift, self.weight.shape, self.groups)
             n = self._n()
             if "s2" in sums:
                 sums["s2"] = sums["s2"] + 2 * d * sums["s1"] + n * d * d
             sums["s1"] = sums["s1"] + n * d
         return sums
-
-    @staticmethod
-    def _shift_like(template: LayerStats, shift: Tensor) -> Tensor:
-        clone = LayerStats(template.kind, template.weight, None, template.groups, template.statistics,
-                           template.liveness, shift, template.live_count)
-        return clone._shift_as_weight()
 
 
 class Stats(Mapping[str, LayerStats]):
@@ -384,11 +382,11 @@ def _accumulate(layer: nn.Module, ls: LayerStats, scratch: _Scratch, x: Tensor, 
 def _new_layer_stats(layer: nn.Module, x: Tensor, liveness: str | None, statistics: frozenset[str],
                      need: frozenset[str]) -> LayerStats:
     w = layer.weight.detach().clone()
-    dims = (0,) if isinstance(layer, nn.Linear) else (0, *range(2, x.dim()))
+    # Per input channel: Linear rows are (N, I), conv inputs (B, C, *spatial); channels are dim 1.
     rows = x.reshape(-1, x.shape[-1]) if isinstance(layer, nn.Linear) else x
+    dims = (0, *range(2, rows.dim()))
     shift = rows.double().mean(dim=dims) if need & {"s1", "s2"} else torch.zeros(
-        rows.shape[1] if not isinstance(layer, nn.Linear) else rows.shape[-1], dtype=torch.float64,
-        device=x.device)
+        rows.shape[1], dtype=torch.float64, device=x.device)
     sums = {k: torch.zeros(w.shape, dtype=torch.float64, device=w.device) for k in need}
     return LayerStats(
         kind=type(layer).__name__, weight=w,
