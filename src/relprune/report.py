@@ -109,6 +109,10 @@ def plot_accuracy(rows: list[dict[str, Any]], path: str | Path, max_methods: int
         for j, (model, dataset) in enumerate(panels):
             ax = axes[i][j]
             groups = [g for g in agg if g[:3] == (model, dataset, regime)]
+            if not groups:
+                ax.text(0.5, 0.5, f"{model} / {dataset}: no {regime} cells", ha="center", va="center", fontsize=9)
+                ax.set_axis_off()
+                continue
             for group in groups[:1]:
                 methods = agg[group]
                 ranked = sorted(methods, key=lambda m: -mean(mean(v) for v in methods[m].values()))
