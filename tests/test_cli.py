@@ -21,6 +21,12 @@ def test_help_shows_defaults(command, capsys):
     assert "--out" in out and "--seed" in out and "default" in out
 
 
+def test_help_shows_each_commands_own_output_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["prune", "--help"])
+    assert "(default: runs/pruned)" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv, message", [
     (["prune", "--sparsity", "abc"], "invalid"),
     (["train", "--epochs"], "expected one argument"),

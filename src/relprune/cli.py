@@ -36,14 +36,18 @@ def _comma_list(kind: type):
     return parse
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """A flag per dataclass field: --snake-case NAME, lists comma-separated, bools --x/--no-x."""
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, defaults: dict[str, Any] | None = None) -> None:
+    """A flag per dataclass field: --snake-case NAME, lists comma-separated, bools --x/--no-x.
+
+    ``defaults`` replaces field defaults for this parser (shown in --help too).
+    """
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
         kind = hints[f.name]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if defaults and f.name in defaults:
+            default = defaults[f.name]
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         flag = "--" + f.name.replace("_", "-")
         doc = (f.metadata or {}).get("help", "")
         args = typing.get_args(kind)
@@ -80,7 +84,7 @@ class Common:
 
 @dataclass
 class DataArgs:
-    dataset: str = _h("digits (built in), mnist or fashion-mnist", "mnist")
+    dataset: str | None = _h("digits (built in), mnist or fashion-mnist; for a saved model, its own", None)
     data_dir: str | None = _h("folder with <Name>/raw/*.gz; else $RELPRUNE_DATA, the user cache, Debian's", None)
     download: bool = _h("download missing MNIST / Fashion-MNIST files from the public mirrors", False)
     verify: bool = _h("check data files against their SHA-256", False)
@@ -156,12 +160,11 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
 
 def _prepare_model(checkpoint: str, d: DataArgs, seed: int):
+    """A saved model and its data: its own dataset unless --dataset names another."""
     from .experiment import load_model
 
     model, info = load_model(checkpoint)
-    if d.dataset != info.dataset:
-        d = dataclasses.replace(d, dataset=info.dataset)
-    return model, info, _load_data(d, seed)
+    return model, info, _load_data(dataclasses.replace(d, dataset=d.dataset or info.dataset), seed)
 
 
 def cmd_prune(ns: argparse.Namespace) -> int:
@@ -287,7 +290,7 @@ def cmd_export(ns: argparse.Namespace) -> int:
         d = from_args(DataArgs, ns)
         stats = None
         if ns.structured_criterion == "rc":
-            data = _load_data(dataclasses.replace(d, dataset=info.dataset), c.seed)
+            data = _load_data(dataclasses.replace(d, dataset=d.dataset or info.dataset), c.seed)
             stats = collect_stats(model, calibration_batches(data.train, 1024, seed=c.seed),
                                   statistics=["relative_mean"])
         prune_units(model, stats, ns.structured, criterion=ns.structured_criterion)
@@ -322,7 +325,8 @@ def cmd_load(ns: argparse.Namespace) -> int:
     print(f"{meta['format']} model: {sum(p.numel() for p in model.parameters())} parameters")
     print(format_report(sparsity_report(model)))
     if ns.evaluate:
-        d = dataclasses.replace(from_args(DataArgs, ns), dataset=meta.get("dataset", ns.dataset))
+        d = from_args(DataArgs, ns)
+        d = dataclasses.replace(d, dataset=d.dataset or meta.get("dataset", "mnist"))
         data = _load_data(d, ns.seed)
         print(f"test accuracy {evaluate(model, data.test):.4f}")
     return 0
@@ -339,8 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, help_: str, *groups: type, out: str = "runs/latest") -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
         for g in groups:
-            add_dataclass_args(p, g)
-        p.set_defaults(out=out)
+            add_dataclass_args(p, g, {"out": out, "dataset": "mnist" if name == "train" else None})
         return p
 
     demo = command("demo", "train a small model on the built-in digits, prune it by the default criterion, "
