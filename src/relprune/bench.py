@@ -26,16 +26,14 @@ from .data import Split, load_dataset
 from .errors import RelpruneError
 from .experiment import (
     Method,
-    ModelInfo,
     apply_method,
     fresh_copy,
     gather,
     iterative_prune,
     load_model,
-    save_model,
+    train_model,
 )
 from .masks import current_masks
-from .models import build_model
 from .report import load_results, write_report
 from .training import TrainConfig, calibration_batches, evaluate, save_json, train
 
@@ -180,27 +178,10 @@ def dense_model(cfg: BenchConfig, out: Path, model_name: str, dataset: str, data
     if (folder / "model.safetensors").is_file():
         model, info = load_model(folder)
         return model, info.metrics["test_acc"]
-    torch.manual_seed(seed)
-    model = build_model(model_name, data.input_shape, data.num_classes)
     tcfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=seed)
-    penalty = alpha_fn = None
-    if pat != "none":
-        from .regularizers import alpha_ramp, make_regularizer
-
-        penalty = make_regularizer(pat, model, data.train.x[:256])
-        alpha_fn = alpha_ramp(alpha, cfg.pat_warmup, cfg.epochs, -(-len(data.train) // cfg.batch_size))
-    try:
-        train(model, data, tcfg, penalty=penalty, alpha=alpha_fn, checkpoint=folder / "train.ckpt",
-              desc=f"dense {tag}")
-    finally:
-        if penalty is not None:
-            penalty.detach()
-    acc = evaluate(model, data.test)
-    info = ModelInfo(model_name, dataset, list(data.input_shape), data.num_classes, seed,
-                     {"test_acc": acc, "val_acc": evaluate(model, data.val)}, {"pat": pat, "pat_alpha": alpha})
-    save_model(model, info, folder)
-    (folder / "train.ckpt").unlink(missing_ok=True)
-    return model, acc
+    model, info = train_model(model_name, data, tcfg, folder, pat=pat, pat_alpha=alpha, pat_warmup=cfg.pat_warmup,
+                              desc=f"dense {tag}")
+    return model, info.metrics["test_acc"]
 
 
 def cells(cfg: BenchConfig) -> Iterator[dict[str, Any]]:

@@ -130,32 +130,14 @@ def _load_data(d: DataArgs, seed: int):
 # -- commands ---------------------------------------------------------------------------
 
 def cmd_train(ns: argparse.Namespace) -> int:
-    import torch
-
-    from .experiment import ModelInfo, save_model
-    from .models import build_model
-    from .training import TrainConfig, evaluate, train
+    from .experiment import train_model
+    from .training import TrainConfig
 
     c, d, t = from_args(Common, ns), from_args(DataArgs, ns), from_args(TrainArgs, ns)
     data = _load_data(d, c.seed)
-    torch.manual_seed(c.seed)
-    model = build_model(t.model, data.input_shape, data.num_classes)
-    out = Path(c.out)
-    penalty = alpha = None
-    if t.pat != "none":
-        from .regularizers import alpha_ramp, make_regularizer
-
-        penalty = make_regularizer(t.pat, model, data.train.x[:256])
-        alpha = alpha_ramp(t.pat_alpha, t.pat_warmup, t.epochs, -(-len(data.train) // t.batch_size))
     cfg = TrainConfig(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, seed=c.seed)
-    history = train(model, data, cfg, penalty=penalty, alpha=alpha, checkpoint=out / "train.ckpt")
-    if penalty is not None:
-        penalty.detach()
-    metrics = {"test_acc": evaluate(model, data.test), "val_acc": evaluate(model, data.val)}
-    save_model(model, ModelInfo(t.model, d.dataset, list(data.input_shape), data.num_classes, c.seed, metrics,
-                                {"pat": t.pat, "pat_alpha": t.pat_alpha, "history": history}), out)
-    (out / "train.ckpt").unlink(missing_ok=True)
-    print(f"{t.model} on {d.dataset}: test accuracy {metrics['test_acc']:.4f} -> {out}/model.safetensors")
+    _, info = train_model(t.model, data, cfg, c.out, pat=t.pat, pat_alpha=t.pat_alpha, pat_warmup=t.pat_warmup)
+    print(f"{t.model} on {d.dataset}: test accuracy {info.metrics['test_acc']:.4f} -> {c.out}/model.safetensors")
     return 0
 
 

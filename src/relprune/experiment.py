@@ -7,7 +7,6 @@ training modules.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -162,5 +161,32 @@ def load_model(path: str | Path) -> tuple[nn.Module, ModelInfo]:
     return model, info
 
 
-def finite(x: float) -> float | None:
-    return x if math.isfinite(x) else None
+def train_model(model_name: str, data: Data, cfg: TrainConfig, folder: str | Path, *, pat: str = "none",
+                pat_alpha: float = 0.0, pat_warmup: float = 0.2, desc: str = "train") -> tuple[nn.Module, ModelInfo]:
+    """Build, train (resuming ``folder/train.ckpt``), evaluate and save one model, with optional PAT.
+
+    The regulariser's hooks are removed whatever happens; the checkpoint goes once the model is saved.
+    """
+    import torch
+
+    from .regularizers import alpha_ramp, make_regularizer
+    from .training import evaluate
+
+    folder = Path(folder)
+    torch.manual_seed(cfg.seed)
+    model = build_model(model_name, data.input_shape, data.num_classes)
+    penalty = alpha = None
+    if pat != "none":
+        penalty = make_regularizer(pat, model, data.train.x[:256])
+        alpha = alpha_ramp(pat_alpha, pat_warmup, cfg.epochs, -(-len(data.train) // cfg.batch_size))
+    try:
+        history = train(model, data, cfg, penalty=penalty, alpha=alpha, checkpoint=folder / "train.ckpt", desc=desc)
+    finally:
+        if penalty is not None:
+            penalty.detach()
+    metrics = {"test_acc": evaluate(model, data.test), "val_acc": evaluate(model, data.val)}
+    info = ModelInfo(model_name, data.name, list(data.input_shape), data.num_classes, cfg.seed, metrics,
+                     {"pat": pat, "pat_alpha": pat_alpha, "history": history})
+    save_model(model, info, folder)
+    (folder / "train.ckpt").unlink(missing_ok=True)
+    return model, info

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .errors import CheckpointError
 from .layers import is_prunable
-from .masks import copy_model, is_masked, load_state_dict, make_permanent
+from .masks import copy_model, load_state_dict, make_permanent
 from .shrink import flatten_chain
 
 FORMATS = ("dense", "masked", "sparse")
@@ -176,7 +176,3 @@ def load_exported(path: str | Path) -> tuple[nn.Sequential, dict[str, Any]]:
 
 def file_size(path: str | Path) -> int:
     return Path(path).stat().st_size
-
-
-def count_masked(model: nn.Module) -> int:
-    return sum(1 for m in model.modules() if is_masked(m))
