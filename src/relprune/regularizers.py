@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -42,13 +43,20 @@ class ContributionRegularizer(nn.Module):
     of each batch the term looks at, bounding its cost on large batches.
     """
 
+    #: Whether the term reads the batch's layer inputs (hooks and liveness); weight-only terms do not.
+    reads_inputs: ClassVar[bool] = True
+
     def __init__(self, model: nn.Module, example: Tensor | None = None, *, layers: Iterable[str] | None = None,
                  liveness: bool = True, max_samples: int | None = None):
         super().__init__()
         self._layers = L.prunable_layers(model, layers)
         self.max_samples = max_samples
-        self._captured = {n: _Captured() for n in self._layers}
+        self._captured: dict[str, _Captured] = {}
         self._handles: list = []
+        self.sources: dict[str, tuple[str, str] | None] = {}
+        if not self.reads_inputs:
+            return
+        self._captured = {n: _Captured() for n in self._layers}
         sources = find_live_sources(model, example, self._layers) if (liveness and example is not None) else {}
         modules = dict(model.named_modules())
         for name, layer in self._layers.items():
@@ -191,13 +199,7 @@ class ContributionL1(ContributionRegularizer):
 class WeightL1(ContributionRegularizer):
     """Mean |W| over the prunable layers' weights: the baseline regulariser (needs no inputs)."""
 
-    def __init__(self, model: nn.Module, example: Tensor | None = None, *, layers: Iterable[str] | None = None,
-                 **_: object):
-        nn.Module.__init__(self)
-        self._layers = L.prunable_layers(model, layers)
-        self._handles = []
-        self._captured = {}
-        self.sources = {}
+    reads_inputs = False
 
     def forward(self) -> Tensor:
         total = sum(layer.weight.abs().sum() for layer in self._layers.values())
