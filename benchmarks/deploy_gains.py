@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -27,19 +26,14 @@ from relprune.export import export_dense, export_masked, export_sparse, file_siz
 from relprune.shrink import shrink
 from relprune.structured import prune_units
 from relprune.training import TrainConfig, calibration_batches, evaluate, train
+from timing import median_seconds
 
 
 def latency_ms(model: torch.nn.Module, shape: tuple[int, ...], batch: int, repeats: int) -> float:
     model.eval()
     x = torch.randn(batch, *shape)
-    times = []
     with torch.no_grad():
-        for i in range(repeats + 3):
-            t0 = time.perf_counter()
-            model(x)
-            if i >= 3:
-                times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+        return 1e3 * median_seconds(lambda: model(x), repeats, warmup=3)
 
 
 def nonzero_params(model: torch.nn.Module) -> int:

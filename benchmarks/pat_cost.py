@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import time
 
 import torch
@@ -19,33 +18,26 @@ import torch.nn.functional as F
 
 from relprune.models import build_model
 from relprune.regularizers import REGULARIZERS, make_regularizer
+from timing import median_seconds
 
 
 def time_steps(model, x, y, reg=None, steps=100) -> float:
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    times = []
-    for i in range(steps + 5):
-        t0 = time.perf_counter()
+
+    def step() -> None:
         opt.zero_grad()
         loss = F.cross_entropy(model(x), y)
         if reg is not None:
             loss = loss + 0.01 * reg()
         loss.backward()
         opt.step()
-        if i >= 5:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+
+    return median_seconds(step, steps)
 
 
 def time_forward(model, x, steps=100) -> float:
-    times = []
     with torch.no_grad():
-        for i in range(steps + 5):
-            t0 = time.perf_counter()
-            model(x)
-            if i >= 5:
-                times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        return median_seconds(lambda: model(x), steps)
 
 
 def main() -> None:
