@@ -452,13 +452,16 @@ def collect_stats(
         _resolve_statistics(statistics, True)  # validate names before any work
     modes = _snapshot_modes(model)
     layer_names = {id(m): n for n, m in chosen.items()}
-    stashed: dict[str, tuple[Tensor, torch.Size, int]] = {}
+    stashed: dict[str, tuple[Tensor, torch.Size, int, Tensor | None]] = {}
     tracer = LivenessTracer()
 
     def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
         name = layer_names[id(module)]
         x = args[0]
-        stashed[name] = (x, output.shape, x._version)
+        # An override reads the raw output here, before anything downstream can change it in place.
+        rule = overrides.get(name) if liveness else None
+        mask = None if rule is None else _override_mask(name, rule, output)
+        stashed[name] = (x, output.shape, x._version, mask)
         tracer.mark(name, output)
 
     handles = [m.register_forward_hook(hook) for m in chosen.values()]
@@ -493,14 +496,14 @@ def collect_stats(
             for name, layer in chosen.items():
                 if name not in stashed:
                     raise CalibrationError(f"layer {name!r} was not called by the model's forward pass")
-                inp, out_shape, version = stashed[name]
+                inp, out_shape, version, override = stashed[name]
                 _check_finite(name, "input", inp)
                 if inp._version != version:
                     raise CalibrationError(
                         f"the input of layer {name!r} was modified in place later in the forward pass; "
                         "make that operation out of place to collect statistics"
                     )
-                live, how = _liveness_for(name, tracer, overrides, liveness, out_shape, layer, inp)
+                live, how = _liveness_for(name, tracer, overrides, liveness, override)
                 if name not in result:
                     result[name] = _new_layer_stats(layer, inp, how, wanted, need)
                 if act_need:
@@ -530,22 +533,21 @@ def collect_stats(
     return Stats(result, liveness=liveness, statistics=wanted)
 
 
+def _override_mask(name: str, rule: BlindRange | Callable[[Tensor], Tensor], out: Tensor) -> Tensor:
+    mask = rule.live(out) if isinstance(rule, BlindRange) else rule(out)
+    if not isinstance(mask, Tensor) or mask.shape != out.shape:
+        raise CalibrationError(f"liveness override for {name!r} must return a mask shaped like the output")
+    return mask.bool()
+
+
 def _liveness_for(name: str, tracer: LivenessTracer, overrides: Mapping[str, LivenessOverride],
-                  enabled: bool, out_shape: torch.Size, layer: nn.Module,
-                  inp: Tensor) -> tuple[Tensor | None, str | None]:
+                  enabled: bool, override: Tensor | None) -> tuple[Tensor | None, str | None]:
     """The liveness mask of one layer for this batch, and a description of where it came from."""
     if not enabled:
         return None, None
     if name in overrides:
         rule = overrides[name]
-        if rule is None:
-            return None, None
-        with torch.no_grad():
-            out = layer.forward(inp)  # not __call__: the collection hook must not fire again
-        mask = rule.live(out) if isinstance(rule, BlindRange) else rule(out)
-        if not isinstance(mask, Tensor) or mask.shape != out.shape:
-            raise CalibrationError(f"liveness override for {name!r} must return a mask shaped like the output")
-        return mask.bool(), f"override:{rule}"
+        return (None, None) if rule is None else (override, f"override:{rule}")
     trace = tracer.traces.get(name)
     if trace is None or trace.other_use or trace.live is None:
         return None, None
