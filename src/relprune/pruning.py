@@ -43,9 +43,10 @@ def prune(
     model is touched; on any error the model is left exactly as it was.
     """
     crit = get_criterion(criterion)
-    budgets = [b for b in (sparsity, n_m, threshold) if b is not None]
-    if len(budgets) != 1 and not (n_m is not None and threshold is None and sparsity is not None):
-        raise SparsityError("give exactly one of sparsity=, n_m= or threshold=")
+    if threshold is not None and (sparsity is not None or n_m is not None):
+        raise SparsityError("threshold= sets the sparsity itself: give it without sparsity= or n_m=")
+    if sparsity is None and n_m is None and threshold is None:
+        raise SparsityError("give one of sparsity=, n_m= or threshold=")
     nm = allocation.parse_n_m(n_m) if n_m is not None else None
     if nm is not None and sparsity is not None and not math.isclose(
         allocation.check_sparsity(sparsity), 1 - nm[0] / nm[1]
