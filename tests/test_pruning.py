@@ -173,6 +173,7 @@ def _bad_calls():
         "sparsity negative": (lambda m: relprune.prune(m, None, sparsity=-0.1, criterion="magnitude"),
                               SparsityError),
         "n_m not dividing": (lambda m: relprune.prune(m, None, n_m="2:3", criterion="magnitude"), SparsityError),
+        "no budget": (lambda m: relprune.prune(m, None, criterion="magnitude"), SparsityError),
         "two budgets": (lambda m: relprune.prune(m, None, sparsity=0.5, threshold=1.0, criterion="rc"),
                         SparsityError),
         "threshold with magnitude": (lambda m: relprune.prune(m, None, threshold=1.0, criterion="magnitude"),
