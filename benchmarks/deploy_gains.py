@@ -20,12 +20,18 @@ from pathlib import Path
 import torch
 
 import relprune
-from relprune.data import load_dataset
-from relprune.experiment import load_model
-from relprune.export import export_dense, export_masked, export_sparse, file_size, load_exported
-from relprune.shrink import shrink
-from relprune.structured import prune_units
-from relprune.training import TrainConfig, calibration_batches, evaluate, train
+from relprune.deploy.export import (
+    export_dense,
+    export_masked,
+    export_sparse,
+    file_size,
+    load_exported,
+)
+from relprune.deploy.shrink import shrink
+from relprune.deploy.structured import prune_units
+from relprune.experiments.data import load_dataset
+from relprune.experiments.experiment import load_model
+from relprune.experiments.training import TrainConfig, calibration_batches, evaluate, train
 from timing import median_seconds
 
 

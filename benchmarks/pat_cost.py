@@ -16,8 +16,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from relprune.models import build_model
-from relprune.regularizers import REGULARIZERS, make_regularizer
+from relprune.experiments.models import build_model
+from relprune.train.regularizers import REGULARIZERS, make_regularizer
 from timing import median_seconds
 
 

@@ -17,11 +17,11 @@ from statistics import mean, pstdev
 import torch
 
 import relprune
-from relprune.data import load_dataset
-from relprune.experiment import load_model
-from relprune.explain import neuron_entropy
-from relprune.report import load_results
-from relprune.training import calibration_batches
+from relprune.experiments.data import load_dataset
+from relprune.experiments.experiment import load_model
+from relprune.experiments.explain import neuron_entropy
+from relprune.experiments.report import load_results
+from relprune.experiments.training import calibration_batches
 
 
 def label(pat: str, alpha: float) -> str:

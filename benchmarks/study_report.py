@@ -14,8 +14,8 @@ from collections import defaultdict
 from pathlib import Path
 from statistics import mean, pstdev
 
-from relprune.bench import BenchConfig, cells, key_of
-from relprune.report import load_results, markdown_tables, plot_accuracy
+from relprune.experiments.bench import BenchConfig, cells, key_of
+from relprune.experiments.report import load_results, markdown_tables, plot_accuracy
 
 HEADLINE = ["rc", "rc -live", "contrib-std", "contrib-std -live", "contrib-share", "contrib-share -live",
             "magnitude", "wanda", "ria", "snip", "random"]

@@ -14,7 +14,7 @@ import argparse
 from collections import defaultdict
 from statistics import mean, pstdev
 
-from relprune.report import load_results
+from relprune.experiments.report import load_results
 
 
 def main() -> None:

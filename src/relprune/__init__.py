@@ -4,8 +4,25 @@ Lifecycle: ``collect_stats`` on calibration data -> ``prune`` (masks applied,
 held through training) -> ``make_permanent``.
 """
 
-from . import export, regularizers, shrink, structured
-from .criteria import CRITERIA, Criterion, register
+import sys as _sys
+
+from .core import allocation, criteria, layers, liveness, masks, pruning, stats
+from .core.criteria import CRITERIA, Criterion, register
+from .core.liveness import RELU, RELU6, BlindRange, hardtanh
+from .core.masks import (
+    LayerReport,
+    Masks,
+    apply_masks,
+    copy_model,
+    current_masks,
+    format_report,
+    load_state_dict,
+    make_permanent,
+    sparsity_report,
+)
+from .core.pruning import prune
+from .core.stats import STATISTICS, LayerStats, Stats, collect_stats
+from .deploy import export, shrink, structured
 from .errors import (
     CalibrationError,
     CheckpointError,
@@ -20,20 +37,14 @@ from .errors import (
     StatisticNotCollectedError,
     StatsMismatchError,
 )
-from .liveness import RELU, RELU6, BlindRange, hardtanh
-from .masks import (
-    LayerReport,
-    Masks,
-    apply_masks,
-    copy_model,
-    current_masks,
-    format_report,
-    load_state_dict,
-    make_permanent,
-    sparsity_report,
-)
-from .pruning import prune
-from .stats import STATISTICS, LayerStats, Stats, collect_stats
+from .train import regularizers
+
+# The modules' paths before the split into core/train/deploy (0.1.0) keep importing for one
+# release: ``from relprune.shrink import shrink`` still works.
+for _module in (allocation, criteria, layers, liveness, masks, pruning, stats, regularizers,
+                export, shrink, structured):
+    _sys.modules.setdefault(f"{__name__}.{_module.__name__.rsplit('.', 1)[1]}", _module)
+del _module
 
 __version__ = "0.1.0"
 

@@ -1,0 +1,109 @@
+"""Turning scores into keep-masks: global, per-layer and per-row budgets, N:M groups, thresholds.
+
+Scores are compared as O x I matrices. Weights already pruned carry a score
+of -inf, so they are the first to go and are never revived. Each budget is
+met exactly: ``round(sparsity * count)`` weights are removed per group,
+ties broken by position.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from ..errors import SparsityError
+from .layers import weight_matrix
+
+SCOPES = ("global", "layer", "row")
+
+
+def check_sparsity(sparsity: float) -> float:
+    """``sparsity`` as a float in [0, 1), or a clear error."""
+    try:
+        value = float(sparsity)
+    except (TypeError, ValueError):
+        raise SparsityError(f"sparsity must be a number in [0, 1), got {sparsity!r}") from None
+    if not (0.0 <= value < 1.0) or math.isnan(value):
+        raise SparsityError(f"sparsity must be in [0, 1), got {sparsity!r}")
+    return value
+
+
+def parse_n_m(n_m: str | tuple[int, int]) -> tuple[int, int]:
+    """'2:4' or (2, 4) -> (2, 4): keep N of every M consecutive inputs."""
+    try:
+        n, m = (int(v) for v in (n_m.split(":") if isinstance(n_m, str) else n_m))
+    except (TypeError, ValueError):
+        raise SparsityError(f"N:M pattern must look like '2:4', got {n_m!r}") from None
+    if not (0 < n < m):
+        raise SparsityError(f"N:M pattern needs 0 < N < M, got {n}:{m}")
+    return n, m
+
+
+def _drop_lowest(scores: Tensor, count: int) -> Tensor:
+    """Keep-mask of a 1-D score vector with its ``count`` lowest entries removed (stable)."""
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    if count > 0:
+        order = torch.sort(scores, stable=True).indices
+        keep[order[:count]] = False
+    return keep
+
+
+def _drop_lowest_rows(scores: Tensor, count: int) -> Tensor:
+    """Per row of a 2-D score matrix, remove the ``count`` lowest (stable)."""
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    if count > 0:
+        order = torch.sort(scores, dim=1, stable=True).indices[:, :count]
+        keep.scatter_(1, order, False)
+    return keep
+
+
+def allocate(scores: Mapping[str, Tensor], sparsity: float, scope: str = "global") -> dict[str, Tensor]:
+    """Keep-masks meeting ``sparsity`` under ``scope`` ('global', 'layer' or 'row')."""
+    sparsity = check_sparsity(sparsity)
+    if scope not in SCOPES:
+        raise SparsityError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if scope == "global":
+        flat = torch.cat([s.reshape(-1).double() for s in scores.values()])
+        keep = _drop_lowest(flat, round(sparsity * flat.numel()))
+        out, start = {}, 0
+        for name, s in scores.items():
+            out[name] = keep[start:start + s.numel()].reshape(s.shape)
+            start += s.numel()
+        return out
+    if scope == "layer":
+        return {n: _drop_lowest(s.reshape(-1), round(sparsity * s.numel())).reshape(s.shape)
+                for n, s in scores.items()}
+    out = {}
+    for n, s in scores.items():
+        rows = weight_matrix(s)
+        out[n] = _drop_lowest_rows(rows, round(sparsity * rows.shape[1])).reshape(s.shape)
+    return out
+
+
+def allocate_n_m(scores: Mapping[str, Tensor], n: int, m: int) -> dict[str, Tensor]:
+    """Keep the N highest of every M consecutive inputs of each output row."""
+    out = {}
+    for name, s in scores.items():
+        rows = weight_matrix(s)
+        if rows.shape[1] % m:
+            raise SparsityError(
+                f"layer {name!r}: N:M with M={m} needs the input size {rows.shape[1]} to be a multiple of M"
+            )
+        groups = rows.reshape(-1, m)
+        out[name] = _drop_lowest_rows(groups, m - n).reshape(s.shape)
+    return out
+
+
+def allocate_threshold(scores: Mapping[str, Tensor], tau: float) -> dict[str, Tensor]:
+    """Keep weights whose relative score reaches ``tau`` times the uniform share 1/I."""
+    tau = float(tau)
+    if not (tau > 0) or math.isinf(tau):
+        raise SparsityError(f"threshold must be a positive number, got {tau!r}")
+    out = {}
+    for name, s in scores.items():
+        fan_in = weight_matrix(s).shape[1]
+        out[name] = s >= tau / fan_in
+    return out

@@ -1,0 +1,145 @@
+"""Pruning criteria: each turns one layer's weight and statistics into a score (larger is kept).
+
+A criterion is one function plus a ``@register`` line naming the statistics
+it reads; ``prune`` gathers nothing itself, so a criterion pays only for what
+it declares.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import RelpruneError
+from .layers import weight_matrix
+from .stats import LayerStats
+
+ScoreFn = Callable[[Tensor, "LayerStats | None", dict[str, Any]], Tensor]
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """A named score function and what it needs."""
+
+    name: str
+    score: ScoreFn
+    statistics: frozenset[str]
+    relative: bool
+    description: str
+
+    @property
+    def data_driven(self) -> bool:
+        return bool(self.statistics)
+
+
+CRITERIA: dict[str, Criterion] = {}
+
+
+def register(name: str, *, statistics: tuple[str, ...] = (), relative: bool = False,
+             description: str = "") -> Callable[[ScoreFn], ScoreFn]:
+    """Decorator adding a score function to :data:`CRITERIA`.
+
+    ``relative`` marks scores on a scale shared by all layers (shares of a
+    neuron's input), which a global threshold and threshold mode need.
+    """
+
+    def wrap(fn: ScoreFn) -> ScoreFn:
+        CRITERIA[name] = Criterion(name, fn, frozenset(statistics), relative,
+                                   description or (fn.__doc__ or "").strip())
+        return fn
+
+    return wrap
+
+
+def get_criterion(criterion: str | Criterion) -> Criterion:
+    """Look a criterion up by name (or pass one through)."""
+    if isinstance(criterion, Criterion):
+        return criterion
+    try:
+        return CRITERIA[criterion]
+    except KeyError:
+        raise RelpruneError(
+            f"unknown criterion {criterion!r}; known: {', '.join(sorted(CRITERIA))}"
+        ) from None
+
+
+def _stats(stats: LayerStats | None) -> LayerStats:
+    assert stats is not None, "prune() checks that data-driven criteria get statistics"
+    return stats
+
+
+@register("magnitude", description="|W|: the classic baseline")
+def magnitude(weight: Tensor, stats: LayerStats | None, opts: dict[str, Any]) -> Tensor:
+    return weight.detach().abs().double()
+
+
+@register("random", description="uniform random scores: the floor any method must beat")
+def random_score(weight: Tensor, stats: LayerStats | None, opts: dict[str, Any]) -> Tensor:
+    gen = opts.get("generator")
+    return torch.rand(weight.shape, generator=gen, dtype=torch.float64).to(weight.device)
+
+
+@register("rc", statistics=("relative_mean",), relative=True,
+          description="E[r_ij]: mean share of the neuron's input this weight carries")
+def relative_contribution(weight: Tensor, stats: LayerStats | None, opts: dict[str, Any]) -> Tensor:
+    return _stats(stats).relative_mean
+
+
+@register("rc-uniform", statistics=("relative_mean",), relative=True,
+          description="E[r_ij] x I: the mean share relative to the uniform share 1/I (fan-in neutral)")
+def relative_contribution_uniform(weight: Tensor, stats: LayerStats | None, opts: dict[str, Any]) -> Tensor:
+    s = _stats(stats)
+    return s.relative_mean * weight_matrix(s.relative_mean).shape[1]
+
+
+@register("rc-ucb", statistics=("relative_mean", "relative_std"), relative=True,
+          description="E[r_ij] + k Std[r_ij]: keeps weights that are sometimes large (k=ucb_k)")
+def relative_contribution_ucb(weight: Tensor, stats: LayerStats | None, opts: dict[str, Any]) -> Tensor:
+    s = _stats(stats)
+    return s.relative_mean + float(opts.get("ucb_k", 1.0)) * s.relative_std
+
+
+@register("contrib-std", statistics=("contribution_std",),
+          description="Std[c_ij]: the information the weight carries (pair with bias compensation)")
+def contribution_std(weight: Tensor, stats: LayerStats | None, opts: dict[str, Any]) -> Tensor:
+    return _stats(stats).contribution_std
+
+
+@register("contrib-share", statistics=("contribution_std",), relative=True,
+          description="Var[c_ij] / sum_k Var[c_ik]: share of the neuron's output variance")
+def contribution_share(weight: Tensor, stats: LayerStats | None, opts: dict[str, Any]) -> Tensor:
+    var = _stats(stats).contribution_std ** 2
+    rows = weight_matrix(var)
+    return (rows / rows.sum(1, keepdim=True).clamp_min(1e-300)).reshape(var.shape)
+
+
+@register("wanda", statistics=("input_sq_mean",),
+          description="|W_ij| ||x_j|| (Sun et al. 2023); compare per row")
+def wanda(weight: Tensor, stats: LayerStats | None, opts: dict[str, Any]) -> Tensor:
+    s = _stats(stats)
+    return s.weight.double().abs() * s.input_sq_mean.sqrt()
+
+
+@register("ria", statistics=("input_sq_mean",),
+          description="(|W|/row sum + |W|/column sum) ||x_j||^0.5 (Zhang et al. 2024)")
+def relative_importance_activation(weight: Tensor, stats: LayerStats | None,
+                                   opts: dict[str, Any]) -> Tensor:
+    s = _stats(stats)
+    w = weight_matrix(s.weight.double().abs())
+    rel = w / w.sum(1, keepdim=True).clamp_min(1e-300) + w / w.sum(0, keepdim=True).clamp_min(1e-300)
+    return (rel.reshape(s.weight.shape) * s.input_sq_mean.sqrt().sqrt())
+
+
+@register("snip", statistics=("weight_grad",),
+          description="|W dL/dW| over labelled calibration batches (Lee et al. 2019)")
+def snip(weight: Tensor, stats: LayerStats | None, opts: dict[str, Any]) -> Tensor:
+    s = _stats(stats)
+    return (s.weight.double() * s.weight_grad).abs()
+
+
+CRITERIA["taylor"] = Criterion("taylor", snip, frozenset({"weight_grad"}), False,
+                               "first-order Taylor |W dL/dW|: the same score as snip")

@@ -1,0 +1,137 @@
+"""What relprune can prune, and each layer kind seen as an O x I matrix.
+
+Every statistic is a sum over samples of (per-output weight) x (per-input
+value). For Linear that sum is ``G^T X``; for a convolution it is the
+weight-gradient convolution with ``G`` as grad_output, which handles stride,
+padding, dilation and groups without ever building im2col rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import LayerError, NoPrunableLayersError
+
+PrunableLayer = nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d
+PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+_CONV_WEIGHT_GRAD = {
+    1: torch.nn.grad.conv1d_weight,
+    2: torch.nn.grad.conv2d_weight,
+    3: torch.nn.grad.conv3d_weight,
+}
+_CONV_FORWARD = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def is_prunable(module: nn.Module) -> bool:
+    """True for the layer kinds relprune prunes (Linear, Conv1d/2d/3d)."""
+    return isinstance(module, PRUNABLE_TYPES)
+
+
+def prunable_layers(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, nn.Module]:
+    """Qualified name -> layer for every prunable layer, or for ``names`` after checking them."""
+    modules = dict(model.named_modules())
+    if names is None:
+        found = {n: m for n, m in modules.items() if n and is_prunable(m)}
+        if not found and is_prunable(model):
+            found = {"": model}
+        if not found:
+            raise NoPrunableLayersError(
+                f"{type(model).__name__} has no prunable layer "
+                f"(supported: {', '.join(t.__name__ for t in PRUNABLE_TYPES)})"
+            )
+        return found
+    names = list(names)
+    if not names:
+        raise LayerError("layers= is empty: name at least one layer, or pass None for all")
+    out = {}
+    for name in names:
+        if name not in modules:
+            raise LayerError(f"model has no module named {name!r}")
+        module = modules[name]
+        if not is_prunable(module):
+            raise LayerError(
+                f"layer {name!r} is a {type(module).__name__}, which relprune cannot prune "
+                f"(supported: {', '.join(t.__name__ for t in PRUNABLE_TYPES)})"
+            )
+        out[name] = module
+    return out
+
+
+def conv_dims(layer: nn.Module) -> int:
+    """Number of spatial dimensions: 0 for Linear."""
+    return 0 if isinstance(layer, nn.Linear) else layer.weight.dim() - 2
+
+
+def weight_matrix(weight: Tensor) -> Tensor:
+    """The O x I view of a Linear or conv weight (conv: in_channels/groups x kernel volume)."""
+    return weight.reshape(weight.shape[0], -1)
+
+
+def input_rows(layer: nn.Module, x: Tensor) -> Tensor:
+    """Layer input as it enters the products: Linear (N, I); conv padded explicitly.
+
+    Padding is applied here, with the layer's own padding mode (also 'same'
+    and asymmetric pads), so later products use padding 0 and a shift applied
+    afterwards treats padded zeros as the real zeros they are.
+    """
+    if isinstance(layer, nn.Linear):
+        return x.reshape(-1, x.shape[-1])
+    pad = layer._reversed_padding_repeated_twice
+    if any(pad):
+        mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+        x = F.pad(x, pad, mode=mode)
+    return x
+
+
+def output_rows(layer: nn.Module, y: Tensor) -> Tensor:
+    """Per-output tensor in the layout the products take: Linear (N, O); conv unchanged."""
+    if isinstance(layer, nn.Linear):
+        return y.reshape(-1, y.shape[-1])
+    return y
+
+
+def forward_with(layer: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
+    """A prepared input (see :func:`input_rows`) through the layer with another weight and no bias."""
+    if isinstance(layer, nn.Linear):
+        return x @ weight.t()
+    d = conv_dims(layer)
+    return _CONV_FORWARD[d](x, weight, None, layer.stride, 0, layer.dilation, layer.groups)
+
+
+def weighted_input_sum(layer: nn.Module, x: Tensor, g: Tensor) -> Tensor:
+    """Sum over samples of g[sample, i] * x[sample, j], shaped like the weight.
+
+    ``x`` comes from :func:`input_rows`, ``g`` has the layout of :func:`output_rows`.
+    """
+    if isinstance(layer, nn.Linear):
+        return g.t() @ x
+    d = conv_dims(layer)
+    return _CONV_WEIGHT_GRAD[d](
+        x, layer.weight.shape, g, layer.stride, 0, layer.dilation, layer.groups
+    )
+
+
+def bias_view(layer: nn.Module, t: Tensor) -> Tensor:
+    """Broadcast a per-output vector against the layer's output layout."""
+    if isinstance(layer, nn.Linear):
+        return t
+    return t.reshape(1, -1, *([1] * conv_dims(layer)))
+
+
+def per_output_count(layer: nn.Module, g: Tensor) -> Tensor:
+    """Sum of g over samples (and positions), per output: shape (O,)."""
+    if isinstance(layer, nn.Linear):
+        return g.sum(0)
+    return g.transpose(0, 1).reshape(g.shape[1], -1).sum(1)
+
+
+def samples_in(layer: nn.Module, y: Tensor) -> int:
+    """How many samples (rows, or output positions x images) an output holds."""
+    if isinstance(layer, nn.Linear):
+        return y.numel() // y.shape[-1]
+    return y.numel() // y.shape[1]

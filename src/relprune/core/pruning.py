@@ -1,0 +1,174 @@
+"""``prune``: score every layer, allocate, compensate biases, then apply: all or nothing."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..defaults import DEFAULT_BIAS_COMPENSATION, DEFAULT_CRITERION, DEFAULT_SCOPE
+from ..errors import MissingLabelsError, RelpruneError, SparsityError, StatisticNotCollectedError
+from . import allocation
+from .criteria import Criterion, get_criterion
+from .layers import prunable_layers, weight_matrix
+from .masks import Masks, apply_masks, is_masked
+from .stats import Stats
+
+
+def prune(
+    model: nn.Module,
+    stats: Stats | None,
+    *,
+    sparsity: float | None = None,
+    criterion: str | Criterion = DEFAULT_CRITERION,
+    scope: str = DEFAULT_SCOPE,
+    n_m: str | tuple[int, int] | None = None,
+    bias_compensation: bool = DEFAULT_BIAS_COMPENSATION,
+    threshold: float | None = None,
+    layers: Iterable[str] | None = None,
+    seed: int = 0,
+    **criterion_options: Any,
+) -> Masks:
+    """Prune ``model`` in place and return the keep-masks of its pruned layers.
+
+    Exactly one budget: ``sparsity`` (with ``scope``), ``n_m`` (e.g. "2:4"),
+    or ``threshold`` (remove weights whose relative score is below
+    threshold / fan-in; the achieved sparsity is ``masks.sparsity``).
+    Sparsity counts weights already masked. Every mask is computed before the
+    model is touched; on any error the model is left exactly as it was.
+    """
+    crit = get_criterion(criterion)
+    if threshold is not None and (sparsity is not None or n_m is not None):
+        raise SparsityError("threshold= sets the sparsity itself: give it without sparsity= or n_m=")
+    if sparsity is None and n_m is None and threshold is None:
+        raise SparsityError("give one of sparsity=, n_m= or threshold=")
+    nm = allocation.parse_n_m(n_m) if n_m is not None else None
+    if nm is not None and sparsity is not None and not math.isclose(
+        allocation.check_sparsity(sparsity), 1 - nm[0] / nm[1]
+    ):
+        raise SparsityError(f"sparsity={sparsity} contradicts n_m={nm[0]}:{nm[1]}")
+    if nm is None and threshold is None:
+        allocation.check_sparsity(sparsity)
+    if scope not in allocation.SCOPES:
+        raise SparsityError(f"scope must be one of {allocation.SCOPES}, got {scope!r}")
+    if threshold is not None and not crit.relative:
+        raise SparsityError(
+            f"threshold mode compares scores with shares of a neuron's input; criterion "
+            f"{crit.name!r} is not on that scale (use rc, rc-ucb or contrib-share)"
+        )
+
+    chosen = _layers_for(model, stats, crit, layers)
+    if bias_compensation and (stats is None or "contribution_mean" not in stats.statistics):
+        raise StatisticNotCollectedError(
+            "bias_compensation needs the 'contribution_mean' statistic; collect it with collect_stats"
+        )
+
+    old = {n: (layer.weight_mask.bool() if is_masked(layer) else torch.ones_like(layer.weight, dtype=torch.bool))
+           for n, layer in chosen.items()}
+    gen = torch.Generator().manual_seed(seed)
+    options = {"generator": gen, **criterion_options}
+    scores = {}
+    for name, layer in chosen.items():
+        s = crit.score(layer.weight.detach(), stats[name] if stats is not None else None, options)
+        if tuple(s.shape) != tuple(layer.weight.shape):
+            raise RelpruneError(f"criterion {crit.name!r} returned shape {tuple(s.shape)} for {name!r}")
+        if not torch.isfinite(s).all():
+            raise RelpruneError(f"criterion {crit.name!r} gave NaN or Inf scores for layer {name!r}")
+        scores[name] = torch.where(old[name], s.double().cpu(), torch.tensor(-math.inf, dtype=torch.float64))
+
+    if nm is not None:
+        keep = allocation.allocate_n_m(scores, *nm)
+    elif threshold is not None:
+        keep = allocation.allocate_threshold(scores, threshold)
+    else:
+        keep = allocation.allocate(scores, sparsity, scope)
+    keep = {n: k.to(old[n].device) & old[n] for n, k in keep.items()}
+
+    bias_delta: dict[str, Tensor] = {}
+    if bias_compensation:
+        assert stats is not None
+        skipped = []
+        for name, layer in chosen.items():
+            if layer.bias is None:
+                skipped.append(name)
+                continue
+            removed = (old[name] & ~keep[name]).double()
+            cm = stats[name].contribution_mean.to(removed.device)
+            bias_delta[name] = weight_matrix(removed * cm).sum(1).to(layer.bias.dtype)
+        if skipped:
+            warnings.warn(f"bias compensation skipped for layers without bias: {skipped}", stacklevel=2)
+
+    _apply_atomically(chosen, keep, bias_delta, model)
+    return Masks(keep, threshold=threshold)
+
+
+def _layers_for(model: nn.Module, stats: Stats | None, crit: Criterion,
+                layers: Iterable[str] | None) -> dict[str, nn.Module]:
+    if stats is None:
+        if crit.data_driven:
+            if "weight_grad" in crit.statistics:
+                raise MissingLabelsError(f"criterion {crit.name!r} needs statistics from labelled batches")
+            raise StatisticNotCollectedError(
+                f"criterion {crit.name!r} is data-driven: pass stats from collect_stats"
+            )
+        return prunable_layers(model, layers)
+    chosen = stats.check_model(model)
+    if layers is not None:
+        wanted = list(layers)
+        missing = [n for n in wanted if n not in chosen]
+        if missing:
+            prunable_layers(model, missing)  # raises for absent or unsupported names
+            raise StatisticNotCollectedError(f"no statistics were collected for layers {missing}")
+        chosen = {n: chosen[n] for n in wanted}
+    lacking = sorted(crit.statistics - stats.statistics)
+    if "weight_grad" in lacking:
+        raise MissingLabelsError(
+            f"criterion {crit.name!r} needs gradients: collect stats from labelled batches "
+            "((input, target) tuples) with statistics including 'weight_grad'"
+        )
+    if lacking:
+        raise StatisticNotCollectedError(
+            f"criterion {crit.name!r} needs statistics {lacking}, which were not collected"
+        )
+    return chosen
+
+
+def _apply_atomically(chosen: dict[str, nn.Module], keep: dict[str, Tensor],
+                      bias_delta: dict[str, Tensor], model: nn.Module) -> None:
+    """Apply masks and bias changes; on any failure restore every touched layer."""
+    saved = {}
+    for name, layer in chosen.items():
+        saved[name] = (
+            OrderedDict(layer._parameters), OrderedDict(layer._buffers),
+            OrderedDict(layer._forward_pre_hooks), layer.__dict__.get("weight"),
+            None if layer.bias is None else layer.bias.detach().clone(),
+            layer.weight_mask.clone() if is_masked(layer) else None,
+        )
+    try:
+        apply_masks(model, keep)
+        with torch.no_grad():
+            for name, delta in bias_delta.items():
+                chosen[name].bias.add_(delta.to(chosen[name].bias.device))
+    except BaseException:
+        for name, layer in chosen.items():
+            params, buffers, hooks, weight_attr, bias, mask = saved[name]
+            layer._parameters.clear()
+            layer._parameters.update(params)
+            layer._buffers.clear()
+            layer._buffers.update(buffers)
+            layer._forward_pre_hooks.clear()
+            layer._forward_pre_hooks.update(hooks)
+            layer.__dict__.pop("weight", None)
+            if weight_attr is not None:
+                layer.__dict__["weight"] = weight_attr
+            with torch.no_grad():
+                if bias is not None:
+                    layer.bias.copy_(bias)
+                if mask is not None:
+                    layer.weight_mask.copy_(mask)
+        raise

@@ -1,0 +1,587 @@
+"""Contribution statistics: running sums per layer, their matrix-product forms, merge, finalise.
+
+For a layer W (O x I), inputs x, liveness L (1 where the neuron's
+pre-activation lies outside the next activation's blind range) and
+D = |x| |W|^T + |b| + eps, every statistic is a ratio of sums of the form
+``sum_samples g_i x_j``, computed as one matrix product (Linear) or one
+weight-gradient convolution (conv) per batch; see METHOD.md. Products run in
+the layer's dtype (float32 for half types), sums accumulate in float64, and
+inputs are shifted by a per-channel mean of the first batch so variances do
+not cancel.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..defaults import DEFAULT_LIVENESS
+from ..errors import (
+    CalibrationError,
+    MissingLabelsError,
+    NonFiniteActivationError,
+    StatisticNotCollectedError,
+    StatsMismatchError,
+)
+from . import layers as L
+from .liveness import BlindRange, LivenessTracer
+
+EPS = 1e-12
+
+#: Each public statistic -> the running sums it needs.
+STATISTICS: dict[str, frozenset[str]] = {
+    "contribution_mean": frozenset({"s1"}),
+    "contribution_std": frozenset({"s1", "s2"}),
+    "abs_contribution_mean": frozenset({"sa"}),
+    "relative_mean": frozenset({"r1"}),
+    "relative_std": frozenset({"r1", "r2"}),
+    "input_sq_mean": frozenset({"s1", "s2"}),
+    "weight_grad": frozenset({"grad"}),
+}
+ACTIVATION_STATISTICS = tuple(s for s in STATISTICS if s != "weight_grad")
+
+LivenessOverride = BlindRange | Callable[[Tensor], Tensor] | None
+
+
+def _needed_sums(statistics: Iterable[str]) -> frozenset[str]:
+    sums: set[str] = set()
+    for s in statistics:
+        if s not in STATISTICS:
+            raise CalibrationError(f"unknown statistic {s!r}; known: {', '.join(STATISTICS)}")
+        sums |= STATISTICS[s]
+    return frozenset(sums)
+
+
+def _shift_as_weight(shift: Tensor, weight_shape: torch.Size, groups: int) -> Tensor:
+    """The per-input-channel shift broadcast to the weight's shape (each output sees its group's inputs)."""
+    o = weight_shape[0]
+    k = shift.reshape(groups, -1).repeat_interleave(o // groups, dim=0)  # (O, in/groups)
+    return k.reshape(o, -1, *([1] * (len(weight_shape) - 2))) if len(weight_shape) > 2 else k
+
+
+@dataclass
+class LayerStats:
+    """Running sums for one layer; properties turn them into weight-shaped statistics.
+
+    All statistics are over live samples when liveness was on (over all
+    samples otherwise); a neuron never live gets zeros.
+    """
+
+    kind: str
+    weight: Tensor
+    bias: Tensor | None
+    groups: int
+    statistics: frozenset[str]
+    liveness: str | None
+    shift: Tensor
+    live_count: Tensor
+    total_count: int = 0
+    sums: dict[str, Tensor] = field(default_factory=dict)
+    grad_batches: int = 0
+
+    # -- finalised statistics ------------------------------------------------
+    def _sum(self, key: str, stat: str) -> Tensor:
+        if key not in self.sums:
+            raise StatisticNotCollectedError(
+                f"statistic {stat!r} was not collected; pass statistics=[..., {stat!r}] "
+                f"(or None for all) to collect_stats"
+            )
+        return self.sums[key]
+
+    def _n(self) -> Tensor:
+        return self.live_count.reshape(-1, *([1] * (self.weight.dim() - 1)))
+
+    def _per_live(self, key: str, stat: str) -> Tensor:
+        return self._sum(key, stat) / self._n().clamp_min(1)
+
+    def _shift_as_weight(self) -> Tensor:
+        return _shift_as_weight(self.shift, self.weight.shape, self.groups)
+
+    def _w(self) -> Tensor:
+        return self.weight.double()
+
+    @property
+    def input_mean(self) -> Tensor:
+        """E_live[x_j] for neuron i, weight-shaped."""
+        mean = self._per_live("s1", "contribution_mean") + self._shift_as_weight()
+        return torch.where(self._n() > 0, mean, torch.zeros_like(mean))
+
+    @property
+    def input_var(self) -> Tensor:
+        """Var_live[x_j] for neuron i (population variance), weight-shaped."""
+        m1 = self._per_live("s1", "contribution_std")
+        return (self._per_live("s2", "contribution_std") - m1 * m1).clamp_min(0)
+
+    @property
+    def contribution_mean(self) -> Tensor:
+        """E[c_ij] = W_ij E[x_j]."""
+        return self._w() * self.input_mean
+
+    @property
+    def contribution_std(self) -> Tensor:
+        """Std[c_ij] = |W_ij| Std[x_j]."""
+        return self._w().abs() * self.input_var.sqrt()
+
+    @property
+    def input_sq_mean(self) -> Tensor:
+        """E[x_j^2] over the neuron's live samples (Wanda's squared input norm per sample)."""
+        return self.input_var + self.input_mean**2
+
+    @property
+    def abs_contribution_mean(self) -> Tensor:
+        """E[|c_ij|]."""
+        return self._w().abs() * self._per_live("sa", "abs_contribution_mean")
+
+    @property
+    def relative_mean(self) -> Tensor:
+        """E[r_ij], r_ij = |c_ij| / (sum_k |c_ik| + |b_i| + eps)."""
+        return self._w().abs() * self._per_live("r1", "relative_mean")
+
+    @property
+    def relative_std(self) -> Tensor:
+        """Std[r_ij]."""
+        second = self._w() ** 2 * self._per_live("r2", "relative_std")
+        return (second - self.relative_mean**2).clamp_min(0).sqrt()
+
+    @property
+    def weight_grad(self) -> Tensor:
+        """Mean over calibration batches of dLoss/dW."""
+        return self._sum("grad", "weight_grad") / max(self.grad_batches, 1)
+
+    def get(self, stat: str) -> Tensor:
+        """A statistic by name (as in ``STATISTICS``)."""
+        if stat not in STATISTICS:
+            raise StatisticNotCollectedError(f"unknown statistic {stat!r}")
+        return getattr(self, stat)
+
+    # -- merging -------------------------------------------------------------
+    def __add__(self, other: LayerStats) -> LayerStats:
+        if not isinstance(other, LayerStats):
+            return NotImplemented
+        if (other.kind, tuple(other.weight.shape), other.liveness is None) != (
+            self.kind, tuple(self.weight.shape), self.liveness is None
+        ) or other.sums.keys() != self.sums.keys():
+            raise StatsMismatchError("cannot merge statistics of different layers or settings")
+        if not torch.equal(other.weight, self.weight):
+            raise StatsMismatchError("cannot merge statistics gathered with different weights")
+        sums = {k: v.clone() for k, v in self.sums.items()}
+        o = other._rebased(self.shift)
+        for k in sums:
+            sums[k] += o[k]
+        return LayerStats(
+            self.kind, self.weight, self.bias, self.groups, self.statistics, self.liveness,
+            self.shift, self.live_count + other.live_count, self.total_count + other.total_count,
+            sums, self.grad_batches + other.grad_batches,
+        )
+
+    def _rebased(self, shift: Tensor) -> dict[str, Tensor]:
+        """This layer's sums re-expressed around another input shift."""
+        sums = dict(self.sums)
+        if "s1" in sums and not torch.equal(shift, self.shift):
+            d = self._shift_as_weight() - _shift_as_weight(shift, self.weight.shape, self.groups)
+            n = self._n()
+            if "s2" in sums:
+                sums["s2"] = sums["s2"] + 2 * d * sums["s1"] + n * d * d
+            sums["s1"] = sums["s1"] + n * d
+        return sums
+
+
+class Stats(Mapping[str, LayerStats]):
+    """Layer name -> LayerStats for one model. Add two to merge disjoint calibration sets."""
+
+    def __init__(self, layers: dict[str, LayerStats], *, liveness: bool, statistics: frozenset[str]):
+        self._layers = dict(layers)
+        self.liveness = liveness
+        self.statistics = frozenset(statistics)
+
+    def __getitem__(self, name: str) -> LayerStats:
+        return self._layers[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._layers)
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+    def __repr__(self) -> str:
+        total = next(iter(self._layers.values())).total_count if self._layers else 0
+        return (f"Stats({len(self)} layers, liveness={self.liveness}, "
+                f"statistics={sorted(self.statistics)}, samples at first layer={total})")
+
+    def __add__(self, other: Stats) -> Stats:
+        if not isinstance(other, Stats):
+            return NotImplemented
+        if other.keys() != self.keys():
+            raise StatsMismatchError("cannot merge statistics of different layer sets")
+        return Stats({k: self[k] + other[k] for k in self}, liveness=self.liveness,
+                     statistics=self.statistics)
+
+    def check_model(self, model: nn.Module) -> dict[str, nn.Module]:
+        """The model's layers these stats describe; raises if names or weight shapes differ."""
+        modules = dict(model.named_modules())
+        missing = [n for n in self if n not in modules]
+        if missing:
+            raise StatsMismatchError(f"statistics name layers the model lacks: {missing}")
+        out = {}
+        for name, ls in self.items():
+            m = modules[name]
+            if not L.is_prunable(m) or tuple(m.weight.shape) != tuple(ls.weight.shape):
+                shape = tuple(m.weight.shape) if hasattr(m, "weight") else None
+                raise StatsMismatchError(
+                    f"layer {name!r}: statistics were gathered for weight shape "
+                    f"{tuple(ls.weight.shape)}, the model has {type(m).__name__} with {shape}"
+                )
+            out[name] = m
+        return out
+
+    # -- persistence (merge across machines) ---------------------------------
+    def save(self, path: str | Path) -> None:
+        """Write to a safetensors file (sums and metadata, no pickle)."""
+        from safetensors.torch import save_file
+
+        tensors: dict[str, Tensor] = {}
+        meta: dict[str, Any] = {"liveness": self.liveness, "statistics": sorted(self.statistics), "layers": {}}
+        for name, ls in self.items():
+            p = f"{name}::"
+            tensors[p + "weight"] = ls.weight.detach().contiguous().cpu()
+            tensors[p + "shift"] = ls.shift.contiguous().cpu()
+            tensors[p + "live_count"] = ls.live_count.contiguous().cpu()
+            if ls.bias is not None:
+                tensors[p + "bias"] = ls.bias.detach().contiguous().cpu()
+            for k, v in ls.sums.items():
+                tensors[p + "sum." + k] = v.contiguous().cpu()
+            meta["layers"][name] = {
+                "kind": ls.kind, "groups": ls.groups, "statistics": sorted(ls.statistics),
+                "liveness": ls.liveness, "total_count": ls.total_count, "grad_batches": ls.grad_batches,
+            }
+        save_file(tensors, str(path), metadata={"relprune_stats": json.dumps(meta)})
+
+    @classmethod
+    def load(cls, path: str | Path) -> Stats:
+        """Read what :meth:`save` wrote."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("relprune_stats")
+            if raw is None:
+                raise StatsMismatchError(f"{path} is not a relprune statistics file")
+            meta = json.loads(raw)
+            t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iterator
+        layers = {}
+        for name, m in meta["layers"].items():
+            p = f"{name}::"
+            sums = {k[len(p) + 4:]: v for k, v in t.items() if k.startswith(p + "sum.")}
+            layers[name] = LayerStats(
+                m["kind"], t[p + "weight"], t.get(p + "bias"), m["groups"], frozenset(m["statistics"]),
+                m["liveness"], t[p + "shift"], t[p + "live_count"], m["total_count"], sums, m["grad_batches"],
+            )
+        return cls(layers, liveness=meta["liveness"], statistics=frozenset(meta["statistics"]))
+
+
+# -- collection -----------------------------------------------------------------
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def split_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
+    """(input, target or None) from a tensor, a tuple/list (input first) or a dict ("input")."""
+    if isinstance(batch, Tensor):
+        return batch, None
+    if isinstance(batch, (tuple, list)) and batch:
+        return batch[0], (batch[1] if len(batch) > 1 else None)
+    if isinstance(batch, Mapping) and "input" in batch:
+        target = next((batch[k] for k in ("target", "label", "labels") if k in batch), None)
+        return batch["input"], target
+    raise CalibrationError(
+        f"a calibration batch must be a tensor, a tuple/list whose first element is the input, "
+        f"or a dict with key 'input'; got {type(batch).__name__}"
+    )
+
+
+FLUSH_EVERY = 16
+
+
+class _Scratch:
+    """Per-layer working state of one collection: |W| and sums pending in the compute dtype.
+
+    Batch products land in compute-dtype buffers (fused into the matmul for
+    Linear) and move into the float64 sums every ``FLUSH_EVERY`` batches, so
+    the float64 add is paid rarely while rounding stays that of a short sum.
+    """
+
+    def __init__(self) -> None:
+        self.abs_weight: Tensor | None = None
+        self.pending: dict[str, Tensor] = {}
+        self.batches = 0
+
+    def add(self, layer: nn.Module, key: str, x: Tensor, g: Tensor) -> None:
+        buf = self.pending.get(key)
+        if isinstance(layer, nn.Linear):
+            if buf is None:
+                self.pending[key] = g.t() @ x
+            else:
+                buf.addmm_(g.t(), x)
+        elif buf is None:
+            self.pending[key] = L.weighted_input_sum(layer, x, g)
+        else:
+            buf.add_(L.weighted_input_sum(layer, x, g))
+
+    def flush(self, ls: LayerStats, force: bool = False) -> None:
+        self.batches += 1
+        if force or self.batches % FLUSH_EVERY == 0:
+            for key, buf in self.pending.items():
+                ls.sums[key].add_(buf.reshape(ls.sums[key].shape))
+            self.pending.clear()
+
+
+def _accumulate(layer: nn.Module, ls: LayerStats, scratch: _Scratch, x: Tensor, out_shape: torch.Size,
+                live: Tensor | None, need: frozenset[str]) -> None:
+    """Add one batch's sums for one layer. ``live`` is the liveness mask (None: all live)."""
+    cd = _compute_dtype(x)
+    x = x.to(cd)
+    xp = L.input_rows(layer, x)
+    if live is None:
+        shape = (xp.shape[0], ls.weight.shape[0]) if isinstance(layer, nn.Linear) else out_shape
+        g = torch.ones(shape, dtype=cd, device=x.device)
+    else:
+        g = L.output_rows(layer, live).to(cd)
+    ls.live_count.add_(L.per_output_count(layer, g))
+    ls.total_count += L.samples_in(layer, g)
+    a = xp.abs() if need & {"sa", "r1", "r2"} else None
+    if need & {"s1", "s2"}:
+        view = (1, -1) if isinstance(layer, nn.Linear) else (1, -1, *([1] * L.conv_dims(layer)))
+        xs = xp - ls.shift.to(cd).reshape(view)
+        if "s1" in need:
+            scratch.add(layer, "s1", xs, g)
+        if "s2" in need:
+            scratch.add(layer, "s2", xs * xs, g)
+    if "sa" in need:
+        scratch.add(layer, "sa", a, g)
+    if need & {"r1", "r2"}:
+        if scratch.abs_weight is None or scratch.abs_weight.dtype != cd:
+            scratch.abs_weight = ls.weight.to(cd).abs()
+        d = L.forward_with(layer, a, scratch.abs_weight)
+        if ls.bias is not None:
+            d = d + L.bias_view(layer, ls.bias.to(cd).abs())
+        d = d + EPS
+        gd = g / d
+        if "r1" in need:
+            scratch.add(layer, "r1", a, gd)
+        if "r2" in need:
+            scratch.add(layer, "r2", a * a, gd / d)
+
+
+def _new_layer_stats(layer: nn.Module, x: Tensor, liveness: str | None, statistics: frozenset[str],
+                     need: frozenset[str]) -> LayerStats:
+    w = layer.weight.detach().clone()
+    # Per input channel: Linear rows are (N, I), conv inputs (B, C, *spatial); channels are dim 1.
+    rows = x.reshape(-1, x.shape[-1]) if isinstance(layer, nn.Linear) else x
+    dims = (0, *range(2, rows.dim()))
+    shift = rows.double().mean(dim=dims) if need & {"s1", "s2"} else torch.zeros(
+        rows.shape[1], dtype=torch.float64, device=x.device)
+    sums = {k: torch.zeros(w.shape, dtype=torch.float64, device=w.device) for k in need}
+    return LayerStats(
+        kind=type(layer).__name__, weight=w,
+        bias=None if layer.bias is None else layer.bias.detach().clone(),
+        groups=getattr(layer, "groups", 1), statistics=statistics, liveness=liveness,
+        shift=shift, live_count=torch.zeros(w.shape[0], dtype=torch.float64, device=w.device),
+        sums=sums,
+    )
+
+
+def _resolve_statistics(statistics: Iterable[str] | None, has_labels: bool) -> frozenset[str]:
+    if statistics is None:
+        return frozenset(ACTIVATION_STATISTICS) | ({"weight_grad"} if has_labels else set())
+    stats = frozenset([statistics] if isinstance(statistics, str) else statistics)
+    _needed_sums(stats)
+    if not stats:
+        raise CalibrationError("statistics= is empty: name at least one statistic, or pass None for all")
+    return stats
+
+
+def _check_finite(name: str, what: str, t: Tensor) -> None:
+    # A NaN or Inf anywhere makes the sum non-finite: one cheap reduction on the common path.
+    if not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
+        bad = "NaN" if torch.isnan(t).any() else "Inf"
+        raise NonFiniteActivationError(f"{bad} in the {what} of layer {name!r} during calibration")
+
+
+def _snapshot_modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:
+    return [(m, m.training) for m in model.modules()]
+
+
+def _restore_modes(modes: list[tuple[nn.Module, bool]]) -> None:
+    for m, training in modes:
+        m.training = training
+
+
+def collect_stats(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    layers: Iterable[str] | None = None,
+    liveness: bool = DEFAULT_LIVENESS,
+    statistics: Iterable[str] | None = None,
+    blind_ranges: Mapping[str, LivenessOverride] | None = None,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    progress: bool = False,
+) -> Stats:
+    """Gather contribution statistics of the prunable layers over calibration batches.
+
+    Runs ``model`` in eval mode without gradients (one extra forward and
+    backward per batch only when ``weight_grad`` is asked for, which needs
+    labelled batches). ``blind_ranges`` overrides liveness per layer: a
+    BlindRange or a callable applied to the layer's raw output, or None for
+    "always live". The model's parameters, buffers, hooks and modes are left
+    as they were, also when an error is raised.
+    """
+    chosen = L.prunable_layers(model, layers)
+    overrides = dict(blind_ranges or {})
+    unknown = [n for n in overrides if n not in chosen]
+    if unknown:
+        raise CalibrationError(f"blind_ranges names layers that are not being collected: {unknown}")
+    if statistics is not None:
+        _resolve_statistics(statistics, True)  # validate names before any work
+    modes = _snapshot_modes(model)
+    layer_names = {id(m): n for n, m in chosen.items()}
+    stashed: dict[str, tuple[Tensor, torch.Size, int, Tensor | None]] = {}
+    tracer = LivenessTracer()
+
+    def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+        name = layer_names[id(module)]
+        x = args[0]
+        # An override reads the raw output here, before anything downstream can change it in place.
+        rule = overrides.get(name) if liveness else None
+        mask = None if rule is None else _override_mask(name, rule, output)
+        stashed[name] = (x, output.shape, x._version, mask)
+        tracer.mark(name, output)
+
+    handles = [m.register_forward_hook(hook) for m in chosen.values()]
+    result: dict[str, LayerStats] = {}
+    scratches: dict[str, _Scratch] = {}
+    wanted: frozenset[str] | None = None
+    need: frozenset[str] = frozenset()
+    try:
+        model.eval()
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        iterator: Iterable[Any] = batches
+        if progress:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(batches, desc="calibration", unit="batch", disable=None, leave=False)
+        seen = 0
+        for batch in iterator:
+            x, target = split_batch(batch)
+            if not isinstance(x, Tensor):
+                raise CalibrationError(f"calibration input must be a tensor, got {type(x).__name__}")
+            if x.numel() == 0 or x.shape[0] == 0:
+                raise CalibrationError(f"calibration batch {seen} is empty (shape {tuple(x.shape)})")
+            if wanted is None:
+                wanted = _resolve_statistics(statistics, target is not None)
+                need = _needed_sums(wanted)
+            x = x.to(device)
+            stashed.clear()
+            tracer.reset()
+            act_need = need - {"grad"}
+            with torch.no_grad(), tracer:
+                model(x)
+            for name, layer in chosen.items():
+                if name not in stashed:
+                    raise CalibrationError(f"layer {name!r} was not called by the model's forward pass")
+                inp, out_shape, version, override = stashed[name]
+                _check_finite(name, "input", inp)
+                if inp._version != version:
+                    raise CalibrationError(
+                        f"the input of layer {name!r} was modified in place later in the forward pass; "
+                        "make that operation out of place to collect statistics"
+                    )
+                live, how = _liveness_for(name, tracer, overrides, liveness, override)
+                if name not in result:
+                    result[name] = _new_layer_stats(layer, inp, how, wanted, need)
+                if act_need:
+                    scratch = scratches.setdefault(name, _Scratch())
+                    _accumulate(layer, result[name], scratch, inp, out_shape, live, act_need)
+                    scratch.flush(result[name])
+            if "grad" in need:
+                if target is None:
+                    raise MissingLabelsError(
+                        "statistic 'weight_grad' needs labelled batches: (input, target) tuples "
+                        "or dicts with 'input' and 'target'"
+                    )
+                _accumulate_grads(model, chosen, result, x, target.to(device), loss_fn)
+            stashed.clear()
+            seen += 1
+        if seen == 0:
+            raise CalibrationError("the calibration batches are empty: no batch was yielded")
+        for name, scratch in scratches.items():
+            scratch.flush(result[name], force=True)
+    finally:
+        for h in handles:
+            h.remove()
+        stashed.clear()
+        tracer.reset()
+        _restore_modes(modes)
+    assert wanted is not None
+    return Stats(result, liveness=liveness, statistics=wanted)
+
+
+def _override_mask(name: str, rule: BlindRange | Callable[[Tensor], Tensor], out: Tensor) -> Tensor:
+    mask = rule.live(out) if isinstance(rule, BlindRange) else rule(out)
+    if not isinstance(mask, Tensor) or mask.shape != out.shape:
+        raise CalibrationError(f"liveness override for {name!r} must return a mask shaped like the output")
+    return mask.bool()
+
+
+def _liveness_for(name: str, tracer: LivenessTracer, overrides: Mapping[str, LivenessOverride],
+                  enabled: bool, override: Tensor | None) -> tuple[Tensor | None, str | None]:
+    """The liveness mask of one layer for this batch, and a description of where it came from."""
+    if not enabled:
+        return None, None
+    if name in overrides:
+        rule = overrides[name]
+        return (None, None) if rule is None else (override, f"override:{rule}")
+    trace = tracer.traces.get(name)
+    if trace is None or trace.other_use or trace.live is None:
+        return None, None
+    return trace.live, "+".join(sorted(trace.blind))
+
+
+def _accumulate_grads(model: nn.Module, chosen: dict[str, nn.Module], result: dict[str, LayerStats],
+                      x: Tensor, target: Tensor, loss_fn: Callable[[Tensor, Tensor], Tensor] | None) -> None:
+    """Add dLoss/dW for this batch without touching ``.grad`` or ``requires_grad`` for good."""
+    loss_fn = loss_fn or F.cross_entropy
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    captured: dict[str, Tensor] = {}
+
+    def grab(module: nn.Module, args: tuple) -> None:
+        # The weight used by this forward: after any masking pre-hook has run.
+        for n, m in chosen.items():
+            if m is module:
+                captured[n] = m.weight
+
+    hooks = [m.register_forward_pre_hook(grab) for m in chosen.values()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(True)
+        # Pre-hooks registered after a masking hook run after it, so the mask is applied.
+        with torch.enable_grad():
+            loss = loss_fn(model(x), target)
+            weights = [captured[n] for n in chosen]
+            grads = torch.autograd.grad(loss, weights, allow_unused=True)
+        for n, gr in zip(chosen, grads, strict=False):
+            if gr is not None:
+                result[n].sums["grad"] += gr.double()
+            result[n].grad_batches += 1
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, flag in flags:
+            p.requires_grad_(flag)

@@ -1,0 +1,1 @@
+"""From a masked model to a smaller one: structural shrink, structured pruning, export formats."""

@@ -1,0 +1,178 @@
+"""Writing pruned models for deployment, and reading them back.
+
+Three forms, each a safetensors file plus a small JSON of metadata:
+
+* ``dense``  - a shrunk (or any) ``nn.Sequential`` as ordinary dense weights;
+* ``masked`` - the model with its masks (``weight_orig`` / ``weight_mask``);
+* ``sparse`` - every prunable weight as a bitmask (1 bit per entry) plus its
+  non-zero values; other tensors stored dense.
+
+Architectures are stored as a list of layer specs (type and constructor
+arguments), so loading needs no Python code from the writer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from ..core.layers import is_prunable
+from ..core.masks import copy_model, load_state_dict, make_permanent
+from ..errors import CheckpointError
+from .shrink import flatten_chain
+
+FORMATS = ("dense", "masked", "sparse")
+
+_SPEC = {
+    nn.Linear: lambda m: {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None},
+    nn.Conv1d: lambda m: _conv(m), nn.Conv2d: lambda m: _conv(m), nn.Conv3d: lambda m: _conv(m),
+    nn.BatchNorm1d: lambda m: _bn(m), nn.BatchNorm2d: lambda m: _bn(m), nn.BatchNorm3d: lambda m: _bn(m),
+    nn.ReLU: lambda m: {}, nn.ReLU6: lambda m: {}, nn.Tanh: lambda m: {}, nn.Sigmoid: lambda m: {},
+    nn.GELU: lambda m: {"approximate": m.approximate}, nn.SiLU: lambda m: {}, nn.Identity: lambda m: {},
+    nn.LeakyReLU: lambda m: {"negative_slope": m.negative_slope},
+    nn.Hardtanh: lambda m: {"min_val": m.min_val, "max_val": m.max_val},
+    nn.Dropout: lambda m: {"p": m.p}, nn.Dropout2d: lambda m: {"p": m.p},
+    nn.Flatten: lambda m: {"start_dim": m.start_dim, "end_dim": m.end_dim},
+    nn.MaxPool2d: lambda m: _pool(m), nn.AvgPool2d: lambda m: _pool(m), nn.MaxPool1d: lambda m: _pool(m),
+    nn.AdaptiveAvgPool2d: lambda m: {"output_size": m.output_size},
+}
+_TYPES = {t.__name__: t for t in _SPEC}
+
+
+def _conv(m: nn.Module) -> dict[str, Any]:
+    return {"in_channels": m.in_channels, "out_channels": m.out_channels, "kernel_size": m.kernel_size,
+            "stride": m.stride, "padding": m.padding, "dilation": m.dilation, "groups": m.groups,
+            "bias": m.bias is not None, "padding_mode": m.padding_mode}
+
+
+def _bn(m: nn.Module) -> dict[str, Any]:
+    return {"num_features": m.num_features, "eps": m.eps, "momentum": m.momentum, "affine": m.affine,
+            "track_running_stats": m.track_running_stats}
+
+
+def _pool(m: nn.Module) -> dict[str, Any]:
+    keys = ("kernel_size", "stride", "padding") + (("ceil_mode",) if hasattr(m, "ceil_mode") else ())
+    return {k: getattr(m, k) for k in keys}
+
+
+def architecture(model: nn.Module) -> list[dict[str, Any]]:
+    """The layer specs of a chain model (nested Sequentials flattened)."""
+    out = []
+    for name, m in flatten_chain(model):
+        if type(m) not in _SPEC:
+            raise CheckpointError(f"cannot describe module {name!r} ({type(m).__name__}) for export")
+        out.append({"type": type(m).__name__, "args": _SPEC[type(m)](m)})
+    return out
+
+
+def build(spec: list[dict[str, Any]]) -> nn.Sequential:
+    """An ``nn.Sequential`` from :func:`architecture` specs."""
+    layers = []
+    for item in spec:
+        if item.get("type") not in _TYPES:
+            raise CheckpointError(f"unknown layer type {item.get('type')!r} in architecture")
+        args = {k: tuple(v) if isinstance(v, list) else v for k, v in item.get("args", {}).items()}
+        layers.append(_TYPES[item["type"]](**args))
+    return nn.Sequential(*layers)
+
+
+def _flat_state(model: nn.Module) -> nn.Sequential:
+    """The model's leaves re-parented into one flat Sequential, so key names match :func:`build`."""
+    return nn.Sequential(*[m for _, m in flatten_chain(model)])
+
+
+def _write(tensors: dict[str, Tensor], meta: dict[str, Any], folder: Path, stem: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{stem}.safetensors"
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path),
+              metadata={"relprune": json.dumps(meta)})
+    (folder / f"{stem}.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return path
+
+
+def export_dense(model: nn.Module, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Masks folded in, stored as plain dense weights."""
+    plain = _flat_state(make_permanent(copy_model(model)))
+    meta = {"format": "dense", "architecture": architecture(plain), **(extra or {})}
+    return _write(plain.state_dict(), meta, Path(folder), "dense")
+
+
+def export_masked(model: nn.Module, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Weights and masks as they are, for further training."""
+    flat = _flat_state(copy_model(model))
+    meta = {"format": "masked", "architecture": architecture(flat), **(extra or {})}
+    return _write(flat.state_dict(), meta, Path(folder), "masked")
+
+
+def export_sparse(model: nn.Module, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Each prunable weight as a packed bitmask of non-zeros plus the non-zero values."""
+    plain = _flat_state(make_permanent(copy_model(model)))
+    tensors: dict[str, Tensor] = {}
+    shapes: dict[str, list[int]] = {}
+    prunable = {f"{n}.weight" for n, m in plain.named_children() if is_prunable(m)}
+    for key, value in plain.state_dict().items():
+        if key in prunable:
+            nz = value != 0
+            tensors[f"{key}.bitmask"] = torch.from_numpy(np.packbits(nz.flatten().numpy()))
+            tensors[f"{key}.values"] = value[nz]
+            shapes[key] = list(value.shape)
+        else:
+            tensors[key] = value
+    meta = {"format": "sparse", "architecture": architecture(plain), "sparse_shapes": shapes, **(extra or {})}
+    return _write(tensors, meta, Path(folder), "sparse")
+
+
+def _read(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("relprune", "null"))
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: cannot read: {err}") from err
+    if not isinstance(meta, dict) or meta.get("format") not in FORMATS:
+        raise CheckpointError(f"{path}: not a relprune export")
+    return tensors, meta
+
+
+def load_exported(path: str | Path) -> tuple[nn.Sequential, dict[str, Any]]:
+    """Rebuild a model from any of the three exported forms (a file or the folder holding one)."""
+    path = Path(path)
+    if path.is_dir():
+        found = [path / f"{f}.safetensors" for f in FORMATS if (path / f"{f}.safetensors").is_file()]
+        if len(found) != 1:
+            raise CheckpointError(f"{path}: expected exactly one of {[f + '.safetensors' for f in FORMATS]}")
+        path = found[0]
+    tensors, meta = _read(path)
+    model = build(meta["architecture"])
+    if meta["format"] == "sparse":
+        for key, shape in meta["sparse_shapes"].items():
+            bits = tensors.pop(f"{key}.bitmask").numpy()
+            values = tensors.pop(f"{key}.values")
+            numel = math.prod(shape)
+            nz = torch.from_numpy(np.unpackbits(bits, count=numel).astype(bool)).reshape(shape)
+            dense = torch.zeros(shape, dtype=values.dtype)
+            dense[nz] = values
+            tensors[key] = dense
+    if meta["format"] == "masked":
+        load_state_dict(model, tensors)
+    else:
+        try:
+            model.load_state_dict(tensors)
+        except RuntimeError as err:
+            raise CheckpointError(f"{path}: weights do not fit the stored architecture: {err}") from err
+    model.eval()
+    return model, meta
+
+
+def file_size(path: str | Path) -> int:
+    return Path(path).stat().st_size

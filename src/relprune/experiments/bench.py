@@ -1,0 +1,291 @@
+"""Sweeps: models x methods x sparsities x seeds x regimes, one JSON line per finished cell.
+
+A rerun skips cells already in ``results.jsonl``; an output folder whose
+recorded settings (training, fine-tuning, data) differ from this run's is
+refused rather than mixed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..core.allocation import parse_n_m
+from ..core.criteria import get_criterion
+from ..core.masks import current_masks
+from ..errors import RelpruneError
+from .data import Split, load_dataset
+from .experiment import (
+    Method,
+    apply_method,
+    fresh_copy,
+    gather,
+    iterative_prune,
+    load_model,
+    train_model,
+)
+from .report import load_results, write_report
+from .training import TrainConfig, calibration_batches, evaluate, save_json, train
+
+REGIMES = ("oneshot", "finetune", "iterative")
+TIMING_FIELDS = ("stats_seconds", "cell_seconds", "finished")
+
+
+@dataclass
+class BenchConfig:
+    """A sweep. Every list is a grid axis; see configs/*.toml for examples."""
+
+    models: list[str] = field(default_factory=lambda: ["lenet300:mnist"])
+    criteria: list[str] = field(default_factory=lambda: ["rc", "contrib-std", "magnitude", "wanda"])
+    scopes: list[str] = field(default_factory=lambda: ["global"])
+    n_m: list[str] = field(default_factory=list)
+    liveness: list[bool] = field(default_factory=lambda: [True])
+    bias_compensation: list[bool] = field(default_factory=lambda: [False])
+    ucb_k: list[float] = field(default_factory=lambda: [1.0])
+    sparsities: list[float] = field(default_factory=lambda: [0.5, 0.9, 0.95])
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    regimes: list[str] = field(default_factory=lambda: ["oneshot", "finetune"])
+    calib_samples: list[int] = field(default_factory=lambda: [1024])
+    pat: list[str] = field(default_factory=lambda: ["none"])  # "none" or "kind:alpha", e.g. "entropy:0.1"
+    pat_warmup: float = 0.2
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    finetune_epochs: int = 1
+    finetune_lr: float = 3e-4
+    iterative_rounds: int = 3
+    data_dir: str | None = None
+    download: bool = False
+    max_train_samples: int | None = None
+    finetune_max_samples: int | None = None
+    threads: int | None = None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> BenchConfig:
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib
+        raw = tomllib.loads(Path(path).read_text())
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise RelpruneError(f"{path}: unknown settings {unknown}; known: {sorted(known)}")
+        return cls(**raw)
+
+    def validate(self) -> None:
+        for c in self.criteria:
+            get_criterion(c)
+        bad = [r for r in self.regimes if r not in REGIMES]
+        if bad:
+            raise RelpruneError(f"unknown regimes {bad}; known: {REGIMES}")
+        for p in self.pat:
+            parse_pat(p)
+        for spec in self.models:
+            if ":" not in spec:
+                raise RelpruneError(f"models entries look like 'lenet300:mnist', got {spec!r}")
+        for s in self.sparsities:
+            if not 0 <= s < 1:
+                raise RelpruneError(f"sparsity {s} is outside [0, 1)")
+
+    def settings(self) -> dict[str, Any]:
+        """What every cell's number depends on beyond its own key."""
+        return {k: getattr(self, k) for k in ("epochs", "batch_size", "lr", "finetune_epochs", "finetune_lr",
+                                              "iterative_rounds", "pat_warmup", "max_train_samples",
+                                              "finetune_max_samples")}
+
+    def methods(self) -> list[Method]:
+        out: list[Method] = []
+        for c in self.criteria:
+            crit = get_criterion(c)
+            # Liveness changes activation statistics only; gradients and |W| ignore it.
+            varies = bool(crit.statistics - {"weight_grad"})
+            for live in (self.liveness if varies else [True]):
+                for bc in self.bias_compensation:
+                    for k in (self.ucb_k if c == "rc-ucb" else [1.0]):
+                        out.extend(Method(c, s, live, bc, None, k) for s in self.scopes)
+                        out.extend(Method(c, "global", live, bc, p, k) for p in self.n_m)
+        return list(dict.fromkeys(out))
+
+
+def _settings_hash(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _append(path: Path, row: dict[str, Any]) -> None:
+    with path.open("a") as fh:
+        fh.write(json.dumps(row, sort_keys=True) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _clean_torn_tail(path: Path) -> None:
+    """Drop a half-written last line left by an interrupted run."""
+    if not path.is_file():
+        return
+    text = path.read_text()
+    if text and not text.endswith("\n"):
+        path.write_text(text[: text.rfind("\n") + 1])
+
+
+def check_out_dir(out: Path, cfg: BenchConfig) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    settings_path = out / "settings.json"
+    settings = cfg.settings()
+    if settings_path.is_file():
+        old = json.loads(settings_path.read_text())
+        if old != settings:
+            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            raise RelpruneError(
+                f"{out} holds results made with different settings ({', '.join(diff)}); "
+                "use another --out, or delete the folder to start over"
+            )
+    else:
+        save_json(settings, settings_path)
+
+
+def parse_pat(spec: str) -> tuple[str, float]:
+    """'none' -> ('none', 0.0); 'entropy:0.1' -> ('entropy', 0.1)."""
+    if spec == "none":
+        return "none", 0.0
+    kind, _, alpha = spec.partition(":")
+    from ..train.regularizers import REGULARIZERS
+
+    try:
+        value = float(alpha)
+    except ValueError:
+        value = -1.0
+    if kind not in REGULARIZERS or value <= 0:
+        raise RelpruneError(f"pat entries look like 'entropy:0.1' (kinds: {', '.join(REGULARIZERS)}), got {spec!r}")
+    return kind, value
+
+
+def dense_model(cfg: BenchConfig, out: Path, model_name: str, dataset: str, data, seed: int, pat: str,
+                alpha: float) -> tuple[torch.nn.Module, float]:
+    """Train (or load) the dense model of one (model, dataset, seed, PAT) combination."""
+    tag = f"{model_name}_{dataset}_s{seed}" + ("" if pat == "none" else f"_{pat}{alpha:g}")
+    folder = out / "dense" / tag
+    if (folder / "model.safetensors").is_file():
+        model, info = load_model(folder)
+        return model, info.metrics["test_acc"]
+    tcfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=seed)
+    model, info = train_model(model_name, data, tcfg, folder, pat=pat, pat_alpha=alpha, pat_warmup=cfg.pat_warmup,
+                              desc=f"dense {tag}")
+    return model, info.metrics["test_acc"]
+
+
+def cells(cfg: BenchConfig) -> Iterator[dict[str, Any]]:
+    """Every cell key of the grid, in the order the sweep runs them."""
+    for spec in cfg.models:
+        model_name, dataset = spec.split(":", 1)
+        for seed in cfg.seeds:
+            for pat_spec in cfg.pat:
+                pat, alpha = parse_pat(pat_spec)
+                for calib in cfg.calib_samples:
+                    for method in cfg.methods():
+                        if method.n_m:
+                            n, m = parse_n_m(method.n_m)
+                            sparsities = [round(1 - n / m, 6)]
+                        else:
+                            sparsities = cfg.sparsities
+                        for s in sparsities:
+                            for regime in cfg.regimes:
+                                yield {"model": model_name, "dataset": dataset, "seed": seed, "pat": pat,
+                                       "pat_alpha": alpha, "calib_samples": calib, "method": method.label,
+                                       **{f"m_{k}": v for k, v in asdict(method).items()},
+                                       "sparsity": s, "regime": regime}
+
+
+def key_of(cell: dict[str, Any]) -> str:
+    """The identity of a cell in results.jsonl."""
+    return json.dumps(cell, sort_keys=True)
+
+
+def run_bench(cfg: BenchConfig, out: str | Path, *, log=print) -> Path:
+    """Run every unfinished cell, appending to out/results.jsonl, then write the report and plot."""
+    cfg.validate()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(out)
+    check_out_dir(out, cfg)
+    results = out / "results.jsonl"
+    _clean_torn_tail(results)
+    done = {r["key"] for r in load_results(results)}
+    todo = [c for c in cells(cfg) if key_of(c) not in done]
+    log(f"{len(done)} cells finished before, {len(todo)} to run -> {results}")
+    settings_id = _settings_hash(cfg.settings())
+    datasets: dict[tuple[str, int], Any] = {}
+    start = time.perf_counter()
+    by_model: dict[tuple, list[dict[str, Any]]] = {}
+    for c in todo:
+        by_model.setdefault((c["model"], c["dataset"], c["seed"], c["pat"], c["pat_alpha"]), []).append(c)
+    for (model_name, dataset, seed, pat, alpha), group in by_model.items():
+        data = datasets.get((dataset, seed))
+        if data is None:
+            data = load_dataset(dataset, cfg.data_dir, download_missing=cfg.download, seed=seed)
+            if cfg.max_train_samples:
+                data.train = data.train.head(cfg.max_train_samples)
+            datasets = {(dataset, seed): data}
+        ft_data = data
+        if cfg.finetune_max_samples and cfg.finetune_max_samples < len(data.train):
+            # A fixed random subset, so the short fine-tune sees every class.
+            idx = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed + 99))
+            ft_data = dataclasses.replace(data, train=Split(data.train.x[idx[:cfg.finetune_max_samples]],
+                                                            data.train.y[idx[:cfg.finetune_max_samples]]))
+        dense, dense_acc = dense_model(cfg, out, model_name, dataset, data, seed, pat, alpha)
+        log(f"dense {model_name}/{dataset} seed {seed} pat {pat}: test accuracy {dense_acc:.4f}")
+        stats_cache: dict[tuple[int, bool], tuple[Any, float]] = {}
+        calib_cache: dict[int, list] = {}
+        for c in group:
+            t0 = time.perf_counter()
+            method = Method(**{k[2:]: v for k, v in c.items() if k.startswith("m_")})
+            calib = calib_cache.setdefault(c["calib_samples"], calibration_batches(data.train, c["calib_samples"],
+                                                                                 seed=seed))
+            ft = TrainConfig(epochs=cfg.finetune_epochs, batch_size=cfg.batch_size, lr=cfg.finetune_lr, seed=seed)
+            model = fresh_copy(dense)
+            stats_seconds = None
+            try:
+                if c["regime"] == "iterative":
+                    masks = iterative_prune(model, ft_data, calib, method, c["sparsity"], cfg.iterative_rounds, ft)
+                else:
+                    skey = (c["calib_samples"], method.liveness)
+                    if skey not in stats_cache:
+                        same = [Method(**{k[2:]: v for k, v in o.items() if k.startswith("m_")}) for o in group
+                                if o["calib_samples"] == c["calib_samples"]]
+                        same = [m for m in same if m.liveness == method.liveness]
+                        stats_cache[skey] = gather(dense, calib, same, method.liveness)
+                    stats, stats_seconds = stats_cache[skey]
+                    masks = apply_method(model, stats, method, c["sparsity"], seed)
+                    if c["regime"] == "finetune":
+                        train(model, ft_data, ft, desc=f"finetune {method.label} {c['sparsity']:g}")
+            except RelpruneError as err:
+                # One impossible cell (e.g. an N:M pattern no layer admits) must not end the sweep;
+                # it is not recorded, so a rerun tries it again.
+                log(f"skipped {method.label} {c['sparsity']:g} {c['regime']}: {err}")
+                continue
+            acc = evaluate(model, data.test)
+            row = {**c, "key": key_of(c), "accuracy": acc, "dense_accuracy": dense_acc,
+                   "achieved_sparsity": current_masks(model).sparsity, "pruned_layers": len(masks),
+                   "settings": settings_id,
+                   "stats_seconds": stats_seconds, "cell_seconds": time.perf_counter() - t0,
+                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            _append(results, row)
+            log(f"{model_name}/{dataset} s{seed} {method.label:24} {c['sparsity']:.2f} {c['regime']:9} "
+                f"acc {acc:.4f}")
+    rows = load_results(results)
+    wall = time.perf_counter() - start
+    preamble = (f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}. "
+                f"This invocation ran {len(todo)} cells in {wall / 60:.1f} min. "
+                f"Settings: `{json.dumps(cfg.settings(), sort_keys=True)}`.\n")
+    write_report(rows, out, preamble)
+    return results

@@ -1,0 +1,404 @@
+"""The ``relprune`` command: demo, train, prune, eval, bench, explain, export, load.
+
+Each command's options come from a dataclass, so defaults live in one place
+and ``--help`` shows them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..defaults import DEFAULT_BIAS_COMPENSATION, DEFAULT_CRITERION, DEFAULT_LIVENESS, DEFAULT_SCOPE
+from ..errors import RelpruneError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:
+        """One line on stderr, exit status 2."""
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _comma_list(kind: type):
+    def parse(text: str) -> list:
+        try:
+            if kind is bool:
+                return [t.strip().lower() in ("1", "true", "yes", "on") for t in text.split(",") if t.strip()]
+            return [kind(t.strip()) for t in text.split(",") if t.strip()]
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"{text!r}: {err}") from None
+    return parse
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, defaults: dict[str, Any] | None = None) -> None:
+    """A flag per dataclass field: --snake-case NAME, lists comma-separated, bools --x/--no-x.
+
+    ``defaults`` replaces field defaults for this parser (shown in --help too).
+    """
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if defaults and f.name in defaults:
+            default = defaults[f.name]
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        flag = "--" + f.name.replace("_", "-")
+        doc = (f.metadata or {}).get("help", "")
+        args = typing.get_args(kind)
+        optional = type(None) in args
+        base = next((a for a in args if a is not type(None)), kind) if optional else kind
+        if typing.get_origin(base) is list:
+            inner = typing.get_args(base)[0]
+            shown = ",".join(str(v) for v in default)
+            parser.add_argument(flag, type=_comma_list(inner), default=default, dest=f.name,
+                                help=f"{doc} (comma-separated; default: {shown or 'none'})")
+        elif base is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, dest=f.name,
+                                help=f"{doc} (default: {default})")
+        else:
+            parser.add_argument(flag, type=base, default=default, dest=f.name,
+                                help=f"{doc} (default: {default})")
+
+
+def from_args(cls: type, ns: argparse.Namespace) -> Any:
+    return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if hasattr(ns, f.name)})
+
+
+def _h(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class Common:
+    out: str = _h("output folder", "runs/latest")
+    seed: int = _h("random seed (data split, init, shuffling)", 0)
+
+
+@dataclass
+class DataArgs:
+    dataset: str | None = _h("digits (built in), mnist or fashion-mnist; for a saved model, its own", None)
+    data_dir: str | None = _h("folder with <Name>/raw/*.gz; else $RELPRUNE_DATA, the user cache, Debian's", None)
+    download: bool = _h("download missing MNIST / Fashion-MNIST files from the public mirrors", False)
+    verify: bool = _h("check data files against their SHA-256", False)
+
+
+@dataclass
+class TrainArgs:
+    model: str = _h("lenet300, lenet5, vgg-small, or package.module:factory", "lenet300")
+    epochs: int = _h("training epochs", 10)
+    batch_size: int = _h("batch size", 128)
+    lr: float = _h("Adam learning rate", 1e-3)
+    pat: str = _h("pruning-aware training regulariser: none, entropy, contrib-l1, l1", "none")
+    pat_alpha: float = _h("weight of the regulariser", 0.0)
+    pat_warmup: float = _h("fraction of training over which alpha ramps up from 0", 0.2)
+
+
+@dataclass
+class MethodArgs:
+    criterion: str = _h("scoring criterion (see relprune.CRITERIA)", DEFAULT_CRITERION)
+    scope: str = _h("global, layer or row", DEFAULT_SCOPE)
+    liveness: bool = _h("condition statistics on the next activation's live range", DEFAULT_LIVENESS)
+    bias_compensation: bool = _h("fold removed weights' mean contribution into the bias", DEFAULT_BIAS_COMPENSATION)
+    ucb_k: float = _h("k in rc-ucb's E[r] + k Std[r]", 1.0)
+
+
+@dataclass
+class PruneArgs:
+    checkpoint: str = _h("model folder written by 'relprune train'", "runs/latest")
+    sparsity: float | None = _h("fraction of weights to remove, in [0, 1)", None)
+    n_m: str | None = _h("N:M pattern instead of a sparsity, e.g. 2:4", None)
+    threshold: float | None = _h("threshold mode: remove weights whose score < threshold / fan-in", None)
+    calib_samples: int = _h("calibration samples from the training split", 1024)
+    finetune_epochs: int = _h("masked fine-tuning epochs after pruning", 0)
+    finetune_lr: float = _h("fine-tuning learning rate", 3e-4)
+
+
+def _load_data(d: DataArgs, seed: int):
+    from .data import load_dataset
+
+    return load_dataset(d.dataset, d.data_dir, download_missing=d.download, verify=d.verify, seed=seed)
+
+
+# -- commands ---------------------------------------------------------------------------
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    from .experiment import train_model
+    from .training import TrainConfig
+
+    c, d, t = from_args(Common, ns), from_args(DataArgs, ns), from_args(TrainArgs, ns)
+    data = _load_data(d, c.seed)
+    cfg = TrainConfig(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, seed=c.seed)
+    _, info = train_model(t.model, data, cfg, c.out, pat=t.pat, pat_alpha=t.pat_alpha, pat_warmup=t.pat_warmup)
+    print(f"{t.model} on {d.dataset}: test accuracy {info.metrics['test_acc']:.4f} -> {c.out}/model.safetensors")
+    return 0
+
+
+def _prepare_model(checkpoint: str, d: DataArgs, seed: int):
+    """A saved model and its data: its own dataset unless --dataset names another."""
+    from .experiment import load_model
+
+    model, info = load_model(checkpoint)
+    return model, info, _load_data(dataclasses.replace(d, dataset=d.dataset or info.dataset), seed)
+
+
+def cmd_prune(ns: argparse.Namespace) -> int:
+    import torch
+
+    from ..core.masks import format_report
+    from .experiment import Method, ModelInfo, apply_method, gather, save_model
+    from .training import TrainConfig, calibration_batches, evaluate, save_json, train
+
+    c, d, m, p = from_args(Common, ns), from_args(DataArgs, ns), from_args(MethodArgs, ns), from_args(PruneArgs, ns)
+    budgets = [x for x in (p.sparsity, p.n_m, p.threshold) if x is not None]
+    if len(budgets) != 1:
+        raise RelpruneError("give exactly one of --sparsity, --n-m or --threshold")
+    model, info, data = _prepare_model(p.checkpoint, d, c.seed)
+    method = Method(m.criterion, m.scope, m.liveness, m.bias_compensation, p.n_m, m.ucb_k)
+    calib = calibration_batches(data.train, p.calib_samples, seed=c.seed)
+    dense_acc = evaluate(model, data.test)
+    stats, seconds = gather(model, calib, [method], method.liveness)
+    if p.threshold is not None:
+        from .. import prune
+
+        masks = prune(model, stats, threshold=p.threshold, criterion=m.criterion, ucb_k=m.ucb_k,
+                      bias_compensation=m.bias_compensation)
+    else:
+        masks = apply_method(model, stats, method, p.sparsity if p.sparsity is not None else 0.0, c.seed)
+    pruned_acc = evaluate(model, data.test)
+    metrics = {"dense_test_acc": dense_acc, "oneshot_test_acc": pruned_acc, "sparsity": masks.sparsity,
+               "stats_seconds": seconds}
+    if p.finetune_epochs:
+        train(model, data, TrainConfig(epochs=p.finetune_epochs, lr=p.finetune_lr, seed=c.seed), desc="finetune")
+        metrics["finetuned_test_acc"] = evaluate(model, data.test)
+    metrics["test_acc"] = evaluate(model, data.test)
+    out = Path(c.out)
+    save_model(model, ModelInfo(info.model, info.dataset, info.input_shape, info.num_classes, c.seed, metrics,
+                                {"method": dataclasses.asdict(method), "threshold": p.threshold}), out)
+    from safetensors.torch import save_file
+
+    save_file({k: v.to(dtype=torch.uint8).contiguous() for k, v in masks.items()},
+              str(out / "masks.safetensors"))
+    save_json([dataclasses.asdict(r) | {"sparsity": r.sparsity} for r in masks.report()], out / "report.json")
+    print(format_report(masks.report()))
+    print(f"{method.label}: sparsity {masks.sparsity:.2%}; test accuracy dense {dense_acc:.4f} -> pruned "
+          f"{pruned_acc:.4f}" + (f" -> fine-tuned {metrics['finetuned_test_acc']:.4f}" if p.finetune_epochs else "")
+          + f"; saved to {out}")
+    return 0
+
+
+def cmd_eval(ns: argparse.Namespace) -> int:
+    from ..core.masks import format_report, sparsity_report
+    from .training import evaluate
+
+    c, d = from_args(Common, ns), from_args(DataArgs, ns)
+    model, info, data = _prepare_model(ns.checkpoint, d, c.seed)
+    print(format_report(sparsity_report(model)))
+    print(f"{info.model} on {info.dataset}: test accuracy {evaluate(model, data.test):.4f}, "
+          f"validation {evaluate(model, data.val):.4f}")
+    return 0
+
+
+def cmd_bench(ns: argparse.Namespace) -> int:
+    from .bench import BenchConfig, run_bench
+
+    cfg = BenchConfig.from_file(ns.config) if ns.config else BenchConfig()
+    for f in dataclasses.fields(BenchConfig):
+        if f.name in ns.overrides:
+            setattr(cfg, f.name, getattr(ns, f.name))
+    results = run_bench(cfg, ns.out)
+    print(f"results: {results}\nreport: {results.parent / 'report.md'}\n"
+          f"plot: {results.parent / 'accuracy_vs_sparsity.png'}")
+    return 0
+
+
+def cmd_demo(ns: argparse.Namespace) -> int:
+    from .bench import BenchConfig, run_bench
+    from .report import load_results, markdown_tables
+
+    start = time.perf_counter()
+    cfg = BenchConfig(
+        models=["lenet300:digits"], criteria=list(dict.fromkeys([DEFAULT_CRITERION, "contrib-share", "wanda"])),
+        sparsities=[0.5, 0.75, 0.9], seeds=[ns.seed], regimes=["oneshot", "finetune"], calib_samples=[512],
+        epochs=ns.epochs, batch_size=64, finetune_epochs=ns.finetune_epochs, lr=1e-3, finetune_lr=5e-4,
+    )
+    results = run_bench(cfg, ns.out, log=lambda *_: None)
+    print(markdown_tables(load_results(results)))
+    print(f"plot: {results.parent / 'accuracy_vs_sparsity.png'}  ({time.perf_counter() - start:.0f} s)")
+    return 0
+
+
+def cmd_explain(ns: argparse.Namespace) -> int:
+    from .. import collect_stats
+    from .explain import format_summary, plot_explain, summarise
+    from .training import calibration_batches, save_json
+
+    c, d = from_args(Common, ns), from_args(DataArgs, ns)
+    model, _, data = _prepare_model(ns.checkpoint, d, c.seed)
+    calib = calibration_batches(data.train, ns.calib_samples, seed=c.seed)
+    stats = collect_stats(model, calib, statistics=["relative_mean", "relative_std"])
+    rows = summarise(stats, ns.tau, ns.ucb_k)
+    out = Path(c.out)
+    out.mkdir(parents=True, exist_ok=True)
+    png = plot_explain(stats, out / "explain.png", ns.ucb_k)
+    save_json([dataclasses.asdict(r) for r in rows], out / "explain.json")
+    print(format_summary(rows, ns.tau))
+    print(f"plot: {png}")
+    return 0
+
+
+def cmd_export(ns: argparse.Namespace) -> int:
+    import torch
+
+    from .. import collect_stats
+    from ..deploy.export import export_dense, export_masked, export_sparse, file_size
+    from ..deploy.shrink import shrink
+    from ..deploy.structured import prune_units
+    from .experiment import load_model
+    from .training import calibration_batches
+
+    c = from_args(Common, ns)
+    model, info = load_model(ns.checkpoint)
+    model.eval()
+    example = torch.zeros(2, *info.input_shape)
+    if ns.structured:
+        d = from_args(DataArgs, ns)
+        stats = None
+        if ns.structured_criterion == "rc":
+            data = _load_data(dataclasses.replace(d, dataset=d.dataset or info.dataset), c.seed)
+            stats = collect_stats(model, calibration_batches(data.train, 1024, seed=c.seed),
+                                  statistics=["relative_mean"])
+        prune_units(model, stats, ns.structured, criterion=ns.structured_criterion)
+    small, report = shrink(model, example, allow_approximate=ns.allow_approximate)
+    out = Path(c.out)
+    meta = {"model": info.model, "dataset": info.dataset, "input_shape": info.input_shape,
+            "num_classes": info.num_classes}
+    paths = {
+        "dense (shrunk)": export_dense(small, out / "dense", meta),
+        "masked": export_masked(model, out / "masked", meta),
+        "sparse (bitmask + values)": export_sparse(model, out / "sparse", meta),
+    }
+    original = export_dense(load_model(ns.checkpoint)[0], out / ".original", meta)
+    base = file_size(original)
+    print(report)
+    print(f"{'form':28} {'bytes':>10} {'vs dense original':>18}")
+    print(f"{'dense original':28} {base:10d} {1:18.3f}")
+    for label, path in paths.items():
+        print(f"{label:28} {file_size(path):10d} {file_size(path) / base:18.3f}  {path}")
+    original.unlink()
+    original.with_suffix(".json").unlink()
+    original.parent.rmdir()
+    return 0
+
+
+def cmd_load(ns: argparse.Namespace) -> int:
+    from ..core.masks import format_report, sparsity_report
+    from ..deploy.export import load_exported
+    from .training import evaluate
+
+    model, meta = load_exported(ns.path)
+    print(f"{meta['format']} model: {sum(p.numel() for p in model.parameters())} parameters")
+    print(format_report(sparsity_report(model)))
+    if ns.evaluate:
+        d = from_args(DataArgs, ns)
+        d = dataclasses.replace(d, dataset=d.dataset or meta.get("dataset", "mnist"))
+        data = _load_data(d, ns.seed)
+        print(f"test accuracy {evaluate(model, data.test):.4f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="relprune", description="Prune PyTorch networks by measured relative contributions.",
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from .. import __version__
+
+    parser.add_argument("--version", action="version", version=f"relprune {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def command(name: str, help_: str, *groups: type, out: str = "runs/latest") -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        for g in groups:
+            add_dataclass_args(p, g, {"out": out, "dataset": "mnist" if name == "train" else None})
+        return p
+
+    demo = command("demo", "train a small model on the built-in digits, prune it by the default criterion, "
+                   "our best contribution criterion and Wanda, fine-tune, print a table and write a plot",
+                   Common, out="runs/demo")
+    demo.add_argument("--epochs", type=int, default=30, help="training epochs (default: 30)")
+    demo.add_argument("--finetune-epochs", type=int, default=5, help="fine-tuning epochs (default: 5)")
+    demo.set_defaults(func=cmd_demo)
+
+    command("train", "train a model and save it (resumes an interrupted run in the same --out)",
+            Common, DataArgs, TrainArgs).set_defaults(func=cmd_train)
+    command("prune", "prune a trained model by one method at one sparsity and save it with its masks",
+            Common, DataArgs, MethodArgs, PruneArgs, out="runs/pruned").set_defaults(func=cmd_prune)
+    ev = command("eval", "print a saved model's accuracy and per-layer sparsity", Common, DataArgs)
+    ev.add_argument("--checkpoint", default="runs/latest", help="model folder (default: runs/latest)")
+    ev.set_defaults(func=cmd_eval)
+
+    from .bench import BenchConfig
+
+    bench = sub.add_parser("bench", help="sweep models x methods x sparsities x seeds; write results.jsonl, "
+                           "report.md and accuracy_vs_sparsity.png",
+                           description="Sweep; settings from --config (TOML), each overridable by a flag.")
+    bench.add_argument("--config", help="TOML file of BenchConfig settings (see configs/)")
+    bench.add_argument("--out", default="runs/bench", help="output folder (default: runs/bench)")
+    add_dataclass_args(bench, BenchConfig)
+    bench.set_defaults(func=cmd_bench)
+
+    ex = command("explain", "per-layer plots of relative contributions, share under a threshold, and "
+                 "neuron entropy", Common, DataArgs, out="runs/explain")
+    ex.add_argument("--checkpoint", default="runs/latest", help="model folder (default: runs/latest)")
+    ex.add_argument("--calib-samples", type=int, default=1024, help="calibration samples (default: 1024)")
+    ex.add_argument("--tau", type=float, default=0.1, help="threshold as a fraction of 1/I (default: 0.1)")
+    ex.add_argument("--ucb-k", type=float, default=1.0, help="k in E[r] + k Std[r] (default: 1)")
+    ex.set_defaults(func=cmd_explain)
+
+    exp = command("export", "shrink a (pruned) model and write it dense, masked and sparse, with sizes",
+                  Common, DataArgs, out="runs/export")
+    exp.add_argument("--checkpoint", default="runs/pruned", help="model folder (default: runs/pruned)")
+    exp.add_argument("--structured", type=float, default=0.0,
+                     help="first remove this fraction of units per layer (default: 0, none)")
+    exp.add_argument("--structured-criterion", choices=["rc", "l1"], default="rc",
+                     help="unit score for --structured (default: rc)")
+    exp.add_argument("--allow-approximate", action="store_true",
+                     help="shrink across modules that may mix channels (default: refuse)")
+    exp.set_defaults(func=cmd_export)
+
+    ld = command("load", "read an exported model back, print its size and sparsity, and evaluate it",
+                 Common, DataArgs)
+    ld.add_argument("path", help="an exported folder or .safetensors file")
+    ld.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=True,
+                    help="evaluate on the test split of its dataset (default: True)")
+    ld.set_defaults(func=cmd_load)
+    return parser
+
+
+def _explicit_flags(argv: list[str]) -> set[str]:
+    return {a[2:].split("=")[0].replace("-", "_").removeprefix("no_") for a in argv if a.startswith("--")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    ns.overrides = _explicit_flags(argv)
+    try:
+        return ns.func(ns)
+    except RelpruneError as err:
+        print(f"relprune {ns.command}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"relprune {ns.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

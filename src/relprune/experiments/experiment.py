@@ -1,0 +1,192 @@
+"""The experiment side's shared steps: a pruning method as data, pruning pipelines, model files.
+
+Built only on the public API (collect_stats, prune) plus the data, model and
+training modules.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from .. import collect_stats, load_state_dict, prune
+from ..core.criteria import get_criterion
+from ..core.layers import prunable_layers, weight_matrix
+from ..core.masks import Masks, copy_model
+from ..core.stats import Stats
+from ..defaults import DEFAULT_BIAS_COMPENSATION, DEFAULT_CRITERION, DEFAULT_LIVENESS, DEFAULT_SCOPE
+from ..errors import CheckpointError
+from .data import Data
+from .models import build_model
+from .training import TrainConfig, atomic_write_text, train
+
+
+@dataclass(frozen=True)
+class Method:
+    """One pruning method: criterion and the options that change what it removes."""
+
+    criterion: str = DEFAULT_CRITERION
+    scope: str = DEFAULT_SCOPE
+    liveness: bool = DEFAULT_LIVENESS
+    bias_compensation: bool = DEFAULT_BIAS_COMPENSATION
+    n_m: str | None = None
+    ucb_k: float = 1.0
+
+    @property
+    def label(self) -> str:
+        """A short readable name, e.g. 'rc', 'rc -live +bc [layer]', 'wanda 2:4'."""
+        parts = [self.criterion]
+        if get_criterion(self.criterion).statistics - {"weight_grad"} and not self.liveness:
+            parts.append("-live")
+        if self.bias_compensation:
+            parts.append("+bc")
+        if self.criterion == "rc-ucb" and self.ucb_k != 1.0:
+            parts.append(f"k={self.ucb_k:g}")
+        if self.n_m:
+            parts.append(self.n_m)
+        elif self.scope != "global":
+            parts.append(f"[{self.scope}]")
+        return " ".join(parts)
+
+    def statistics(self) -> list[str]:
+        stats = set(get_criterion(self.criterion).statistics)
+        if self.bias_compensation:
+            stats.add("contribution_mean")
+        return sorted(stats)
+
+
+def gather(model: nn.Module, calib: list[tuple[Tensor, Tensor]], methods: list[Method],
+           liveness: bool) -> tuple[Stats | None, float]:
+    """One statistics pass serving every method given (with this liveness); returns stats and seconds."""
+    wanted = sorted({s for m in methods for s in m.statistics()})
+    if not wanted:
+        return None, 0.0
+    start = time.perf_counter()
+    stats = collect_stats(model, calib, liveness=liveness, statistics=wanted)
+    return stats, time.perf_counter() - start
+
+
+def apply_method(model: nn.Module, stats: Stats | None, method: Method, sparsity: float, seed: int) -> Masks:
+    """Prune ``model`` in place by ``method`` to ``sparsity`` (N:M methods ignore sparsity)."""
+    kwargs: dict[str, Any] = {"criterion": method.criterion, "scope": method.scope,
+                              "bias_compensation": method.bias_compensation, "seed": seed}
+    if method.criterion == "rc-ucb":
+        kwargs["ucb_k"] = method.ucb_k
+    if method.n_m:
+        # Layers whose fan-in M does not divide stay dense, as N:M kernels require (e.g. a 5x5 first conv).
+        m = int(method.n_m.split(":")[1])
+        names = stats.keys() if stats is not None else prunable_layers(model).keys()
+        modules = dict(model.named_modules())
+        eligible = [n for n in names if weight_matrix(modules[n].weight).shape[1] % m == 0]
+        return prune(model, stats, n_m=method.n_m, layers=eligible, **kwargs)
+    return prune(model, stats, sparsity=sparsity, **kwargs)
+
+
+def sparsity_schedule(final: float, rounds: int) -> list[float]:
+    """Sparsities s_1 < ... < s_rounds = final, each round removing the same fraction of what is left."""
+    return [1 - (1 - final) ** ((k + 1) / rounds) for k in range(rounds)]
+
+
+def iterative_prune(model: nn.Module, data: Data, calib: list[tuple[Tensor, Tensor]], method: Method,
+                    sparsity: float, rounds: int, finetune: TrainConfig) -> Masks:
+    """Prune in ``rounds`` steps to ``sparsity``, re-collecting statistics and fine-tuning between steps."""
+    masks = None
+    for r, s in enumerate(sparsity_schedule(sparsity, rounds)):
+        stats, _ = gather(model, calib, [method], method.liveness)
+        masks = apply_method(model, stats, method, s, finetune.seed + r)
+        train(model, data, finetune, desc=f"iterative {r + 1}/{rounds}")
+    assert masks is not None
+    return masks
+
+
+def fresh_copy(model: nn.Module) -> nn.Module:
+    return copy_model(model)
+
+
+# -- model files --------------------------------------------------------------------
+
+@dataclass
+class ModelInfo:
+    """What is needed to rebuild a saved model, plus what is known about it."""
+
+    model: str
+    dataset: str
+    input_shape: list[int]
+    num_classes: int
+    seed: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def save_model(model: nn.Module, info: ModelInfo, folder: str | Path) -> Path:
+    """``folder/model.safetensors`` (state dict, masks included) and ``folder/model.json``."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = folder / ".model.safetensors.tmp"
+    save_file(state, str(tmp), metadata={"relprune_model": json.dumps(asdict(info))})
+    tmp.replace(folder / "model.safetensors")
+    atomic_write_text(json.dumps(asdict(info), indent=2) + "\n", folder / "model.json")
+    return folder
+
+
+def load_model(path: str | Path) -> tuple[nn.Module, ModelInfo]:
+    """Rebuild a model saved by :func:`save_model` (a folder or its model.safetensors)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    meta_path = folder / "model.json"
+    weights = folder / "model.safetensors"
+    if not meta_path.is_file() or not weights.is_file():
+        raise CheckpointError(f"{folder} does not hold model.json and model.safetensors")
+    try:
+        info = ModelInfo(**json.loads(meta_path.read_text()))
+    except (json.JSONDecodeError, TypeError) as err:
+        raise CheckpointError(f"{meta_path}: not a relprune model description: {err}") from err
+    model = build_model(info.model, tuple(info.input_shape), info.num_classes)
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{weights}: cannot read: {err}") from err
+    load_state_dict(model, state)
+    return model, info
+
+
+def train_model(model_name: str, data: Data, cfg: TrainConfig, folder: str | Path, *, pat: str = "none",
+                pat_alpha: float = 0.0, pat_warmup: float = 0.2, desc: str = "train") -> tuple[nn.Module, ModelInfo]:
+    """Build, train (resuming ``folder/train.ckpt``), evaluate and save one model, with optional PAT.
+
+    The regulariser's hooks are removed whatever happens; the checkpoint goes once the model is saved.
+    """
+    import torch
+
+    from ..train.regularizers import alpha_ramp, make_regularizer
+    from .training import evaluate
+
+    folder = Path(folder)
+    torch.manual_seed(cfg.seed)
+    model = build_model(model_name, data.input_shape, data.num_classes)
+    penalty = alpha = None
+    if pat != "none":
+        penalty = make_regularizer(pat, model, data.train.x[:256])
+        alpha = alpha_ramp(pat_alpha, pat_warmup, cfg.epochs, -(-len(data.train) // cfg.batch_size))
+    try:
+        history = train(model, data, cfg, penalty=penalty, alpha=alpha, checkpoint=folder / "train.ckpt", desc=desc)
+    finally:
+        if penalty is not None:
+            penalty.detach()
+    metrics = {"test_acc": evaluate(model, data.test), "val_acc": evaluate(model, data.val)}
+    info = ModelInfo(model_name, data.name, list(data.input_shape), data.num_classes, cfg.seed, metrics,
+                     {"pat": pat, "pat_alpha": pat_alpha, "history": history})
+    save_model(model, info, folder)
+    (folder / "train.ckpt").unlink(missing_ok=True)
+    return model, info

@@ -1,0 +1,179 @@
+"""Training loops for the experiments: train, fine-tune with masks held, evaluate, resume.
+
+Determinism: every epoch re-seeds its own shuffling and dropout from
+(seed, epoch), so a run resumed from an epoch checkpoint continues exactly
+as an uninterrupted one would. Masks applied by ``relprune.prune`` live in
+the forward pass (weight = weight_orig * mask), so training through them
+keeps pruned weights at zero without any extra step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import CheckpointError
+from .data import Data, Split
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings for one training or fine-tuning run."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    seed: int = 0
+    schedule: str = "cosine"  # or "constant"
+
+
+Penalty = Callable[[], Tensor]
+
+
+def progress_bar(iterable, **kwargs):
+    """tqdm that stays quiet when stderr is not a terminal."""
+    from tqdm import tqdm
+
+    return tqdm(iterable, disable=None, leave=False, dynamic_ncols=True, **kwargs)
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """torch.save to a temporary file in the same folder, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(text: str, path: str | Path) -> None:
+    """Write text atomically (same-folder temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    raise ValueError(f"optimizer must be 'adam' or 'sgd', got {cfg.optimizer!r}")
+
+
+def evaluate(model: nn.Module, split: Split, batch_size: int = 1000) -> float:
+    """Top-1 accuracy on a split, in eval mode; the model's mode is restored."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for x, y in split.batches(batch_size):
+            correct += int((model(x).argmax(1) == y).sum())
+    model.train(was_training)
+    return correct / max(len(split), 1)
+
+
+def train(
+    model: nn.Module,
+    data: Data,
+    cfg: TrainConfig,
+    *,
+    penalty: Penalty | None = None,
+    alpha: Callable[[int, int], float] | None = None,
+    checkpoint: str | Path | None = None,
+    desc: str = "train",
+) -> list[dict[str, float]]:
+    """Train ``model`` on ``data.train``; returns per-epoch history (loss, penalty, val accuracy).
+
+    ``penalty`` is added to the loss as ``alpha(epoch, step) * penalty()``.
+    With ``checkpoint``, the state after each epoch is saved atomically and an
+    existing checkpoint with the same config is resumed.
+    """
+    opt = make_optimizer(model, cfg)
+    steps_per_epoch = (len(data.train) + cfg.batch_size - 1) // cfg.batch_size
+    total_steps = max(1, cfg.epochs * steps_per_epoch)
+    if cfg.schedule == "cosine":
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total_steps) / total_steps)))
+    elif cfg.schedule == "constant":
+        sched = None
+    else:
+        raise ValueError(f"schedule must be 'cosine' or 'constant', got {cfg.schedule!r}")
+    history: list[dict[str, float]] = []
+    start_epoch = 0
+    ckpt = Path(checkpoint) if checkpoint else None
+    if ckpt is not None and ckpt.is_file():
+        state = torch.load(ckpt, weights_only=False)
+        if state.get("config") != asdict(cfg):
+            raise CheckpointError(f"{ckpt} was written with a different training config: {state.get('config')}")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        if sched is not None:
+            sched.load_state_dict(state["scheduler"])
+        history, start_epoch = state["history"], state["epoch"] + 1
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout and any other global RNG use
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        total = total_pen = 0.0
+        seen = 0
+        bar = progress_bar(data.train.batches(cfg.batch_size, shuffle=True, generator=gen),
+                           total=steps_per_epoch, desc=f"{desc} {epoch + 1}/{cfg.epochs}")
+        for step, (x, y) in enumerate(bar):
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x), y)
+            if penalty is not None:
+                pen = penalty()
+                weight = alpha(epoch, step) if alpha is not None else 1.0
+                loss = loss + weight * pen
+                total_pen += float(pen.detach()) * len(y)
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            total += float(loss.detach()) * len(y)
+            seen += len(y)
+        record = {"epoch": epoch, "loss": total / seen, "val_acc": evaluate(model, data.val)}
+        if penalty is not None:
+            record["penalty"] = total_pen / seen
+        history.append(record)
+        if ckpt is not None:
+            atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+                         "scheduler": sched.state_dict() if sched is not None else None,
+                         "history": history, "config": asdict(cfg)}, ckpt)
+    return history
+
+
+def calibration_batches(split: Split, samples: int, batch_size: int = 256, seed: int = 0) -> list[tuple[Tensor, Tensor]]:
+    """``samples`` examples drawn from a split with a fixed seed, as labelled batches."""
+    if samples <= 0:
+        raise ValueError("calibration samples must be positive")
+    gen = torch.Generator().manual_seed(seed + 777)
+    idx = torch.randperm(len(split), generator=gen)[:samples]
+    sub = Split(split.x[idx], split.y[idx])
+    return list(sub.batches(batch_size))
+
+
+def save_json(obj: Any, path: str | Path) -> None:
+    atomic_write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", path)

@@ -1,0 +1,1 @@
+"""Training networks so that they prune well: regularisers that work in any training loop."""

@@ -1,0 +1,88 @@
+"""Budgets are met exactly, patterns hold, thresholds follow their definition."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from relprune.core.allocation import (
+    allocate,
+    allocate_n_m,
+    allocate_threshold,
+    check_sparsity,
+    parse_n_m,
+)
+from relprune.errors import SparsityError
+
+
+def _scores(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"a": torch.rand(6, 8, generator=g, dtype=torch.float64),
+            "b": torch.rand(4, 3, 2, 2, generator=g, dtype=torch.float64)}
+
+
+@settings(max_examples=30, deadline=None)
+@given(sparsity=st.floats(0, 0.99), seed=st.integers(0, 1000))
+def test_exact_sparsity_per_scope(sparsity, seed):
+    scores = _scores(seed)
+    total = sum(s.numel() for s in scores.values())
+    keep = allocate(scores, sparsity, "global")
+    assert sum(int((~k).sum()) for k in keep.values()) == round(sparsity * total)
+    keep = allocate(scores, sparsity, "layer")
+    for n, s in scores.items():
+        assert int((~keep[n]).sum()) == round(sparsity * s.numel())
+    keep = allocate(scores, sparsity, "row")
+    for n, s in scores.items():
+        removed_per_row = (~keep[n]).reshape(s.shape[0], -1).sum(1)
+        assert torch.all(removed_per_row == round(sparsity * s.reshape(s.shape[0], -1).shape[1]))
+
+
+def test_global_removes_the_lowest_scores():
+    scores = _scores()
+    keep = allocate(scores, 0.5, "global")
+    kept = torch.cat([s[k] for s, k in zip(scores.values(), keep.values(), strict=False)])
+    dropped = torch.cat([s[~k] for s, k in zip(scores.values(), keep.values(), strict=False)])
+    assert kept.min() >= dropped.max()
+
+
+def test_n_m_pattern_holds():
+    scores = _scores()
+    keep = allocate_n_m(scores, 2, 4)
+    for n, k in keep.items():
+        groups = k.reshape(-1, 4)
+        assert torch.all(groups.sum(1) == 2)
+        s = scores[n].reshape(-1, 4)
+        assert torch.all(torch.where(groups, s, torch.inf).min(1).values
+                         >= torch.where(groups, -torch.inf, s).max(1).values)
+
+
+def test_n_m_needs_divisible_inputs():
+    with pytest.raises(SparsityError, match="multiple of M"):
+        allocate_n_m({"a": torch.rand(3, 6)}, 2, 4)
+
+
+def test_threshold_keeps_scores_above_share():
+    s = torch.tensor([[0.5, 0.3, 0.15, 0.05]], dtype=torch.float64)  # uniform share 0.25
+    keep = allocate_threshold({"a": s}, 0.5)
+    assert keep["a"].tolist() == [[True, True, True, False]]
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, float("nan"), "x", None])
+def test_bad_sparsity(bad):
+    with pytest.raises(SparsityError):
+        check_sparsity(bad)
+
+
+@pytest.mark.parametrize("bad", ["4:2", "2:2", "0:4", "a:b", "2-4", (1,)])
+def test_bad_n_m(bad):
+    with pytest.raises(SparsityError):
+        parse_n_m(bad)
+
+
+def test_bad_scope_and_threshold():
+    with pytest.raises(SparsityError):
+        allocate(_scores(), 0.5, "neuron")
+    with pytest.raises(SparsityError):
+        allocate_threshold(_scores(), 0.0)

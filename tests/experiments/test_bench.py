@@ -1,0 +1,95 @@
+"""Sweeps: resumable, refuse mixed settings, write the three outputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from relprune.errors import RelpruneError
+from relprune.experiments.bench import TIMING_FIELDS, BenchConfig, cells, run_bench
+from relprune.experiments.report import load_results, markdown_tables
+
+
+def tiny_config(**kw):
+    base = dict(models=["lenet300:digits"], criteria=["rc", "magnitude"], sparsities=[0.5, 0.8], seeds=[0],
+                regimes=["oneshot", "finetune"], calib_samples=[128], epochs=2, batch_size=64,
+                finetune_epochs=1, max_train_samples=400)
+    base.update(kw)
+    return BenchConfig(**base)
+
+
+def _comparable(path):
+    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in load_results(path)]
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_interrupted_sweep_resumes_to_the_same_results(tmp_path):
+    cfg = tiny_config()
+    straight = run_bench(cfg, tmp_path / "a", log=lambda *_: None)
+
+    count = {"n": 0}
+
+    def stop_after_three(msg):
+        if " acc " in msg:
+            count["n"] += 1
+            if count["n"] == 3:
+                raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run_bench(cfg, tmp_path / "b", log=stop_after_three)
+    assert len(load_results(tmp_path / "b" / "results.jsonl")) == 3
+    with (tmp_path / "b" / "results.jsonl").open("a") as fh:
+        fh.write('{"torn": ')  # a write cut short by the interruption
+    resumed = run_bench(cfg, tmp_path / "b", log=lambda *_: None)
+    assert _comparable(resumed) == _comparable(straight)
+    assert len(_comparable(straight)) == len(list(cells(cfg))) == 8
+    for name in ("report.md", "accuracy_vs_sparsity.png"):
+        assert (tmp_path / "b" / name).stat().st_size > 0
+    text = (tmp_path / "b" / "report.md").read_text()
+    assert "lenet300 on digits, finetune" in text and "**" in text
+
+
+def test_rerun_skips_finished_cells(tmp_path):
+    cfg = tiny_config(regimes=["oneshot"], sparsities=[0.5])
+    run_bench(cfg, tmp_path, log=lambda *_: None)
+    msgs = []
+    run_bench(cfg, tmp_path, log=msgs.append)
+    assert msgs[0].startswith("2 cells finished before, 0 to run")
+
+
+def test_other_settings_are_refused(tmp_path):
+    run_bench(tiny_config(regimes=["oneshot"], sparsities=[0.5]), tmp_path, log=lambda *_: None)
+    with pytest.raises(RelpruneError, match=r"different settings.*epochs"):
+        run_bench(tiny_config(regimes=["oneshot"], sparsities=[0.5], epochs=3), tmp_path, log=lambda *_: None)
+
+
+def test_config_file_and_validation(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('models = ["lenet5:mnist"]\nsparsities = [0.9]\n')
+    cfg = BenchConfig.from_file(path)
+    assert cfg.models == ["lenet5:mnist"] and cfg.sparsities == [0.9]
+    path.write_text("colour = 1\n")
+    with pytest.raises(RelpruneError, match="unknown settings"):
+        BenchConfig.from_file(path)
+    with pytest.raises(RelpruneError):
+        tiny_config(regimes=["twice"]).validate()
+    with pytest.raises(RelpruneError):
+        tiny_config(criteria=["nope"]).validate()
+
+
+def test_method_grid_and_table():
+    cfg = tiny_config(criteria=["rc", "magnitude"], liveness=[True, False], bias_compensation=[False, True],
+                      n_m=["2:4"])
+    labels = [m.label for m in cfg.methods()]
+    assert "rc -live +bc" in labels and "magnitude 2:4" in labels and labels.count("magnitude") == 1
+    rows = [{"model": "m", "dataset": "d", "regime": "oneshot", "calib_samples": 1, "pat": "none",
+             "pat_alpha": 0.0, "method": meth, "sparsity": 0.5, "accuracy": acc, "seed": seed,
+             "dense_accuracy": 0.9}
+            for meth, acc in (("a", 0.8), ("b", 0.7)) for seed in (0, 1)]
+    table = markdown_tables(rows)
+    assert "| a | **80.00 ± 0.00** |" in table and "| b | 70.00 ± 0.00 |" in table
+    assert json.dumps(rows)

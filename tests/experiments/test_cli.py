@@ -1,0 +1,87 @@
+"""The relprune command end to end, and its argument errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from relprune.experiments.cli import main
+
+COMMANDS = ["demo", "train", "prune", "eval", "bench", "explain", "export", "load"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_shows_defaults(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--out" in out and "--seed" in out and "default" in out
+
+
+def test_help_shows_each_commands_own_output_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["prune", "--help"])
+    assert "(default: runs/pruned)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["prune", "--sparsity", "abc"], "invalid"),
+    (["train", "--epochs"], "expected one argument"),
+    (["frobnicate"], "invalid choice"),
+    (["bench", "--sparsities", "0.5,x"], "could not convert"),
+])
+def test_bad_arguments_exit_nonzero_with_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+
+
+def test_library_errors_become_one_line(tmp_path, capsys):
+    code = main(["eval", "--checkpoint", str(tmp_path / "none")])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1 and "does not hold model.json" in err
+    code = main(["train", "--dataset", "mnist", "--data-dir", str(tmp_path), "--out", str(tmp_path / "x")])
+    assert code == 1 and "--download" in capsys.readouterr().err
+
+
+def test_train_prune_eval_explain_on_digits(tmp_path, capsys):
+    model = tmp_path / "model"
+    assert main(["train", "--dataset", "digits", "--epochs", "2", "--out", str(model)]) == 0
+    assert (model / "model.safetensors").is_file()
+    pruned = tmp_path / "pruned"
+    assert main(["prune", "--checkpoint", str(model), "--sparsity", "0.7", "--finetune-epochs", "1",
+                 "--out", str(pruned)]) == 0
+    out = capsys.readouterr().out
+    assert "sparsity 70.00%" in out and "fine-tuned" in out
+    assert main(["prune", "--checkpoint", str(model), "--threshold", "0.5", "--criterion", "rc-ucb",
+                 "--out", str(tmp_path / "thr")]) == 0
+    assert main(["prune", "--checkpoint", str(model), "--sparsity", "0.5", "--n-m", "2:4",
+                 "--out", str(tmp_path / "bad")]) == 1
+    assert main(["eval", "--checkpoint", str(pruned)]) == 0
+    assert "total" in capsys.readouterr().out
+    assert main(["explain", "--checkpoint", str(model), "--calib-samples", "128", "--out", str(tmp_path / "ex")]) == 0
+    assert (tmp_path / "ex" / "explain.png").stat().st_size > 0
+    assert main(["train", "--dataset", "digits", "--epochs", "1", "--pat", "entropy", "--pat-alpha", "0.1",
+                 "--out", str(tmp_path / "pat")]) == 0
+    capsys.readouterr()
+    assert main(["export", "--checkpoint", str(pruned), "--out", str(tmp_path / "exp")]) == 0
+    out = capsys.readouterr().out
+    assert "dense (shrunk)" in out and "sparse (bitmask + values)" in out
+    for form in ("dense", "masked", "sparse"):
+        assert main(["load", str(tmp_path / "exp" / form)]) == 0
+        assert "test accuracy" in capsys.readouterr().out
+    assert main(["export", "--checkpoint", str(model), "--structured", "0.5", "--out", str(tmp_path / "st")]) == 0
+
+
+def test_demo_end_to_end(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "relprune.experiments.cli", "demo", "--epochs", "3", "--finetune-epochs", "1",
+                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "| method | 50% | 75% | 90% |" in result.stdout
+    assert "magnitude" in result.stdout and "wanda" in result.stdout and "contrib-share" in result.stdout
+    assert (tmp_path / "accuracy_vs_sparsity.png").stat().st_size > 0

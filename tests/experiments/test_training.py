@@ -1,0 +1,128 @@
+"""Training is deterministic, resumes exactly, and holds masks; models build and load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import relprune
+from relprune.errors import CheckpointError, RelpruneError
+from relprune.experiments.data import load_dataset
+from relprune.experiments.experiment import (
+    Method,
+    ModelInfo,
+    iterative_prune,
+    load_model,
+    save_model,
+    sparsity_schedule,
+)
+from relprune.experiments.models import MODELS, build_model
+from relprune.experiments.training import TrainConfig, calibration_batches, evaluate, train
+
+
+@pytest.fixture(scope="module")
+def digits():
+    data = load_dataset("digits")
+    data.train = data.train.head(300)
+    return data
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_same_seed_same_weights(digits):
+    cfg = TrainConfig(epochs=2, batch_size=32, seed=3)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        m = build_model("lenet300", digits.input_shape, 10)
+        train(m, digits, cfg)
+        runs.append(_state(m))
+    for k in runs[0]:
+        assert torch.equal(runs[0][k], runs[1][k])
+
+
+def test_interrupted_training_resumes_to_the_same_weights(digits, tmp_path):
+    cfg = TrainConfig(epochs=3, batch_size=32, seed=1)
+    torch.manual_seed(1)
+    straight = build_model("vgg-small", digits.input_shape, 10)
+    init = _state(straight)
+    train(straight, digits, cfg)
+
+    resumed = build_model("vgg-small", digits.input_shape, 10)
+    resumed.load_state_dict(init)
+    ckpt = tmp_path / "train.ckpt"
+    train(resumed, digits, TrainConfig(**{**cfg.__dict__}), checkpoint=ckpt)  # full run writes checkpoints
+    partial = build_model("vgg-small", digits.input_shape, 10)
+    partial.load_state_dict(init)
+    state = torch.load(ckpt, weights_only=False)
+    assert state["epoch"] == 2
+    # Stop after epoch 1: rebuild that checkpoint by training 2 of 3 epochs, then resume.
+    ckpt2 = tmp_path / "stop.ckpt"
+    calls = {"n": 0}
+
+    class Stop(Exception):
+        pass
+
+    def penalty():
+        calls["n"] += 1
+        if calls["n"] > 2 * ((len(digits.train) + 31) // 32):
+            raise Stop
+        return torch.zeros(())
+
+    with pytest.raises(Stop):
+        train(partial, digits, cfg, penalty=penalty, checkpoint=ckpt2)
+    again = build_model("vgg-small", digits.input_shape, 10)
+    history = train(again, digits, cfg, checkpoint=ckpt2)
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+    for k, v in _state(straight).items():
+        torch.testing.assert_close(again.state_dict()[k], v, rtol=0, atol=0)
+
+
+def test_checkpoint_with_other_config_is_refused(digits, tmp_path):
+    m = build_model("lenet300", digits.input_shape, 10)
+    train(m, digits, TrainConfig(epochs=1, batch_size=64), checkpoint=tmp_path / "c.ckpt")
+    with pytest.raises(CheckpointError, match="different training config"):
+        train(m, digits, TrainConfig(epochs=2, batch_size=64), checkpoint=tmp_path / "c.ckpt")
+
+
+def test_finetune_keeps_masks_and_iterative_reaches_target(digits):
+    torch.manual_seed(0)
+    m = build_model("lenet5", digits.input_shape, 10)
+    train(m, digits, TrainConfig(epochs=1, batch_size=32))
+    calib = calibration_batches(digits.train, 128)
+    masks = iterative_prune(m, digits, calib, Method("rc"), 0.8, 2, TrainConfig(epochs=1, batch_size=32))
+    assert masks.sparsity == pytest.approx(0.8, abs=0.01)
+    for name, mask in masks.items():
+        assert torch.all(m.get_submodule(name).weight[~mask] == 0)
+    assert sparsity_schedule(0.75, 2) == pytest.approx([0.5, 0.75])
+
+
+def test_model_files_round_trip_with_masks(digits, tmp_path):
+    m = build_model("lenet300", digits.input_shape, 10)
+    relprune.prune(m, None, sparsity=0.5, criterion="magnitude")
+    info = ModelInfo("lenet300", "digits", list(digits.input_shape), 10, metrics={"test_acc": 0.5})
+    save_model(m, info, tmp_path / "m")
+    back, info2 = load_model(tmp_path / "m")
+    assert info2 == info
+    assert evaluate(back, digits.test) == evaluate(m, digits.test)
+    assert relprune.current_masks(back).sparsity == pytest.approx(0.5, abs=0.01)
+    (tmp_path / "m" / "model.json").write_text(info.__class__.__name__)
+    with pytest.raises(CheckpointError):
+        load_model(tmp_path / "m")
+
+
+def test_models_forward_on_both_input_sizes():
+    for name in MODELS:
+        for shape in [(1, 28, 28), (1, 8, 8)]:
+            assert build_model(name, shape, 10)(torch.zeros(2, *shape)).shape == (2, 10)
+
+
+def test_user_model_factory():
+    m = build_model("torch.nn:Identity", (1, 8, 8), 10)
+    assert isinstance(m, torch.nn.Identity)
+    with pytest.raises(RelpruneError, match="cannot load"):
+        build_model("nope.nothing:f", (1, 8, 8), 10)
+    with pytest.raises(RelpruneError, match="unknown model"):
+        build_model("resnet", (1, 8, 8), 10)

@@ -1,0 +1,101 @@
+"""The package's one-way arrows (docs/architecture.md), checked on the source and on a fresh import."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "relprune"
+
+# What each part may import of relprune (besides itself). Top-level modules are errors/defaults.
+ALLOWED = {
+    "core": {"errors", "defaults"},
+    "train": {"errors", "defaults", "core"},
+    "deploy": {"errors", "defaults", "core"},
+    "experiments": {"errors", "defaults", "core", "train", "deploy", "__init__"},
+}
+# Third-party packages core may use: the method needs tensors and nothing else at import time;
+# the statistics file format (safetensors) and the calibration progress bar (tqdm), both required
+# dependencies, load inside the one function that uses each.
+CORE_THIRD_PARTY = {"torch", "numpy"}
+CORE_LAZY_THIRD_PARTY = {"safetensors", "tqdm"}
+
+
+def _imports(path: Path, top_level_only: bool = False) -> list[tuple[int, str]]:
+    """(level, absolute-or-relative module) for every import statement in a file."""
+    tree = ast.parse(path.read_text())
+    found = []
+    for node in tree.body if top_level_only else ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(0, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level and node.module is None:
+                found += [(node.level, alias.name) for alias in node.names]
+            else:
+                found.append((node.level, node.module or ""))
+    return found
+
+
+def _target_part(path: Path, level: int, module: str) -> str | None:
+    """The part of relprune an import reaches ("core", "errors", "__init__", ...), or None."""
+    if level == 0:
+        if module == "relprune":
+            return "__init__"
+        if not module.startswith("relprune."):
+            return None
+        return module.split(".")[1]
+    here = path.relative_to(PACKAGE).parts[:-1]
+    base = list(here[: len(here) - (level - 1)])
+    parts = [*base, *module.split(".")]
+    # `from .. import name`: a submodule when such a file or folder exists, else the package's own API.
+    if not PACKAGE.joinpath(*parts).with_suffix(".py").exists() and not PACKAGE.joinpath(*parts).is_dir():
+        parts = parts[:-1]
+    return parts[0] if parts else "__init__"
+
+
+@pytest.mark.parametrize("part", sorted(ALLOWED))
+def test_parts_import_only_downward(part):
+    bad = []
+    for path in sorted((PACKAGE / part).rglob("*.py")):
+        for level, module in _imports(path):
+            target = _target_part(path, level, module)
+            if target is not None and target != part and target not in ALLOWED[part]:
+                bad.append(f"{path.relative_to(PACKAGE)} imports {'.' * level}{module}")
+    assert not bad, "\n".join(bad)
+
+
+def test_core_uses_only_torch_numpy_and_the_standard_library():
+    stdlib = set(sys.stdlib_module_names)
+    bad = []
+    for path in sorted((PACKAGE / "core").rglob("*.py")):
+        top = {module for level, module in _imports(path, top_level_only=True) if level == 0}
+        for level, module in _imports(path):
+            root = module.split(".")[0]
+            if level or root in stdlib or root in CORE_THIRD_PARTY:
+                continue
+            if module in top or root not in CORE_LAZY_THIRD_PARTY:
+                bad.append(f"{path.name} imports {module}")
+    assert not bad, "\n".join(bad)
+
+
+def test_import_relprune_is_light():
+    heavy = ("matplotlib", "sklearn", "transformers", "relprune.experiments")
+    code = f"import relprune, sys; print([m for m in {heavy!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_old_module_paths_still_import():
+    from relprune.regularizers import ContributionEntropy
+    from relprune.shrink import shrink
+    from relprune.stats import collect_stats
+
+    import relprune
+
+    assert shrink is relprune.deploy.shrink.shrink
+    assert collect_stats is relprune.collect_stats
+    assert ContributionEntropy is relprune.regularizers.ContributionEntropy
