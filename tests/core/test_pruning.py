@@ -237,3 +237,106 @@ def test_checkpoint_from_another_model():
     with pytest.raises(relprune.CheckpointError, match="shape mismatch"):
         relprune.load_state_dict(mlp(), nn.Sequential(nn.Linear(8, 15), nn.ReLU(), nn.Linear(15, 12), nn.ReLU(),
                                                       nn.Linear(12, 4)).state_dict())
+
+
+# -- what a new user tripped over (issue 12) -----------------------------------------------------
+
+def test_loaded_pruned_model_reports_its_sparsity_before_any_forward():
+    model = mlp()
+    relprune.prune(model, None, sparsity=0.75)
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    buf.seek(0)
+    fresh = mlp()
+    relprune.load_state_dict(fresh, torch.load(buf))
+    rows = relprune.sparsity_report(fresh)
+    assert sum(r.kept for r in rows) == relprune.current_masks(model).kept
+    for name, layer in relprune.layers.prunable_layers(fresh).items():
+        assert torch.equal(layer.weight, dict(model.named_modules())[name].weight)
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.mha(x, x, x)[0].mean(1))
+
+
+def test_multihead_attention_projection_is_left_out_by_name_and_training_works():
+    model = Attention()
+    with pytest.warns(UserWarning, match=r"mha\.out_proj"):
+        masks = relprune.prune(model, None, sparsity=0.5)
+    assert list(masks) == ["head"]
+    with pytest.raises(LayerError, match="MultiheadAttention"):
+        relprune.prune(model, None, sparsity=0.5, layers=["mha.out_proj"])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):  # the second backward used to fail on a stale masked weight
+        opt.zero_grad()
+        model(torch.randn(4, 5, 8)).sum().backward()
+        opt.step()
+    model(torch.randn(4, 5, 8))
+    head = model.head
+    assert torch.equal(head.weight, head.weight_orig * head.weight_mask)
+
+
+def test_nan_weights_are_refused_and_model_unchanged():
+    model = mlp()
+    stats = relprune.collect_stats(model, batches())
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for criterion in ("rc", "magnitude"):
+        with pytest.raises(relprune.RelpruneError, match=r"\['2'\].*NaN"):
+            relprune.prune(model, stats if criterion == "rc" else None, sparsity=0.5, criterion=criterion)
+    assert model.state_dict().keys() == before.keys()
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], equal_nan=True, rtol=0, atol=0)
+
+
+def test_statistics_of_other_weights_are_refused_where_they_cannot_be_rebased():
+    data = batches()
+    other = mlp()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.5)
+    stats = relprune.collect_stats(other, data)  # same shapes, other weights
+    model = mlp()
+    snap = snapshot(model)
+    with pytest.raises(StatsMismatchError, match="other weights"):
+        relprune.prune(model, stats, sparsity=0.5, criterion="rc")
+    assert_unchanged(model, snap)
+
+
+def test_input_moment_statistics_are_rebased_on_current_weights():
+    data = batches()
+    stats = relprune.collect_stats(mlp(), data, liveness=False, statistics=["contribution_std"])
+    model = mlp()
+    with torch.no_grad():
+        model[0].weight.mul_(-2.0)
+    fresh = relprune.collect_stats(model, data, liveness=False, statistics=["contribution_std"])
+    a, b = relprune.copy_model(model), relprune.copy_model(model)
+    # The first layer's inputs are the data, so re-basing its statistics on new weights is exact.
+    with pytest.warns(UserWarning, match=r"layers \['0'\] changed"):
+        ma = relprune.prune(a, stats, sparsity=0.6, criterion="contrib-std", layers=["0"])
+    mb = relprune.prune(b, fresh, sparsity=0.6, criterion="contrib-std", layers=["0"])
+    assert torch.equal(ma["0"], mb["0"])
+
+
+def test_pruning_again_with_the_same_statistics_is_allowed():
+    model = mlp()
+    stats = relprune.collect_stats(model, batches())
+    relprune.prune(model, stats, sparsity=0.5, criterion="rc")
+    masks = relprune.prune(model, stats, sparsity=0.75, criterion="rc")
+    assert masks.sparsity == pytest.approx(0.75, abs=0.01)
+
+
+def test_threshold_that_empties_a_layer_is_refused():
+    model = mlp()
+    stats = relprune.collect_stats(model, batches())
+    snap = snapshot(model)
+    with pytest.raises(SparsityError, match="removes every weight"):
+        relprune.prune(model, stats, threshold=1000.0, criterion="rc")
+    assert_unchanged(model, snap)

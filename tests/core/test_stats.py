@@ -218,3 +218,25 @@ def test_rows_helper_is_consistent():
     layer = nn.Conv2d(2, 3, 3).double()
     y = layer(torch.randn(2, 2, 5, 5, dtype=torch.float64))
     assert to_rows(layer, y).shape == (2 * 3 * 3, 3)
+
+
+@pytest.mark.parametrize("bad", [
+    torch.randn(4, 7),                                   # wrong width
+    torch.randn(4, 3, 5),                                # wrong rank for this Linear chain
+    torch.randn(4, 6, dtype=torch.float64),              # wrong dtype
+    torch.randint(0, 3, (4, 6)),                         # integer input
+])
+def test_batches_that_do_not_fit_raise_calibration_error(bad):
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(relprune.CalibrationError, match=r"batch 1 \(shape"):
+        relprune.collect_stats(model, [torch.randn(4, 6), bad])
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_labels_that_do_not_fit_raise_calibration_error():
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2))
+    with pytest.raises(relprune.CalibrationError, match="loss failed"):
+        relprune.collect_stats(model, [(torch.randn(4, 6), torch.randint(0, 2, (3,)))],
+                               statistics=["weight_grad"])

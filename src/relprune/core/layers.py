@@ -32,11 +32,43 @@ def is_prunable(module: nn.Module) -> bool:
     return isinstance(module, PRUNABLE_TYPES)
 
 
+def left_out_layers(model: nn.Module) -> dict[str, str]:
+    """Layers of a supported kind that relprune leaves out by default, with the reason.
+
+    ``nn.MultiheadAttention`` reads its ``out_proj.weight`` directly instead of calling
+    ``out_proj``, so a mask's forward hook never runs: the masked weight would go stale and
+    training through it would fail. Such layers are left out, and refused when named.
+    """
+    out = {}
+    for parent_name, parent in model.named_modules():
+        if isinstance(parent, nn.MultiheadAttention):
+            for child_name, child in parent.named_children():
+                if is_prunable(child):
+                    name = f"{parent_name}.{child_name}" if parent_name else child_name
+                    out[name] = ("nn.MultiheadAttention uses its weight without calling it, so a mask "
+                                 "would not hold; replace it with explicit Linear projections to prune it")
+    return out
+
+
+def warn_left_out(model: nn.Module) -> None:
+    """Say by name which layers of a supported kind are left out (see :func:`left_out_layers`)."""
+    skipped = left_out_layers(model)
+    if skipped:
+        import warnings
+
+        reasons = "; ".join(f"{n}: {r}" for n, r in skipped.items())
+        warnings.warn(f"relprune leaves out {sorted(skipped)} ({reasons})", stacklevel=3)
+
+
 def prunable_layers(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, nn.Module]:
-    """Qualified name -> layer for every prunable layer, or for ``names`` after checking them."""
+    """Qualified name -> layer for every prunable layer, or for ``names`` after checking them.
+
+    Layers in :func:`left_out_layers` are skipped by default and refused when named.
+    """
     modules = dict(model.named_modules())
+    skipped = left_out_layers(model)
     if names is None:
-        found = {n: m for n, m in modules.items() if n and is_prunable(m)}
+        found = {n: m for n, m in modules.items() if n and is_prunable(m) and n not in skipped}
         if not found and is_prunable(model):
             found = {"": model}
         if not found:
@@ -53,6 +85,8 @@ def prunable_layers(model: nn.Module, names: Iterable[str] | None = None) -> dic
         if name not in modules:
             raise LayerError(f"model has no module named {name!r}")
         module = modules[name]
+        if name in skipped:
+            raise LayerError(f"layer {name!r} cannot be pruned: {skipped[name]}")
         if not is_prunable(module):
             raise LayerError(
                 f"layer {name!r} is a {type(module).__name__}, which relprune cannot prune "

@@ -101,11 +101,29 @@ def current_masks(model: nn.Module) -> Masks:
     return Masks(out)
 
 
+def effective_weight(layer: nn.Module) -> Tensor:
+    """The weight the next forward pass will use: ``weight_orig * weight_mask`` for a masked layer.
+
+    torch's pruning refreshes ``layer.weight`` only in a forward pre-hook, so after loading or
+    editing ``weight_orig`` the attribute can be stale; this never is.
+    """
+    if is_masked(layer):
+        return (layer.weight_orig * layer.weight_mask).detach()
+    return layer.weight.detach()
+
+
+def refresh_masked_weights(model: nn.Module) -> None:
+    """Recompute ``weight`` of every masked layer from ``weight_orig`` and ``weight_mask``."""
+    for layer in model.modules():
+        if is_masked(layer):
+            layer.weight = layer.weight_orig * layer.weight_mask
+
+
 def sparsity_report(model: nn.Module) -> list[LayerReport]:
     """Per-layer count of non-zero weights, masked or not."""
     rows = []
     for name, layer in prunable_layers(model).items():
-        w = layer.weight.detach()
+        w = effective_weight(layer)
         rows.append(LayerReport(name, tuple(w.shape), int((w != 0).sum()), w.numel()))
     return rows
 
@@ -195,3 +213,5 @@ def load_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], strict: 
         if not is_masked(modules[n]):
             torch_prune.identity(modules[n], "weight")
     model.load_state_dict(dict(state_dict), strict=strict)
+    # load_state_dict fills weight_orig and weight_mask in place; weight would stay stale until a forward.
+    refresh_masked_weights(model)

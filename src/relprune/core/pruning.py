@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections import OrderedDict
@@ -12,12 +13,18 @@ import torch
 from torch import Tensor, nn
 
 from ..defaults import DEFAULT_BIAS_COMPENSATION, DEFAULT_CRITERION, DEFAULT_SCOPE
-from ..errors import MissingLabelsError, RelpruneError, SparsityError, StatisticNotCollectedError
+from ..errors import (
+    MissingLabelsError,
+    RelpruneError,
+    SparsityError,
+    StatisticNotCollectedError,
+    StatsMismatchError,
+)
 from . import allocation
 from .criteria import Criterion, get_criterion
-from .layers import prunable_layers, weight_matrix
-from .masks import Masks, apply_masks, is_masked
-from .stats import Stats
+from .layers import prunable_layers, warn_left_out, weight_matrix
+from .masks import Masks, apply_masks, effective_weight, is_masked
+from .stats import LayerStats, Stats
 
 
 def prune(
@@ -70,12 +77,26 @@ def prune(
 
     old = {n: (layer.weight_mask.bool() if is_masked(layer) else torch.ones_like(layer.weight, dtype=torch.bool))
            for n, layer in chosen.items()}
+    weights = {n: effective_weight(layer) for n, layer in chosen.items()}
+    bad = [n for n, w in weights.items() if not torch.isfinite(w).all()]
+    if bad:
+        raise RelpruneError(f"layers {bad} hold NaN or Inf weights; restore a finite checkpoint before pruning")
+    layer_stats = {}
+    if stats is not None:
+        needed = crit.statistics | ({"contribution_mean"} if bias_compensation else set())
+        layer_stats = {n: _stats_for_weight(n, stats[n], weights[n], old[n], needed) for n in chosen}
+        rebased = [n for n in chosen if layer_stats[n] is not stats[n]]
+        if rebased:
+            warnings.warn(
+                f"layers {rebased} changed since their statistics were gathered; scoring their current "
+                "weights with the recorded input moments (inputs of later layers may have changed too: "
+                "call collect_stats again for exact scores)", stacklevel=2)
     gen = torch.Generator().manual_seed(seed)
     options = {"generator": gen, **criterion_options}
     scores = {}
-    for name, layer in chosen.items():
-        s = crit.score(layer.weight.detach(), stats[name] if stats is not None else None, options)
-        if tuple(s.shape) != tuple(layer.weight.shape):
+    for name in chosen:
+        s = crit.score(weights[name], layer_stats.get(name), options)
+        if tuple(s.shape) != tuple(weights[name].shape):
             raise RelpruneError(f"criterion {crit.name!r} returned shape {tuple(s.shape)} for {name!r}")
         if not torch.isfinite(s).all():
             raise RelpruneError(f"criterion {crit.name!r} gave NaN or Inf scores for layer {name!r}")
@@ -85,6 +106,12 @@ def prune(
         keep = allocation.allocate_n_m(scores, *nm)
     elif threshold is not None:
         keep = allocation.allocate_threshold(scores, threshold)
+        emptied = [n for n, k in keep.items() if not k.any() and old[n].any()]
+        if emptied:
+            raise SparsityError(
+                f"threshold={threshold} removes every weight of layers {emptied}, which would cut the "
+                f"network; use a smaller threshold (the uniform share is 1)"
+            )
     else:
         keep = allocation.allocate(scores, sparsity, scope)
     keep = {n: k.to(old[n].device) & old[n] for n, k in keep.items()}
@@ -98,13 +125,37 @@ def prune(
                 skipped.append(name)
                 continue
             removed = (old[name] & ~keep[name]).double()
-            cm = stats[name].contribution_mean.to(removed.device)
+            cm = layer_stats[name].contribution_mean.to(removed.device)
             bias_delta[name] = weight_matrix(removed * cm).sum(1).to(layer.bias.dtype)
         if skipped:
             warnings.warn(f"bias compensation skipped for layers without bias: {skipped}", stacklevel=2)
 
     _apply_atomically(chosen, keep, bias_delta, model)
     return Masks(keep, threshold=threshold)
+
+
+# Statistics that are moments of the inputs alone: a criterion reading only these can score the
+# model's current weights. Relative shares and gradients depend on the weights they were taken with.
+_WEIGHT_FREE = frozenset({"contribution_mean", "contribution_std", "abs_contribution_mean", "input_sq_mean"})
+
+
+def _stats_for_weight(name: str, ls: LayerStats, weight: Tensor, kept: Tensor, needed: frozenset[str]) -> LayerStats:
+    """``ls`` describing ``weight``: as is, re-based on it when that is exact, or refused by name.
+
+    Weights already masked out are not compared: pruning again with the statistics taken before an
+    earlier prune is allowed, as the kept weights are the ones the statistics saw.
+    """
+    stored = ls.weight.to(device=weight.device, dtype=torch.float64)
+    if torch.equal(stored[kept], weight.double()[kept]):
+        return ls
+    if needed <= _WEIGHT_FREE and ls.liveness is None:
+        return dataclasses.replace(ls, weight=weight.detach().clone())
+    what = "these statistics" if ls.liveness is None else "statistics conditioned on liveness"
+    raise StatsMismatchError(
+        f"layer {name!r}: the statistics were gathered with other weights (another model, or before "
+        f"training or pruning changed it) and {what} cannot be re-based on the current ones; "
+        "call collect_stats on the model as it is now"
+    )
 
 
 def _layers_for(model: nn.Module, stats: Stats | None, crit: Criterion,
@@ -116,6 +167,8 @@ def _layers_for(model: nn.Module, stats: Stats | None, crit: Criterion,
             raise StatisticNotCollectedError(
                 f"criterion {crit.name!r} is data-driven: pass stats from collect_stats"
             )
+        if layers is None:
+            warn_left_out(model)
         return prunable_layers(model, layers)
     chosen = stats.check_model(model)
     if layers is not None:

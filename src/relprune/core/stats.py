@@ -27,6 +27,7 @@ from ..errors import (
     CalibrationError,
     MissingLabelsError,
     NonFiniteActivationError,
+    RelpruneError,
     StatisticNotCollectedError,
     StatsMismatchError,
 )
@@ -444,6 +445,8 @@ def collect_stats(
     as they were, also when an error is raised.
     """
     chosen = L.prunable_layers(model, layers)
+    if layers is None:
+        L.warn_left_out(model)
     overrides = dict(blind_ranges or {})
     unknown = [n for n in overrides if n not in chosen]
     if unknown:
@@ -492,7 +495,7 @@ def collect_stats(
             tracer.reset()
             act_need = need - {"grad"}
             with torch.no_grad(), tracer:
-                model(x)
+                _run_model(model, x, seen)
             for name, layer in chosen.items():
                 if name not in stashed:
                     raise CalibrationError(f"layer {name!r} was not called by the model's forward pass")
@@ -531,6 +534,23 @@ def collect_stats(
         _restore_modes(modes)
     assert wanted is not None
     return Stats(result, liveness=liveness, statistics=wanted)
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _run_model(model: nn.Module, x: Tensor, batch: int | None) -> Any:
+    """The model's forward pass; a batch it cannot take becomes a CalibrationError naming its shape."""
+    try:
+        return model(x)
+    except RelpruneError:
+        raise
+    except (RuntimeError, ValueError, TypeError, IndexError) as err:
+        where = f"calibration batch {batch}" if batch is not None else "a calibration batch"
+        raise CalibrationError(
+            f"{where} (shape {tuple(x.shape)}, {x.dtype}) does not fit the model: {_first_line(err)}"
+        ) from err
 
 
 def _override_mask(name: str, rule: BlindRange | Callable[[Tensor], Tensor], out: Tensor) -> Tensor:
@@ -573,7 +593,15 @@ def _accumulate_grads(model: nn.Module, chosen: dict[str, nn.Module], result: di
             p.requires_grad_(True)
         # Pre-hooks registered after a masking hook run after it, so the mask is applied.
         with torch.enable_grad():
-            loss = loss_fn(model(x), target)
+            output = _run_model(model, x, None)
+            try:
+                loss = loss_fn(output, target)
+            except (RuntimeError, ValueError, IndexError) as err:
+                raise CalibrationError(
+                    f"the loss failed on output {tuple(output.shape)} and target {tuple(target.shape)} "
+                    f"{target.dtype}: {_first_line(err)}; pass (input, target) batches that fit the model "
+                    "or a loss_fn"
+                ) from err
             weights = [captured[n] for n in chosen]
             grads = torch.autograd.grad(loss, weights, allow_unused=True)
         for n, gr in zip(chosen, grads, strict=False):
