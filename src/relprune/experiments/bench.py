@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import time
+import typing
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -39,6 +40,24 @@ from .training import TrainConfig, calibration_batches, evaluate, save_json, tra
 
 REGIMES = ("oneshot", "finetune", "iterative")
 TIMING_FIELDS = ("stats_seconds", "cell_seconds", "finished")
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a TOML value has the type a BenchConfig field declares (an int is a fine float)."""
+    args = typing.get_args(hint)
+    if type(None) in args:
+        return value is None or _fits(value, next(a for a in args if a is not type(None)))
+    if typing.get_origin(hint) is list:
+        return isinstance(value, list) and all(_fits(v, args[0]) for v in value)
+    if hint is bool or isinstance(value, bool):
+        return hint is bool and isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    return str(hint).replace("typing.", "") if typing.get_args(hint) else hint.__name__
 
 
 @dataclass
@@ -76,14 +95,33 @@ class BenchConfig:
             import tomllib
         except ModuleNotFoundError:  # Python 3.10
             import tomli as tomllib
-        raw = tomllib.loads(Path(path).read_text())
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
+        path = Path(path)
+        if not path.is_file():
+            raise RelpruneError(f"bench config {path} does not exist (see configs/ for examples)")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+            raise RelpruneError(f"{path} is not valid TOML: {err}") from err
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(raw) - set(known))
         if unknown:
             raise RelpruneError(f"{path}: unknown settings {unknown}; known: {sorted(known)}")
+        hints = typing.get_type_hints(cls)
+        wrong = [f"{k} = {v!r} (expected {_type_name(hints[k])})" for k, v in raw.items()
+                 if not _fits(v, hints[k])]
+        if wrong:
+            raise RelpruneError(f"{path}: wrong types: {'; '.join(wrong)}")
         return cls(**raw)
 
     def validate(self) -> None:
+        for name in ("epochs", "batch_size", "iterative_rounds"):
+            if getattr(self, name) < 1:
+                raise RelpruneError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("lr", "finetune_lr"):
+            if not getattr(self, name) > 0:
+                raise RelpruneError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.finetune_epochs < 0 or any(c < 1 for c in self.calib_samples):
+            raise RelpruneError("finetune_epochs must be >= 0 and calib_samples >= 1")
         for c in self.criteria:
             get_criterion(c)
         bad = [r for r in self.regimes if r not in REGIMES]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 import typing
@@ -25,15 +26,79 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _strict_bool(text: str) -> bool:
+    word = text.strip().lower()
+    if word not in _TRUE + _FALSE:
+        raise ValueError(f"{text!r} is not a boolean (use true or false)")
+    return word in _TRUE
+
+
 def _comma_list(kind: type):
     def parse(text: str) -> list:
         try:
             if kind is bool:
-                return [t.strip().lower() in ("1", "true", "yes", "on") for t in text.split(",") if t.strip()]
+                return [_strict_bool(t) for t in text.split(",") if t.strip()]
             return [kind(t.strip()) for t in text.split(",") if t.strip()]
         except ValueError as err:
             raise argparse.ArgumentTypeError(f"{text!r}: {err}") from None
     return parse
+
+
+def _checked(kind: type, check: Any):
+    """An argparse type: convert with ``kind``, then ``check(value)`` returns an error text or None."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
+        problem = check(value) if check else None
+        if problem:
+            raise argparse.ArgumentTypeError(f"{text}: {problem}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def positive(v: float) -> str | None:
+    return None if v > 0 and v == v and v != float("inf") else "must be a positive number"
+
+
+def non_negative(v: float) -> str | None:
+    return None if v >= 0 and v != float("inf") else "must be zero or more"
+
+
+def fraction(v: float) -> str | None:
+    return None if 0 <= v <= 1 else "must lie in [0, 1]"
+
+
+def sparsity_value(v: float) -> str | None:
+    return None if 0 <= v < 1 else "sparsity must lie in [0, 1): 1 would remove every weight"
+
+
+def n_m_value(text: str) -> str | None:
+    from ..core.allocation import parse_n_m
+    from ..errors import SparsityError
+
+    try:
+        parse_n_m(text)
+    except SparsityError as err:
+        return str(err)
+    return None
+
+
+def one_of(*names: str):
+    def check(v: str) -> str | None:
+        return None if v in names else f"choose from {', '.join(names)}"
+    return check
+
+
+def criterion_name(v: str) -> str | None:
+    from ..core.criteria import CRITERIA
+
+    return None if v in CRITERIA else f"unknown criterion; choose from {', '.join(CRITERIA)}"
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, defaults: dict[str, Any] | None = None) -> None:
@@ -50,6 +115,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, defaults: dic
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         flag = "--" + f.name.replace("_", "-")
         doc = (f.metadata or {}).get("help", "")
+        check = (f.metadata or {}).get("check")
         args = typing.get_args(kind)
         optional = type(None) in args
         base = next((a for a in args if a is not type(None)), kind) if optional else kind
@@ -62,7 +128,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, defaults: dic
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, dest=f.name,
                                 help=f"{doc} (default: {default})")
         else:
-            parser.add_argument(flag, type=base, default=default, dest=f.name,
+            parser.add_argument(flag, type=_checked(base, check), default=default, dest=f.name,
                                 help=f"{doc} (default: {default})")
 
 
@@ -70,16 +136,35 @@ def from_args(cls: type, ns: argparse.Namespace) -> Any:
     return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if hasattr(ns, f.name)})
 
 
-def _h(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
+def _h(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING,
+       check: Any = None) -> Any:
+    """A field with its --help text and an optional ``check(value) -> error text or None``."""
+    meta = {"help": text, "check": check}
     if factory is not dataclasses.MISSING:
-        return field(default_factory=factory, metadata={"help": text})
-    return field(default=default, metadata={"help": text})
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _criterion_names() -> list[str]:
+    from ..core.criteria import CRITERIA
+
+    return list(CRITERIA)
+
+
+def _regularizer_names() -> list[str]:
+    from ..train.regularizers import REGULARIZERS
+
+    return list(REGULARIZERS)
 
 
 @dataclass
-class Common:
-    out: str = _h("output folder", "runs/latest")
+class Seed:
     seed: int = _h("random seed (data split, init, shuffling)", 0)
+
+
+@dataclass
+class Common(Seed):
+    out: str = _h("output folder", "runs/latest")
 
 
 @dataclass
@@ -93,32 +178,55 @@ class DataArgs:
 @dataclass
 class TrainArgs:
     model: str = _h("lenet300, lenet5, vgg-small, or package.module:factory", "lenet300")
-    epochs: int = _h("training epochs", 10)
-    batch_size: int = _h("batch size", 128)
-    lr: float = _h("Adam learning rate", 1e-3)
-    pat: str = _h("pruning-aware training regulariser: none, entropy, contrib-l1, l1", "none")
-    pat_alpha: float = _h("weight of the regulariser", 0.0)
-    pat_warmup: float = _h("fraction of training over which alpha ramps up from 0", 0.2)
+    epochs: int = _h("training epochs", 10, check=positive)
+    batch_size: int = _h("batch size", 128, check=positive)
+    lr: float = _h("Adam learning rate", 1e-3, check=positive)
+    pat: str = _h("pruning-aware training regulariser: none, entropy, contrib-l1, l1", "none",
+                  check=one_of("none", *_regularizer_names()))
+    pat_alpha: float = _h("weight of the regulariser", 0.0, check=non_negative)
+    pat_warmup: float = _h("fraction of training over which alpha ramps up from 0", 0.2, check=fraction)
+    overwrite: bool = _h("replace a finished model already in --out (default: refuse)", False)
 
 
 @dataclass
 class MethodArgs:
-    criterion: str = _h("scoring criterion (see relprune.CRITERIA)", DEFAULT_CRITERION)
-    scope: str = _h("global, layer or row", DEFAULT_SCOPE)
+    criterion: str = _h("scoring criterion: " + ", ".join(_criterion_names()), DEFAULT_CRITERION,
+                        check=criterion_name)
+    scope: str = _h("global, layer or row", DEFAULT_SCOPE, check=one_of("global", "layer", "row"))
     liveness: bool = _h("condition statistics on the next activation's live range", DEFAULT_LIVENESS)
     bias_compensation: bool = _h("fold removed weights' mean contribution into the bias", DEFAULT_BIAS_COMPENSATION)
-    ucb_k: float = _h("k in rc-ucb's E[r] + k Std[r]", 1.0)
+    ucb_k: float = _h("k in rc-ucb's E[r] + k Std[r]", 1.0, check=non_negative)
 
 
 @dataclass
 class PruneArgs:
     checkpoint: str = _h("model folder written by 'relprune train'", "runs/latest")
-    sparsity: float | None = _h("fraction of weights to remove, in [0, 1)", None)
-    n_m: str | None = _h("N:M pattern instead of a sparsity, e.g. 2:4", None)
-    threshold: float | None = _h("threshold mode: remove weights whose score < threshold / fan-in", None)
-    calib_samples: int = _h("calibration samples from the training split", 1024)
-    finetune_epochs: int = _h("masked fine-tuning epochs after pruning", 0)
-    finetune_lr: float = _h("fine-tuning learning rate", 3e-4)
+    sparsity: float | None = _h("fraction of weights to remove, in [0, 1)", None, check=sparsity_value)
+    n_m: str | None = _h("N:M pattern instead of a sparsity, e.g. 2:4 (layers whose fan-in M does not "
+                         "divide stay dense and are named)", None, check=n_m_value)
+    threshold: float | None = _h("threshold mode: remove weights whose score < threshold / fan-in", None,
+                                 check=positive)
+    calib_samples: int = _h("calibration samples from the training split", 1024, check=positive)
+    finetune_epochs: int = _h("masked fine-tuning epochs after pruning", 0, check=non_negative)
+    finetune_lr: float = _h("fine-tuning learning rate", 3e-4, check=positive)
+
+
+def _writable_folder(path: str | Path) -> Path:
+    """``path`` as an output folder that exists and can be written, checked before any work."""
+    import tempfile
+
+    from ..errors import RelpruneError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise RelpruneError(f"--out {path} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise RelpruneError(f"--out {path} cannot be written: {err.strerror or err}") from err
+    return path
 
 
 def _load_data(d: DataArgs, seed: int):
@@ -131,28 +239,46 @@ def _load_data(d: DataArgs, seed: int):
 
 def cmd_train(ns: argparse.Namespace) -> int:
     from .experiment import train_model
+    from .models import check_model_name
     from .training import TrainConfig
 
     c, d, t = from_args(Common, ns), from_args(DataArgs, ns), from_args(TrainArgs, ns)
+    check_model_name(t.model)
+    out = _writable_folder(c.out)
+    if (out / "model.safetensors").is_file() and not (out / "train.ckpt").is_file() and not t.overwrite:
+        raise RelpruneError(f"{out} already holds a trained model; choose another --out, or pass --overwrite "
+                            "to train again and replace it")
     data = _load_data(d, c.seed)
     cfg = TrainConfig(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, seed=c.seed)
-    _, info = train_model(t.model, data, cfg, c.out, pat=t.pat, pat_alpha=t.pat_alpha, pat_warmup=t.pat_warmup)
-    print(f"{t.model} on {d.dataset}: test accuracy {info.metrics['test_acc']:.4f} -> {c.out}/model.safetensors")
+    _, info = train_model(t.model, data, cfg, out, pat=t.pat, pat_alpha=t.pat_alpha, pat_warmup=t.pat_warmup,
+                          log=_say)
+    print(f"{t.model} on {data.name}: test accuracy {info.metrics['test_acc']:.4f} -> {out}/model.safetensors")
     return 0
+
+
+def _say(text: str) -> None:
+    """Progress lines on stderr, so stdout keeps only results."""
+    print(text, file=sys.stderr, flush=True)
 
 
 def _prepare_model(checkpoint: str, d: DataArgs, seed: int):
     """A saved model and its data: its own dataset unless --dataset names another."""
+    from ..errors import DataError
     from .experiment import load_model
 
     model, info = load_model(checkpoint)
-    return model, info, _load_data(dataclasses.replace(d, dataset=d.dataset or info.dataset), seed)
+    data = _load_data(dataclasses.replace(d, dataset=d.dataset or info.dataset), seed)
+    if list(data.input_shape) != list(info.input_shape) or data.num_classes != info.num_classes:
+        raise DataError(
+            f"{data.name} has inputs {list(data.input_shape)} and {data.num_classes} classes; the model in "
+            f"{checkpoint} takes {list(info.input_shape)} and {info.num_classes} (trained on {info.dataset})"
+        )
+    return model, info, data
 
 
 def cmd_prune(ns: argparse.Namespace) -> int:
-    import torch
-
-    from ..core.masks import format_report
+    from ..core.criteria import get_criterion
+    from ..core.masks import format_report, sparsity_report
     from .experiment import Method, ModelInfo, apply_method, gather, save_model
     from .training import TrainConfig, calibration_batches, evaluate, save_json, train
 
@@ -160,6 +286,10 @@ def cmd_prune(ns: argparse.Namespace) -> int:
     budgets = [x for x in (p.sparsity, p.n_m, p.threshold) if x is not None]
     if len(budgets) != 1:
         raise RelpruneError("give exactly one of --sparsity, --n-m or --threshold")
+    if p.threshold is not None and not get_criterion(m.criterion).relative:
+        raise RelpruneError(f"--threshold compares shares of a neuron's input; --criterion {m.criterion} is not "
+                            "on that scale (use rc, rc-ucb or contrib-share)")
+    out = _writable_folder(c.out)
     model, info, data = _prepare_model(p.checkpoint, d, c.seed)
     method = Method(m.criterion, m.scope, m.liveness, m.bias_compensation, p.n_m, m.ucb_k)
     calib = calibration_batches(data.train, p.calib_samples, seed=c.seed)
@@ -172,36 +302,46 @@ def cmd_prune(ns: argparse.Namespace) -> int:
                       bias_compensation=m.bias_compensation)
     else:
         masks = apply_method(model, stats, method, p.sparsity if p.sparsity is not None else 0.0, c.seed)
+    dense_layers = [r.name for r in sparsity_report(model) if r.name not in masks]
     pruned_acc = evaluate(model, data.test)
-    metrics = {"dense_test_acc": dense_acc, "oneshot_test_acc": pruned_acc, "sparsity": masks.sparsity,
+    sparsity = _model_sparsity(model)
+    metrics = {"dense_test_acc": dense_acc, "oneshot_test_acc": pruned_acc, "sparsity": sparsity,
                "stats_seconds": seconds}
     if p.finetune_epochs:
         train(model, data, TrainConfig(epochs=p.finetune_epochs, lr=p.finetune_lr, seed=c.seed), desc="finetune")
         metrics["finetuned_test_acc"] = evaluate(model, data.test)
     metrics["test_acc"] = evaluate(model, data.test)
-    out = Path(c.out)
     save_model(model, ModelInfo(info.model, info.dataset, info.input_shape, info.num_classes, c.seed, metrics,
                                 {"method": dataclasses.asdict(method), "threshold": p.threshold}), out)
-    from safetensors.torch import save_file
-
-    save_file({k: v.to(dtype=torch.uint8).contiguous() for k, v in masks.items()},
-              str(out / "masks.safetensors"))
-    save_json([dataclasses.asdict(r) | {"sparsity": r.sparsity} for r in masks.report()], out / "report.json")
-    print(format_report(masks.report()))
-    print(f"{method.label}: sparsity {masks.sparsity:.2%}; test accuracy dense {dense_acc:.4f} -> pruned "
-          f"{pruned_acc:.4f}" + (f" -> fine-tuned {metrics['finetuned_test_acc']:.4f}" if p.finetune_epochs else "")
+    report = sparsity_report(model)
+    save_json([dataclasses.asdict(r) | {"sparsity": r.sparsity} for r in report], out / "report.json")
+    print(format_report(report))
+    if dense_layers:
+        print(f"left dense (fan-in not a multiple of {method.n_m.split(':')[1]}): {', '.join(dense_layers)}"
+              if method.n_m else f"left dense: {', '.join(dense_layers)}")
+    print(f"{method.label}: sparsity {sparsity:.2%} of all prunable weights; test accuracy dense {dense_acc:.4f} "
+          f"-> pruned {pruned_acc:.4f}"
+          + (f" -> fine-tuned {metrics['finetuned_test_acc']:.4f}" if p.finetune_epochs else "")
           + f"; saved to {out}")
     return 0
+
+
+def _model_sparsity(model) -> float:
+    from ..core.masks import sparsity_report
+
+    rows = sparsity_report(model)
+    total = sum(r.total for r in rows)
+    return 1 - sum(r.kept for r in rows) / total if total else 0.0
 
 
 def cmd_eval(ns: argparse.Namespace) -> int:
     from ..core.masks import format_report, sparsity_report
     from .training import evaluate
 
-    c, d = from_args(Common, ns), from_args(DataArgs, ns)
+    c, d = from_args(Seed, ns), from_args(DataArgs, ns)
     model, info, data = _prepare_model(ns.checkpoint, d, c.seed)
     print(format_report(sparsity_report(model)))
-    print(f"{info.model} on {info.dataset}: test accuracy {evaluate(model, data.test):.4f}, "
+    print(f"{info.model} on {data.name}: test accuracy {evaluate(model, data.test):.4f}, "
           f"validation {evaluate(model, data.val):.4f}")
     return 0
 
@@ -213,7 +353,8 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     for f in dataclasses.fields(BenchConfig):
         if f.name in ns.overrides:
             setattr(cfg, f.name, getattr(ns, f.name))
-    results = run_bench(cfg, ns.out)
+    cfg.validate()
+    results = run_bench(cfg, _writable_folder(ns.out))
     print(f"results: {results}\nreport: {results.parent / 'report.md'}\n"
           f"plot: {results.parent / 'accuracy_vs_sparsity.png'}")
     return 0
@@ -229,7 +370,7 @@ def cmd_demo(ns: argparse.Namespace) -> int:
         sparsities=[0.5, 0.75, 0.9], seeds=[ns.seed], regimes=["oneshot", "finetune"], calib_samples=[512],
         epochs=ns.epochs, batch_size=64, finetune_epochs=ns.finetune_epochs, lr=1e-3, finetune_lr=5e-4,
     )
-    results = run_bench(cfg, ns.out, log=lambda *_: None)
+    results = run_bench(cfg, _writable_folder(ns.out), log=lambda *_: None)
     print(markdown_tables(load_results(results)))
     print(f"plot: {results.parent / 'accuracy_vs_sparsity.png'}  ({time.perf_counter() - start:.0f} s)")
     return 0
@@ -241,12 +382,11 @@ def cmd_explain(ns: argparse.Namespace) -> int:
     from .training import calibration_batches, save_json
 
     c, d = from_args(Common, ns), from_args(DataArgs, ns)
+    out = _writable_folder(c.out)
     model, _, data = _prepare_model(ns.checkpoint, d, c.seed)
     calib = calibration_batches(data.train, ns.calib_samples, seed=c.seed)
     stats = collect_stats(model, calib, statistics=["relative_mean", "relative_std"])
     rows = summarise(stats, ns.tau, ns.ucb_k)
-    out = Path(c.out)
-    out.mkdir(parents=True, exist_ok=True)
     png = plot_explain(stats, out / "explain.png", ns.ucb_k)
     save_json([dataclasses.asdict(r) for r in rows], out / "explain.json")
     print(format_summary(rows, ns.tau))
@@ -265,6 +405,7 @@ def cmd_export(ns: argparse.Namespace) -> int:
     from .training import calibration_batches
 
     c = from_args(Common, ns)
+    out = _writable_folder(c.out)
     model, info = load_model(ns.checkpoint)
     model.eval()
     example = torch.zeros(2, *info.input_shape)
@@ -277,7 +418,6 @@ def cmd_export(ns: argparse.Namespace) -> int:
                                   statistics=["relative_mean"])
         prune_units(model, stats, ns.structured, criterion=ns.structured_criterion)
     small, report = shrink(model, example, allow_approximate=ns.allow_approximate)
-    out = Path(c.out)
     meta = {"model": info.model, "dataset": info.dataset, "input_shape": info.input_shape,
             "num_classes": info.num_classes}
     paths = {
@@ -310,7 +450,12 @@ def cmd_load(ns: argparse.Namespace) -> int:
         d = from_args(DataArgs, ns)
         d = dataclasses.replace(d, dataset=d.dataset or meta.get("dataset", "mnist"))
         data = _load_data(d, ns.seed)
-        print(f"test accuracy {evaluate(model, data.test):.4f}")
+        shape = meta.get("input_shape")
+        if shape is not None and list(data.input_shape) != list(shape):
+            from ..errors import DataError
+
+            raise DataError(f"{data.name} has inputs {list(data.input_shape)}; the model takes {list(shape)}")
+        print(f"test accuracy on {data.name} {evaluate(model, data.test):.4f}")
     return 0
 
 
@@ -331,15 +476,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo = command("demo", "train a small model on the built-in digits, prune it by the default criterion, "
                    "our best contribution criterion and Wanda, fine-tune, print a table and write a plot",
                    Common, out="runs/demo")
-    demo.add_argument("--epochs", type=int, default=30, help="training epochs (default: 30)")
-    demo.add_argument("--finetune-epochs", type=int, default=5, help="fine-tuning epochs (default: 5)")
+    demo.add_argument("--epochs", type=_checked(int, positive), default=30, help="training epochs (default: 30)")
+    demo.add_argument("--finetune-epochs", type=_checked(int, non_negative), default=5,
+                      help="fine-tuning epochs (default: 5)")
     demo.set_defaults(func=cmd_demo)
 
     command("train", "train a model and save it (resumes an interrupted run in the same --out)",
             Common, DataArgs, TrainArgs).set_defaults(func=cmd_train)
     command("prune", "prune a trained model by one method at one sparsity and save it with its masks",
             Common, DataArgs, MethodArgs, PruneArgs, out="runs/pruned").set_defaults(func=cmd_prune)
-    ev = command("eval", "print a saved model's accuracy and per-layer sparsity", Common, DataArgs)
+    ev = command("eval", "print a saved model's accuracy and per-layer sparsity", Seed, DataArgs)
     ev.add_argument("--checkpoint", default="runs/latest", help="model folder (default: runs/latest)")
     ev.set_defaults(func=cmd_eval)
 
@@ -356,15 +502,18 @@ def build_parser() -> argparse.ArgumentParser:
     ex = command("explain", "per-layer plots of relative contributions, share under a threshold, and "
                  "neuron entropy", Common, DataArgs, out="runs/explain")
     ex.add_argument("--checkpoint", default="runs/latest", help="model folder (default: runs/latest)")
-    ex.add_argument("--calib-samples", type=int, default=1024, help="calibration samples (default: 1024)")
-    ex.add_argument("--tau", type=float, default=0.1, help="threshold as a fraction of 1/I (default: 0.1)")
-    ex.add_argument("--ucb-k", type=float, default=1.0, help="k in E[r] + k Std[r] (default: 1)")
+    ex.add_argument("--calib-samples", type=_checked(int, positive), default=1024,
+                    help="calibration samples (default: 1024)")
+    ex.add_argument("--tau", type=_checked(float, positive), default=0.1,
+                    help="threshold as a fraction of 1/I (default: 0.1)")
+    ex.add_argument("--ucb-k", type=_checked(float, non_negative), default=1.0,
+                    help="k in E[r] + k Std[r] (default: 1)")
     ex.set_defaults(func=cmd_explain)
 
     exp = command("export", "shrink a (pruned) model and write it dense, masked and sparse, with sizes",
                   Common, DataArgs, out="runs/export")
     exp.add_argument("--checkpoint", default="runs/pruned", help="model folder (default: runs/pruned)")
-    exp.add_argument("--structured", type=float, default=0.0,
+    exp.add_argument("--structured", type=_checked(float, sparsity_value), default=0.0,
                      help="first remove this fraction of units per layer (default: 0, none)")
     exp.add_argument("--structured-criterion", choices=["rc", "l1"], default="rc",
                      help="unit score for --structured (default: rc)")
@@ -373,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.set_defaults(func=cmd_export)
 
     ld = command("load", "read an exported model back, print its size and sparsity, and evaluate it",
-                 Common, DataArgs)
+                 Seed, DataArgs)
     ld.add_argument("path", help="an exported folder or .safetensors file")
     ld.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=True,
                     help="evaluate on the test split of its dataset (default: True)")
@@ -393,11 +542,36 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return ns.func(ns)
     except RelpruneError as err:
-        print(f"relprune {ns.command}: error: {err}", file=sys.stderr)
+        print(f"relprune {ns.command}: error: {_one_line(err)}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        where = f" {err.filename}" if err.filename else ""
+        print(f"relprune {ns.command}: error: cannot read or write{where}: {err.strerror or err}",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"relprune {ns.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        print(f"relprune {ns.command}: interrupted; {_resume_hint(ns)}", file=sys.stderr)
         return 130
+    except Exception as err:  # a bug, not bad input: still one line, with how to see the traceback
+        if os.environ.get("RELPRUNE_DEBUG"):
+            raise
+        print(f"relprune {ns.command}: internal error: {type(err).__name__}: {_one_line(err)} "
+              "(rerun with RELPRUNE_DEBUG=1 for the traceback, and please report it)", file=sys.stderr)
+        return 70
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _resume_hint(ns: argparse.Namespace) -> str:
+    """Only train and bench resume, and only once something was saved."""
+    out = Path(getattr(ns, "out", "") or ".")
+    if ns.command == "train" and (out / "train.ckpt").is_file():
+        return "rerun the same command to resume from the last finished epoch"
+    if ns.command == "bench" and (out / "results.jsonl").is_file():
+        return "rerun the same command to resume with the cells not yet finished"
+    return "nothing was saved"
 
 
 if __name__ == "__main__":

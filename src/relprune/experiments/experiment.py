@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .. import collect_stats, load_state_dict, prune
@@ -123,13 +125,46 @@ class ModelInfo:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+_MASK = ".weight_mask"
+
+
+def compact_state(model: nn.Module) -> dict[str, Tensor]:
+    """The state dict with each mask stored once, as booleans, beside the masked weight itself.
+
+    torch's pruning keeps ``weight_orig`` and a mask of the weight's dtype: twice the dense size.
+    Masked-out entries of ``weight_orig`` never reach the output while the mask holds, so
+    ``weight = weight_orig * mask`` plus a 1-byte mask restores the same model (see
+    :func:`expand_state`).
+    """
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    for key in [k for k in state if k.endswith(_MASK)]:
+        prefix = key[: -len(_MASK)]
+        mask = state.pop(key)
+        state[f"{prefix}.weight"] = (state.pop(f"{prefix}.weight_orig") * mask).contiguous()
+        state[key] = mask.bool().contiguous()
+    return state
+
+
+def expand_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Undo :func:`compact_state` (a state dict in torch's own layout passes unchanged)."""
+    state = dict(state)
+    for key in [k for k, v in state.items() if k.endswith(_MASK) and v.dtype == torch.bool]:
+        prefix = key[: -len(_MASK)]
+        weight = state.pop(f"{prefix}.weight", None)
+        if weight is None:
+            raise CheckpointError(f"checkpoint holds a mask for {prefix!r} but not its weight")
+        state[f"{prefix}.weight_orig"] = weight
+        state[key] = state[key].to(weight.dtype)
+    return state
+
+
 def save_model(model: nn.Module, info: ModelInfo, folder: str | Path) -> Path:
-    """``folder/model.safetensors`` (state dict, masks included) and ``folder/model.json``."""
+    """``folder/model.safetensors`` (weights, masks as booleans) and ``folder/model.json``."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = compact_state(model)
     tmp = folder / ".model.safetensors.tmp"
     save_file(state, str(tmp), metadata={"relprune_model": json.dumps(asdict(info))})
     tmp.replace(folder / "model.safetensors")
@@ -143,7 +178,14 @@ def load_model(path: str | Path) -> tuple[nn.Module, ModelInfo]:
     from safetensors.torch import load_file
 
     path = Path(path)
-    folder = path if path.is_dir() else path.parent
+    if path.is_dir():
+        folder = path
+    elif path.is_file() and path.name in ("model.safetensors", "model.json"):
+        folder = path.parent
+    elif path.exists():
+        raise CheckpointError(f"{path} is not a model folder or its model.safetensors")
+    else:
+        raise CheckpointError(f"{path} does not exist")
     meta_path = folder / "model.json"
     weights = folder / "model.safetensors"
     if not meta_path.is_file() or not weights.is_file():
@@ -154,7 +196,7 @@ def load_model(path: str | Path) -> tuple[nn.Module, ModelInfo]:
         raise CheckpointError(f"{meta_path}: not a relprune model description: {err}") from err
     model = build_model(info.model, tuple(info.input_shape), info.num_classes)
     try:
-        state = load_file(str(weights))
+        state = expand_state(load_file(str(weights)))
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{weights}: cannot read: {err}") from err
     load_state_dict(model, state)
@@ -162,12 +204,12 @@ def load_model(path: str | Path) -> tuple[nn.Module, ModelInfo]:
 
 
 def train_model(model_name: str, data: Data, cfg: TrainConfig, folder: str | Path, *, pat: str = "none",
-                pat_alpha: float = 0.0, pat_warmup: float = 0.2, desc: str = "train") -> tuple[nn.Module, ModelInfo]:
+                pat_alpha: float = 0.0, pat_warmup: float = 0.2, desc: str = "train",
+                log: Callable[[str], None] | None = None) -> tuple[nn.Module, ModelInfo]:
     """Build, train (resuming ``folder/train.ckpt``), evaluate and save one model, with optional PAT.
 
     The regulariser's hooks are removed whatever happens; the checkpoint goes once the model is saved.
     """
-    import torch
 
     from ..train.regularizers import alpha_ramp, make_regularizer
     from .training import evaluate
@@ -180,7 +222,10 @@ def train_model(model_name: str, data: Data, cfg: TrainConfig, folder: str | Pat
         penalty = make_regularizer(pat, model, data.train.x[:256])
         alpha = alpha_ramp(pat_alpha, pat_warmup, cfg.epochs, -(-len(data.train) // cfg.batch_size))
     try:
-        history = train(model, data, cfg, penalty=penalty, alpha=alpha, checkpoint=folder / "train.ckpt", desc=desc)
+        run = {"model": model_name, "dataset": data.name, "pat": pat, "pat_alpha": pat_alpha,
+               "pat_warmup": pat_warmup}
+        history = train(model, data, cfg, penalty=penalty, alpha=alpha, checkpoint=folder / "train.ckpt",
+                        run=run, desc=desc, log=log)
     finally:
         if penalty is not None:
             penalty.detach()

@@ -60,21 +60,31 @@ def vgg_small(input_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10)
 MODELS: dict[str, Callable[..., nn.Module]] = {"lenet300": lenet300, "lenet5": lenet5, "vgg-small": vgg_small}
 
 
+def check_model_name(name: str) -> Callable[..., nn.Module]:
+    """The factory a model name stands for; an unknown name or factory raises before any work."""
+    if name in MODELS:
+        return MODELS[name]
+    if ":" not in name:
+        raise RelpruneError(f"unknown model {name!r}; built in: {', '.join(MODELS)}, or give package.module:factory")
+    module_name, _, attr = name.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise RelpruneError(f"cannot load model factory {name!r}: {err}") from err
+    if not callable(factory):
+        raise RelpruneError(f"model factory {name!r} is a {type(factory).__name__}, not a callable")
+    return factory
+
+
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """A built-in model by name, or a user model given as ``package.module:factory``.
 
     A user factory is called with ``input_shape`` and ``num_classes`` when it
     accepts them, else with no arguments.
     """
+    factory = check_model_name(name)
     if name in MODELS:
-        return MODELS[name](input_shape, num_classes)
-    if ":" not in name:
-        raise RelpruneError(f"unknown model {name!r}; built in: {', '.join(MODELS)}, or give package.module:factory")
-    module_name, _, attr = name.partition(":")
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise RelpruneError(f"cannot load model factory {name!r}: {err}") from err
+        return factory(input_shape, num_classes)
     try:
         model = factory(input_shape=input_shape, num_classes=num_classes)
     except TypeError:

@@ -102,13 +102,17 @@ def train(
     penalty: Penalty | None = None,
     alpha: Callable[[int, int], float] | None = None,
     checkpoint: str | Path | None = None,
+    run: dict[str, Any] | None = None,
     desc: str = "train",
+    log: Callable[[str], None] | None = None,
 ) -> list[dict[str, float]]:
     """Train ``model`` on ``data.train``; returns per-epoch history (loss, penalty, val accuracy).
 
     ``penalty`` is added to the loss as ``alpha(epoch, step) * penalty()``.
     With ``checkpoint``, the state after each epoch is saved atomically and an
-    existing checkpoint with the same config is resumed.
+    existing checkpoint with the same config and ``run`` description (model,
+    regulariser, ...) is resumed; any other is refused. ``log`` gets one line
+    per finished epoch.
     """
     opt = make_optimizer(model, cfg)
     steps_per_epoch = (len(data.train) + cfg.batch_size - 1) // cfg.batch_size
@@ -123,15 +127,29 @@ def train(
     history: list[dict[str, float]] = []
     start_epoch = 0
     ckpt = Path(checkpoint) if checkpoint else None
+    run = dict(run or {})
     if ckpt is not None and ckpt.is_file():
-        state = torch.load(ckpt, weights_only=False)
-        if state.get("config") != asdict(cfg):
-            raise CheckpointError(f"{ckpt} was written with a different training config: {state.get('config')}")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        if sched is not None:
-            sched.load_state_dict(state["scheduler"])
-        history, start_epoch = state["history"], state["epoch"] + 1
+        state = _read_checkpoint(ckpt)
+        if state.get("config") != asdict(cfg) or state.get("run", {}) != run:
+            theirs = {**state.get("config", {}), **state.get("run", {})}
+            ours = {**asdict(cfg), **run}
+            diff = {k: (theirs.get(k), ours.get(k)) for k in sorted(set(theirs) | set(ours))
+                    if theirs.get(k) != ours.get(k)}
+            raise CheckpointError(
+                f"{ckpt} belongs to another run (checkpoint vs now: {diff}); use another --out, or "
+                "delete the checkpoint to start over"
+            )
+        try:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            if sched is not None:
+                sched.load_state_dict(state["scheduler"])
+            history, start_epoch = state["history"], state["epoch"] + 1
+        except (RuntimeError, KeyError, ValueError, TypeError) as err:
+            raise CheckpointError(f"{ckpt} does not fit this model: {str(err).splitlines()[0]}; delete it "
+                                  "to start over") from err
+        if log is not None:
+            log(f"resuming from {ckpt} after epoch {start_epoch} of {cfg.epochs}")
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout and any other global RNG use
@@ -158,11 +176,26 @@ def train(
         if penalty is not None:
             record["penalty"] = total_pen / seen
         history.append(record)
+        if log is not None:
+            log(f"{desc} epoch {epoch + 1}/{cfg.epochs}: loss {record['loss']:.4f}, "
+                f"validation accuracy {record['val_acc']:.4f}")
         if ckpt is not None:
             atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
                          "scheduler": sched.state_dict() if sched is not None else None,
-                         "history": history, "config": asdict(cfg)}, ckpt)
+                         "history": history, "config": asdict(cfg), "run": run}, ckpt)
     return history
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    """A training checkpoint, read without unpickling arbitrary objects."""
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as err:  # torch raises several kinds for a truncated or foreign file
+        raise CheckpointError(f"{path} is not a readable training checkpoint ({type(err).__name__}); "
+                              "delete it to start over") from err
+    if not isinstance(state, dict) or not {"model", "optimizer", "epoch", "history"} <= set(state):
+        raise CheckpointError(f"{path} is not a relprune training checkpoint; delete it to start over")
+    return state
 
 
 def calibration_batches(split: Split, samples: int, batch_size: int = 256, seed: int = 0) -> list[tuple[Tensor, Tensor]]:
