@@ -30,6 +30,7 @@ class Criterion:
     statistics: frozenset[str]
     relative: bool
     description: str
+    options: frozenset[str] = frozenset()
 
     @property
     def data_driven(self) -> bool:
@@ -40,16 +41,17 @@ CRITERIA: dict[str, Criterion] = {}
 
 
 def register(name: str, *, statistics: tuple[str, ...] = (), relative: bool = False,
-             description: str = "") -> Callable[[ScoreFn], ScoreFn]:
+             description: str = "", options: tuple[str, ...] = ()) -> Callable[[ScoreFn], ScoreFn]:
     """Decorator adding a score function to :data:`CRITERIA`.
 
     ``relative`` marks scores on a scale shared by all layers (shares of a
     neuron's input), which a global threshold and threshold mode need.
+    ``options`` names the keyword options ``prune`` may pass on to it.
     """
 
     def wrap(fn: ScoreFn) -> ScoreFn:
         CRITERIA[name] = Criterion(name, fn, frozenset(statistics), relative,
-                                   description or (fn.__doc__ or "").strip())
+                                   description or (fn.__doc__ or "").strip(), frozenset(options))
         return fn
 
     return wrap
@@ -97,7 +99,8 @@ def relative_contribution_uniform(weight: Tensor, stats: LayerStats | None, opts
 
 
 @register("rc-ucb", statistics=("relative_mean", "relative_std"), relative=True,
-          description="E[r_ij] + k Std[r_ij]: keeps weights that are sometimes large (k=ucb_k)")
+          description="E[r_ij] + k Std[r_ij]: keeps weights that are sometimes large (k=ucb_k)",
+          options=("ucb_k",))
 def relative_contribution_ucb(weight: Tensor, stats: LayerStats | None, opts: dict[str, Any]) -> Tensor:
     s = _stats(stats)
     return s.relative_mean + float(opts.get("ucb_k", 1.0)) * s.relative_std

@@ -39,7 +39,9 @@ def left_out_layers(model: nn.Module) -> dict[str, str]:
     ``out_proj``, so a mask's forward hook never runs: the masked weight would go stale and
     training through it would fail. Such layers are left out, and refused when named.
     """
-    out = {}
+    out: dict[str, str] = {}
+    if not isinstance(model, nn.Module):
+        return out
     for parent_name, parent in model.named_modules():
         if isinstance(parent, nn.MultiheadAttention):
             for child_name, child in parent.named_children():
@@ -65,6 +67,10 @@ def prunable_layers(model: nn.Module, names: Iterable[str] | None = None) -> dic
 
     Layers in :func:`left_out_layers` are skipped by default and refused when named.
     """
+    if not isinstance(model, nn.Module):
+        raise LayerError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(names, str):
+        names = [names]
     modules = dict(model.named_modules())
     skipped = left_out_layers(model)
     if names is None:

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from ..errors import CalibrationError
+
 
 @dataclass(frozen=True)
 class BlindRange:
@@ -204,7 +206,13 @@ def find_live_sources(model: torch.nn.Module, example: Tensor,
     try:
         model.eval()
         with torch.no_grad(), tracer:
-            model(example)
+            try:
+                model(example)
+            except (RuntimeError, ValueError, TypeError, IndexError) as err:
+                raise CalibrationError(
+                    f"the example batch (shape {tuple(example.shape)}) does not fit the model: "
+                    f"{(str(err).splitlines() or [''])[0]}"
+                ) from err
     finally:
         for h in handles:
             h.remove()

@@ -182,6 +182,8 @@ def load_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], strict: 
     from another model raises :class:`CheckpointError` naming the keys and
     shapes that differ, and leaves the model unchanged.
     """
+    if not isinstance(state_dict, Mapping) or not all(isinstance(v, Tensor) for v in state_dict.values()):
+        raise CheckpointError(f"expected a state_dict (a mapping of names to tensors), got {type(state_dict).__name__}")
     modules = dict(model.named_modules())
     masked = [k[: -len(".weight_mask")] for k in state_dict if k.endswith(".weight_mask")]
     unknown = [n for n in masked if n not in modules or not hasattr(modules[n], "weight")]

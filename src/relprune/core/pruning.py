@@ -50,6 +50,14 @@ def prune(
     model is touched; on any error the model is left exactly as it was.
     """
     crit = get_criterion(criterion)
+    unknown = sorted(set(criterion_options) - crit.options)
+    if unknown:
+        takes = f"takes only {sorted(crit.options)}" if crit.options else "takes no options"
+        raise RelpruneError(f"criterion {crit.name!r} {takes}; got {unknown}")
+    if stats is not None and not isinstance(stats, Stats):
+        raise StatsMismatchError(f"stats must come from collect_stats (a relprune.Stats), got {type(stats).__name__}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise RelpruneError(f"seed must be an int, got {seed!r}")
     if threshold is not None and (sparsity is not None or n_m is not None):
         raise SparsityError("threshold= sets the sparsity itself: give it without sparsity= or n_m=")
     if sparsity is None and n_m is None and threshold is None:

@@ -267,14 +267,19 @@ class Stats(Mapping[str, LayerStats]):
     @classmethod
     def load(cls, path: str | Path) -> Stats:
         """Read what :meth:`save` wrote."""
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get("relprune_stats")
-            if raw is None:
-                raise StatsMismatchError(f"{path} is not a relprune statistics file")
-            meta = json.loads(raw)
-            t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iterator
+        if not Path(path).is_file():
+            raise StatsMismatchError(f"{path} does not exist")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                raw = (f.metadata() or {}).get("relprune_stats")
+                if raw is None:
+                    raise StatsMismatchError(f"{path} is not a relprune statistics file")
+                meta = json.loads(raw)
+                t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iterator
+        except (SafetensorError, json.JSONDecodeError) as err:
+            raise StatsMismatchError(f"{path} is not a readable relprune statistics file: {err}") from err
         layers = {}
         for name, m in meta["layers"].items():
             p = f"{name}::"
@@ -451,6 +456,14 @@ def collect_stats(
     unknown = [n for n in overrides if n not in chosen]
     if unknown:
         raise CalibrationError(f"blind_ranges names layers that are not being collected: {unknown}")
+    wrong = [n for n, r in overrides.items() if not (r is None or isinstance(r, BlindRange) or callable(r))]
+    if wrong:
+        raise CalibrationError(f"blind_ranges values must be a BlindRange, a callable or None; see {wrong}")
+    if isinstance(batches, (Tensor, Mapping)) or not isinstance(batches, Iterable):
+        raise CalibrationError(
+            f"batches must be an iterable of batches (a list or a DataLoader), got {type(batches).__name__}; "
+            "wrap a single batch in a list"
+        )
     if statistics is not None:
         _resolve_statistics(statistics, True)  # validate names before any work
     modes = _snapshot_modes(model)

@@ -134,8 +134,12 @@ def shrink(model: nn.Module, example_input: Tensor, *, allow_approximate: bool =
     shapes = []
     with torch.no_grad():
         x = example_input[:1]
-        for _, m in chain:
-            x = m(x)
+        for name, m in chain:
+            try:
+                x = m(x)
+            except (RuntimeError, ValueError, TypeError) as err:
+                raise ShrinkError(f"example_input of shape {tuple(example_input.shape)} does not fit the model "
+                                  f"at {name!r}: {str(err).splitlines()[0]}") from err
             shapes.append(tuple(x.shape[1:]))
     params_before = sum(p.numel() for p in model.parameters())
     totals = {chain[p][0]: _units(chain[p][1]) for p in positions}

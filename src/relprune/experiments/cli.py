@@ -298,7 +298,8 @@ def cmd_prune(ns: argparse.Namespace) -> int:
     if p.threshold is not None:
         from .. import prune
 
-        masks = prune(model, stats, threshold=p.threshold, criterion=m.criterion, ucb_k=m.ucb_k,
+        options = {"ucb_k": m.ucb_k} if "ucb_k" in get_criterion(m.criterion).options else {}
+        masks = prune(model, stats, threshold=p.threshold, criterion=m.criterion, **options,
                       bias_compensation=m.bias_compensation)
     else:
         masks = apply_method(model, stats, method, p.sparsity if p.sparsity is not None else 0.0, c.seed)

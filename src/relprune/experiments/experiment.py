@@ -77,7 +77,7 @@ def apply_method(model: nn.Module, stats: Stats | None, method: Method, sparsity
     """Prune ``model`` in place by ``method`` to ``sparsity`` (N:M methods ignore sparsity)."""
     kwargs: dict[str, Any] = {"criterion": method.criterion, "scope": method.scope,
                               "bias_compensation": method.bias_compensation, "seed": seed}
-    if method.criterion == "rc-ucb":
+    if "ucb_k" in get_criterion(method.criterion).options:
         kwargs["ucb_k"] = method.ucb_k
     if method.n_m:
         # Layers whose fan-in M does not divide stay dense, as N:M kernels require (e.g. a 5x5 first conv).
