@@ -196,3 +196,44 @@ def test_interrupt_before_anything_is_saved_does_not_promise_a_resume(trained, t
     code, err = _run(["prune", "--checkpoint", str(trained / "model"), "--sparsity", "0.5",
                       "--out", str(tmp_path / "p")], capsys)
     assert code == 130 and "nothing was saved" in err and "resume" not in err
+
+
+def test_full_disk_is_one_line(trained, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "p" / ".model.safetensors.tmp"))
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    code, err = _run(["prune", "--checkpoint", str(trained / "model"), "--sparsity", "0.5",
+                      "--calib-samples", "64", "--out", str(tmp_path / "p")], capsys)
+    assert code == 1 and len(err.splitlines()) == 1 and "No space left on device" in err
+    assert not (tmp_path / "p" / "model.safetensors").exists()
+
+
+def test_eval_on_another_dataset_names_the_one_used(tmp_path, shared_data, capsys):
+    from relprune.experiments.experiment import ModelInfo, save_model
+
+    model = build_model("lenet300", (1, 28, 28), 10)
+    save_model(model, ModelInfo("lenet300", "mnist", [1, 28, 28], 10), tmp_path / "m")
+    assert main(["eval", "--checkpoint", str(tmp_path / "m"), "--dataset", "fashion-mnist",
+                 "--data-dir", str(shared_data)]) == 0
+    assert "lenet300 on fashion-mnist:" in capsys.readouterr().out
+
+
+def test_criterion_help_lists_the_names(capsys):
+    with pytest.raises(SystemExit):
+        main(["prune", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "contrib-share" in out and "wanda" in out and "see relprune.CRITERIA" not in out
+
+
+def test_training_checkpoint_with_a_pickled_object_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    torch.save({"model": {}, "optimizer": {}, "epoch": 0, "history": [], "payload": Path("x")},
+               out / "train.ckpt")
+    code, err = _run(["train", "--dataset", "digits", "--epochs", "1", "--out", str(out)], capsys)
+    assert code == 1 and "not a readable training checkpoint" in err
