@@ -31,6 +31,9 @@ class Criterion:
     relative: bool
     description: str
     options: frozenset[str] = frozenset()
+    #: For methods that choose the mask and new weights together (SparseGPT): a function
+    #: (weight, layer stats, sparsity or None, (N, M) or None) -> (new weight, keep-mask).
+    joint: Callable[..., tuple[Tensor, Tensor]] | None = None
 
     @property
     def data_driven(self) -> bool:
@@ -146,3 +149,22 @@ def snip(weight: Tensor, stats: LayerStats | None, opts: dict[str, Any]) -> Tens
 
 CRITERIA["taylor"] = Criterion("taylor", snip, frozenset({"weight_grad"}), False,
                                "first-order Taylor |W dL/dW|: the same score as snip")
+
+
+def _sparsegpt_joint(weight: Tensor, stats: LayerStats | None, sparsity: float | None,
+                     n_m: tuple[int, int] | None) -> tuple[Tensor, Tensor]:
+    from .reconstruct import sparsegpt
+
+    shape = weight.shape
+    new, keep = sparsegpt(weight_matrix(weight), _stats(stats).input_gram, sparsity=sparsity, n_m=n_m)
+    return new.reshape(shape), keep.reshape(shape)
+
+
+def _no_score(weight: Tensor, stats: LayerStats | None, opts: dict[str, Any]) -> Tensor:
+    raise RelpruneError("sparsegpt has no per-weight score: it chooses masks and weights together in prune()")
+
+
+CRITERIA["sparsegpt"] = Criterion(
+    "sparsegpt", _no_score, frozenset({"input_gram"}), False,
+    "SparseGPT (Frantar & Alistarh 2023): mask and weight update together, per block of 128 columns",
+    joint=_sparsegpt_joint)

@@ -35,13 +35,20 @@ def is_prunable(module: nn.Module) -> bool:
 def left_out_layers(model: nn.Module) -> dict[str, str]:
     """Layers of a supported kind that relprune leaves out by default, with the reason.
 
-    ``nn.MultiheadAttention`` reads its ``out_proj.weight`` directly instead of calling
-    ``out_proj``, so a mask's forward hook never runs: the masked weight would go stale and
-    training through it would fail. Such layers are left out, and refused when named.
+    - ``nn.MultiheadAttention`` reads its ``out_proj.weight`` directly instead of calling
+      ``out_proj``, so a mask's forward hook never runs (refused when named);
+    - a weight tied to another module's parameter (e.g. ``lm_head`` and the input embedding):
+      masking it would change the other module too (refused when named);
+    - a language model's output embedding (``get_output_embeddings()``, usually ``lm_head``):
+      left out by default, as the Wanda and SparseGPT reference code do; name it to prune it.
     """
     out: dict[str, str] = {}
     if not isinstance(model, nn.Module):
         return out
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for pname, p in module.named_parameters(recurse=False, remove_duplicate=False):
+            owners.setdefault(id(p), []).append(f"{name}.{pname}" if name else pname)
     for parent_name, parent in model.named_modules():
         if isinstance(parent, nn.MultiheadAttention):
             for child_name, child in parent.named_children():
@@ -49,7 +56,30 @@ def left_out_layers(model: nn.Module) -> dict[str, str]:
                     name = f"{parent_name}.{child_name}" if parent_name else child_name
                     out[name] = ("nn.MultiheadAttention uses its weight without calling it, so a mask "
                                  "would not hold; replace it with explicit Linear projections to prune it")
+    for name, module in model.named_modules():
+        if name and is_prunable(module) and name not in out:
+            tied = [o for o in owners.get(id(module.weight), []) if o != f"{name}.weight"]
+            if tied:
+                out[name] = f"its weight is tied to {', '.join(tied)}, which pruning it would change too"
+    head = _output_embedding(model)
+    if head is not None:
+        name = next((n for n, m in model.named_modules() if m is head), None)
+        if name and is_prunable(head) and name not in out:
+            out[name] = OUTPUT_EMBEDDING_REASON
     return out
+
+
+OUTPUT_EMBEDDING_REASON = "a language model's output embedding is left out by default; name it in layers= to prune it"
+
+
+def _output_embedding(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    if not callable(get):
+        return None
+    try:
+        return get()
+    except (AttributeError, NotImplementedError, TypeError):
+        return None
 
 
 def warn_left_out(model: nn.Module) -> None:
@@ -91,7 +121,7 @@ def prunable_layers(model: nn.Module, names: Iterable[str] | None = None) -> dic
         if name not in modules:
             raise LayerError(f"model has no module named {name!r}")
         module = modules[name]
-        if name in skipped:
+        if name in skipped and skipped[name] != OUTPUT_EMBEDDING_REASON:
             raise LayerError(f"layer {name!r} cannot be pruned: {skipped[name]}")
         if not is_prunable(module):
             raise LayerError(

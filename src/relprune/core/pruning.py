@@ -38,6 +38,7 @@ def prune(
     bias_compensation: bool = DEFAULT_BIAS_COMPENSATION,
     threshold: float | None = None,
     layers: Iterable[str] | None = None,
+    reconstruct: bool | str = False,
     seed: int = 0,
     **criterion_options: Any,
 ) -> Masks:
@@ -48,6 +49,12 @@ def prune(
     threshold / fan-in; the achieved sparsity is ``masks.sparsity``).
     Sparsity counts weights already masked. Every mask is computed before the
     model is touched; on any error the model is left exactly as it was.
+
+    ``reconstruct=True`` (or ``"exact"``) re-fits each row's kept weights to the dense layer's
+    outputs on the calibration inputs by damped least squares; ``"obs"`` uses SparseGPT's column
+    sweep with the mask fixed instead. Both need the ``input_gram`` statistic.
+    ``criterion="sparsegpt"`` chooses mask and weights together, per block of 128 columns of each
+    layer as published (``scope`` does not apply).
     """
     crit = get_criterion(criterion)
     unknown = sorted(set(criterion_options) - crit.options)
@@ -71,13 +78,24 @@ def prune(
         allocation.check_sparsity(sparsity)
     if scope not in allocation.SCOPES:
         raise SparsityError(f"scope must be one of {allocation.SCOPES}, got {scope!r}")
+    if threshold is not None and crit.joint is not None:
+        raise SparsityError(f"criterion {crit.name!r} chooses its own mask; give sparsity= or n_m=")
     if threshold is not None and not crit.relative:
         raise SparsityError(
             f"threshold mode compares scores with shares of a neuron's input; criterion "
             f"{crit.name!r} is not on that scale (use rc, rc-ucb or contrib-share)"
         )
 
+    if reconstruct not in (False, True, "exact", "obs"):
+        raise RelpruneError(f"reconstruct must be False, True, 'exact' or 'obs', got {reconstruct!r}")
+    if reconstruct and bias_compensation:
+        raise RelpruneError("reconstruct=True already re-fits the kept weights to the layer's outputs; "
+                            "bias_compensation would correct the removed mean twice")
     chosen = _layers_for(model, stats, crit, layers)
+    if (reconstruct or crit.joint is not None) and (stats is None or "input_gram" not in stats.statistics):
+        raise StatisticNotCollectedError(
+            "reconstruction and sparsegpt need the 'input_gram' statistic; pass statistics=[..., 'input_gram'] "
+            "to collect_stats")
     if bias_compensation and (stats is None or "contribution_mean" not in stats.statistics):
         raise StatisticNotCollectedError(
             "bias_compensation needs the 'contribution_mean' statistic; collect it with collect_stats"
@@ -91,7 +109,8 @@ def prune(
         raise RelpruneError(f"layers {bad} hold NaN or Inf weights; restore a finite checkpoint before pruning")
     layer_stats = {}
     if stats is not None:
-        needed = crit.statistics | ({"contribution_mean"} if bias_compensation else set())
+        needed = crit.statistics | ({"contribution_mean"} if bias_compensation else set()) | (
+            {"input_gram"} if reconstruct else set())
         layer_stats = {n: _stats_for_weight(n, stats[n], weights[n], old[n], needed) for n in chosen}
         rebased = [n for n in chosen if layer_stats[n] is not stats[n]]
         if rebased:
@@ -99,6 +118,47 @@ def prune(
                 f"layers {rebased} changed since their statistics were gathered; scoring their current "
                 "weights with the recorded input moments (inputs of later layers may have changed too: "
                 "call collect_stats again for exact scores)", stacklevel=2)
+    new_weights: dict[str, Tensor] = {}
+    if crit.joint is not None:
+        keep = {}
+        for name in chosen:
+            new_weights[name], k = crit.joint(weights[name], layer_stats[name], sparsity if nm is None else None, nm)
+            keep[name] = k.to(old[name].device) & old[name]
+    else:
+        keep = _keep_by_scores(crit, chosen, weights, layer_stats, old, nm, threshold, sparsity, scope, seed,
+                               criterion_options)
+    if reconstruct and crit.joint is None:
+        from .reconstruct import refit
+
+        for name in chosen:
+            h = layer_stats[name].input_gram
+            method = "exact" if reconstruct is True else reconstruct
+            new_weights[name] = refit(weight_matrix(weights[name]), h, weight_matrix(keep[name]),
+                                      method=method).reshape(weights[name].shape)
+
+    bias_delta: dict[str, Tensor] = {}
+    if bias_compensation:
+        assert stats is not None
+        skipped = []
+        for name, layer in chosen.items():
+            if layer.bias is None:
+                skipped.append(name)
+                continue
+            removed = (old[name] & ~keep[name]).double()
+            cm = layer_stats[name].contribution_mean.to(removed.device)
+            bias_delta[name] = weight_matrix(removed * cm).sum(1).to(layer.bias.dtype)
+        if skipped:
+            warnings.warn(f"bias compensation skipped for layers without bias: {skipped}", stacklevel=2)
+
+    _apply_atomically(chosen, keep, bias_delta, model, new_weights)
+    return Masks(keep, threshold=threshold)
+
+
+def _keep_by_scores(crit: Criterion, chosen: dict[str, nn.Module], weights: dict[str, Tensor],
+                    layer_stats: dict[str, LayerStats], old: dict[str, Tensor], nm: tuple[int, int] | None,
+                    threshold: float | None, sparsity: float | None, scope: str, seed: int,
+                    criterion_options: dict[str, Any]) -> dict[str, Tensor]:
+    """Score every layer by ``crit`` and allocate the budget: the keep-masks (already-pruned stay out)."""
     gen = torch.Generator().manual_seed(seed)
     options = {"generator": gen, **criterion_options}
     scores = {}
@@ -122,29 +182,13 @@ def prune(
             )
     else:
         keep = allocation.allocate(scores, sparsity, scope)
-    keep = {n: k.to(old[n].device) & old[n] for n, k in keep.items()}
-
-    bias_delta: dict[str, Tensor] = {}
-    if bias_compensation:
-        assert stats is not None
-        skipped = []
-        for name, layer in chosen.items():
-            if layer.bias is None:
-                skipped.append(name)
-                continue
-            removed = (old[name] & ~keep[name]).double()
-            cm = layer_stats[name].contribution_mean.to(removed.device)
-            bias_delta[name] = weight_matrix(removed * cm).sum(1).to(layer.bias.dtype)
-        if skipped:
-            warnings.warn(f"bias compensation skipped for layers without bias: {skipped}", stacklevel=2)
-
-    _apply_atomically(chosen, keep, bias_delta, model)
-    return Masks(keep, threshold=threshold)
+    return {n: k.to(old[n].device) & old[n] for n, k in keep.items()}
 
 
 # Statistics that are moments of the inputs alone: a criterion reading only these can score the
 # model's current weights. Relative shares and gradients depend on the weights they were taken with.
-_WEIGHT_FREE = frozenset({"contribution_mean", "contribution_std", "abs_contribution_mean", "input_sq_mean"})
+_WEIGHT_FREE = frozenset({"contribution_mean", "contribution_std", "abs_contribution_mean", "input_sq_mean",
+                          "input_gram"})
 
 
 def _stats_for_weight(name: str, ls: LayerStats, weight: Tensor, kept: Tensor, needed: frozenset[str]) -> LayerStats:
@@ -200,24 +244,32 @@ def _layers_for(model: nn.Module, stats: Stats | None, crit: Criterion,
 
 
 def _apply_atomically(chosen: dict[str, nn.Module], keep: dict[str, Tensor],
-                      bias_delta: dict[str, Tensor], model: nn.Module) -> None:
-    """Apply masks and bias changes; on any failure restore every touched layer."""
+                      bias_delta: dict[str, Tensor], model: nn.Module,
+                      new_weights: dict[str, Tensor] | None = None) -> None:
+    """Apply masks, bias changes and re-fitted weights; on any failure restore every touched layer."""
+    new_weights = new_weights or {}
     saved = {}
     for name, layer in chosen.items():
+        raw = layer.weight_orig if is_masked(layer) else layer.weight
         saved[name] = (
             OrderedDict(layer._parameters), OrderedDict(layer._buffers),
             OrderedDict(layer._forward_pre_hooks), layer.__dict__.get("weight"),
             None if layer.bias is None else layer.bias.detach().clone(),
             layer.weight_mask.clone() if is_masked(layer) else None,
+            (raw, raw.detach().clone()) if name in new_weights else None,
         )
     try:
         apply_masks(model, keep)
         with torch.no_grad():
             for name, delta in bias_delta.items():
                 chosen[name].bias.add_(delta.to(chosen[name].bias.device))
+            for name, w in new_weights.items():
+                layer = chosen[name]
+                layer.weight_orig.copy_(w.to(layer.weight_orig.dtype))
+                layer.weight = layer.weight_orig * layer.weight_mask
     except BaseException:
         for name, layer in chosen.items():
-            params, buffers, hooks, weight_attr, bias, mask = saved[name]
+            params, buffers, hooks, weight_attr, bias, mask, raw = saved[name]
             layer._parameters.clear()
             layer._parameters.update(params)
             layer._buffers.clear()
@@ -232,4 +284,6 @@ def _apply_atomically(chosen: dict[str, nn.Module], keep: dict[str, Tensor],
                     layer.bias.copy_(bias)
                 if mask is not None:
                     layer.weight_mask.copy_(mask)
+                if raw is not None:
+                    raw[0].copy_(raw[1])
         raise

@@ -44,9 +44,13 @@ STATISTICS: dict[str, frozenset[str]] = {
     "relative_mean": frozenset({"r1"}),
     "relative_std": frozenset({"r1", "r2"}),
     "input_sq_mean": frozenset({"s1", "s2"}),
+    "input_gram": frozenset({"gram"}),
     "weight_grad": frozenset({"grad"}),
 }
-ACTIVATION_STATISTICS = tuple(s for s in STATISTICS if s != "weight_grad")
+#: Statistics that are not weight-shaped (Linear layers only): the I x I input second moment.
+GRAM_STATISTICS = frozenset({"input_gram"})
+# What ``statistics=None`` gathers: every weight-shaped statistic of the activations.
+ACTIVATION_STATISTICS = tuple(s for s in STATISTICS if s != "weight_grad" and s not in GRAM_STATISTICS)
 
 LivenessOverride = BlindRange | Callable[[Tensor], Tensor] | None
 
@@ -150,6 +154,11 @@ class LayerStats:
         """Std[r_ij]."""
         second = self._w() ** 2 * self._per_live("r2", "relative_std")
         return (second - self.relative_mean**2).clamp_min(0).sqrt()
+
+    @property
+    def input_gram(self) -> Tensor:
+        """E[x x^T] over the calibration tokens (I x I; SparseGPT's Hessian up to a factor 2)."""
+        return self._sum("gram", "input_gram") / max(self.total_count, 1)
 
     @property
     def weight_grad(self) -> Tensor:
@@ -297,18 +306,57 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def split_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
-    """(input, target or None) from a tensor, a tuple/list (input first) or a dict ("input")."""
+@dataclass
+class Batch:
+    """One calibration batch in the form every caller's batch is normalised to.
+
+    The model is called as ``model(*args, **kwargs)``. ``token_mask`` (shape of the Linear
+    inputs' leading dimensions, e.g. (batch, tokens)) marks the rows that count: padding
+    tokens never enter a statistic. ``target`` feeds gradient statistics.
+    """
+
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    target: Tensor | None = None
+    token_mask: Tensor | None = None
+
+    @property
+    def first(self) -> Any:
+        """The first tensor argument (what error messages describe)."""
+        return self.args[0] if self.args else next(iter(self.kwargs.values()), None)
+
+    def to(self, device: torch.device) -> Batch:
+        def move(v: Any) -> Any:
+            return v.to(device) if isinstance(v, Tensor) else v
+        return Batch(tuple(move(a) for a in self.args), {k: move(v) for k, v in self.kwargs.items()},
+                     move(self.target), move(self.token_mask))
+
+
+def split_batch(batch: Any) -> Batch:
+    """Normalise a calibration batch.
+
+    Accepted: a tensor; a tuple/list (input first, target second); a dict with ``input`` (and
+    ``target``/``label``/``labels``); a dict of keyword arguments as Hugging Face models take them
+    (``input_ids``, ``attention_mask``, ..., ``labels`` as the target; a 2-D ``attention_mask``
+    also masks tokens out of every statistic); or a :class:`Batch`.
+    """
+    if isinstance(batch, Batch):
+        return batch
     if isinstance(batch, Tensor):
-        return batch, None
+        return Batch((batch,))
     if isinstance(batch, (tuple, list)) and batch:
-        return batch[0], (batch[1] if len(batch) > 1 else None)
+        return Batch((batch[0],), target=batch[1] if len(batch) > 1 else None)
     if isinstance(batch, Mapping) and "input" in batch:
         target = next((batch[k] for k in ("target", "label", "labels") if k in batch), None)
-        return batch["input"], target
+        return Batch((batch["input"],), target=target)
+    if isinstance(batch, Mapping) and batch and all(isinstance(k, str) for k in batch):
+        kwargs = {k: v for k, v in batch.items() if k != "labels"}
+        mask = kwargs.get("attention_mask")
+        token_mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
+        return Batch((), kwargs, target=batch.get("labels"), token_mask=token_mask)
     raise CalibrationError(
         f"a calibration batch must be a tensor, a tuple/list whose first element is the input, "
-        f"or a dict with key 'input'; got {type(batch).__name__}"
+        f"or a dict (with key 'input', or of keyword arguments); got {type(batch).__name__}"
     )
 
 
@@ -340,6 +388,13 @@ class _Scratch:
         else:
             buf.add_(L.weighted_input_sum(layer, x, g))
 
+    def add_gram(self, x_counted: Tensor, x: Tensor) -> None:
+        buf = self.pending.get("gram")
+        if buf is None:
+            self.pending["gram"] = x_counted.t() @ x
+        else:
+            buf.addmm_(x_counted.t(), x)
+
     def flush(self, ls: LayerStats, force: bool = False) -> None:
         self.batches += 1
         if force or self.batches % FLUSH_EVERY == 0:
@@ -349,8 +404,9 @@ class _Scratch:
 
 
 def _accumulate(layer: nn.Module, ls: LayerStats, scratch: _Scratch, x: Tensor, out_shape: torch.Size,
-                live: Tensor | None, need: frozenset[str]) -> None:
-    """Add one batch's sums for one layer. ``live`` is the liveness mask (None: all live)."""
+                live: Tensor | None, need: frozenset[str], rows: Tensor | None = None) -> None:
+    """Add one batch's sums for one layer. ``live`` is the liveness mask (None: all live);
+    ``rows`` (Linear only) keeps the input rows that count, e.g. tokens that are not padding."""
     cd = _compute_dtype(x)
     x = x.to(cd)
     xp = L.input_rows(layer, x)
@@ -359,8 +415,14 @@ def _accumulate(layer: nn.Module, ls: LayerStats, scratch: _Scratch, x: Tensor, 
         g = torch.ones(shape, dtype=cd, device=x.device)
     else:
         g = L.output_rows(layer, live).to(cd)
+    if rows is not None:
+        g = g * rows.to(cd).unsqueeze(1)
+    if "gram" in need:
+        # Not per neuron: every counted row, whatever the liveness of each output.
+        kept = xp if rows is None else xp * rows.to(cd).unsqueeze(1)
+        scratch.add_gram(kept, xp)
     ls.live_count.add_(L.per_output_count(layer, g))
-    ls.total_count += L.samples_in(layer, g)
+    ls.total_count += L.samples_in(layer, g) if rows is None else int(rows.sum())
     a = xp.abs() if need & {"sa", "r1", "r2"} else None
     if need & {"s1", "s2"}:
         view = (1, -1) if isinstance(layer, nn.Linear) else (1, -1, *([1] * L.conv_dims(layer)))
@@ -393,7 +455,11 @@ def _new_layer_stats(layer: nn.Module, x: Tensor, liveness: str | None, statisti
     dims = (0, *range(2, rows.dim()))
     shift = rows.double().mean(dim=dims) if need & {"s1", "s2"} else torch.zeros(
         rows.shape[1], dtype=torch.float64, device=x.device)
-    sums = {k: torch.zeros(w.shape, dtype=torch.float64, device=w.device) for k in need}
+    if "gram" in need and not isinstance(layer, nn.Linear):
+        raise CalibrationError(f"statistic 'input_gram' (SparseGPT, reconstruction) supports Linear layers only; "
+                               f"{type(layer).__name__} is not (pass layers= to leave it out)")
+    sums = {k: torch.zeros((w.shape[1], w.shape[1]) if k == "gram" else w.shape, dtype=torch.float64,
+                           device=w.device) for k in need}
     return LayerStats(
         kind=type(layer).__name__, weight=w,
         bias=None if layer.bias is None else layer.bias.detach().clone(),
@@ -495,20 +561,24 @@ def collect_stats(
             iterator = tqdm(batches, desc="calibration", unit="batch", disable=None, leave=False)
         seen = 0
         for batch in iterator:
-            x, target = split_batch(batch)
+            b = split_batch(batch)
+            x = b.first
             if not isinstance(x, Tensor):
                 raise CalibrationError(f"calibration input must be a tensor, got {type(x).__name__}")
             if x.numel() == 0 or x.shape[0] == 0:
                 raise CalibrationError(f"calibration batch {seen} is empty (shape {tuple(x.shape)})")
+            if b.token_mask is not None and not b.token_mask.any():
+                raise CalibrationError(f"calibration batch {seen}: its attention_mask masks every token")
             if wanted is None:
-                wanted = _resolve_statistics(statistics, target is not None)
+                wanted = _resolve_statistics(statistics, b.target is not None or _has_logits_target(b))
                 need = _needed_sums(wanted)
-            x = x.to(device)
+            b = b.to(device)
+            x = b.first
             stashed.clear()
             tracer.reset()
             act_need = need - {"grad"}
             with torch.no_grad(), tracer:
-                _run_model(model, x, seen)
+                _run_model(model, b, seen)
             for name, layer in chosen.items():
                 if name not in stashed:
                     raise CalibrationError(f"layer {name!r} was not called by the model's forward pass")
@@ -524,15 +594,16 @@ def collect_stats(
                     result[name] = _new_layer_stats(layer, inp, how, wanted, need)
                 if act_need:
                     scratch = scratches.setdefault(name, _Scratch())
-                    _accumulate(layer, result[name], scratch, inp, out_shape, live, act_need)
+                    _accumulate(layer, result[name], scratch, inp, out_shape, live, act_need,
+                                _token_rows(layer, inp, b.token_mask))
                     scratch.flush(result[name])
             if "grad" in need:
-                if target is None:
+                if b.target is None and not _has_logits_target(b):
                     raise MissingLabelsError(
-                        "statistic 'weight_grad' needs labelled batches: (input, target) tuples "
-                        "or dicts with 'input' and 'target'"
+                        "statistic 'weight_grad' needs labelled batches: (input, target) tuples, "
+                        "dicts with 'input' and 'target', or keyword dicts with 'labels' or 'input_ids'"
                     )
-                _accumulate_grads(model, chosen, result, x, target.to(device), loss_fn)
+                _accumulate_grads(model, chosen, result, b, loss_fn)
             stashed.clear()
             seen += 1
         if seen == 0:
@@ -553,10 +624,23 @@ def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
-def _run_model(model: nn.Module, x: Tensor, batch: int | None) -> Any:
+def _has_logits_target(b: Batch) -> bool:
+    """A keyword batch with ``input_ids`` serves as its own causal-LM target."""
+    return b.target is None and isinstance(b.kwargs.get("input_ids"), Tensor)
+
+
+def _token_rows(layer: nn.Module, x: Tensor, token_mask: Tensor | None) -> Tensor | None:
+    """The flattened token mask for a Linear whose input rows are the batch's tokens, else None."""
+    if token_mask is None or not isinstance(layer, nn.Linear) or tuple(x.shape[:-1]) != tuple(token_mask.shape):
+        return None
+    return token_mask.reshape(-1).bool()
+
+
+def _run_model(model: nn.Module, b: Batch, batch: int | None) -> Any:
     """The model's forward pass; a batch it cannot take becomes a CalibrationError naming its shape."""
+    x = b.first
     try:
-        return model(x)
+        return model(*b.args, **b.kwargs)
     except RelpruneError:
         raise
     except (RuntimeError, ValueError, TypeError, IndexError) as err:
@@ -564,6 +648,15 @@ def _run_model(model: nn.Module, x: Tensor, batch: int | None) -> Any:
         raise CalibrationError(
             f"{where} (shape {tuple(x.shape)}, {x.dtype}) does not fit the model: {_first_line(err)}"
         ) from err
+
+
+def causal_lm_loss(logits: Tensor, labels: Tensor, token_mask: Tensor | None = None) -> Tensor:
+    """Mean next-token cross-entropy: position t predicts token t+1; masked or -100 labels are skipped."""
+    labels = labels[:, 1:].clone()
+    if token_mask is not None:
+        labels[~token_mask[:, 1:].bool()] = -100
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                           ignore_index=-100)
 
 
 def _override_mask(name: str, rule: BlindRange | Callable[[Tensor], Tensor], out: Tensor) -> Tensor:
@@ -588,9 +681,12 @@ def _liveness_for(name: str, tracer: LivenessTracer, overrides: Mapping[str, Liv
 
 
 def _accumulate_grads(model: nn.Module, chosen: dict[str, nn.Module], result: dict[str, LayerStats],
-                      x: Tensor, target: Tensor, loss_fn: Callable[[Tensor, Tensor], Tensor] | None) -> None:
-    """Add dLoss/dW for this batch without touching ``.grad`` or ``requires_grad`` for good."""
-    loss_fn = loss_fn or F.cross_entropy
+                      b: Batch, loss_fn: Callable[[Tensor, Tensor], Tensor] | None) -> None:
+    """Add dLoss/dW for this batch without touching ``.grad`` or ``requires_grad`` for good.
+
+    An output with ``.logits`` (a Hugging Face model) gets the causal-LM loss on shifted labels
+    (``labels``, else ``input_ids``) unless ``loss_fn`` is given; otherwise cross-entropy.
+    """
     flags = [(p, p.requires_grad) for p in model.parameters()]
     captured: dict[str, Tensor] = {}
 
@@ -606,12 +702,20 @@ def _accumulate_grads(model: nn.Module, chosen: dict[str, nn.Module], result: di
             p.requires_grad_(True)
         # Pre-hooks registered after a masking hook run after it, so the mask is applied.
         with torch.enable_grad():
-            output = _run_model(model, x, None)
+            output = _run_model(model, b, None)
+            target = b.target if b.target is not None else b.kwargs.get("input_ids")
+            logits = getattr(output, "logits", None)
             try:
-                loss = loss_fn(output, target)
+                if loss_fn is not None:
+                    loss = loss_fn(output if logits is None else logits, target)
+                elif logits is not None:
+                    loss = causal_lm_loss(logits, target, b.token_mask)
+                else:
+                    loss = F.cross_entropy(output, target)
             except (RuntimeError, ValueError, IndexError) as err:
                 raise CalibrationError(
-                    f"the loss failed on output {tuple(output.shape)} and target {tuple(target.shape)} "
+                    f"the loss failed on output {tuple((output if logits is None else logits).shape)} and "
+                    f"target {tuple(target.shape)} "
                     f"{target.dtype}: {_first_line(err)}; pass (input, target) batches that fit the model "
                     "or a loss_fn"
                 ) from err

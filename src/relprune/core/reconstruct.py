@@ -1,0 +1,193 @@
+"""Re-fitting kept weights on calibration inputs: SparseGPT, and the same update with a mask given.
+
+Both minimise ||X W^T - X W_hat^T||^2 over the kept entries of each row, by the optimal brain
+surgeon update of Frantar & Alistarh (2023): columns are visited left to right; removing (or
+rounding) column i's weights moves the error onto the columns not yet visited through the upper
+Cholesky factor of H^-1, H = X^T X. Work is done on column blocks with lazy updates.
+
+- ``sparsegpt`` chooses the mask itself, block by block, from w^2 / [H^-1]_ii^2 of the already
+  updated weights (unstructured: the lowest ``sparsity`` share of each block of columns over all
+  rows; N:M: the N lowest of every M consecutive columns of a row).
+- ``refit`` takes a mask chosen by any criterion and re-fits the kept weights ("reconstruction";
+  bias compensation is its zeroth-order case): by default exactly, each row's kept weights solving
+  its own damped least squares (H_SS + lambda I) w_S = H_S: w; or, with ``method="obs"``, by the
+  SparseGPT sweep above with the mask fixed, which only moves weights to the right of a removed one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..errors import RelpruneError, SparsityError
+
+BLOCKSIZE = 128
+PERCDAMP = 0.01
+
+
+def _upper_inverse_cholesky(hessian: Tensor, percdamp: float) -> tuple[Tensor, Tensor]:
+    """Upper Cholesky factor of (H + damp I)^-1 and the inputs that never fire (zero diagonal)."""
+    h = hessian.clone().float()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    damp = percdamp * torch.mean(torch.diag(h))
+    idx = torch.arange(h.shape[0], device=h.device)
+    h[idx, idx] += damp
+    try:
+        factor = torch.linalg.cholesky(h)
+    except torch.linalg.LinAlgError as err:
+        raise RelpruneError(
+            f"the input second moment is not positive definite even with {percdamp:.0%} damping; "
+            "use more calibration tokens or a larger damping"
+        ) from err
+    return torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True), dead
+
+
+def _obs(weight: Tensor, hessian: Tensor, choose, blocksize: int, percdamp: float) -> tuple[Tensor, Tensor]:
+    """The column sweep shared by both entry points. ``choose(block, hinv_diag, start)`` gives the
+    removal mask of a block of the (already updated) weights, or of the first M columns at i % M."""
+    w = weight.detach().clone().float()
+    hinv, dead = _upper_inverse_cholesky(hessian, percdamp)
+    w[:, dead] = 0
+    removed = torch.zeros_like(w, dtype=torch.bool)
+    columns = w.shape[1]
+    for i1 in range(0, columns, blocksize):
+        i2 = min(i1 + blocksize, columns)
+        w1 = w[:, i1:i2].clone()
+        q1 = torch.zeros_like(w1)
+        err1 = torch.zeros_like(w1)
+        h1 = hinv[i1:i2, i1:i2]
+        drop1 = choose(w1, torch.diag(h1), i1, None)
+        for i in range(i2 - i1):
+            if drop1 is None or (choose.per_group and i % choose.group == 0):
+                drop1 = choose(w1, torch.diag(h1), i1, (i, drop1))
+            col = w1[:, i]
+            q = col.clone()
+            q[drop1[:, i]] = 0
+            q1[:, i] = q
+            e = (col - q) / h1[i, i]
+            w1[:, i:] -= e.unsqueeze(1) @ h1[i, i:].unsqueeze(0)
+            err1[:, i] = e
+        w[:, i1:i2] = q1
+        removed[:, i1:i2] = drop1
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return w.to(weight.dtype), ~removed
+
+
+class _Unstructured:
+    per_group = False
+
+    def __init__(self, sparsity: float):
+        self.sparsity = sparsity
+
+    def __call__(self, w1: Tensor, hdiag: Tensor, start: int, at) -> Tensor:
+        score = w1**2 / hdiag.reshape(1, -1) ** 2
+        # As the reference: everything at or below the k-th smallest score of the block goes.
+        thresh = torch.sort(score.flatten())[0][int(score.numel() * self.sparsity)]
+        return score <= thresh
+
+
+class _NM:
+    per_group = True
+
+    def __init__(self, n: int, m: int):
+        self.n, self.group = n, m
+
+    def __call__(self, w1: Tensor, hdiag: Tensor, start: int, at) -> Tensor:
+        if at is None:
+            return torch.zeros_like(w1, dtype=torch.bool)
+        i, drop = at
+        score = w1[:, i:i + self.group] ** 2 / hdiag[i:i + self.group].reshape(1, -1) ** 2
+        drop.scatter_(1, i + torch.topk(score, self.n, dim=1, largest=False)[1], True)
+        return drop
+
+
+class _Given:
+    per_group = False
+
+    def __init__(self, keep: Tensor):
+        self.keep = keep
+
+    def __call__(self, w1: Tensor, hdiag: Tensor, start: int, at) -> Tensor:
+        return ~self.keep[:, start:start + w1.shape[1]]
+
+
+def sparsegpt(weight: Tensor, hessian: Tensor, *, sparsity: float | None = None, n_m: tuple[int, int] | None = None,
+              blocksize: int = BLOCKSIZE, percdamp: float = PERCDAMP) -> tuple[Tensor, Tensor]:
+    """SparseGPT on one O x I weight: (updated weight with zeros where pruned, keep-mask).
+
+    Exactly one of ``sparsity`` (unstructured, chosen per block of ``blocksize`` columns) and
+    ``n_m`` = (N, M): N of every M consecutive inputs are removed from each row.
+    """
+    if (sparsity is None) == (n_m is None):
+        raise SparsityError("sparsegpt takes exactly one of sparsity= and n_m=")
+    if n_m is not None:
+        n, m = n_m
+        if weight.shape[1] % m:
+            raise SparsityError(f"N:M with M={m} needs the input size {weight.shape[1]} to be a multiple of M")
+        if blocksize % m:
+            raise SparsityError(f"blocksize {blocksize} must be a multiple of M={m}")
+        # In our N:M convention N is what is kept; SparseGPT's prunen is what is removed.
+        return _obs(weight, hessian, _NM(m - n, m), blocksize, percdamp)
+    if not 0 <= sparsity < 1 or math.isnan(sparsity):
+        raise SparsityError(f"sparsity must be in [0, 1), got {sparsity}")
+    return _obs(weight, hessian, _Unstructured(sparsity), blocksize, percdamp)
+
+
+REFIT_METHODS = ("exact", "obs")
+
+
+def refit(weight: Tensor, hessian: Tensor, keep: Tensor, *, method: str = "exact", blocksize: int = BLOCKSIZE,
+          percdamp: float = PERCDAMP, rows_per_chunk: int = 64) -> Tensor:
+    """The kept weights re-fitted to the dense layer's outputs on the calibration inputs (mask fixed).
+
+    ``hessian`` is X^T X up to a positive factor; damping adds ``percdamp`` times its mean diagonal.
+    """
+    if keep.shape != weight.shape:
+        raise SparsityError(f"mask shape {tuple(keep.shape)} does not match weight {tuple(weight.shape)}")
+    if method == "obs":
+        new, _ = _obs(weight, hessian, _Given(keep.bool()), blocksize, percdamp)
+        return new
+    if method != "exact":
+        raise RelpruneError(f"refit method must be one of {REFIT_METHODS}, got {method!r}")
+    return _least_squares(weight, hessian, keep.bool(), percdamp, rows_per_chunk)
+
+
+def _least_squares(weight: Tensor, hessian: Tensor, keep: Tensor, percdamp: float, chunk: int) -> Tensor:
+    """Per row r: w_S = (H_SS + lambda I)^-1 (H w_r)_S on its kept columns S, zeros elsewhere.
+
+    Rows are solved in batches; a batch pads every row to the same number of columns with
+    removed ones whose equations are replaced by the identity (solution 0 there).
+    """
+    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    w = weight.detach().to(dtype)
+    h = hessian.to(dtype)
+    dead = torch.diag(h) == 0
+    h = h.clone()
+    h[dead, dead] = 1
+    damp = percdamp * torch.mean(torch.diag(h))
+    h_damped = h + damp * torch.eye(h.shape[0], dtype=dtype, device=h.device)
+    target = w @ h  # row r: H w_r (H symmetric); the dense row's fit on every column
+    out = torch.zeros_like(w)
+    for r0 in range(0, w.shape[0], chunk):
+        k_rows = keep[r0:r0 + chunk] & ~dead
+        k = int(k_rows.sum(1).max())
+        if k == 0:
+            continue
+        # Kept columns first (stable), padded with removed ones.
+        idx = torch.sort((~k_rows).to(torch.int8), dim=1, stable=True).indices[:, :k]
+        valid = torch.gather(k_rows, 1, idx)
+        sub = h_damped[idx.unsqueeze(2), idx.unsqueeze(1)]
+        both = valid.unsqueeze(2) & valid.unsqueeze(1)
+        eye = torch.diag_embed((~valid).to(dtype))
+        sub = torch.where(both, sub, torch.zeros((), dtype=dtype, device=sub.device)) + eye
+        rhs = torch.where(valid, torch.gather(target[r0:r0 + chunk], 1, idx), torch.zeros((), dtype=dtype))
+        factor, info = torch.linalg.cholesky_ex(sub)
+        if bool(info.any()):
+            raise RelpruneError("the input second moment is not positive definite on a row's kept inputs; "
+                                "use more calibration tokens or a larger damping")
+        sol = torch.cholesky_solve(rhs.unsqueeze(2), factor).squeeze(2)
+        out[r0:r0 + chunk].scatter_(1, idx, torch.where(valid, sol, torch.zeros((), dtype=dtype)))
+    return out.to(weight.dtype)

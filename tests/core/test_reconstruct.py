@@ -1,0 +1,190 @@
+"""SparseGPT and fixed-mask reconstruction against a port of the reference algorithm's lines."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import relprune
+from relprune.core.reconstruct import refit, sparsegpt
+
+
+def reference_fasterprune(W, H, sparsity, prunen=0, prunem=0, blocksize=128, percdamp=0.01):
+    """IST-DASLab/sparsegpt ``SparseGPT.fasterprune``, its lines kept, quantisation and logging removed.
+
+    Returns the pruned weight; H is the accumulated 2/n X X^T (any positive scale gives the same result).
+    """
+    W = W.clone().float()
+    H = H.clone().float()
+    columns = W.shape[1]
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    damp = percdamp * torch.mean(torch.diag(H))
+    diag = torch.arange(columns)
+    H[diag, diag] += damp
+    H = torch.linalg.cholesky(H)
+    H = torch.cholesky_inverse(H)
+    H = torch.linalg.cholesky(H, upper=True)
+    Hinv = H
+    mask = None
+    for i1 in range(0, columns, blocksize):
+        i2 = min(i1 + blocksize, columns)
+        count = i2 - i1
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        if prunen == 0:
+            if mask is not None:
+                mask1 = mask[:, i1:i2]
+            else:
+                tmp = W1 ** 2 / (torch.diag(Hinv1).reshape((1, -1))) ** 2
+                thresh = torch.sort(tmp.flatten())[0][int(tmp.numel() * sparsity)]
+                mask1 = tmp <= thresh
+        else:
+            mask1 = torch.zeros_like(W1) == 1
+        for i in range(count):
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            if prunen != 0 and i % prunem == 0:
+                tmp = W1[:, i:(i + prunem)] ** 2 / (torch.diag(Hinv1)[i:(i + prunem)].reshape((1, -1))) ** 2
+                mask1.scatter_(1, i + torch.topk(tmp, prunen, dim=1, largest=False)[1], True)
+            q = w.clone()
+            q[mask1[:, i]] = 0
+            Q1[:, i] = q
+            err1 = (w - q) / d
+            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+            Err1[:, i] = err1
+        W[:, i1:i2] = Q1
+        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+    return W
+
+
+def reference_hessian(x):
+    """``add_batch`` of the reference for one batch of shape (samples, tokens, I)."""
+    n = x.shape[0]
+    inp = math.sqrt(2 / n) * x.reshape(-1, x.shape[-1]).t().float()
+    return inp @ inp.t()
+
+
+def layer_and_inputs(o, i, tokens=300, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # Correlated, uneven inputs, as real activations are: a random mixing of scaled sources.
+    x = (torch.randn(4, tokens // 4, i, generator=g) * torch.rand(i, generator=g) * 3) @ (
+        torch.eye(i) + 0.3 * torch.randn(i, i, generator=g))
+    return torch.randn(o, i, generator=g), x
+
+
+@pytest.mark.parametrize("o, i, sparsity", [(16, 64, 0.5), (24, 200, 0.7), (8, 130, 0.6)])
+def test_sparsegpt_unstructured_equals_reference(o, i, sparsity):
+    w, x = layer_and_inputs(o, i)
+    ref = reference_fasterprune(w, reference_hessian(x), sparsity)
+    ours, keep = sparsegpt(w, x.reshape(-1, i).t() @ x.reshape(-1, i), sparsity=sparsity)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+    assert torch.equal(keep, ref != 0) or (keep >= (ref != 0)).all()
+
+
+@pytest.mark.parametrize("n_keep, m", [(2, 4), (4, 8)])
+def test_sparsegpt_n_m_equals_reference(n_keep, m):
+    w, x = layer_and_inputs(12, 64)
+    ref = reference_fasterprune(w, reference_hessian(x), 0, prunen=m - n_keep, prunem=m)
+    ours, keep = sparsegpt(w, reference_hessian(x), n_m=(n_keep, m))
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+    assert (keep.reshape(12, -1, m).sum(-1) == n_keep).all()
+
+
+@pytest.mark.parametrize("method", ["exact", "obs"])
+def test_refit_lowers_output_error_of_any_mask_and_keeps_it(method):
+    w, x = layer_and_inputs(32, 96, tokens=800)
+    rows = x.reshape(-1, 96)
+    keep = torch.rand(w.shape, generator=torch.Generator().manual_seed(1)) > 0.6
+    new = refit(w, rows.t() @ rows, keep, method=method)
+    assert ((new != 0) <= keep).all()
+    dense = rows @ w.t()
+    before = ((rows @ (w * keep).t() - dense) ** 2).sum()
+    after = ((rows @ new.t() - dense) ** 2).sum()
+    assert after < before
+
+
+def test_obs_refit_with_a_fixed_mask_equals_reference_with_that_mask():
+    w, x = layer_and_inputs(16, 64)
+    ref = reference_fasterprune(w, reference_hessian(x), 0.5)
+    ours = refit(w, reference_hessian(x), ref != 0, method="obs")
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 64])
+def test_exact_refit_is_per_row_least_squares_on_the_kept_columns(chunk):
+    w, x = layer_and_inputs(6, 20, tokens=400)
+    rows = x.reshape(-1, 20).double()
+    keep = torch.rand(w.shape, generator=torch.Generator().manual_seed(2)) > 0.5
+    new = refit(w.double(), rows.t() @ rows, keep, percdamp=1e-12, rows_per_chunk=chunk)
+    target = rows @ w.double().t()
+    for r in range(6):
+        cols = keep[r].nonzero().flatten()
+        sol = torch.linalg.lstsq(rows[:, cols], target[:, r:r + 1]).solution.flatten()
+        torch.testing.assert_close(new[r, cols], sol, rtol=1e-4, atol=1e-5)
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8))
+
+
+def test_prune_with_reconstruction_and_sparsegpt_criterion():
+    model = mlp()
+    data = [torch.randn(64, 16) for _ in range(4)]
+    stats = relprune.collect_stats(model, data, statistics=["input_sq_mean", "input_gram"])
+    plain, refitted, sgpt = (relprune.copy_model(model) for _ in range(3))
+    m1 = relprune.prune(plain, stats, sparsity=0.6, criterion="wanda", scope="row")
+    m2 = relprune.prune(refitted, stats, sparsity=0.6, criterion="wanda", scope="row", reconstruct=True)
+    for name in m1:
+        assert torch.equal(m1[name], m2[name])  # the mask is the criterion's; only kept weights move
+    relprune.prune(sgpt, stats, sparsity=0.6, criterion="sparsegpt")
+    # Each layer is re-fitted to its own dense outputs on its calibration inputs.
+    x = torch.cat(data)
+    dense0 = model[0](x)
+
+    def error(m):
+        return ((m[0](x) - dense0) ** 2).sum()
+
+    assert error(refitted) < error(plain) and error(sgpt) < error(plain)
+    for m in (refitted, sgpt):
+        for layer in (m[0], m[2]):
+            assert torch.equal(layer.weight, layer.weight_orig * layer.weight_mask)
+
+
+def test_reconstruction_needs_the_gram_and_refuses_bias_compensation():
+    model = mlp()
+    stats = relprune.collect_stats(model, [torch.randn(8, 16)], statistics=["input_sq_mean"])
+    with pytest.raises(relprune.StatisticNotCollectedError, match="input_gram"):
+        relprune.prune(model, stats, sparsity=0.5, criterion="wanda", reconstruct=True)
+    with pytest.raises(relprune.RelpruneError, match="twice"):
+        relprune.prune(model, stats, sparsity=0.5, criterion="wanda", reconstruct=True, bias_compensation=True)
+    with pytest.raises(relprune.SparsityError, match="chooses its own mask"):
+        relprune.prune(model, stats, threshold=0.5, criterion="sparsegpt")
+
+
+def test_input_gram_matches_per_token_reference_with_padding():
+    layer = nn.Linear(5, 3)
+    x = torch.randn(2, 7, 5)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 4:] = 0
+
+    class Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = layer
+
+        def forward(self, hidden, attention_mask):
+            return self.fc(hidden)
+
+    stats = relprune.collect_stats(Wrap(), [{"hidden": x, "attention_mask": mask}],
+                                   statistics=["input_gram", "input_sq_mean"])
+    kept = x[mask.bool()].double()
+    torch.testing.assert_close(stats["fc"].input_gram, kept.t() @ kept / len(kept))
+    torch.testing.assert_close(stats["fc"].input_sq_mean, (kept**2).mean(0).expand(3, 5))
