@@ -13,3 +13,8 @@ DEFAULT_SCOPE = "global"
 DEFAULT_LIVENESS = True
 #: Bias compensation helps some criteria up to 90% on the MLP but loses 1-15 points on average at 95%+.
 DEFAULT_BIAS_COMPENSATION = False
+#: Language models (``relprune llm``, ``relprune.llm.prune_sequential``): the best recipe of the
+#: LLM benchmark (docs/results.md, "Language models"), compared within each output row as the
+#: Wanda and SparseGPT reference code do.
+DEFAULT_LLM_CRITERION = "wanda"
+DEFAULT_LLM_SCOPE = "row"

@@ -52,3 +52,7 @@ class CheckpointError(RelpruneError, ValueError):
 
 class ShrinkError(RelpruneError, ValueError):
     """A structural shrink would not be exact for this model."""
+
+
+class ModelLoadError(RelpruneError, ValueError):
+    """A model spec cannot be resolved, or its files cannot be loaded (or a needed extra is missing)."""

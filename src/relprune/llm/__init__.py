@@ -1,0 +1,22 @@
+"""Language models: loading (HF folder, hub id, GGUF), text windows, block-by-block pruning, perplexity.
+
+Needs the ``llm`` extra (transformers, gguf, accelerate), imported only when a function here runs.
+"""
+
+from .load import SMOLLM2, load_model, resolve_model
+from .perplexity import Perplexity, perplexity
+from .sequential import decoder_blocks, prune_sequential
+from .text import calibration_windows, evaluation_windows, tokenize_file
+
+__all__ = [
+    "SMOLLM2",
+    "Perplexity",
+    "calibration_windows",
+    "decoder_blocks",
+    "evaluation_windows",
+    "load_model",
+    "perplexity",
+    "prune_sequential",
+    "resolve_model",
+    "tokenize_file",
+]

