@@ -20,7 +20,7 @@ from relprune.errors import SparsityError
 def _scores(seed=0):
     g = torch.Generator().manual_seed(seed)
     return {"a": torch.rand(6, 8, generator=g, dtype=torch.float64),
-            "b": torch.rand(4, 3, 2, 2, generator=g, dtype=torch.float64)}
+            "b": torch.rand(4, 8, 2, 2, generator=g, dtype=torch.float64)}
 
 
 @settings(max_examples=30, deadline=None)
@@ -51,9 +51,10 @@ def test_n_m_pattern_holds():
     scores = _scores()
     keep = allocate_n_m(scores, 2, 4)
     for n, k in keep.items():
-        groups = k.reshape(-1, 4)
+        # Groups are 4 consecutive inputs; for a conv, 4 consecutive input channels at one kernel position.
+        groups = (k.permute(0, 2, 3, 1) if k.dim() == 4 else k).reshape(-1, 4)
         assert torch.all(groups.sum(1) == 2)
-        s = scores[n].reshape(-1, 4)
+        s = (scores[n].permute(0, 2, 3, 1) if k.dim() == 4 else scores[n]).reshape(-1, 4)
         assert torch.all(torch.where(groups, s, torch.inf).min(1).values
                          >= torch.where(groups, -torch.inf, s).max(1).values)
 
@@ -86,3 +87,21 @@ def test_bad_scope_and_threshold():
         allocate(_scores(), 0.5, "neuron")
     with pytest.raises(SparsityError):
         allocate_threshold(_scores(), 0.0)
+
+
+def test_n_m_on_a_conv_groups_input_channels_at_each_kernel_position():
+    # Scores that rank channels 0 and 1 highest at every kernel position: a channel-wise 2:4 keeps exactly
+    # those; the old flattened (C, kh, kw) grouping would keep whole kernel rows of channel 0 instead.
+    s = torch.zeros(1, 4, 2, 2, dtype=torch.float64)
+    s[0, 0], s[0, 1], s[0, 2], s[0, 3] = 4.0, 3.0, 2.0, 1.0
+    keep = allocate_n_m({"c": s}, 2, 4)["c"]
+    assert keep[0, :2].all() and not keep[0, 2:].any()
+    with pytest.raises(SparsityError, match="input channels"):
+        allocate_n_m({"c": torch.rand(2, 6, 2, 2)}, 2, 4)
+
+
+@pytest.mark.parametrize("count, removed", [(5, 3), (7, 4), (3, 2), (9, 5), (4, 2)])
+def test_half_budgets_round_up_for_every_group_size(count, removed):
+    scores = {"a": torch.arange(count, dtype=torch.float64).reshape(1, count)}
+    for scope in ("row", "layer", "global"):
+        assert int((~allocate(scores, 0.5, scope)["a"]).sum()) == removed

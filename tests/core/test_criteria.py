@@ -77,3 +77,34 @@ def test_register_adds_a_criterion():
         assert w.abs()[~masks["0"]].min() >= w.abs()[masks["0"]].max()
     finally:
         del CRITERIA["test-neg-magnitude"]
+
+
+def test_ria_on_a_grouped_conv_equals_the_block_diagonal_linear():
+    """RIA's column sum runs over the outputs that see an input: its group's, never another group's."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 4, 1, groups=2, bias=False)
+    linear = nn.Linear(4, 4, bias=False)
+    with torch.no_grad():
+        linear.weight.zero_()
+        for o in range(4):
+            g = o // 2
+            linear.weight[o, 2 * g:2 * g + 2] = conv.weight[o, :, 0, 0]
+    x = torch.randn(64, 4)
+    sc = relprune.collect_stats(nn.Sequential(conv), [x.reshape(64, 4, 1, 1)], statistics=["input_sq_mean"])
+    sl = relprune.collect_stats(nn.Sequential(linear), [x], statistics=["input_sq_mean"])
+    ria = relprune.CRITERIA["ria"].score
+    a = ria(conv.weight.detach(), sc["0"], {})
+    b = ria(linear.weight.detach(), sl["0"], {})
+    for o in range(4):
+        g = o // 2
+        torch.testing.assert_close(a[o, :, 0, 0], b[o, 2 * g:2 * g + 2])
+
+
+def test_data_driven_scores_use_the_weight_passed_in():
+    model = nn.Sequential(nn.Linear(6, 3))
+    stats = relprune.collect_stats(model, [torch.randn(16, 6)], statistics=["input_sq_mean"])
+    w = torch.randn(3, 6)
+    for name in ("wanda", "ria"):
+        score = relprune.CRITERIA[name].score(w, stats["0"], {})
+        assert torch.equal(score == 0, w == 0) and not torch.equal(
+            score, relprune.CRITERIA[name].score(model[0].weight.detach(), stats["0"], {}))

@@ -140,11 +140,12 @@ def test_threshold_mode_reports_achieved_sparsity():
 
 
 def test_n_m_on_conv_and_linear():
-    model = nn.Sequential(nn.Conv2d(2, 4, 2), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 3 * 3, 4))
-    stats = relprune.collect_stats(model, [torch.randn(3, 2, 4, 4)])
+    model = nn.Sequential(nn.Conv2d(4, 4, 2), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 3 * 3, 4))
+    stats = relprune.collect_stats(model, [torch.randn(3, 4, 4, 4)])
     masks = relprune.prune(model, stats, n_m="2:4")
     for mask in masks.values():
-        assert torch.all(mask.reshape(-1, 4).sum(1) == 2)
+        rows = mask.permute(0, 2, 3, 1) if mask.dim() == 4 else mask
+        assert torch.all(rows.reshape(-1, 4).sum(1) == 2)
 
 
 def test_report_table():

@@ -169,7 +169,7 @@ def test_n_m_names_layers_left_dense_and_reports_whole_model_sparsity(trained, t
     assert main(["prune", "--checkpoint", str(trained / "model"), "--n-m", "2:3", "--calib-samples", "64",
                  "--out", str(tmp_path / "nm")]) == 0
     out = capsys.readouterr().out
-    assert "left dense (fan-in not a multiple of 3): 1, 5" in out
+    assert "left dense (inputs not a multiple of 3): 1, 5" in out
     share = float(re.search(r"sparsity ([\d.]+)% of all prunable weights", out).group(1))
     assert share == pytest.approx(100 * 10000 / 50200, abs=0.01)  # a third of layer 3's 30,000 weights
 

@@ -2,8 +2,11 @@
 
 Scores are compared as O x I matrices. Weights already pruned carry a score
 of -inf, so they are the first to go and are never revived. Each budget is
-met exactly: ``round(sparsity * count)`` weights are removed per group,
-ties broken by position.
+met exactly: ``floor(sparsity * count + 1/2)`` weights are removed per group (halves round
+up, the same way for every group size), ties broken by position.
+
+N:M groups are M consecutive inputs of a row; for a convolution, M consecutive input channels
+at the same kernel position, the layout sparse kernels (e.g. 2:4 tensor cores) expect.
 """
 
 from __future__ import annotations
@@ -60,6 +63,31 @@ def _drop_lowest_rows(scores: Tensor, count: int) -> Tensor:
     return keep
 
 
+def removal_count(sparsity: float, count: int) -> int:
+    """How many of ``count`` weights a budget of ``sparsity`` removes: the nearest integer, halves up.
+
+    Python's ``round`` rounds halves to even, so at 0.5 a row of 5 would lose 2 and a row of 7
+    would lose 4; this keeps every group size on the same side.
+    """
+    return math.floor(sparsity * count + 0.5)
+
+
+def nm_groups(t: Tensor, m: int) -> Tensor:
+    """A weight-shaped tensor as rows of M: consecutive inputs (Linear), or M consecutive input
+    channels at one kernel position (conv: (O, C, *k) is regrouped as (O, *k, C))."""
+    if t.dim() > 2:
+        t = t.movedim(1, -1)
+    return t.reshape(-1, m)
+
+
+def from_nm_groups(groups: Tensor, shape: torch.Size) -> Tensor:
+    """Inverse of :func:`nm_groups`."""
+    if len(shape) > 2:
+        moved = (shape[0], *shape[2:], shape[1])
+        return groups.reshape(moved).movedim(-1, 1)
+    return groups.reshape(shape)
+
+
 def allocate(scores: Mapping[str, Tensor], sparsity: float, scope: str = "global") -> dict[str, Tensor]:
     """Keep-masks meeting ``sparsity`` under ``scope`` ('global', 'layer' or 'row')."""
     sparsity = check_sparsity(sparsity)
@@ -67,33 +95,37 @@ def allocate(scores: Mapping[str, Tensor], sparsity: float, scope: str = "global
         raise SparsityError(f"scope must be one of {SCOPES}, got {scope!r}")
     if scope == "global":
         flat = torch.cat([s.reshape(-1).double() for s in scores.values()])
-        keep = _drop_lowest(flat, round(sparsity * flat.numel()))
+        keep = _drop_lowest(flat, removal_count(sparsity, flat.numel()))
         out, start = {}, 0
         for name, s in scores.items():
             out[name] = keep[start:start + s.numel()].reshape(s.shape)
             start += s.numel()
         return out
     if scope == "layer":
-        return {n: _drop_lowest(s.reshape(-1), round(sparsity * s.numel())).reshape(s.shape)
+        return {n: _drop_lowest(s.reshape(-1), removal_count(sparsity, s.numel())).reshape(s.shape)
                 for n, s in scores.items()}
     out = {}
     for n, s in scores.items():
         rows = weight_matrix(s)
-        out[n] = _drop_lowest_rows(rows, round(sparsity * rows.shape[1])).reshape(s.shape)
+        out[n] = _drop_lowest_rows(rows, removal_count(sparsity, rows.shape[1])).reshape(s.shape)
     return out
 
 
+def nm_fits(shape: torch.Size, m: int) -> bool:
+    """Whether N:M groups of M tile a weight: its input size (conv: input channels per group)."""
+    return shape[1] % m == 0
+
+
 def allocate_n_m(scores: Mapping[str, Tensor], n: int, m: int) -> dict[str, Tensor]:
-    """Keep the N highest of every M consecutive inputs of each output row."""
+    """Keep the N highest of every group of M (see :func:`nm_groups`) of each output row."""
     out = {}
     for name, s in scores.items():
-        rows = weight_matrix(s)
-        if rows.shape[1] % m:
+        if not nm_fits(s.shape, m):
+            what = "input size" if s.dim() == 2 else "number of input channels (per group)"
             raise SparsityError(
-                f"layer {name!r}: N:M with M={m} needs the input size {rows.shape[1]} to be a multiple of M"
+                f"layer {name!r}: N:M with M={m} needs the {what} {s.shape[1]} to be a multiple of M"
             )
-        groups = rows.reshape(-1, m)
-        out[name] = _drop_lowest_rows(groups, m - n).reshape(s.shape)
+        out[name] = from_nm_groups(_drop_lowest_rows(nm_groups(s, m), m - n), s.shape)
     return out
 
 

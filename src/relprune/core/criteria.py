@@ -126,8 +126,7 @@ def contribution_share(weight: Tensor, stats: LayerStats | None, opts: dict[str,
 @register("wanda", statistics=("input_sq_mean",),
           description="|W_ij| ||x_j|| (Sun et al. 2023); compare per row")
 def wanda(weight: Tensor, stats: LayerStats | None, opts: dict[str, Any]) -> Tensor:
-    s = _stats(stats)
-    return s.weight.double().abs() * s.input_sq_mean.sqrt()
+    return weight.double().abs() * _stats(stats).input_sq_mean.sqrt()
 
 
 @register("ria", statistics=("input_sq_mean",),
@@ -135,9 +134,13 @@ def wanda(weight: Tensor, stats: LayerStats | None, opts: dict[str, Any]) -> Ten
 def relative_importance_activation(weight: Tensor, stats: LayerStats | None,
                                    opts: dict[str, Any]) -> Tensor:
     s = _stats(stats)
-    w = weight_matrix(s.weight.double().abs())
-    rel = w / w.sum(1, keepdim=True).clamp_min(1e-300) + w / w.sum(0, keepdim=True).clamp_min(1e-300)
-    return (rel.reshape(s.weight.shape) * s.input_sq_mean.sqrt().sqrt())
+    w = weight_matrix(weight.double().abs())
+    # The column sum runs over the outputs that see input j: in a grouped conv, its own group only.
+    groups = s.groups
+    per_group = w.reshape(groups, -1, w.shape[1])
+    col = per_group.sum(1, keepdim=True).expand_as(per_group).reshape(w.shape)
+    rel = w / w.sum(1, keepdim=True).clamp_min(1e-300) + w / col.clamp_min(1e-300)
+    return rel.reshape(weight.shape) * s.input_sq_mean.sqrt().sqrt()
 
 
 @register("snip", statistics=("weight_grad",),

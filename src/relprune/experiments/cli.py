@@ -202,8 +202,8 @@ class MethodArgs:
 class PruneArgs:
     checkpoint: str = _h("model folder written by 'relprune train'", "runs/latest")
     sparsity: float | None = _h("fraction of weights to remove, in [0, 1)", None, check=sparsity_value)
-    n_m: str | None = _h("N:M pattern instead of a sparsity, e.g. 2:4 (layers whose fan-in M does not "
-                         "divide stay dense and are named)", None, check=n_m_value)
+    n_m: str | None = _h("N:M pattern instead of a sparsity, e.g. 2:4 (layers whose inputs - conv: input "
+                         "channels - M does not divide stay dense and are named)", None, check=n_m_value)
     threshold: float | None = _h("threshold mode: remove weights whose score < threshold / fan-in", None,
                                  check=positive)
     calib_samples: int = _h("calibration samples from the training split", 1024, check=positive)
@@ -318,7 +318,7 @@ def cmd_prune(ns: argparse.Namespace) -> int:
     save_json([dataclasses.asdict(r) | {"sparsity": r.sparsity} for r in report], out / "report.json")
     print(format_report(report))
     if dense_layers:
-        print(f"left dense (fan-in not a multiple of {method.n_m.split(':')[1]}): {', '.join(dense_layers)}"
+        print(f"left dense (inputs not a multiple of {method.n_m.split(':')[1]}): {', '.join(dense_layers)}"
               if method.n_m else f"left dense: {', '.join(dense_layers)}")
     print(f"{method.label}: sparsity {sparsity:.2%} of all prunable weights; test accuracy dense {dense_acc:.4f} "
           f"-> pruned {pruned_acc:.4f}"

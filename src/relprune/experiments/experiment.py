@@ -17,8 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import collect_stats, load_state_dict, prune
+from ..core.allocation import nm_fits
 from ..core.criteria import get_criterion
-from ..core.layers import prunable_layers, weight_matrix
+from ..core.layers import prunable_layers
 from ..core.masks import Masks, copy_model
 from ..core.stats import Stats
 from ..defaults import DEFAULT_BIAS_COMPENSATION, DEFAULT_CRITERION, DEFAULT_LIVENESS, DEFAULT_SCOPE
@@ -80,11 +81,11 @@ def apply_method(model: nn.Module, stats: Stats | None, method: Method, sparsity
     if "ucb_k" in get_criterion(method.criterion).options:
         kwargs["ucb_k"] = method.ucb_k
     if method.n_m:
-        # Layers whose fan-in M does not divide stay dense, as N:M kernels require (e.g. a 5x5 first conv).
+        # Layers whose inputs (conv: input channels) M does not divide stay dense, as N:M kernels require.
         m = int(method.n_m.split(":")[1])
         names = stats.keys() if stats is not None else prunable_layers(model).keys()
         modules = dict(model.named_modules())
-        eligible = [n for n in names if weight_matrix(modules[n].weight).shape[1] % m == 0]
+        eligible = [n for n in names if nm_fits(modules[n].weight.shape, m)]
         return prune(model, stats, n_m=method.n_m, layers=eligible, **kwargs)
     return prune(model, stats, sparsity=sparsity, **kwargs)
 
