@@ -240,3 +240,35 @@ def test_labels_that_do_not_fit_raise_calibration_error():
     with pytest.raises(relprune.CalibrationError, match="loss failed"):
         relprune.collect_stats(model, [(torch.randn(4, 6), torch.randint(0, 2, (3,)))],
                                statistics=["weight_grad"])
+
+
+def test_input_moments_of_layers_without_liveness_are_kept_as_one_row():
+    torch.manual_seed(0)
+    gelu = nn.Sequential(nn.Linear(6, 40), nn.GELU(), nn.Linear(40, 3))
+    relu = nn.Sequential(nn.Linear(6, 40), nn.ReLU(), nn.Linear(40, 3))
+    data = [torch.randn(8, 6) for _ in range(3)]
+    lean = relprune.collect_stats(gelu, data, statistics=["contribution_std", "abs_contribution_mean"])
+    assert lean["0"].sums["s1"].shape == (1, 6) and lean["0"].sums["sa"].shape == (1, 6)
+    assert lean["0"].contribution_std.shape == (40, 6)
+    full = relprune.collect_stats(relu, data, statistics=["contribution_std"])
+    assert full["0"].sums["s1"].shape == (40, 6)  # live samples differ per neuron: weight-shaped
+    merged = lean + relprune.collect_stats(gelu, data[:1], statistics=["contribution_std", "abs_contribution_mean"])
+    both = relprune.collect_stats(gelu, data + data[:1], statistics=["contribution_std", "abs_contribution_mean"])
+    torch.testing.assert_close(merged["0"].contribution_std, both["0"].contribution_std)
+
+
+@pytest.mark.parametrize("act, traced_batches", [(nn.GELU, 1), (nn.ReLU, 3)])
+def test_liveness_tracing_stops_after_one_batch_when_nothing_has_a_blind_range(monkeypatch, act, traced_batches):
+    from relprune.core import liveness
+
+    entered = []
+    original = liveness.LivenessTracer.__enter__
+
+    def counting(self):
+        entered.append(1)
+        return original(self)
+
+    monkeypatch.setattr(liveness.LivenessTracer, "__enter__", counting)
+    model = nn.Sequential(nn.Linear(4, 8), act(), nn.Linear(8, 2))
+    relprune.collect_stats(model, [torch.randn(5, 4) for _ in range(3)], statistics=["contribution_std"])
+    assert len(entered) == traced_batches

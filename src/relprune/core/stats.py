@@ -12,6 +12,7 @@ not cancel.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -181,10 +182,8 @@ class LayerStats:
             raise StatsMismatchError("cannot merge statistics of different layers or settings")
         if not torch.equal(other.weight, self.weight):
             raise StatsMismatchError("cannot merge statistics gathered with different weights")
-        sums = {k: v.clone() for k, v in self.sums.items()}
         o = other._rebased(self.shift)
-        for k in sums:
-            sums[k] += o[k]
+        sums = {k: v + o[k] for k, v in self.sums.items()}
         return LayerStats(
             self.kind, self.weight, self.bias, self.groups, self.statistics, self.liveness,
             self.shift, self.live_count + other.live_count, self.total_count + other.total_count,
@@ -411,7 +410,9 @@ def _accumulate(layer: nn.Module, ls: LayerStats, scratch: _Scratch, x: Tensor, 
     x = x.to(cd)
     xp = L.input_rows(layer, x)
     if live is None:
-        shape = (xp.shape[0], ls.weight.shape[0]) if isinstance(layer, nn.Linear) else out_shape
+        # Without liveness every output sees the same samples: one column of ones serves them all,
+        # and the input moments come out as (1, I) rows (see _new_layer_stats).
+        shape = (xp.shape[0], 1) if isinstance(layer, nn.Linear) else out_shape
         g = torch.ones(shape, dtype=cd, device=x.device)
     else:
         g = L.output_rows(layer, live).to(cd)
@@ -447,6 +448,20 @@ def _accumulate(layer: nn.Module, ls: LayerStats, scratch: _Scratch, x: Tensor, 
             scratch.add(layer, "r2", a * a, gd / d)
 
 
+#: Running sums that are moments of the inputs alone (no per-output factor but liveness).
+_INPUT_MOMENTS = frozenset({"s1", "s2", "sa"})
+
+
+def _sum_shape(layer: nn.Module, key: str, liveness: str | None, weight_shape: torch.Size) -> tuple[int, ...]:
+    """Weight-shaped, except the I x I gram, and input moments of a Linear without liveness: every
+    output sees the same samples, so one (1, I) row holds them (O times less memory)."""
+    if key == "gram":
+        return (weight_shape[1], weight_shape[1])
+    if key in _INPUT_MOMENTS and liveness is None and isinstance(layer, nn.Linear):
+        return (1, weight_shape[1])
+    return tuple(weight_shape)
+
+
 def _new_layer_stats(layer: nn.Module, x: Tensor, liveness: str | None, statistics: frozenset[str],
                      need: frozenset[str]) -> LayerStats:
     w = layer.weight.detach().clone()
@@ -458,8 +473,8 @@ def _new_layer_stats(layer: nn.Module, x: Tensor, liveness: str | None, statisti
     if "gram" in need and not isinstance(layer, nn.Linear):
         raise CalibrationError(f"statistic 'input_gram' (SparseGPT, reconstruction) supports Linear layers only; "
                                f"{type(layer).__name__} is not (pass layers= to leave it out)")
-    sums = {k: torch.zeros((w.shape[1], w.shape[1]) if k == "gram" else w.shape, dtype=torch.float64,
-                           device=w.device) for k in need}
+    sums = {k: torch.zeros(_sum_shape(layer, k, liveness, w.shape), dtype=torch.float64, device=w.device)
+            for k in need}
     return LayerStats(
         kind=type(layer).__name__, weight=w,
         bias=None if layer.bias is None else layer.bias.detach().clone(),
@@ -551,6 +566,7 @@ def collect_stats(
     scratches: dict[str, _Scratch] = {}
     wanted: frozenset[str] | None = None
     need: frozenset[str] = frozenset()
+    traced = False
     try:
         model.eval()
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -577,7 +593,10 @@ def collect_stats(
             stashed.clear()
             tracer.reset()
             act_need = need - {"grad"}
-            with torch.no_grad(), tracer:
+            # Tracing costs a Python call per torch function; after the first batch it runs only if
+            # some layer has a blind range to trace (a SiLU or GELU network has none).
+            tracing = liveness and (seen == 0 or traced)
+            with torch.no_grad(), tracer if tracing else contextlib.nullcontext():
                 _run_model(model, b, seen)
             for name, layer in chosen.items():
                 if name not in stashed:
@@ -605,6 +624,9 @@ def collect_stats(
                     )
                 _accumulate_grads(model, chosen, result, b, loss_fn)
             stashed.clear()
+            if seen == 0:
+                traced = any(r.liveness is not None and not r.liveness.startswith("override:")
+                             for r in result.values())
             seen += 1
         if seen == 0:
             raise CalibrationError("the calibration batches are empty: no batch was yielded")
