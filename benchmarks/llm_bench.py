@@ -77,7 +77,7 @@ def run_cell(cell: dict) -> dict:
         seconds = time.perf_counter() - start
         sparsity = masks.sparsity
         relprune.make_permanent(model)
-    ppl = perplexity(model, windows, batch_size=8)
+    ppl = perplexity(model, windows, batch_size=1)
     return {**cell, "perplexity": ppl.value, "eval_windows": ppl.windows, "eval_tokens": ppl.tokens,
             "achieved_sparsity": sparsity, "prune_seconds": round(seconds, 1),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),

@@ -59,7 +59,8 @@ def add_llm_commands(sub: argparse._SubParsersAction, checked, sparsity_value, n
     e.add_argument("--text", required=True, help="UTF-8 text file")
     e.add_argument("--samples", type=_positive_int, default=None, help="windows to use (default: all)")
     e.add_argument("--seqlen", type=_positive_int, default=512, help="tokens per window (default: 512)")
-    e.add_argument("--batch-size", type=_positive_int, default=8, help="windows per forward pass (default: 8)")
+    e.add_argument("--batch-size", type=_positive_int, default=1,
+                   help="windows per forward pass (default: 1; the logits of a batch dominate memory)")
     e.add_argument("--seed", type=int, default=0, help="unused by eval; accepted like every command's")
     e.set_defaults(func=cmd_llm_eval)
 

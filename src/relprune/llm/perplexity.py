@@ -24,9 +24,13 @@ class Perplexity:
         return f"perplexity {self.value:.3f} ({self.windows} windows, {self.tokens} predicted tokens)"
 
 
-def perplexity(model: Any, windows: Tensor, *, batch_size: int = 8, progress: bool = False) -> Perplexity:
+def perplexity(model: Any, windows: Tensor, *, batch_size: int = 1, progress: bool = False) -> Perplexity:
     """Each window is scored on its own: position t predicts token t+1, so a window of L tokens
-    gives L-1 predictions (its first token is context only)."""
+    gives L-1 predictions (its first token is context only).
+
+    ``batch_size`` windows go through the model at once; the logits of one batch (batch x L x
+    vocabulary floats: 100 MB for SmolLM2 at L=512) dominate memory, hence the default of 1.
+    """
     iterator = windows.split(batch_size)
     if progress:
         from tqdm.auto import tqdm
