@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.criteria import get_criterion
-from ..core.masks import Masks
+from ..core.masks import Masks, make_permanent
 from ..core.pruning import prune
 from ..core.stats import Batch, collect_stats
 from ..errors import CalibrationError, LayerError
@@ -114,6 +114,7 @@ def prune_sequential(
     sequential: bool = True,
     blocks: str | Sequence[str] | None = None,
     liveness: bool = False,
+    permanent: bool = True,
     progress: bool = False,
     **prune_options: Any,
 ) -> Masks:
@@ -121,7 +122,9 @@ def prune_sequential(
 
     ``sequential=True``: each block sees the outputs of the blocks before it *after* they were
     pruned (the reference setting). ``sequential=False``: every block sees the dense model's
-    activations (all blocks' statistics come from one dense pass first).
+    activations (all blocks' statistics come from one dense pass first). ``permanent=True`` folds
+    each block's masks into its weights as soon as it is pruned (torch's mask machinery keeps two
+    more weight-sized tensors per layer); pass False to fine-tune through the masks afterwards.
     """
     crit = get_criterion(criterion)
     wanted = set(crit.statistics)
@@ -150,6 +153,8 @@ def prune_sequential(
             masks = prune(block, stats, criterion=crit, scope=scope, reconstruct=reconstruct,
                           **budget, **prune_options)
             out.update({f"{name}.{k}": v for k, v in masks.items()})
+            if permanent:
+                make_permanent(block)
             if wanted and dense_inputs is None and i + 1 < len(named):
                 inputs = _next_inputs(block, inputs)
     finally:
