@@ -188,3 +188,29 @@ def test_input_gram_matches_per_token_reference_with_padding():
     kept = x[mask.bool()].double()
     torch.testing.assert_close(stats["fc"].input_gram, kept.t() @ kept / len(kept))
     torch.testing.assert_close(stats["fc"].input_sq_mean, (kept**2).mean(0).expand(3, 5))
+
+
+def test_obs_saliency_with_uncorrelated_inputs_is_w_squared_times_damped_second_moment():
+    model = nn.Sequential(nn.Linear(4, 3))
+    x = torch.zeros(40, 4)
+    for j in range(4):
+        x[j * 10:(j + 1) * 10, j] = j + 1.0  # one input active at a time: H is diagonal
+    stats = relprune.collect_stats(model, [x], statistics=["input_gram"])
+    h = stats["0"].input_gram
+    assert torch.count_nonzero(h - torch.diag(torch.diag(h))) == 0
+    damped = torch.diag(h) + 0.01 * torch.diag(h).mean()
+    score = relprune.CRITERIA["obs"].score(model[0].weight.detach(), stats["0"], {})
+    torch.testing.assert_close(score, model[0].weight.detach().double() ** 2 * damped)
+
+
+def test_sparsegpt_with_exact_refit_keeps_its_mask_and_lowers_the_error():
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 16)
+    x = torch.randn(256, 64) @ (torch.eye(64) + 0.4 * torch.randn(64, 64))
+    stats = relprune.collect_stats(nn.Sequential(layer), [x], statistics=["input_gram"])
+    a, b = nn.Sequential(relprune.copy_model(layer)), nn.Sequential(relprune.copy_model(layer))
+    ma = relprune.prune(a, stats, sparsity=0.6, criterion="sparsegpt")
+    mb = relprune.prune(b, stats, sparsity=0.6, criterion="sparsegpt", reconstruct=True)
+    assert torch.equal(ma["0"], mb["0"])
+    dense = layer(x)
+    assert ((b(x) - dense) ** 2).sum() <= ((a(x) - dense) ** 2).sum()

@@ -154,6 +154,16 @@ CRITERIA["taylor"] = Criterion("taylor", snip, frozenset({"weight_grad"}), False
                                "first-order Taylor |W dL/dW|: the same score as snip")
 
 
+@register("obs", statistics=("input_gram",),
+          description="W_ij^2 / [(H + lambda I)^-1]_jj: the optimal-brain-surgeon saliency of each weight "
+                      "given the inputs' correlations (Wanda is its diagonal-H case); pair with reconstruct=")
+def obs_saliency(weight: Tensor, stats: LayerStats | None, opts: dict[str, Any]) -> Tensor:
+    from .reconstruct import PERCDAMP, damped_inverse_diagonal
+
+    inv_diag = damped_inverse_diagonal(_stats(stats).input_gram, PERCDAMP)
+    return weight.double() ** 2 / inv_diag.reshape(1, -1)
+
+
 def _sparsegpt_joint(weight: Tensor, stats: LayerStats | None, sparsity: float | None,
                      n_m: tuple[int, int] | None) -> tuple[Tensor, Tensor]:
     from .reconstruct import sparsegpt

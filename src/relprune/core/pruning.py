@@ -54,7 +54,8 @@ def prune(
     outputs on the calibration inputs by damped least squares; ``"obs"`` uses SparseGPT's column
     sweep with the mask fixed instead. Both need the ``input_gram`` statistic.
     ``criterion="sparsegpt"`` chooses mask and weights together, per block of 128 columns of each
-    layer as published (``scope`` does not apply).
+    layer as published (``scope`` does not apply); with ``reconstruct=True`` its mask is kept and
+    the kept weights are re-fitted exactly from the dense ones.
     """
     crit = get_criterion(criterion)
     unknown = sorted(set(criterion_options) - crit.options)
@@ -127,7 +128,9 @@ def prune(
     else:
         keep = _keep_by_scores(crit, chosen, weights, layer_stats, old, nm, threshold, sparsity, scope, seed,
                                criterion_options)
-    if reconstruct and crit.joint is None:
+    if reconstruct and (crit.joint is None or reconstruct in (True, "exact")):
+        # After a joint method (SparseGPT) only the exact re-fit changes anything: its own weights
+        # already are the fixed-mask sweep's, so the exact one starts again from the dense weights.
         from .reconstruct import refit
 
         for name in chosen:

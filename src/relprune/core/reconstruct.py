@@ -45,6 +45,15 @@ def _upper_inverse_cholesky(hessian: Tensor, percdamp: float) -> tuple[Tensor, T
     return torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True), dead
 
 
+def damped_inverse_diagonal(hessian: Tensor, percdamp: float) -> Tensor:
+    """diag((H + lambda I)^-1) in float64, lambda = ``percdamp`` x mean diagonal (never-firing inputs: 1)."""
+    h = hessian.double().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    h.diagonal().add_(percdamp * torch.mean(torch.diag(h)))
+    return torch.cholesky_inverse(torch.linalg.cholesky(h)).diagonal()
+
+
 def _obs(weight: Tensor, hessian: Tensor, choose, blocksize: int, percdamp: float) -> tuple[Tensor, Tensor]:
     """The column sweep shared by both entry points. ``choose(block, hinv_diag, start)`` gives the
     removal mask of a block of the (already updated) weights, or of the first M columns at i % M."""
