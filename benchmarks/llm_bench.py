@@ -42,7 +42,7 @@ PLANS = {
     # The cells that decide the default, first; then the rest of the grid.
     "headline": [("dense", None, None)] + [(c, r, b) for b in ("50%", "2:4") for c, r in RECIPES],
     "spread": [(c, r, b) for b in ("50%", "2:4") for c, r in KEY],
-    "grid": [(c, r, b) for b in ("60%", "70%", "4:8") for c, r in [("magnitude", None), ("ria", None)] + KEY],
+    "grid": [(c, r, b) for b in ("60%", "70%", "4:8") for c, r in [("magnitude", None), ("ria", None), *KEY]],
 }
 
 
