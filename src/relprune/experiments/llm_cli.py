@@ -10,7 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..defaults import DEFAULT_LLM_CRITERION, DEFAULT_LLM_SCOPE
+from ..defaults import DEFAULT_LLM_CRITERION, DEFAULT_LLM_RECONSTRUCT, DEFAULT_LLM_SCOPE
 from ..errors import RelpruneError
 
 
@@ -46,9 +46,9 @@ def add_llm_commands(sub: argparse._SubParsersAction, checked, sparsity_value, n
     p.add_argument("--seqlen", type=_positive_int, default=512, help="tokens per window (default: 512)")
     p.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=True,
                    help="each block calibrates on the pruned blocks' outputs (default: True)")
-    p.add_argument("--reconstruct", nargs="?", const="exact", choices=["exact", "obs"], default=None,
-                   help="re-fit kept weights by least squares ('exact', the default when given) or the "
-                        "fixed-mask OBS sweep ('obs')")
+    p.add_argument("--reconstruct", choices=["exact", "obs", "none"], default=DEFAULT_LLM_RECONSTRUCT,
+                   help="re-fit the kept weights by least squares ('exact'), by SparseGPT's sweep with the "
+                        f"mask fixed ('obs'), or not ('none') (default: {DEFAULT_LLM_RECONSTRUCT})")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="windows per forward pass (default: 8)")
     p.add_argument("--seed", type=int, default=0, help="chooses the calibration windows (default: 0)")
     p.add_argument("--out", required=True, help="output folder (must not hold anything yet)")
@@ -102,8 +102,9 @@ def cmd_llm_prune(ns: argparse.Namespace) -> int:
                                   ns.seed)
     _say(f"calibration: {len(windows)} windows of {ns.seqlen} tokens from {ns.calibration} (seed {ns.seed})")
     start = time.perf_counter()
+    reconstruct = False if ns.reconstruct == "none" else ns.reconstruct
     masks = prune_sequential(model, batches_of(windows, ns.batch_size), sparsity=ns.sparsity, n_m=ns.n_m,
-                             criterion=ns.criterion, scope=ns.scope, reconstruct=ns.reconstruct or False,
+                             criterion=ns.criterion, scope=ns.scope, reconstruct=reconstruct,
                              sequential=ns.sequential, progress=True)
     seconds = time.perf_counter() - start
     make_permanent(model)
@@ -124,7 +125,7 @@ def cmd_llm_prune(ns: argparse.Namespace) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     print(format_report(masks.report()).splitlines()[-1].replace("total", "decoder Linears", 1))
-    print(f"{ns.criterion}{' + ' + ns.reconstruct + ' reconstruction' if ns.reconstruct else ''}: "
+    print(f"{ns.criterion}{' + ' + ns.reconstruct + ' re-fit' if reconstruct else ''}: "
           f"{masks.sparsity:.2%} of the decoder weights removed in {seconds:.0f} s; saved to {out}")
     return 0
 

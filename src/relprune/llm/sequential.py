@@ -19,6 +19,7 @@ from ..core.criteria import get_criterion
 from ..core.masks import Masks, make_permanent
 from ..core.pruning import prune
 from ..core.stats import Batch, collect_stats
+from ..defaults import DEFAULT_LLM_CRITERION, DEFAULT_LLM_RECONSTRUCT, DEFAULT_LLM_SCOPE
 from ..errors import CalibrationError, LayerError
 
 
@@ -108,9 +109,9 @@ def prune_sequential(
     *,
     sparsity: float | None = None,
     n_m: str | tuple[int, int] | None = None,
-    criterion: str = "wanda",
-    scope: str = "row",
-    reconstruct: bool | str = False,
+    criterion: str = DEFAULT_LLM_CRITERION,
+    scope: str = DEFAULT_LLM_SCOPE,
+    reconstruct: bool | str = DEFAULT_LLM_RECONSTRUCT,
     sequential: bool = True,
     blocks: str | Sequence[str] | None = None,
     liveness: bool = False,
