@@ -89,7 +89,6 @@ def _fresh_out(path: Path) -> Path:
 
 def cmd_llm_prune(ns: argparse.Namespace) -> int:
     from .. import make_permanent
-    from ..core.masks import format_report
     from ..llm import calibration_windows, load_model, prune_sequential, tokenize_file
     from ..llm.text import batches_of
 
@@ -124,7 +123,7 @@ def cmd_llm_prune(ns: argparse.Namespace) -> int:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    print(format_report(masks.report()).splitlines()[-1].replace("total", "decoder Linears", 1))
+    print(f"decoder Linears: {masks.kept:,} of {masks.total:,} weights kept")
     print(f"{ns.criterion}{' + ' + ns.reconstruct + ' re-fit' if reconstruct else ''}: "
           f"{masks.sparsity:.2%} of the decoder weights removed in {seconds:.0f} s; saved to {out}")
     return 0
