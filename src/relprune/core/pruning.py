@@ -24,7 +24,7 @@ from . import allocation
 from .criteria import Criterion, get_criterion
 from .layers import prunable_layers, warn_left_out, weight_matrix
 from .masks import Masks, apply_masks, effective_weight, is_masked
-from .stats import LayerStats, Stats
+from .stats import INPUT_MOMENT_STATISTICS, LayerStats, Stats
 
 
 def prune(
@@ -133,11 +133,10 @@ def prune(
         # already are the fixed-mask sweep's, so the exact one starts again from the dense weights.
         from .reconstruct import refit
 
+        method = "exact" if reconstruct is True else reconstruct
         for name in chosen:
-            h = layer_stats[name].input_gram
-            method = "exact" if reconstruct is True else reconstruct
-            new_weights[name] = refit(weight_matrix(weights[name]), h, weight_matrix(keep[name]),
-                                      method=method).reshape(weights[name].shape)
+            new_weights[name] = refit(weight_matrix(weights[name]), layer_stats[name].input_gram,
+                                      weight_matrix(keep[name]), method=method).reshape(weights[name].shape)
 
     bias_delta: dict[str, Tensor] = {}
     if bias_compensation:
@@ -188,12 +187,6 @@ def _keep_by_scores(crit: Criterion, chosen: dict[str, nn.Module], weights: dict
     return {n: k.to(old[n].device) & old[n] for n, k in keep.items()}
 
 
-# Statistics that are moments of the inputs alone: a criterion reading only these can score the
-# model's current weights. Relative shares and gradients depend on the weights they were taken with.
-_WEIGHT_FREE = frozenset({"contribution_mean", "contribution_std", "abs_contribution_mean", "input_sq_mean",
-                          "input_gram"})
-
-
 def _stats_for_weight(name: str, ls: LayerStats, weight: Tensor, kept: Tensor, needed: frozenset[str]) -> LayerStats:
     """``ls`` describing ``weight``: as is, re-based on it when that is exact, or refused by name.
 
@@ -203,7 +196,8 @@ def _stats_for_weight(name: str, ls: LayerStats, weight: Tensor, kept: Tensor, n
     stored = ls.weight.to(device=weight.device, dtype=torch.float64)
     if torch.equal(stored[kept], weight.double()[kept]):
         return ls
-    if needed <= _WEIGHT_FREE and ls.liveness is None:
+    # Input moments alone can score other weights; relative shares and gradients cannot.
+    if needed <= INPUT_MOMENT_STATISTICS and ls.liveness is None:
         return dataclasses.replace(ls, weight=weight.detach().clone())
     what = "these statistics" if ls.liveness is None else "statistics conditioned on liveness"
     raise StatsMismatchError(

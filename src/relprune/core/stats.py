@@ -50,6 +50,10 @@ STATISTICS: dict[str, frozenset[str]] = {
 }
 #: Statistics that are not weight-shaped (Linear layers only): the I x I input second moment.
 GRAM_STATISTICS = frozenset({"input_gram"})
+#: Sums that are moments of the inputs alone: no per-output factor but liveness.
+_INPUT_MOMENTS = frozenset({"s1", "s2", "sa", "gram"})
+#: Statistics built only from input moments: without liveness they hold for any weights of the layer.
+INPUT_MOMENT_STATISTICS = frozenset(s for s, sums in STATISTICS.items() if sums <= _INPUT_MOMENTS)
 # What ``statistics=None`` gathers: every weight-shaped statistic of the activations.
 ACTIVATION_STATISTICS = tuple(s for s in STATISTICS if s != "weight_grad" and s not in GRAM_STATISTICS)
 
@@ -446,10 +450,6 @@ def _accumulate(layer: nn.Module, ls: LayerStats, scratch: _Scratch, x: Tensor, 
             scratch.add(layer, "r1", a, gd)
         if "r2" in need:
             scratch.add(layer, "r2", a * a, gd / d)
-
-
-#: Running sums that are moments of the inputs alone (no per-output factor but liveness).
-_INPUT_MOMENTS = frozenset({"s1", "s2", "sa"})
 
 
 def _sum_shape(layer: nn.Module, key: str, liveness: str | None, weight_shape: torch.Size) -> tuple[int, ...]:

@@ -531,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .llm_cli import add_llm_commands
 
-    add_llm_commands(sub, _checked, sparsity_value, n_m_value, criterion_name)
+    add_llm_commands(sub)
     return parser
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -13,18 +12,14 @@ from pathlib import Path
 from ..defaults import DEFAULT_LLM_CRITERION, DEFAULT_LLM_RECONSTRUCT, DEFAULT_LLM_SCOPE
 from ..errors import RelpruneError
 
+# The main command's flag checks and progress line serve these subcommands too (cli imports this
+# module only inside build_parser, so cli is complete by the time this runs).
+from .cli import _checked, _say, criterion_name, n_m_value, positive, sparsity_value
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text}: must be a positive number")
-    return value
+_positive_int = _checked(int, positive)
 
 
-def add_llm_commands(sub: argparse._SubParsersAction, checked, sparsity_value, n_m_value, criterion_name) -> None:
+def add_llm_commands(sub: argparse._SubParsersAction) -> None:
     """Register ``llm prune`` and ``llm eval`` under the ``relprune`` parser."""
     llm = sub.add_parser("llm", help="prune a causal language model block by block, or measure its perplexity",
                          description="Language models: a Hugging Face folder, a .gguf file, a hub id or "
@@ -33,13 +28,13 @@ def add_llm_commands(sub: argparse._SubParsersAction, checked, sparsity_value, n
 
     p = llm_sub.add_parser("prune", help="prune every decoder Linear; write a folder transformers loads")
     p.add_argument("--model", required=True, help="folder, .gguf file, hub id or smollm2-135m")
-    p.add_argument("--criterion", type=checked(str, criterion_name), default=DEFAULT_LLM_CRITERION,
+    p.add_argument("--criterion", type=_checked(str, criterion_name), default=DEFAULT_LLM_CRITERION,
                    help=f"criterion (default: {DEFAULT_LLM_CRITERION}, the best of the LLM benchmark)")
     p.add_argument("--scope", choices=["row", "layer"], default=DEFAULT_LLM_SCOPE,
                    help=f"comparison group within each layer (default: {DEFAULT_LLM_SCOPE})")
     budget = p.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--sparsity", type=checked(float, sparsity_value), help="fraction of weights to remove")
-    budget.add_argument("--n-m", type=checked(str, n_m_value), help="N:M pattern, e.g. 2:4")
+    budget.add_argument("--sparsity", type=_checked(float, sparsity_value), help="fraction of weights to remove")
+    budget.add_argument("--n-m", type=_checked(str, n_m_value), help="N:M pattern, e.g. 2:4")
     p.add_argument("--calibration", required=True, help="UTF-8 text file for calibration")
     p.add_argument("--calibration-samples", type=_positive_int, default=32,
                    help="calibration windows (default: 32)")
@@ -63,10 +58,6 @@ def add_llm_commands(sub: argparse._SubParsersAction, checked, sparsity_value, n
                    help="windows per forward pass (default: 1; the logits of a batch dominate memory)")
     e.add_argument("--seed", type=int, default=0, help="unused by eval; accepted like every command's")
     e.set_defaults(func=cmd_llm_eval)
-
-
-def _say(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
 
 
 def _check_seqlen(model, seqlen: int) -> None:
