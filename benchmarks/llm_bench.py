@@ -38,17 +38,26 @@ KEY = [("wanda", None), ("sparsegpt", None), ("contrib-share", "exact"), ("wanda
        ("sparsegpt", "exact")]
 BUDGETS = {"50%": {"sparsity": 0.5}, "60%": {"sparsity": 0.6}, "70%": {"sparsity": 0.7},
            "2:4": {"n_m": "2:4"}, "4:8": {"n_m": "4:8"}}
+# Variants of a recipe: "bc" bias compensation (bias-free projections get a bias), "owl" OWL's
+# outlier-weighted per-block sparsities (Yin et al. 2024, M=5, lambda=0.08 as published).
+VARIANTS = {"": {}, "bc": {"bias_compensation": True}, "owl": {"allocation": "owl"},
+            "owl+bc": {"allocation": "owl", "bias_compensation": True}}
 PLANS = {
     # The cells that decide the default, first; then the rest of the grid.
     "headline": [("dense", None, None)] + [(c, r, b) for b in ("50%", "2:4") for c, r in RECIPES],
     "spread": [(c, r, b) for b in ("50%", "2:4") for c, r in KEY],
     "grid": [(c, r, b) for b in ("60%", "70%", "4:8") for c, r in [("magnitude", None), ("ria", None), *KEY]],
+    # Levers of issue 10: bias compensation for the mask-only criteria, OWL for every kind of recipe.
+    "levers": [(c, None, b, "bc") for b in ("50%", "2:4", "60%", "70%") for c in ("contrib-share", "wanda")]
+    + [(c, r, b, v) for b in ("50%", "60%", "70%") for c, r, v in
+       [("wanda", None, "owl"), ("sparsegpt", None, "owl"), ("obs", "exact", "owl"), ("sparsegpt", "exact", "owl"),
+        ("contrib-share", None, "owl+bc")]],
 }
 
 
 def cell_key(c: dict) -> tuple:
-    return (c["criterion"], c["reconstruct"], c["budget"], c["seed"], c["calibration_samples"], c["seqlen"],
-            c["eval_samples"], c["sequential"])
+    return (c["criterion"], c["reconstruct"], c.get("variant", ""), c["budget"], c["seed"],
+            c["calibration_samples"], c["seqlen"], c["eval_samples"], c["sequential"])
 
 
 def run_cell(cell: dict) -> dict:
@@ -78,7 +87,7 @@ def run_cell(cell: dict) -> dict:
         start = time.perf_counter()
         masks = prune_sequential(model, batches_of(calib, 8), criterion=cell["criterion"], scope="row",
                                  reconstruct=cell["reconstruct"] or False, sequential=cell["sequential"],
-                                 **BUDGETS[cell["budget"]])
+                                 **BUDGETS[cell["budget"]], **VARIANTS[cell.get("variant", "")])
         seconds = time.perf_counter() - start
         sparsity = masks.sparsity
         relprune.make_permanent(model)
@@ -97,9 +106,9 @@ def drive(args: argparse.Namespace) -> None:
         done = {cell_key(json.loads(line)) for line in out.read_text().splitlines() if line.strip()}
     plan = [cell for name in args.plan for cell in PLANS[name]]
     for seed in args.seeds:
-        for criterion, reconstruct, budget in plan:
+        for criterion, reconstruct, budget, *variant in plan:
             cell = {"model": args.model, "criterion": criterion, "reconstruct": reconstruct,
-                    "budget": budget or "dense", "seed": seed, "calibration_samples": args.calibration_samples,
+                    "variant": variant[0] if variant else "", "budget": budget or "dense", "seed": seed, "calibration_samples": args.calibration_samples,
                     "seqlen": args.seqlen, "eval_samples": args.eval_samples, "sequential": True}
             if criterion == "dense" and seed != args.seeds[0]:
                 continue
@@ -114,7 +123,8 @@ def drive(args: argparse.Namespace) -> None:
             result = json.loads(child.stdout.strip().splitlines()[-1])
             with out.open("a") as fh:
                 fh.write(json.dumps(result) + "\n")
-            print(f"{criterion:>13} {reconstruct or '':>5} {budget or 'dense':>5} seed {seed}: perplexity "
+            print(f"{criterion:>13} {reconstruct or '':>5} {cell['variant']:>6} {budget or 'dense':>5} seed {seed}: "
+                  f"perplexity "
                   f"{result['perplexity']:8.2f}  prune {result['prune_seconds']:6.0f} s  peak RSS "
                   f"{result['peak_rss_mb']} MB  ({time.perf_counter() - t:.0f} s)", flush=True)
 
@@ -126,14 +136,14 @@ def table(path: Path) -> str:
     secs: dict[tuple, list[float]] = defaultdict(list)
     rss: dict[tuple, list[float]] = defaultdict(list)
     for r in rows:
-        key = (r["criterion"], r["reconstruct"] or "")
+        key = (r["criterion"], r["reconstruct"] or "", r.get("variant", ""))
         cells[key, r["budget"]].append(r["perplexity"])
         secs[key, r["budget"]].append(r["prune_seconds"])
         rss[key, r["budget"]].append(r["peak_rss_mb"])
     budgets = [b for b in BUDGETS if any(k[1] == b for k in cells)]
     recipes = list(dict.fromkeys(k[0] for k in cells if k[1] != "dense"))
     best = {b: min((mean(v) for (k, bb), v in cells.items() if bb == b), default=None) for b in budgets}
-    dense = cells.get((("dense", ""), "dense"))
+    dense = cells.get((("dense", "", ""), "dense"))
     lines = []
     if dense:
         lines.append(f"Dense perplexity {mean(dense):.2f}.\n")
@@ -141,7 +151,7 @@ def table(path: Path) -> str:
     lines.append("| recipe | " + " | ".join(budgets) + " | prune s (50%) | peak RSS MB (50%) |")
     lines.append("|---|" + "---:|" * (len(budgets) + 2))
     for rec in recipes:
-        label = rec[0] + (f" + {rec[1]} refit" if rec[1] else "")
+        label = rec[0] + (f" + {rec[1]} refit" if rec[1] else "") + (f" [{rec[2]}]" if rec[2] else "")
         vals = []
         for b in budgets:
             v = cells.get((rec, b))

@@ -129,6 +129,42 @@ def test_bias_compensation_keeps_mean_preactivation():
     torch.testing.assert_close(after, before)
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_bias_compensation_gives_bias_free_layers_a_bias(kind):
+    torch.manual_seed(0)
+    if kind == "linear":
+        model = nn.Sequential(nn.Linear(8, 6, bias=False)).double()
+        data = [torch.randn(32, 3, 8, dtype=torch.float64) + 1 for _ in range(2)]
+    else:
+        model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False)).double()
+        data = [torch.randn(16, 3, 7, 7, dtype=torch.float64) + 1 for _ in range(2)]
+    x = torch.cat(data)
+    before = model(x).mean(tuple(i for i in range(model(x).dim()) if i != (1 if kind == "conv" else 2)))
+    stats = relprune.collect_stats(model, data, liveness=False)
+    relprune.prune(model, stats, sparsity=0.5, criterion="contrib-std", scope="layer", bias_compensation=True)
+    assert isinstance(model[0].bias, nn.Parameter) and model[0].bias.shape == (model[0].weight.shape[0],)
+    y = model(x)
+    after = y.mean(tuple(i for i in range(y.dim()) if i != (1 if kind == "conv" else 2)))
+    # The mean output over the calibration data is exactly the dense one (conv: away from the border,
+    # every output position sees the same inputs' mean only on average, so compare per-channel means).
+    torch.testing.assert_close(after, before)
+
+
+def test_bias_added_for_compensation_is_removed_on_rollback(monkeypatch):
+    model = nn.Sequential(nn.Linear(8, 6, bias=False), nn.ReLU(), nn.Linear(6, 3, bias=False))
+    stats = relprune.collect_stats(model, [torch.randn(16, 8) + 1], liveness=False)
+    import relprune.core.pruning as pruning_module
+
+    def fail(*a, **k):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(pruning_module, "apply_masks", fail)  # fails after the biases were added
+    with pytest.raises(RuntimeError):
+        relprune.prune(model, stats, sparsity=0.5, criterion="contrib-std", bias_compensation=True)
+    assert model[0].bias is None and model[2].bias is None
+    assert "bias" not in dict(model.named_parameters())
+
+
 def test_threshold_mode_reports_achieved_sparsity():
     model = mlp()
     stats = relprune.collect_stats(model, batches())

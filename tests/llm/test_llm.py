@@ -234,6 +234,73 @@ def test_llm_prune_saves_exactly_what_was_pruned_in_memory(folder, tmp_path):
         torch.testing.assert_close(saved(input_ids=windows).logits, model(input_ids=windows).logits)
 
 
+def test_bias_compensation_saves_a_folder_transformers_loads_with_the_same_logits(folder, tmp_path):
+    model, tokenizer = relprune.llm.load_model(folder)
+    windows = calibration_windows(relprune.llm.tokenize_file(tokenizer, tmp_path / "calib.txt"), 4, 16, seed=0)
+    prune_sequential(model, batches_of(windows, 8), sparsity=0.5, criterion="contrib-std", reconstruct=False,
+                     bias_compensation=True)
+    attn = model.model.layers[0].self_attn
+    assert attn.q_proj.bias is not None and attn.q_proj.bias.abs().sum() > 0
+    from relprune.llm.save import save_pretrained
+
+    switches = save_pretrained(model, tokenizer, tmp_path / "saved")
+    assert switches == ["attention_bias", "mlp_bias"]
+    saved = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+    assert saved.config.attention_bias and saved.config.mlp_bias
+    with torch.no_grad():
+        torch.testing.assert_close(saved(input_ids=windows).logits, model(input_ids=windows).logits)
+    # Without compensation nothing is switched on.
+    plain, _ = relprune.llm.load_model(folder)
+    assert save_pretrained(plain, tokenizer, tmp_path / "plain") == []
+    assert not transformers.AutoConfig.from_pretrained(tmp_path / "plain").attention_bias
+
+
+def test_a_bias_no_config_switch_covers_is_refused_before_saving(tmp_path):
+    model = tiny_llama()
+    model.model.norm.register_parameter("weight", model.model.norm.weight)
+    model.lm_head.bias = nn.Parameter(torch.zeros(model.lm_head.out_features))
+    from relprune.llm.save import save_pretrained
+
+    with pytest.raises(relprune.RelpruneError, match="lm_head"):
+        save_pretrained(model, tiny_tokenizer(), tmp_path / "x")
+    assert not (tmp_path / "x").exists() and not model.config.attention_bias
+
+
+def test_owl_outlier_ratio_and_sparsities_by_hand():
+    from relprune.core.allocation import outlier_ratio, owl_sparsities
+
+    scores = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 31.0])  # mean 4: one above 2x mean
+    assert outlier_ratio(scores, 2.0) == pytest.approx(10.0)
+    # Ratios 0, 5, 10 -> densities 0, lam, 2 lam shifted to mean 1 - s.
+    got = owl_sparsities([0.0, 5.0, 10.0], 0.5, 0.1)
+    assert got == pytest.approx([0.6, 0.5, 0.4])
+    assert sum(got) / 3 == pytest.approx(0.5)
+    assert owl_sparsities([3.0, 3.0], 0.7, 0.1) == [0.7, 0.7]
+    with pytest.raises(relprune.SparsityError):
+        owl_sparsities([1.0, 2.0], 0.5, 0.6)
+
+
+def test_owl_gives_each_block_its_own_sparsity_around_the_target():
+    model = tiny_llama(layers=3)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # 5% of block 1's weights become 50x larger: outliers, so it is pruned less
+        for layer in model.model.layers[1].modules():
+            if isinstance(layer, nn.Linear):
+                layer.weight[torch.rand(layer.weight.shape, generator=g) < 0.05] *= 50
+    masks = prune_sequential(model, ids_batches(), sparsity=0.5, criterion="wanda", reconstruct=False,
+                             allocation="owl", owl_lambda=0.1)
+    per_block = []
+    for i in range(3):
+        block = {n: m for n, m in masks.items() if n.startswith(f"model.layers.{i}.")}
+        per_block.append(1 - sum(int(m.sum()) for m in block.values()) / sum(m.numel() for m in block.values()))
+    assert sum(per_block) / 3 == pytest.approx(0.5, abs=0.01)
+    # The block sparsities span 2 lambda (up to rounding the budget of each small row).
+    assert max(per_block) - min(per_block) == pytest.approx(0.2, abs=0.03)
+    assert per_block[1] == min(per_block)
+    with pytest.raises(relprune.SparsityError, match="sparsity="):
+        prune_sequential(tiny_llama(), ids_batches(), n_m="2:4", allocation="owl")
+
+
 BAD = [
     (["llm", "prune", "--model", "no/such/thing/here", "--sparsity", "0.5", "--calibration", "{calib}",
       "--out", "{out}"], 1, "unknown model"),
@@ -251,6 +318,12 @@ BAD = [
       "--out", "{out}"], 1, "does not exist"),
     (["llm", "prune", "--model", "{folder}", "--sparsity", "0.5", "--criterion", "nope", "--calibration", "{calib}",
       "--out", "{out}"], 2, "unknown criterion"),
+    (["llm", "prune", "--model", "{folder}", "--n-m", "2:4", "--allocation", "owl", "--calibration", "{calib}",
+      "--out", "{out}"], 1, "give --sparsity, not --n-m"),
+    (["llm", "prune", "--model", "{folder}", "--sparsity", "0.5", "--bias-compensation", "--reconstruct", "exact",
+      "--calibration", "{calib}", "--out", "{out}"], 1, "give --reconstruct none"),
+    (["llm", "prune", "--model", "{folder}", "--sparsity", "0.5", "--allocation", "owl", "--owl-lambda", "0.7",
+      "--calibration", "{calib}", "--out", "{out}"], 2, "owl-lambda"),
     (["llm", "eval", "--model", "{calib}", "--text", "{calib}"], 1, "neither a model folder nor a .gguf"),
     (["llm", "eval", "--model", "{folder}", "--text", "{calib}", "--samples", "0"], 2, "positive"),
     (["llm", "eval", "--model", "{folder}", "--text", "{calib}", "--seqlen", "16", "--samples", "100000"], 1,

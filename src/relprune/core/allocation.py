@@ -139,3 +139,33 @@ def allocate_threshold(scores: Mapping[str, Tensor], tau: float) -> dict[str, Te
         fan_in = weight_matrix(s).shape[1]
         out[name] = s >= tau / fan_in
     return out
+
+
+def outlier_ratio(scores: Tensor, m: float) -> float:
+    """OWL's layer outlier ratio (Yin et al. 2024): the % of ``scores`` above ``m`` times their mean."""
+    flat = scores.reshape(-1).double()
+    if not flat.numel():
+        raise SparsityError("outlier_ratio of an empty score tensor")
+    return float((flat > flat.mean() * m).sum()) / flat.numel() * 100
+
+
+def owl_sparsities(ratios: list[float], sparsity: float, lam: float) -> list[float]:
+    """OWL's non-uniform sparsities: more outliers, fewer weights removed; the mean stays ``sparsity``.
+
+    The outlier ratios are rescaled to [0, 2 * lam] and shifted so the densities average
+    ``1 - sparsity``, as in the OWL reference code; a sparsity below 0 (possible only when
+    ``sparsity < lam``) is clipped to 0 there as here.
+    """
+    check_sparsity(sparsity)
+    if not ratios:
+        return []
+    if not (0.0 <= lam < 0.5):
+        raise SparsityError(f"OWL's lambda must be in [0, 0.5), got {lam}")
+    r = torch.tensor(ratios, dtype=torch.float64)
+    spread = float(r.max() - r.min())
+    if spread == 0.0:
+        return [float(sparsity)] * len(ratios)
+    density = (r - r.min()) / spread * (2 * lam)
+    density = density - density.mean() + (1 - sparsity)
+    out = (1 - density).clamp(0.0, 0.999)
+    return [float(v) for v in out]

@@ -50,6 +50,10 @@ def prune(
     Sparsity counts weights already masked. Every mask is computed before the
     model is touched; on any error the model is left exactly as it was.
 
+    ``bias_compensation=True`` adds each row's removed mean contribution ``sum_j W_ij E[x_j]`` to
+    its bias, so the layer's mean output on the calibration data is unchanged; a layer without a
+    bias is given one (a new ``bias`` parameter).
+
     ``reconstruct=True`` (or ``"exact"``) re-fits each row's kept weights to the dense layer's
     outputs on the calibration inputs by damped least squares; ``"obs"`` uses SparseGPT's column
     sweep with the mask fixed instead. Both need the ``input_gram`` statistic.
@@ -141,16 +145,10 @@ def prune(
     bias_delta: dict[str, Tensor] = {}
     if bias_compensation:
         assert stats is not None
-        skipped = []
         for name, layer in chosen.items():
-            if layer.bias is None:
-                skipped.append(name)
-                continue
             removed = (old[name] & ~keep[name]).double()
             cm = layer_stats[name].contribution_mean.to(removed.device)
-            bias_delta[name] = weight_matrix(removed * cm).sum(1).to(layer.bias.dtype)
-        if skipped:
-            warnings.warn(f"bias compensation skipped for layers without bias: {skipped}", stacklevel=2)
+            bias_delta[name] = weight_matrix(removed * cm).sum(1).to(weights[name].dtype)
 
     _apply_atomically(chosen, keep, bias_delta, model, new_weights)
     return Masks(keep, threshold=threshold)
@@ -256,10 +254,15 @@ def _apply_atomically(chosen: dict[str, nn.Module], keep: dict[str, Tensor],
             (raw, raw.detach().clone()) if name in new_weights else None,
         )
     try:
-        apply_masks(model, keep)
         with torch.no_grad():
             for name, delta in bias_delta.items():
-                chosen[name].bias.add_(delta.to(chosen[name].bias.device))
+                layer = chosen[name]
+                if layer.bias is None:
+                    # A bias-free layer gets one: the removed weights' mean output has to go somewhere.
+                    layer.bias = nn.Parameter(torch.zeros_like(delta, device=layer.weight.device))
+                layer.bias.add_(delta.to(layer.bias.device))
+        apply_masks(model, keep)
+        with torch.no_grad():
             for name, w in new_weights.items():
                 layer = chosen[name]
                 layer.weight_orig.copy_(w.to(layer.weight_orig.dtype))

@@ -44,6 +44,14 @@ def add_llm_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reconstruct", choices=["exact", "obs", "none"], default=DEFAULT_LLM_RECONSTRUCT,
                    help="re-fit the kept weights by least squares ('exact'), by SparseGPT's sweep with the "
                         f"mask fixed ('obs'), or not ('none') (default: {DEFAULT_LLM_RECONSTRUCT})")
+    p.add_argument("--bias-compensation", action="store_true",
+                   help="add each row's removed mean contribution to its bias (bias-free projections get "
+                        "one; the saved config switches attention_bias/mlp_bias on); not with --reconstruct")
+    p.add_argument("--allocation", choices=["uniform", "owl"], default="uniform",
+                   help="one sparsity for every block, or OWL's outlier-weighted per-block sparsities "
+                        "(with --sparsity only) (default: uniform)")
+    p.add_argument("--owl-lambda", type=_checked(float, _owl_lambda), default=0.08,
+                   help="OWL: block sparsities within sparsity +- lambda (default: 0.08)")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="windows per forward pass (default: 8)")
     p.add_argument("--seed", type=int, default=0, help="chooses the calibration windows (default: 0)")
     p.add_argument("--out", required=True, help="output folder (must not hold anything yet)")
@@ -58,6 +66,12 @@ def add_llm_commands(sub: argparse._SubParsersAction) -> None:
                    help="windows per forward pass (default: 1; the logits of a batch dominate memory)")
     e.add_argument("--seed", type=int, default=0, help="unused by eval; accepted like every command's")
     e.set_defaults(func=cmd_llm_eval)
+
+
+def _owl_lambda(value: float) -> float:
+    if not 0.0 <= value < 0.5:
+        raise ValueError("must be in [0, 0.5)")
+    return value
 
 
 def _check_seqlen(model, seqlen: int) -> None:
@@ -79,10 +93,16 @@ def _fresh_out(path: Path) -> Path:
 
 
 def cmd_llm_prune(ns: argparse.Namespace) -> int:
-    from .. import make_permanent
     from ..llm import calibration_windows, load_model, prune_sequential, tokenize_file
+    from ..llm.save import save_pretrained
     from ..llm.text import batches_of
 
+    reconstruct = False if ns.reconstruct == "none" else ns.reconstruct
+    if ns.bias_compensation and reconstruct:
+        raise RelpruneError("--bias-compensation corrects the removed mean that --reconstruct already re-fits; "
+                            "give --reconstruct none with it")
+    if ns.allocation == "owl" and ns.sparsity is None:
+        raise RelpruneError("--allocation owl sets per-block unstructured sparsities: give --sparsity, not --n-m")
     out = _fresh_out(Path(ns.out))
     if not Path(ns.calibration).is_file():
         raise RelpruneError(f"calibration text {ns.calibration} does not exist")
@@ -92,18 +112,20 @@ def cmd_llm_prune(ns: argparse.Namespace) -> int:
                                   ns.seed)
     _say(f"calibration: {len(windows)} windows of {ns.seqlen} tokens from {ns.calibration} (seed {ns.seed})")
     start = time.perf_counter()
-    reconstruct = False if ns.reconstruct == "none" else ns.reconstruct
     masks = prune_sequential(model, batches_of(windows, ns.batch_size), sparsity=ns.sparsity, n_m=ns.n_m,
                              criterion=ns.criterion, scope=ns.scope, reconstruct=reconstruct,
-                             sequential=ns.sequential, progress=True)
+                             sequential=ns.sequential, allocation=ns.allocation, owl_lambda=ns.owl_lambda,
+                             bias_compensation=ns.bias_compensation, progress=True)
     seconds = time.perf_counter() - start
-    make_permanent(model)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        switches = save_pretrained(model, tokenizer, tmp)
+        if switches:
+            _say(f"config: {', '.join(switches)} switched on for the compensated biases")
         record = {"model": ns.model, "criterion": ns.criterion, "scope": ns.scope, "sparsity": ns.sparsity,
                   "n_m": ns.n_m, "reconstruct": ns.reconstruct, "sequential": ns.sequential,
+                  "bias_compensation": ns.bias_compensation, "allocation": ns.allocation,
+                  "owl_lambda": ns.owl_lambda if ns.allocation == "owl" else None,
                   "calibration": str(ns.calibration), "calibration_samples": ns.calibration_samples,
                   "seqlen": ns.seqlen, "seed": ns.seed, "seconds": round(seconds, 1),
                   "achieved_sparsity": masks.sparsity}

@@ -15,12 +15,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..core import allocation as _allocation
 from ..core.criteria import get_criterion
 from ..core.masks import Masks, make_permanent
 from ..core.pruning import prune
 from ..core.stats import Batch, collect_stats
 from ..defaults import DEFAULT_LLM_CRITERION, DEFAULT_LLM_RECONSTRUCT, DEFAULT_LLM_SCOPE
-from ..errors import CalibrationError, LayerError
+from ..errors import CalibrationError, LayerError, SparsityError
 
 
 def decoder_blocks(model: nn.Module, blocks: str | Sequence[str] | None = None) -> list[tuple[str, nn.Module]]:
@@ -115,6 +116,9 @@ def prune_sequential(
     sequential: bool = True,
     blocks: str | Sequence[str] | None = None,
     liveness: bool = False,
+    allocation: str = "uniform",
+    owl_m: float = 5.0,
+    owl_lambda: float = 0.08,
     permanent: bool = True,
     progress: bool = False,
     **prune_options: Any,
@@ -126,7 +130,17 @@ def prune_sequential(
     activations (all blocks' statistics come from one dense pass first). ``permanent=True`` folds
     each block's masks into its weights as soon as it is pruned (torch's mask machinery keeps two
     more weight-sized tensors per layer); pass False to fine-tune through the masks afterwards.
+
+    ``allocation="owl"`` gives each block its own sparsity by outlier-weighted layer-wise sparsity
+    (OWL, Yin et al. 2024): blocks whose Wanda scores ``|W| ||x||`` hold more outliers (above
+    ``owl_m`` times the block's mean score, on the dense model's activations) lose fewer weights,
+    within ``sparsity +- owl_lambda``, the mean staying ``sparsity``; any criterion then prunes each
+    block to its sparsity. It costs one more pass through the dense blocks.
     """
+    if allocation not in ("uniform", "owl"):
+        raise SparsityError(f"allocation must be 'uniform' or 'owl', got {allocation!r}")
+    if allocation == "owl" and sparsity is None:
+        raise SparsityError("allocation='owl' sets unstructured sparsities per block; give sparsity=, not n_m=")
     crit = get_criterion(criterion)
     wanted = set(crit.statistics)
     if reconstruct or crit.joint is not None:
@@ -134,13 +148,18 @@ def prune_sequential(
     if prune_options.get("bias_compensation"):
         wanted.add("contribution_mean")
     named = decoder_blocks(model, blocks)
-    budget = {"sparsity": sparsity, "n_m": n_m}
     was_training = model.training
     model.eval()
     out: dict[str, Tensor] = {}
     try:
-        inputs = capture_inputs(model, named[0][1], batches) if wanted else []
+        owl = allocation == "owl"
+        inputs = capture_inputs(model, named[0][1], batches) if wanted or owl else []
         dense_inputs = None if sequential or not wanted else _dense_block_inputs(named, inputs)
+        per_block = [sparsity] * len(named)
+        if owl:
+            assert sparsity is not None
+            ratios = _block_outlier_ratios(named, inputs if dense_inputs is None else dense_inputs, owl_m)
+            per_block = _allocation.owl_sparsities(ratios, sparsity, owl_lambda)
         iterator: Iterable[tuple[int, tuple[str, nn.Module]]] = enumerate(named)
         if progress:
             from tqdm.auto import tqdm
@@ -151,6 +170,7 @@ def prune_sequential(
             if wanted:
                 feed = inputs if dense_inputs is None else dense_inputs[i]
                 stats = collect_stats(block, feed, statistics=sorted(wanted), liveness=liveness)
+            budget = {"sparsity": per_block[i], "n_m": n_m}
             masks = prune(block, stats, criterion=crit, scope=scope, reconstruct=reconstruct,
                           **budget, **prune_options)
             out.update({f"{name}.{k}": v for k, v in masks.items()})
@@ -169,3 +189,20 @@ def _dense_block_inputs(named: list[tuple[str, nn.Module]], inputs: list[Batch])
     for _, block in named[:-1]:
         per_block.append(_next_inputs(block, per_block[-1]))
     return per_block
+
+
+def _block_outlier_ratios(named: list[tuple[str, nn.Module]], inputs: list[Batch] | list[list[Batch]],
+                          m: float) -> list[float]:
+    """OWL's outlier ratio of each block's Wanda scores, on the dense blocks' activations."""
+    wanda = get_criterion("wanda")
+    ratios = []
+    feed = inputs
+    for i, (_, block) in enumerate(named):
+        own = feed[i] if feed and isinstance(feed[0], list) else feed
+        stats = collect_stats(block, own, statistics=sorted(wanda.statistics), liveness=False)
+        layers = dict(block.named_modules())
+        scores = [wanda.score(layers[n].weight.detach(), ls, {}).reshape(-1) for n, ls in stats.items()]
+        ratios.append(_allocation.outlier_ratio(torch.cat(scores), m))
+        if not (feed and isinstance(feed[0], list)) and i + 1 < len(named):
+            feed = _next_inputs(block, feed)
+    return ratios
