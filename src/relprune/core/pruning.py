@@ -145,7 +145,7 @@ def prune(
     bias_delta: dict[str, Tensor] = {}
     if bias_compensation:
         assert stats is not None
-        for name, layer in chosen.items():
+        for name in chosen:
             removed = (old[name] & ~keep[name]).double()
             cm = layer_stats[name].contribution_mean.to(removed.device)
             bias_delta[name] = weight_matrix(removed * cm).sum(1).to(weights[name].dtype)
