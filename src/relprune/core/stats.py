@@ -200,6 +200,8 @@ class LayerStats:
         if "s1" in sums and not torch.equal(shift, self.shift):
             d = self._shift_as_weight() - _shift_as_weight(shift, self.weight.shape, self.groups)
             n = self._n()
+            if sums["s1"].shape[0] == 1 < d.shape[0]:
+                d, n = d[:1], n[:1]  # lean (1, I) input moments: every row saw the same samples
             if "s2" in sums:
                 sums["s2"] = sums["s2"] + 2 * d * sums["s1"] + n * d * d
             sums["s1"] = sums["s1"] + n * d
@@ -462,14 +464,17 @@ def _sum_shape(layer: nn.Module, key: str, liveness: str | None, weight_shape: t
     return tuple(weight_shape)
 
 
-def _new_layer_stats(layer: nn.Module, x: Tensor, liveness: str | None, statistics: frozenset[str],
-                     need: frozenset[str]) -> LayerStats:
+def _new_layer_stats(layer: nn.Module, x: Tensor | None, liveness: str | None, statistics: frozenset[str],
+                     need: frozenset[str], shift: Tensor | None = None) -> LayerStats:
+    """Zero sums for ``layer``, centred on the mean of ``x``'s input channels (or on ``shift``)."""
     w = layer.weight.detach().clone()
-    # Per input channel: Linear rows are (N, I), conv inputs (B, C, *spatial); channels are dim 1.
-    rows = x.reshape(-1, x.shape[-1]) if isinstance(layer, nn.Linear) else x
-    dims = (0, *range(2, rows.dim()))
-    shift = rows.double().mean(dim=dims) if need & {"s1", "s2"} else torch.zeros(
-        rows.shape[1], dtype=torch.float64, device=x.device)
+    if shift is None:
+        assert x is not None
+        # Per input channel: Linear rows are (N, I), conv inputs (B, C, *spatial); channels are dim 1.
+        rows = x.reshape(-1, x.shape[-1]) if isinstance(layer, nn.Linear) else x
+        dims = (0, *range(2, rows.dim()))
+        shift = rows.double().mean(dim=dims) if need & {"s1", "s2"} else torch.zeros(
+            rows.shape[1], dtype=torch.float64, device=x.device)
     if "gram" in need and not isinstance(layer, nn.Linear):
         raise CalibrationError(f"statistic 'input_gram' (SparseGPT, reconstruction) supports Linear layers only; "
                                f"{type(layer).__name__} is not (pass layers= to leave it out)")
@@ -482,6 +487,12 @@ def _new_layer_stats(layer: nn.Module, x: Tensor, liveness: str | None, statisti
         shift=shift, live_count=torch.zeros(w.shape[0], dtype=torch.float64, device=w.device),
         sums=sums,
     )
+
+
+def _empty_layer_stats(layer: nn.Module, liveness: str | None, shift: Tensor,
+                       statistics: frozenset[str]) -> LayerStats:
+    """Zero sums for a rank that saw no calibration batch (distributed calibration)."""
+    return _new_layer_stats(layer, None, liveness, statistics, _needed_sums(statistics), shift=shift)
 
 
 def _resolve_statistics(statistics: Iterable[str] | None, has_labels: bool) -> frozenset[str]:
@@ -520,6 +531,7 @@ def collect_stats(
     blind_ranges: Mapping[str, LivenessOverride] | None = None,
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
     progress: bool = False,
+    distributed: bool | None = None,
 ) -> Stats:
     """Gather contribution statistics of the prunable layers over calibration batches.
 
@@ -529,7 +541,15 @@ def collect_stats(
     BlindRange or a callable applied to the layer's raw output, or None for
     "always live". The model's parameters, buffers, hooks and modes are left
     as they were, also when an error is raised.
+
+    Under torch.distributed (a process group initialised, e.g. by torchrun), every rank calls this
+    with its own share of the batches and gets the statistics of all ranks' batches together
+    (``distributed=None``, the default; ``False`` keeps each rank's own, ``True`` insists on a
+    process group). A rank may have no batches; an error on one rank is raised on every rank.
     """
+    from . import distributed as _dist
+
+    merge_ranks = _dist.active(distributed)
     chosen = L.prunable_layers(model, layers)
     if layers is None:
         L.warn_left_out(model)
@@ -567,6 +587,7 @@ def collect_stats(
     wanted: frozenset[str] | None = None
     need: frozenset[str] = frozenset()
     traced = False
+    error: Exception | None = None
     try:
         model.eval()
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -628,16 +649,22 @@ def collect_stats(
                 traced = any(r.liveness is not None and not r.liveness.startswith("override:")
                              for r in result.values())
             seen += 1
-        if seen == 0:
+        if seen == 0 and not merge_ranks:
             raise CalibrationError("the calibration batches are empty: no batch was yielded")
         for name, scratch in scratches.items():
             scratch.flush(result[name], force=True)
+    except Exception as err:
+        if not merge_ranks:
+            raise
+        error = err  # the other ranks are waiting in the merge: tell them, then raise everywhere
     finally:
         for h in handles:
             h.remove()
         stashed.clear()
         tracer.reset()
         _restore_modes(modes)
+    if merge_ranks:
+        result, wanted = _dist.merge(chosen, result, wanted, error, _empty_layer_stats)
     assert wanted is not None
     return Stats(result, liveness=liveness, statistics=wanted)
 
