@@ -95,3 +95,33 @@ def ddp_worker(rank: int, world: int, init_file: str, out: str) -> None:
 def ddp_batch() -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(2)
     return torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+
+
+def sequential_worker(rank: int, world: int, init_file: str, out: str, shares: list[list[int]]) -> None:
+    """Block-by-block pruning of a tiny Llama with this rank's share of the calibration batches."""
+    _init(rank, world, init_file)
+    try:
+        from relprune.llm import prune_sequential
+
+        model = tiny_llama()
+        everything = llama_batches()
+        masks = prune_sequential(model, [everything[i] for i in shares[rank]], sparsity=0.5, criterion="obs",
+                                 reconstruct="obs")
+        torch.save({"masks": dict(masks), "state": model.state_dict()}, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def tiny_llama() -> nn.Module:
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=30, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def llama_batches() -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    return [{"input_ids": torch.randint(0, 30, (2, 12), generator=g),
+             "attention_mask": torch.ones(2, 12, dtype=torch.long)} for _ in range(3)]

