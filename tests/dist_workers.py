@@ -125,3 +125,34 @@ def llama_batches() -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(0)
     return [{"input_ids": torch.randint(0, 30, (2, 12), generator=g),
              "attention_mask": torch.ones(2, 12, dtype=torch.long)} for _ in range(3)]
+
+
+def toy_data():
+    from relprune.experiments.data import Data, Split
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(96, 1, 2, 3, generator=g)
+    y = (x.flatten(1).sum(1) > 0).long()
+    return Data("toy", Split(x[:64], y[:64]), Split(x[64:80], y[64:80]), Split(x[80:], y[80:]), 2)
+
+
+def toy_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+def train_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    """Two epochs of the experiment loop with a checkpoint and the entropy term, on this rank's slices."""
+    _init(rank, world, init_file)
+    try:
+        from relprune.experiments.training import TrainConfig, train
+
+        model = toy_model()
+        reg = ContributionEntropy(model, toy_data().train.x[:8])
+        lines: list[str] = []
+        train(model, toy_data(), TrainConfig(epochs=2, batch_size=16, lr=1e-2), penalty=reg,
+              checkpoint=Path(out) / "train.ckpt", log=lines.append)
+        reg.detach()
+        torch.save({"state": model.state_dict(), "lines": lines}, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()

@@ -81,3 +81,42 @@ def test_ddp_step_with_a_regulariser_equals_the_mean_of_the_ranks_gradients(tmp_
 def test_distributed_true_without_a_process_group_is_a_clear_error():
     with pytest.raises(relprune.RelpruneError, match="process group"):
         relprune.collect_stats(W.mlp(), W.batches("mlp", 1), distributed=True)
+
+
+def test_training_loop_under_ddp_equals_one_process_and_checkpoints_once(tmp_path):
+    from relprune.experiments.training import TrainConfig, train
+
+    files = spawn(W.train_worker, tmp_path)
+    ranks = [torch.load(f.with_suffix(".pt")) for f in files]
+    model = W.toy_model()
+    reg = ContributionEntropy(model, W.toy_data().train.x[:8])
+    # One process on the whole batches; the entropy term is not additive over samples, so give the
+    # reference the mean of the two halves' terms, which is what DDP's averaged gradient sees.
+    halves = _HalvedPenalty(reg)
+    train(model, W.toy_data(), TrainConfig(epochs=2, batch_size=16, lr=1e-2), penalty=halves)
+    reg.detach()
+    for got in ranks:
+        for n, v in model.state_dict().items():
+            torch.testing.assert_close(got["state"][n], v, rtol=1e-4, atol=1e-5)
+    assert len(ranks[0]["lines"]) == 2 and ranks[1]["lines"] == []  # only rank 0 logs
+    ckpt = torch.load(tmp_path / "out" / "train.ckpt", weights_only=True)
+    assert ckpt["epoch"] == 1
+
+
+class _HalvedPenalty:
+    """The entropy term computed separately on the even and odd samples of the batch, averaged."""
+
+    def __init__(self, reg):
+        self.reg = reg
+
+    def __call__(self):
+        captured = self.reg._captured
+        saved = {n: (c.x, c.out, c.live) for n, c in captured.items()}
+        parts = []
+        for r in range(2):
+            for n, c in captured.items():
+                x, out, live = saved[n]
+                c.x, c.out = x[r::2], out[r::2]
+                c.live = None if live is None else live[r::2]
+            parts.append(self.reg())
+        return (parts[0] + parts[1]) / 2

@@ -89,3 +89,36 @@ def merge(
             own.kind, own.weight, own.bias, own.groups, own.statistics, own.liveness, shift,
             counts[:-2].clone(), int(counts[-2].item()), sums, int(counts[-1].item()))
     return merged, statistics
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of this process; (0, 1) without a process group."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def is_main() -> bool:
+    """True on rank 0 (and without a process group): the process that writes files and prints."""
+    return world()[0] == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op without a process group)."""
+    if world()[1] > 1:
+        torch.distributed.barrier()
+
+
+def init_from_env() -> bool:
+    """Join the process group torchrun describes (``WORLD_SIZE`` > 1 in the environment).
+
+    gloo on CPU, NCCL when CUDA is available. Returns whether a group of several ranks is active.
+    """
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    return True

@@ -238,11 +238,13 @@ def _load_data(d: DataArgs, seed: int):
 # -- commands ---------------------------------------------------------------------------
 
 def cmd_train(ns: argparse.Namespace) -> int:
+    from ..core.distributed import init_from_env, is_main
     from .experiment import train_model
     from .models import check_model_name
     from .training import TrainConfig
 
     c, d, t = from_args(Common, ns), from_args(DataArgs, ns), from_args(TrainArgs, ns)
+    init_from_env()  # under torchrun: one rank per process, gloo on CPU
     check_model_name(t.model)
     out = _writable_folder(c.out)
     if (out / "model.safetensors").is_file() and not (out / "train.ckpt").is_file() and not t.overwrite:
@@ -252,7 +254,9 @@ def cmd_train(ns: argparse.Namespace) -> int:
     cfg = TrainConfig(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, seed=c.seed)
     _, info = train_model(t.model, data, cfg, out, pat=t.pat, pat_alpha=t.pat_alpha, pat_warmup=t.pat_warmup,
                           log=_say)
-    print(f"{t.model} on {data.name}: test accuracy {info.metrics['test_acc']:.4f} -> {out}/model.safetensors")
+    if is_main():
+        print(f"{t.model} on {data.name}: test accuracy {info.metrics['test_acc']:.4f} -> "
+              f"{out}/model.safetensors")
     return 0
 
 

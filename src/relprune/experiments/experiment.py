@@ -233,6 +233,10 @@ def train_model(model_name: str, data: Data, cfg: TrainConfig, folder: str | Pat
     metrics = {"test_acc": evaluate(model, data.test), "val_acc": evaluate(model, data.val)}
     info = ModelInfo(model_name, data.name, list(data.input_shape), data.num_classes, cfg.seed, metrics,
                      {"pat": pat, "pat_alpha": pat_alpha, "history": history})
-    save_model(model, info, folder)
-    (folder / "train.ckpt").unlink(missing_ok=True)
+    from ..core.distributed import barrier, is_main
+
+    if is_main():  # under torchrun every rank holds the same model; one writes it
+        save_model(model, info, folder)
+        (folder / "train.ckpt").unlink(missing_ok=True)
+    barrier()
     return model, info

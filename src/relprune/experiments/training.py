@@ -114,6 +114,14 @@ def train(
     regulariser, ...) is resumed; any other is refused. ``log`` gets one line
     per finished epoch.
     """
+    from ..core.distributed import barrier, is_main, world
+
+    rank, ranks = world()
+    # Under torch.distributed every rank draws the same shuffled global batches and trains on its
+    # slice of each (rank::ranks); DDP averages the gradients, so a step equals one over the batch.
+    net = nn.parallel.DistributedDataParallel(model) if ranks > 1 else model
+    if ranks > 1 and log is not None and not is_main():
+        log = None
     opt = make_optimizer(model, cfg)
     steps_per_epoch = (len(data.train) + cfg.batch_size - 1) // cfg.batch_size
     total_steps = max(1, cfg.epochs * steps_per_epoch)
@@ -152,15 +160,19 @@ def train(
             log(f"resuming from {ckpt} after epoch {start_epoch} of {cfg.epochs}")
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
-        torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout and any other global RNG use
+        torch.manual_seed(cfg.seed * 100_003 + epoch + 7_919 * rank)  # dropout and any other global RNG use
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
         total = total_pen = 0.0
         seen = 0
         bar = progress_bar(data.train.batches(cfg.batch_size, shuffle=True, generator=gen),
                            total=steps_per_epoch, desc=f"{desc} {epoch + 1}/{cfg.epochs}")
         for step, (x, y) in enumerate(bar):
+            if ranks > 1:
+                if len(y) < ranks:
+                    continue  # a last batch too small to give every rank a sample
+                x, y = x[rank::ranks], y[rank::ranks]
             opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y)
+            loss = F.cross_entropy(net(x), y)
             if penalty is not None:
                 pen = penalty()
                 weight = alpha(epoch, step) if alpha is not None else 1.0
@@ -179,10 +191,11 @@ def train(
         if log is not None:
             log(f"{desc} epoch {epoch + 1}/{cfg.epochs}: loss {record['loss']:.4f}, "
                 f"validation accuracy {record['val_acc']:.4f}")
-        if ckpt is not None:
+        if ckpt is not None and is_main():
             atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
                          "scheduler": sched.state_dict() if sched is not None else None,
                          "history": history, "config": asdict(cfg), "run": run}, ckpt)
+        barrier()
     return history
 
 
