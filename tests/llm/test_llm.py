@@ -324,6 +324,10 @@ BAD = [
       "--calibration", "{calib}", "--out", "{out}"], 1, "give --reconstruct none"),
     (["llm", "prune", "--model", "{folder}", "--sparsity", "0.5", "--allocation", "owl", "--owl-lambda", "0.7",
       "--calibration", "{calib}", "--out", "{out}"], 2, "owl-lambda"),
+    (["llm", "prune", "--model", "{folder}", "--sparsity", "0.5", "--streamed", "--allocation", "owl",
+      "--calibration", "{calib}", "--out", "{out}"], 1, "--streamed prunes sequentially"),
+    (["llm", "prune", "--model", "{folder}", "--sparsity", "0.5", "--streamed", "--seqlen", "100",
+      "--calibration", "{calib}", "--out", "{out}"], 1, "beyond the model's 64 positions"),
     (["llm", "eval", "--model", "{calib}", "--text", "{calib}"], 1, "neither a model folder nor a .gguf"),
     (["llm", "eval", "--model", "{folder}", "--text", "{calib}", "--samples", "0"], 2, "positive"),
     (["llm", "eval", "--model", "{folder}", "--text", "{calib}", "--seqlen", "16", "--samples", "100000"], 1,
@@ -409,3 +413,76 @@ def test_sequential_pruning_over_two_ranks_equals_one_process(tmp_path, shares):
             assert torch.equal(got["masks"][n], m), n
         for n, v in model.state_dict().items():
             torch.testing.assert_close(got["state"][n], v, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("criterion, reconstruct, shard", [("wanda", False, None), ("obs", "obs", "20KB"),
+                                                           ("sparsegpt", False, None)])
+def test_streamed_pruning_equals_in_memory_and_holds_one_block_at_a_time(tmp_path, monkeypatch, criterion,
+                                                                         reconstruct, shard):
+    import gc
+    import weakref
+
+    from relprune.llm import prune_streamed, streamed
+
+    source = tmp_path / "src"
+    model = tiny_llama(layers=3)
+    model.save_pretrained(source, **({"max_shard_size": shard} if shard else {}))
+    tiny_tokenizer().save_pretrained(source)
+    assert (source / "model.safetensors.index.json").is_file() == bool(shard)
+    batches = ids_batches(pad_last=3)
+    live: list[weakref.ref] = []
+    most = []
+    real = streamed._load_block
+
+    def counting(*args):
+        gc.collect()
+        most.append(sum(r() is not None for r in live))
+        block = real(*args)
+        live.append(weakref.ref(block))
+        return block
+
+    monkeypatch.setattr(streamed, "_load_block", counting)
+    masks = prune_streamed(source, tmp_path / "out", batches, sparsity=0.5, criterion=criterion,
+                           reconstruct=reconstruct)
+    assert most == [0, 0, 0]  # no earlier block is alive when the next one is read
+    expected = prune_sequential(model, batches, sparsity=0.5, criterion=criterion, reconstruct=reconstruct)
+    assert dict(masks).keys() == dict(expected).keys()
+    for n, m in expected.items():
+        assert torch.equal(masks[n], m), n
+    saved = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    ids = batches[0]["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(saved(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+    assert saved.lm_head.weight.data_ptr() == saved.model.embed_tokens.weight.data_ptr()
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "out") is not None
+
+
+def test_streamed_pruning_refuses_bad_input_and_leaves_nothing(tmp_path, folder):
+    from relprune.llm import prune_streamed
+
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(relprune.RelpruneError, match="not an empty folder"):
+        prune_streamed(folder, tmp_path / "full", ids_batches(), sparsity=0.5)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text((folder / "config.json").read_text())
+    with pytest.raises(relprune.RelpruneError, match="no safetensors"):
+        prune_streamed(bare, tmp_path / "o1", ids_batches(), sparsity=0.5)
+    with pytest.raises(relprune.RelpruneError, match="blocks"):
+        prune_streamed(folder, tmp_path / "o2", ids_batches(), sparsity=0.5, blocks="model.nope")
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_llm_prune_streamed_writes_what_the_in_memory_command_writes(folder, tmp_path, capsys):
+    common = ["--model", str(folder), "--criterion", "sparsegpt", "--reconstruct", "none", "--n-m", "2:4",
+              "--calibration", str(tmp_path / "calib.txt"), "--calibration-samples", "4", "--seqlen", "16"]
+    assert main(["llm", "prune", *common, "--out", str(tmp_path / "mem")]) == 0
+    assert main(["llm", "prune", *common, "--streamed", "--out", str(tmp_path / "disk")]) == 0
+    assert "block by block from disk" in capsys.readouterr().out
+    ids = torch.randint(2, len(WORDS) + 2, (2, 10))
+    a = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "mem")
+    b = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "disk")
+    with torch.no_grad():
+        torch.testing.assert_close(b(input_ids=ids).logits, a(input_ids=ids).logits, rtol=1e-4, atol=1e-5)

@@ -52,6 +52,10 @@ def add_llm_commands(sub: argparse._SubParsersAction) -> None:
                         "(with --sparsity only) (default: uniform)")
     p.add_argument("--owl-lambda", type=_checked(float, _owl_lambda), default=0.08,
                    help="OWL: block sparsities within sparsity +- lambda (default: 0.08)")
+    p.add_argument("--streamed", action="store_true",
+                   help="read one block at a time from the model's safetensors and write it pruned: memory "
+                        "about one block, for models larger than RAM (sequential; not with --allocation owl "
+                        "or --bias-compensation)")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="windows per forward pass (default: 8)")
     p.add_argument("--seed", type=int, default=0, help="chooses the calibration windows (default: 0)")
     p.add_argument("--out", required=True, help="output folder (must not hold anything yet)")
@@ -74,8 +78,8 @@ def _owl_lambda(value: float) -> float:
     return value
 
 
-def _check_seqlen(model, seqlen: int) -> None:
-    limit = getattr(model.config, "max_position_embeddings", None)
+def _check_seqlen(config, seqlen: int) -> None:
+    limit = getattr(config, "max_position_embeddings", None)
     if limit is not None and seqlen > limit:
         raise RelpruneError(f"--seqlen {seqlen} is beyond the model's {limit} positions")
 
@@ -103,11 +107,16 @@ def cmd_llm_prune(ns: argparse.Namespace) -> int:
                             "give --reconstruct none with it")
     if ns.allocation == "owl" and ns.sparsity is None:
         raise RelpruneError("--allocation owl sets per-block unstructured sparsities: give --sparsity, not --n-m")
+    if ns.streamed and (ns.allocation != "uniform" or ns.bias_compensation or not ns.sequential):
+        raise RelpruneError("--streamed prunes sequentially with one sparsity for every block: drop "
+                            "--allocation owl, --bias-compensation and --no-sequential")
     out = _fresh_out(Path(ns.out))
     if not Path(ns.calibration).is_file():
         raise RelpruneError(f"calibration text {ns.calibration} does not exist")
+    if ns.streamed:
+        return _llm_prune_streamed(ns, out, reconstruct)
     model, tokenizer = load_model(ns.model, quiet=True)
-    _check_seqlen(model, ns.seqlen)
+    _check_seqlen(model.config, ns.seqlen)
     windows = calibration_windows(tokenize_file(tokenizer, ns.calibration), ns.calibration_samples, ns.seqlen,
                                   ns.seed)
     _say(f"calibration: {len(windows)} windows of {ns.seqlen} tokens from {ns.calibration} (seed {ns.seed})")
@@ -142,13 +151,35 @@ def cmd_llm_prune(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _llm_prune_streamed(ns: argparse.Namespace, out: Path, reconstruct: bool | str) -> int:
+    from ..llm import calibration_windows, prune_streamed, resolve_model, tokenize_file
+    from ..llm.load import load_tokenizer
+    from ..llm.text import batches_of
+
+    where = resolve_model(ns.model)
+    tokenizer, config = load_tokenizer(where)
+    _check_seqlen(config, ns.seqlen)
+    windows = calibration_windows(tokenize_file(tokenizer, ns.calibration), ns.calibration_samples, ns.seqlen,
+                                  ns.seed)
+    _say(f"calibration: {len(windows)} windows of {ns.seqlen} tokens from {ns.calibration} (seed {ns.seed})")
+    start = time.perf_counter()
+    masks = prune_streamed(where, out, batches_of(windows, ns.batch_size), sparsity=ns.sparsity, n_m=ns.n_m,
+                           criterion=ns.criterion, scope=ns.scope, reconstruct=reconstruct, progress=True)
+    seconds = time.perf_counter() - start
+    print(f"decoder Linears: {masks.kept:,} of {masks.total:,} weights kept")
+    print(f"{ns.criterion}{' + ' + ns.reconstruct + ' re-fit' if reconstruct else ''}: "
+          f"{masks.sparsity:.2%} of the decoder weights removed in {seconds:.0f} s, block by block from disk; "
+          f"saved to {out}")
+    return 0
+
+
 def cmd_llm_eval(ns: argparse.Namespace) -> int:
     from ..llm import evaluation_windows, load_model, perplexity, tokenize_file
 
     if not Path(ns.text).is_file():
         raise RelpruneError(f"text file {ns.text} does not exist")
     model, tokenizer = load_model(ns.model, quiet=True)
-    _check_seqlen(model, ns.seqlen)
+    _check_seqlen(model.config, ns.seqlen)
     windows = evaluation_windows(tokenize_file(tokenizer, ns.text), ns.seqlen, ns.samples)
     print(f"{ns.model}: {perplexity(model, windows, batch_size=ns.batch_size, progress=True)}")
     return 0

