@@ -18,6 +18,7 @@ from ..errors import LayerError, NoPrunableLayersError
 
 PrunableLayer = nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+SUPPORTED = "Linear, Conv1d, Conv2d, Conv3d, transformers' Conv1D"
 
 _CONV_WEIGHT_GRAD = {
     1: torch.nn.grad.conv1d_weight,
@@ -27,9 +28,34 @@ _CONV_WEIGHT_GRAD = {
 _CONV_FORWARD = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
+def is_transposed(module: nn.Module) -> bool:
+    """True for transformers' ``Conv1D`` (GPT-2 family): a Linear whose weight is stored I x O.
+
+    Detected by name and shape attributes, so core needs no transformers import.
+    """
+    return (type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(
+        getattr(module, "weight", None), Tensor) and module.weight.dim() == 2)
+
+
+def is_linear(module: nn.Module) -> bool:
+    """A Linear or a transformers ``Conv1D``: rows of tokens times an O x I matrix."""
+    return isinstance(module, nn.Linear) or is_transposed(module)
+
+
 def is_prunable(module: nn.Module) -> bool:
-    """True for the layer kinds relprune prunes (Linear, Conv1d/2d/3d)."""
-    return isinstance(module, PRUNABLE_TYPES)
+    """True for the layer kinds relprune prunes (Linear, Conv1d/2d/3d, transformers' Conv1D)."""
+    return isinstance(module, PRUNABLE_TYPES) or is_transposed(module)
+
+
+def oriented(layer: nn.Module, t: Tensor) -> Tensor:
+    """A weight-shaped tensor between the parameter's layout and the O x I (x kernel) one relprune
+    computes in: transposed for ``Conv1D``, unchanged otherwise (the map is its own inverse)."""
+    return t.t() if is_transposed(layer) else t
+
+
+def weight_shape(layer: nn.Module) -> torch.Size:
+    """The weight's shape in relprune's O x I (x kernel) layout."""
+    return oriented(layer, layer.weight).shape
 
 
 def left_out_layers(model: nn.Module) -> dict[str, str]:
@@ -110,7 +136,7 @@ def prunable_layers(model: nn.Module, names: Iterable[str] | None = None) -> dic
         if not found:
             raise NoPrunableLayersError(
                 f"{type(model).__name__} has no prunable layer "
-                f"(supported: {', '.join(t.__name__ for t in PRUNABLE_TYPES)})"
+                f"(supported: {SUPPORTED})"
             )
         return found
     names = list(names)
@@ -126,7 +152,7 @@ def prunable_layers(model: nn.Module, names: Iterable[str] | None = None) -> dic
         if not is_prunable(module):
             raise LayerError(
                 f"layer {name!r} is a {type(module).__name__}, which relprune cannot prune "
-                f"(supported: {', '.join(t.__name__ for t in PRUNABLE_TYPES)})"
+                f"(supported: {SUPPORTED})"
             )
         out[name] = module
     return out
@@ -134,7 +160,7 @@ def prunable_layers(model: nn.Module, names: Iterable[str] | None = None) -> dic
 
 def conv_dims(layer: nn.Module) -> int:
     """Number of spatial dimensions: 0 for Linear."""
-    return 0 if isinstance(layer, nn.Linear) else layer.weight.dim() - 2
+    return 0 if is_linear(layer) else layer.weight.dim() - 2
 
 
 def weight_matrix(weight: Tensor) -> Tensor:
@@ -149,7 +175,7 @@ def input_rows(layer: nn.Module, x: Tensor) -> Tensor:
     and asymmetric pads), so later products use padding 0 and a shift applied
     afterwards treats padded zeros as the real zeros they are.
     """
-    if isinstance(layer, nn.Linear):
+    if is_linear(layer):
         return x.reshape(-1, x.shape[-1])
     pad = layer._reversed_padding_repeated_twice
     if any(pad):
@@ -160,14 +186,14 @@ def input_rows(layer: nn.Module, x: Tensor) -> Tensor:
 
 def output_rows(layer: nn.Module, y: Tensor) -> Tensor:
     """Per-output tensor in the layout the products take: Linear (N, O); conv unchanged."""
-    if isinstance(layer, nn.Linear):
+    if is_linear(layer):
         return y.reshape(-1, y.shape[-1])
     return y
 
 
 def forward_with(layer: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
     """A prepared input (see :func:`input_rows`) through the layer with another weight and no bias."""
-    if isinstance(layer, nn.Linear):
+    if is_linear(layer):
         return x @ weight.t()
     d = conv_dims(layer)
     return _CONV_FORWARD[d](x, weight, None, layer.stride, 0, layer.dilation, layer.groups)
@@ -178,7 +204,7 @@ def weighted_input_sum(layer: nn.Module, x: Tensor, g: Tensor) -> Tensor:
 
     ``x`` comes from :func:`input_rows`, ``g`` has the layout of :func:`output_rows`.
     """
-    if isinstance(layer, nn.Linear):
+    if is_linear(layer):
         return g.t() @ x
     d = conv_dims(layer)
     return _CONV_WEIGHT_GRAD[d](
@@ -188,20 +214,20 @@ def weighted_input_sum(layer: nn.Module, x: Tensor, g: Tensor) -> Tensor:
 
 def bias_view(layer: nn.Module, t: Tensor) -> Tensor:
     """Broadcast a per-output vector against the layer's output layout."""
-    if isinstance(layer, nn.Linear):
+    if is_linear(layer):
         return t
     return t.reshape(1, -1, *([1] * conv_dims(layer)))
 
 
 def per_output_count(layer: nn.Module, g: Tensor) -> Tensor:
     """Sum of g over samples (and positions), per output: shape (O,)."""
-    if isinstance(layer, nn.Linear):
+    if is_linear(layer):
         return g.sum(0)
     return g.transpose(0, 1).reshape(g.shape[1], -1).sum(1)
 
 
 def samples_in(layer: nn.Module, y: Tensor) -> int:
     """How many samples (rows, or output positions x images) an output holds."""
-    if isinstance(layer, nn.Linear):
+    if is_linear(layer):
         return y.numel() // y.shape[-1]
     return y.numel() // y.shape[1]

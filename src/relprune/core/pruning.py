@@ -22,7 +22,7 @@ from ..errors import (
 )
 from . import allocation
 from .criteria import Criterion, get_criterion
-from .layers import prunable_layers, warn_left_out, weight_matrix
+from .layers import oriented, prunable_layers, warn_left_out, weight_matrix
 from .masks import Masks, apply_masks, effective_weight, is_masked
 from .stats import INPUT_MOMENT_STATISTICS, LayerStats, Stats
 
@@ -106,9 +106,10 @@ def prune(
             "bias_compensation needs the 'contribution_mean' statistic; collect it with collect_stats"
         )
 
-    old = {n: (layer.weight_mask.bool() if is_masked(layer) else torch.ones_like(layer.weight, dtype=torch.bool))
-           for n, layer in chosen.items()}
-    weights = {n: effective_weight(layer) for n, layer in chosen.items()}
+    # Everything below is in relprune's O x I layout (a transformers Conv1D stores its weight I x O).
+    old = {n: oriented(layer, layer.weight_mask.bool() if is_masked(layer)
+                       else torch.ones_like(layer.weight, dtype=torch.bool)) for n, layer in chosen.items()}
+    weights = {n: oriented(layer, effective_weight(layer)) for n, layer in chosen.items()}
     bad = [n for n, w in weights.items() if not torch.isfinite(w).all()]
     if bad:
         raise RelpruneError(f"layers {bad} hold NaN or Inf weights; restore a finite checkpoint before pruning")
@@ -150,6 +151,8 @@ def prune(
             cm = layer_stats[name].contribution_mean.to(removed.device)
             bias_delta[name] = weight_matrix(removed * cm).sum(1).to(weights[name].dtype)
 
+    keep = {n: oriented(chosen[n], k) for n, k in keep.items()}
+    new_weights = {n: oriented(chosen[n], w) for n, w in new_weights.items()}
     _apply_atomically(chosen, keep, bias_delta, model, new_weights)
     return Masks(keep, threshold=threshold)
 

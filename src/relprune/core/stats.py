@@ -247,8 +247,8 @@ class Stats(Mapping[str, LayerStats]):
         out = {}
         for name, ls in self.items():
             m = modules[name]
-            if not L.is_prunable(m) or tuple(m.weight.shape) != tuple(ls.weight.shape):
-                shape = tuple(m.weight.shape) if hasattr(m, "weight") else None
+            if not L.is_prunable(m) or tuple(L.weight_shape(m)) != tuple(ls.weight.shape):
+                shape = tuple(L.weight_shape(m)) if L.is_prunable(m) else None
                 raise StatsMismatchError(
                     f"layer {name!r}: statistics were gathered for weight shape "
                     f"{tuple(ls.weight.shape)}, the model has {type(m).__name__} with {shape}"
@@ -383,7 +383,7 @@ class _Scratch:
 
     def add(self, layer: nn.Module, key: str, x: Tensor, g: Tensor) -> None:
         buf = self.pending.get(key)
-        if isinstance(layer, nn.Linear):
+        if L.is_linear(layer):
             if buf is None:
                 self.pending[key] = g.t() @ x
             else:
@@ -418,7 +418,7 @@ def _accumulate(layer: nn.Module, ls: LayerStats, scratch: _Scratch, x: Tensor, 
     if live is None:
         # Without liveness every output sees the same samples: one column of ones serves them all,
         # and the input moments come out as (1, I) rows (see _new_layer_stats).
-        shape = (xp.shape[0], 1) if isinstance(layer, nn.Linear) else out_shape
+        shape = (xp.shape[0], 1) if L.is_linear(layer) else out_shape
         g = torch.ones(shape, dtype=cd, device=x.device)
     else:
         g = L.output_rows(layer, live).to(cd)
@@ -432,7 +432,7 @@ def _accumulate(layer: nn.Module, ls: LayerStats, scratch: _Scratch, x: Tensor, 
     ls.total_count += L.samples_in(layer, g) if rows is None else int(rows.sum())
     a = xp.abs() if need & {"sa", "r1", "r2"} else None
     if need & {"s1", "s2"}:
-        view = (1, -1) if isinstance(layer, nn.Linear) else (1, -1, *([1] * L.conv_dims(layer)))
+        view = (1, -1) if L.is_linear(layer) else (1, -1, *([1] * L.conv_dims(layer)))
         xs = xp - ls.shift.to(cd).reshape(view)
         if "s1" in need:
             scratch.add(layer, "s1", xs, g)
@@ -459,7 +459,7 @@ def _sum_shape(layer: nn.Module, key: str, liveness: str | None, weight_shape: t
     output sees the same samples, so one (1, I) row holds them (O times less memory)."""
     if key == "gram":
         return (weight_shape[1], weight_shape[1])
-    if key in _INPUT_MOMENTS and liveness is None and isinstance(layer, nn.Linear):
+    if key in _INPUT_MOMENTS and liveness is None and L.is_linear(layer):
         return (1, weight_shape[1])
     return tuple(weight_shape)
 
@@ -467,15 +467,15 @@ def _sum_shape(layer: nn.Module, key: str, liveness: str | None, weight_shape: t
 def _new_layer_stats(layer: nn.Module, x: Tensor | None, liveness: str | None, statistics: frozenset[str],
                      need: frozenset[str], shift: Tensor | None = None) -> LayerStats:
     """Zero sums for ``layer``, centred on the mean of ``x``'s input channels (or on ``shift``)."""
-    w = layer.weight.detach().clone()
+    w = L.oriented(layer, layer.weight.detach()).clone()
     if shift is None:
         assert x is not None
         # Per input channel: Linear rows are (N, I), conv inputs (B, C, *spatial); channels are dim 1.
-        rows = x.reshape(-1, x.shape[-1]) if isinstance(layer, nn.Linear) else x
+        rows = x.reshape(-1, x.shape[-1]) if L.is_linear(layer) else x
         dims = (0, *range(2, rows.dim()))
         shift = rows.double().mean(dim=dims) if need & {"s1", "s2"} else torch.zeros(
             rows.shape[1], dtype=torch.float64, device=x.device)
-    if "gram" in need and not isinstance(layer, nn.Linear):
+    if "gram" in need and not L.is_linear(layer):
         raise CalibrationError(f"statistic 'input_gram' (SparseGPT, reconstruction) supports Linear layers only; "
                                f"{type(layer).__name__} is not (pass layers= to leave it out)")
     sums = {k: torch.zeros(_sum_shape(layer, k, liveness, w.shape), dtype=torch.float64, device=w.device)
@@ -680,7 +680,7 @@ def _has_logits_target(b: Batch) -> bool:
 
 def _token_rows(layer: nn.Module, x: Tensor, token_mask: Tensor | None) -> Tensor | None:
     """The flattened token mask for a Linear whose input rows are the batch's tokens, else None."""
-    if token_mask is None or not isinstance(layer, nn.Linear) or tuple(x.shape[:-1]) != tuple(token_mask.shape):
+    if token_mask is None or not L.is_linear(layer) or tuple(x.shape[:-1]) != tuple(token_mask.shape):
         return None
     return token_mask.reshape(-1).bool()
 
@@ -772,7 +772,7 @@ def _accumulate_grads(model: nn.Module, chosen: dict[str, nn.Module], result: di
             grads = torch.autograd.grad(loss, weights, allow_unused=True)
         for n, gr in zip(chosen, grads, strict=False):
             if gr is not None:
-                result[n].sums["grad"] += gr.double()
+                result[n].sums["grad"] += L.oriented(chosen[n], gr).double()
             result[n].grad_batches += 1
     finally:
         for h in hooks:

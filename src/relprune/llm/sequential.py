@@ -222,8 +222,7 @@ def _block_outlier_ratios(named: list[tuple[str, nn.Module]], inputs: list[Batch
     for i, (_, block) in enumerate(named):
         own = feed[i] if feed and isinstance(feed[0], list) else feed
         stats = collect_stats(block, own, statistics=sorted(wanda.statistics), liveness=False)
-        layers = dict(block.named_modules())
-        scores = [wanda.score(layers[n].weight.detach(), ls, {}).reshape(-1) for n, ls in stats.items()]
+        scores = [wanda.score(ls.weight, ls, {}).reshape(-1) for ls in stats.values()]
         ratios.append(_allocation.outlier_ratio(torch.cat(scores), m))
         if not (feed and isinstance(feed[0], list)) and i + 1 < len(named):
             feed = _next_inputs(block, feed)

@@ -151,7 +151,7 @@ class ContributionEntropy(ContributionRegularizer):
     def forward(self) -> Tensor:
         terms = []
         for layer, xp, live, out in self._layer_inputs():
-            absw = layer.weight.abs()
+            absw = L.oriented(layer, layer.weight).abs()
             if self.exact:
                 a = xp.abs()
                 d = L.forward_with(layer, a, absw)
@@ -188,7 +188,7 @@ class ContributionL1(ContributionRegularizer):
         for layer, xp, live, out in self._layer_inputs():
             sums, counts = _live_input_sums(layer, xp, live, out)
             n = counts.clamp_min(1)
-            num = (L.weight_matrix(layer.weight.abs() * sums) / n[:, None]).sum()
+            num = (L.weight_matrix(L.oriented(layer, layer.weight).abs() * sums) / n[:, None]).sum()
             z = L.output_rows(layer, out)
             g = _mask(layer, live, z)
             den = (L.per_output_count(layer, z.abs() * g) / n).sum()
