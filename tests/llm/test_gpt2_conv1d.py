@@ -8,10 +8,11 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers", reason="the llm extra is not installed")
 
+from transformers.pytorch_utils import Conv1D  # noqa: E402
+
 import relprune  # noqa: E402
 from relprune.llm import prune_sequential  # noqa: E402
 from relprune.train.regularizers import ContributionEntropy  # noqa: E402
-from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 
 def pair(dtype=torch.float64):
