@@ -1,0 +1,342 @@
+"""Structured pruning over the dependency graph: score channel groups, meet a budget, shrink exactly.
+
+Scores (larger is kept), per channel of a group, summed over every place the channel lives:
+
+* ``rc`` - ours: the channel's total relative contribution E[r] to the layers that consume it;
+* ``fluctuation`` - FLAP (An et al. 2024): Var[x_c] ||W[:, c]||^2 over its consumers, i.e. the
+  variance of its contributions; pair with ``bias_compensation`` as FLAP does;
+* ``l1`` / ``l2`` - the group norm of every weight, bias and norm entry of the channel
+  (Torch-Pruning's magnitude importance); ``taylor`` - sum |W dL/dW| over them; ``random``.
+
+Budgets remove a fraction of the conv and Linear multiply-accumulates (``budget="flops"``) or of
+the parameters (``"params"``), either over all groups at once with scores normalised by their
+group's mean (``scope="global"``) or the same fraction of channels in every group (``"layer"``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..core.stats import Stats
+from ..errors import RelpruneError, ShrinkError, StatisticNotCollectedError
+from .graph import NORMS, DependencyGraph, Group, Member
+
+GROUP_CRITERIA = ("rc", "fluctuation", "l1", "l2", "taylor", "random")
+STATISTICS_FOR = {"rc": ("relative_mean",), "fluctuation": ("contribution_std", "contribution_mean"),
+                  "taylor": ("weight_grad",)}
+
+
+def _columns(member: Member, k: int) -> slice:
+    start = member.offset + k * member.expand
+    return slice(start, start + member.expand)
+
+
+def _weight_cols(w: Tensor, member: Member, k: int) -> Tensor:
+    return w[:, _columns(member, k)]
+
+
+def group_scores(graph: DependencyGraph, stats: Stats | None = None, criterion: str = "l2",
+                 seed: int = 0) -> dict[int, Tensor]:
+    """Per prunable group (by index in ``graph.groups``), one score per channel (float64)."""
+    if criterion not in GROUP_CRITERIA:
+        raise RelpruneError(f"group criterion must be one of {GROUP_CRITERIA}, got {criterion!r}")
+    gen = torch.Generator().manual_seed(seed)
+    out: dict[int, Tensor] = {}
+    for gi, group in enumerate(graph.groups):
+        if not group.prunable:
+            continue
+        if criterion == "random":
+            out[gi] = torch.rand(group.size, generator=gen, dtype=torch.float64)
+            continue
+        scores = torch.zeros(group.size, dtype=torch.float64)
+        for m in group.members:
+            module = graph.modules[m.module]
+            scores += _member_scores(module, m, group.size, criterion, stats)
+        out[gi] = scores
+    return out
+
+
+def _need(stats: Stats | None, name: str, criterion: str):
+    if stats is None or name not in stats:
+        raise StatisticNotCollectedError(
+            f"group criterion {criterion!r} needs statistics {list(STATISTICS_FOR[criterion])} of layer {name!r}; "
+            "collect them with collect_stats")
+    return stats[name]
+
+
+def _in_units(t: Tensor) -> Tensor:
+    """(O, I, *kernel) -> (O, I), summing over the kernel; Linear weights pass unchanged."""
+    return t.reshape(t.shape[0], t.shape[1], -1).sum(2) if t.dim() > 2 else t
+
+
+def _member_scores(module: nn.Module, m: Member, size: int, criterion: str, stats: Stats | None) -> Tensor:
+    w = module.weight.detach().double()
+    per = torch.zeros(size, dtype=torch.float64)
+    if criterion in ("rc", "fluctuation"):
+        if m.role != "in":
+            return per
+        s = _need(stats, m.module, criterion)
+        value = _in_units(s.relative_mean if criterion == "rc" else s.contribution_std ** 2)
+        value = value.expand(w.shape[0], -1) if value.shape[0] == 1 else value
+        for k in range(size):
+            per[k] = value[:, _columns(m, k)].sum()
+        return per
+    if m.role == "norm":
+        if criterion == "taylor":
+            return per
+        p = 1 if criterion == "l1" else 2
+        entries = w.abs().pow(p)
+        if getattr(module, "bias", None) is not None:
+            entries = entries + module.bias.detach().double().abs().pow(p)
+        return entries[m.offset:m.offset + size].clone()
+    if criterion == "taylor":
+        s = _need(stats, m.module, criterion)
+        a = (s.weight.double() * s.weight_grad).abs()
+    else:
+        a = w.abs().pow(1 if criterion == "l1" else 2)
+    if m.role in ("out", "depthwise"):
+        rows = a.reshape(a.shape[0], -1).sum(1)
+        if criterion != "taylor" and module.bias is not None:
+            rows = rows + module.bias.detach().double().abs().pow(1 if criterion == "l1" else 2)
+        return rows[m.offset:m.offset + size].clone()
+    cols = _in_units(a).sum(0)
+    for k in range(size):
+        per[k] = cols[_columns(m, k)].sum()
+    return per
+
+
+@dataclass
+class Plan:
+    """Indices of the channels each prunable group keeps, with the cost before and after."""
+
+    keep: dict[int, Tensor]
+    flops: tuple[int, int]
+    params: tuple[int, int]
+
+
+def cost(graph: DependencyGraph, keep: dict[int, Tensor] | None = None) -> tuple[int, int]:
+    """(multiply-accumulates per sample, parameters) of the conv/Linear/norm layers if ``keep`` were applied."""
+    rows, cols = _kept_counts(graph, keep or {})
+    flops = params = 0
+    for name, module in graph.modules.items():
+        if name not in graph.spatial and not isinstance(module, NORMS):
+            continue
+        if isinstance(module, NORMS):
+            n = rows.get(name, module.num_features)
+            params += 2 * n if module.affine else 0
+            continue
+        w = module.weight
+        kernel = math.prod(w.shape[2:]) if w.dim() > 2 else 1
+        o = rows.get(name, w.shape[0])
+        i = cols.get(name, w.shape[1])
+        macs = o * i * kernel
+        flops += macs * graph.spatial[name]
+        params += macs + (o if module.bias is not None else 0)
+    return flops, params
+
+
+def _kept_counts(graph: DependencyGraph, keep: dict[int, Tensor]) -> tuple[dict[str, int], dict[str, int]]:
+    rows: dict[str, int] = {}
+    lost_rows: dict[str, int] = defaultdict(int)
+    lost_cols: dict[str, int] = defaultdict(int)
+    for gi, group in enumerate(graph.groups):
+        if gi not in keep:
+            continue
+        lost = group.size - len(keep[gi])
+        for m in group.members:
+            if m.role == "in":
+                lost_cols[m.module] += lost * m.expand
+            else:
+                lost_rows[m.module] += lost
+    for name, lost in lost_rows.items():
+        module = graph.modules[name]
+        rows[name] = (module.num_features if isinstance(module, NORMS) else module.weight.shape[0]) - lost
+    cols = {name: graph.modules[name].weight.shape[1] - lost for name, lost in lost_cols.items()}
+    return rows, cols
+
+
+def plan(graph: DependencyGraph, scores: dict[int, Tensor], ratio: float, *, budget: str = "flops",
+         scope: str = "global") -> Plan:
+    """Which channels to keep so that ``ratio`` of the FLOPs (or parameters) goes; at least one per group."""
+    if not 0.0 <= ratio < 1.0:
+        raise RelpruneError(f"ratio must be in [0, 1), got {ratio}")
+    if budget not in ("flops", "params"):
+        raise RelpruneError(f"budget must be 'flops' or 'params', got {budget!r}")
+    if scope not in ("global", "layer"):
+        raise RelpruneError(f"scope must be 'global' or 'layer', got {scope!r}")
+    if not scores:
+        raise ShrinkError("no channel group can be pruned: " + "; ".join(
+            f"{g.describe()}: {g.reason}" for g in graph.groups[:3]))
+    which = 0 if budget == "flops" else 1
+    before = cost(graph)
+    target = before[which] * (1 - ratio)
+    order = {gi: torch.argsort(s, stable=True) for gi, s in scores.items()}
+    normed = {gi: s / s.mean().clamp_min(1e-300) for gi, s in scores.items()}
+
+    def keep_for(t: float) -> dict[int, Tensor]:
+        out = {}
+        for gi, s in scores.items():
+            n = s.numel()
+            if scope == "global":
+                drop = min(int((normed[gi] <= t).sum()), n - 1)
+            else:
+                drop = min(math.floor(t * n), n - 1)
+            out[gi] = torch.sort(order[gi][drop:]).values
+        return out
+
+    lo, hi = 0.0, (max(float(v.max()) for v in normed.values()) * 1.01 + 1e-12) if scope == "global" else 1.0
+    best = keep_for(lo)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        k = keep_for(mid)
+        if cost(graph, k)[which] <= target:
+            hi, best = mid, k
+        else:
+            lo = mid
+    if cost(graph, best)[which] > target:
+        best = keep_for(hi)
+    return Plan(best, (before[0], cost(graph, best)[0]), (before[1], cost(graph, best)[1]))
+
+
+def _slices(graph: DependencyGraph, keep: dict[int, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Rows (or per-channel entries) and input columns each touched module keeps, as sorted indices."""
+    row_masks: dict[str, Tensor] = {}
+    col_masks: dict[str, Tensor] = {}
+    for gi, group in enumerate(graph.groups):
+        kept = keep.get(gi)
+        if kept is None or len(kept) == group.size:
+            continue
+        block = torch.zeros(group.size, dtype=torch.bool)
+        block[kept] = True
+        for m in group.members:
+            module = graph.modules[m.module]
+            if m.role == "in":
+                mask = col_masks.setdefault(m.module, torch.ones(module.weight.shape[1], dtype=torch.bool))
+                mask[m.offset:m.offset + group.size * m.expand] = block.repeat_interleave(m.expand)
+            else:
+                size = module.num_features if isinstance(module, NORMS) else module.weight.shape[0]
+                mask = row_masks.setdefault(m.module, torch.ones(size, dtype=torch.bool))
+                mask[m.offset:m.offset + group.size] = block
+    rows = {n: torch.nonzero(m).flatten() for n, m in row_masks.items()}
+    cols = {n: torch.nonzero(m).flatten() for n, m in col_masks.items()}
+    return rows, cols
+
+
+def structured_masks(graph: DependencyGraph, keep: dict[int, Tensor]) -> dict[str, Tensor]:
+    """Keep-masks (weight-shaped) that zero every removed row and input column: the masked form."""
+    rows, cols = _slices(graph, keep)
+    masks = {}
+    for name in set(rows) | set(cols):
+        module = graph.modules[name]
+        if isinstance(module, NORMS):
+            continue
+        w = module.weight
+        mask = torch.ones_like(w, dtype=torch.bool)
+        if name in rows:
+            r = torch.zeros(w.shape[0], dtype=torch.bool)
+            r[rows[name]] = True
+            mask &= r.reshape(-1, *([1] * (w.dim() - 1)))
+        if name in cols:
+            c = torch.zeros(w.shape[1], dtype=torch.bool)
+            c[cols[name]] = True
+            mask &= c.reshape(1, -1, *([1] * (w.dim() - 2)))
+        masks[name] = mask
+    return masks
+
+
+def compensation_bias(graph: DependencyGraph, keep: dict[int, Tensor], stats: Stats) -> dict[str, Tensor]:
+    """Per consumer, the mean contribution of its removed input columns (added to its bias, as FLAP does)."""
+    _, cols = _slices(graph, keep)
+    out = {}
+    for name, kept in cols.items():
+        s = _need(stats, name, "fluctuation")
+        cm = s.contribution_mean
+        cm = cm.reshape(cm.shape[0], cm.shape[1], -1).sum(2) if cm.dim() > 2 else cm
+        cm = cm.expand(graph.modules[name].weight.shape[0], -1) if cm.shape[0] == 1 else cm
+        removed = torch.ones(cm.shape[1], dtype=torch.bool)
+        removed[kept] = False
+        out[name] = cm[:, removed].sum(1)
+    return out
+
+
+def shrink_groups(model: nn.Module, graph: DependencyGraph, keep: dict[int, Tensor],
+                  bias_delta: dict[str, Tensor] | None = None) -> nn.Module:
+    """A copy of ``model`` whose layers hold only the kept channels (the original is untouched)."""
+    rows, cols = _slices(graph, keep)
+    small = copy.deepcopy(model)
+    modules = dict(small.named_modules())
+    with torch.no_grad():
+        for name, delta in (bias_delta or {}).items():
+            layer = modules[name]
+            if layer.bias is None:
+                layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0], dtype=layer.weight.dtype))
+            layer.bias.add_(delta.to(layer.bias.dtype))
+        for name in set(rows) | set(cols):
+            _resize(modules[name], rows.get(name), cols.get(name))
+    return small
+
+
+def _resize(module: nn.Module, rows: Tensor | None, cols: Tensor | None) -> None:
+    if isinstance(module, NORMS):
+        idx = rows
+        for attr in ("weight", "bias"):
+            p = getattr(module, attr)
+            if p is not None:
+                setattr(module, attr, nn.Parameter(p.detach()[idx].clone()))
+        for attr in ("running_mean", "running_var"):
+            b = getattr(module, attr)
+            if b is not None:
+                setattr(module, attr, b[idx].clone())
+        module.num_features = len(idx)
+        return
+    w = module.weight.detach()
+    depthwise = getattr(module, "groups", 1) > 1
+    if rows is not None:
+        w = w[rows]
+        if module.bias is not None:
+            module.bias = nn.Parameter(module.bias.detach()[rows].clone())
+    if cols is not None and not depthwise:
+        w = w[:, cols]
+    module.weight = nn.Parameter(w.clone())
+    if isinstance(module, nn.Linear):
+        module.out_features, module.in_features = w.shape
+    else:
+        module.out_channels = w.shape[0]
+        module.in_channels = w.shape[0] if depthwise else w.shape[1] * module.groups
+        if depthwise:
+            module.groups = w.shape[0]
+
+
+@dataclass
+class StructuredResult:
+    """What :func:`prune_groups` did: the smaller model, the plan, and the groups it left alone."""
+
+    model: nn.Module
+    plan: Plan
+    refused: list[tuple[str, str]]
+
+
+def prune_groups(model: nn.Module, example: Tensor, ratio: float, *, criterion: str = "l2",
+                 stats: Stats | None = None, budget: str = "flops", scope: str = "global",
+                 bias_compensation: bool = False, seed: int = 0,
+                 leaves: tuple[str, ...] = ()) -> StructuredResult:
+    """Trace, score, plan and shrink in one call; ``model`` itself is left unchanged."""
+    graph = DependencyGraph(model, example, leaves=leaves)
+    scores = group_scores(graph, stats, criterion, seed)
+    p = plan(graph, scores, ratio, budget=budget, scope=scope)
+    if bias_compensation and stats is None:
+        raise StatisticNotCollectedError("bias_compensation needs statistics with 'contribution_mean'")
+    delta = compensation_bias(graph, p.keep, stats) if bias_compensation else None
+    small = shrink_groups(model, graph, p.keep, delta)
+    refused = [(g.describe(), g.reason) for g in graph.groups if not g.prunable]
+    return StructuredResult(small, p, refused)
+
+
+__all__ = ["GROUP_CRITERIA", "Group", "Plan", "StructuredResult", "compensation_bias", "cost", "group_scores",
+           "plan", "prune_groups", "shrink_groups", "structured_masks"]
