@@ -274,3 +274,33 @@ def test_budget_is_met_and_every_group_keeps_a_channel(budget, scope):
     before, after = p.flops if budget == "flops" else p.params
     assert after <= 0.5 * before
     assert all(len(k) >= 1 for k in p.keep.values())
+
+
+@pytest.mark.parametrize("form", ["dense", "masked", "sparse"])
+def test_every_export_form_round_trips_a_residual_model(tmp_path, form):
+    from relprune.deploy import export
+
+    model, x = build("residual")
+    relprune.prune(model, None, sparsity=0.6, criterion="magnitude")
+    write = {"dense": export.export_dense, "masked": export.export_masked, "sparse": export.export_sparse}[form]
+    write(model, tmp_path)
+    with pytest.raises(relprune.RelpruneError, match="pass model="):
+        export.load_exported(tmp_path)
+    fresh, _ = build("residual")
+    loaded, meta = export.load_exported(tmp_path, model=fresh)
+    assert meta["architecture"] is None
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_shrunk_residual_model_exports_as_a_program_that_loads_without_its_class(tmp_path):
+    from relprune.deploy import export
+
+    model, x = build("residual")
+    small = prune_groups(model, x, 0.5).model
+    export.export_program(small, x, tmp_path)
+    loaded, meta = export.load_exported(tmp_path)
+    assert meta["format"] == "program" and not isinstance(loaded, Residual)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), small(x))
+        torch.testing.assert_close(loaded(torch.cat([x, x, x])), small(torch.cat([x, x, x])))

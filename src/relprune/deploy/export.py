@@ -7,8 +7,11 @@ Three forms, each a safetensors file plus a small JSON of metadata:
 * ``sparse`` - every prunable weight as a bitmask (1 bit per entry) plus its
   non-zero values; other tensors stored dense.
 
-Architectures are stored as a list of layer specs (type and constructor
-arguments), so loading needs no Python code from the writer.
+Architectures of chains (``nn.Sequential``) are stored as a list of layer specs (type and
+constructor arguments), so loading needs no Python code from the writer. Any other model (a
+residual net, a transformer) is stored under its own parameter names with no architecture: load
+it into a fresh instance of its class (``load_exported(path, model=...)``), or write it as a
+``torch.export`` program (:func:`export_program`), which loads without the class.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from torch import Tensor, nn
 
 from ..core.layers import is_prunable
 from ..core.masks import copy_model, load_state_dict, make_permanent
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ShrinkError
 from .shrink import flatten_chain
 
 FORMATS = ("dense", "masked", "sparse")
@@ -89,6 +92,15 @@ def _flat_state(model: nn.Module) -> nn.Sequential:
     return nn.Sequential(*[m for _, m in flatten_chain(model)])
 
 
+def _as_stored(model: nn.Module) -> tuple[nn.Module, list[dict[str, Any]] | None]:
+    """(module whose state is written, its architecture): a flat chain when possible, else the model."""
+    try:
+        flat = _flat_state(model)
+        return flat, architecture(flat)
+    except (ShrinkError, CheckpointError):
+        return model, None
+
+
 def _write(tensors: dict[str, Tensor], meta: dict[str, Any], folder: Path, stem: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{stem}.safetensors"
@@ -100,24 +112,48 @@ def _write(tensors: dict[str, Tensor], meta: dict[str, Any], folder: Path, stem:
 
 def export_dense(model: nn.Module, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """Masks folded in, stored as plain dense weights."""
-    plain = _flat_state(make_permanent(copy_model(model)))
-    meta = {"format": "dense", "architecture": architecture(plain), **(extra or {})}
+    plain, arch = _as_stored(make_permanent(copy_model(model)))
+    meta = {"format": "dense", "architecture": arch, **(extra or {})}
     return _write(plain.state_dict(), meta, Path(folder), "dense")
 
 
 def export_masked(model: nn.Module, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """Weights and masks as they are, for further training."""
-    flat = _flat_state(copy_model(model))
-    meta = {"format": "masked", "architecture": architecture(flat), **(extra or {})}
+    flat, arch = _as_stored(copy_model(model))
+    meta = {"format": "masked", "architecture": arch, **(extra or {})}
     return _write(flat.state_dict(), meta, Path(folder), "masked")
+
+
+def export_program(model: nn.Module, example: Tensor | tuple[Tensor, ...], folder: str | Path) -> Path:
+    """The model (masks folded in) as a ``torch.export`` program: loads with no Python class.
+
+    ``example`` fixes the input shapes the program is traced for; the batch dimension stays dynamic
+    when the model allows it. Raises ``CheckpointError`` when torch.export cannot capture the model.
+    """
+    plain = make_permanent(copy_model(model)).eval()
+    args = (example,) if isinstance(example, Tensor) else tuple(example)
+    try:
+        try:
+            batch = torch.export.Dim("batch", min=1)
+            program = torch.export.export(plain, args, dynamic_shapes=tuple({0: batch} for _ in args))
+        except Exception:
+            program = torch.export.export(plain, args)
+    except Exception as err:
+        raise CheckpointError(f"torch.export cannot capture {type(model).__name__}: "
+                              f"{' '.join(str(err).split())[:200]}") from err
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "program.pt2"
+    torch.export.save(program, str(path))
+    return path
 
 
 def export_sparse(model: nn.Module, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """Each prunable weight as a packed bitmask of non-zeros plus the non-zero values."""
-    plain = _flat_state(make_permanent(copy_model(model)))
+    plain, arch = _as_stored(make_permanent(copy_model(model)))
     tensors: dict[str, Tensor] = {}
     shapes: dict[str, list[int]] = {}
-    prunable = {f"{n}.weight" for n, m in plain.named_children() if is_prunable(m)}
+    prunable = {f"{n}.weight" for n, m in plain.named_modules() if n and is_prunable(m)}
     for key, value in plain.state_dict().items():
         if key in prunable:
             nz = value != 0
@@ -126,7 +162,7 @@ def export_sparse(model: nn.Module, folder: str | Path, extra: dict[str, Any] | 
             shapes[key] = list(value.shape)
         else:
             tensors[key] = value
-    meta = {"format": "sparse", "architecture": architecture(plain), "sparse_shapes": shapes, **(extra or {})}
+    meta = {"format": "sparse", "architecture": arch, "sparse_shapes": shapes, **(extra or {})}
     return _write(tensors, meta, Path(folder), "sparse")
 
 
@@ -144,16 +180,33 @@ def _read(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     return tensors, meta
 
 
-def load_exported(path: str | Path) -> tuple[nn.Sequential, dict[str, Any]]:
-    """Rebuild a model from any of the three exported forms (a file or the folder holding one)."""
+def load_exported(path: str | Path, model: nn.Module | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a model from any exported form (a file or the folder holding one).
+
+    A chain is rebuilt from its stored architecture; any other model needs ``model``, a fresh
+    instance of its class, into which the weights are loaded. A ``program.pt2`` loads on its own.
+    """
     path = Path(path)
     if path.is_dir():
         found = [path / f"{f}.safetensors" for f in FORMATS if (path / f"{f}.safetensors").is_file()]
-        if len(found) != 1:
+        if not found and (path / "program.pt2").is_file():
+            path = path / "program.pt2"
+        elif len(found) != 1:
             raise CheckpointError(f"{path}: expected exactly one of {[f + '.safetensors' for f in FORMATS]}")
-        path = found[0]
+        else:
+            path = found[0]
+    if path.suffix == ".pt2":
+        try:
+            return torch.export.load(str(path)).module(), {"format": "program"}
+        except Exception as err:
+            raise CheckpointError(f"{path}: cannot load the program: {' '.join(str(err).split())[:200]}") from err
     tensors, meta = _read(path)
-    model = build(meta["architecture"])
+    if meta.get("architecture") is None:
+        if model is None:
+            raise CheckpointError(f"{path} holds a model that is not a chain: pass model= (a fresh instance of "
+                                  "its class) to load it, or export it with export_program")
+    else:
+        model = build(meta["architecture"])
     if meta["format"] == "sparse":
         for key, shape in meta["sparse_shapes"].items():
             bits = tensors.pop(f"{key}.bitmask").numpy()
