@@ -57,7 +57,59 @@ def vgg_small(input_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10)
     return nn.Sequential(*features, nn.Linear(flat, 128), nn.ReLU(), nn.Dropout(0.3), nn.Linear(128, num_classes))
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"lenet300": lenet300, "lenet5": lenet5, "vgg-small": vgg_small}
+class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers and a shortcut (a 1x1 conv-BN when the shape changes), then ReLU."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """The CIFAR-style ResNet of He et al. (2016): three stages of widths 16/32/64, 1x1 projection
+    shortcuts (option B) where the shape changes, global average pooling and one Linear."""
+
+    def __init__(self, depth: int = 20, in_channels: int = 1, num_classes: int = 10, widths=(16, 32, 64)):
+        super().__init__()
+        if (depth - 2) % 6:
+            raise RelpruneError(f"a CIFAR ResNet has depth 6n+2, got {depth}")
+        n = (depth - 2) // 6
+        self.conv = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(widths[0])
+        blocks: list[nn.Module] = []
+        cin = widths[0]
+        for stage, width in enumerate(widths):
+            for i in range(n):
+                blocks.append(BasicBlock(cin, width, 2 if stage and i == 0 else 1))
+                cin = width
+        self.layers = nn.Sequential(*blocks)
+        self.fc = nn.Linear(cin, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layers(torch.relu(self.bn(self.conv(x))))
+        return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def resnet20(input_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10) -> nn.Module:
+    """ResNet-20 (0.27 M parameters), widths 16/32/64, for 28x28 or 32x32 images."""
+    return ResNet(20, input_shape[0], num_classes)
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {"lenet300": lenet300, "lenet5": lenet5, "vgg-small": vgg_small,
+                                               "resnet20": resnet20}
 
 
 def check_model_name(name: str) -> Callable[..., nn.Module]:

@@ -37,6 +37,27 @@ class TrainConfig:
     weight_decay: float = 0.0
     seed: int = 0
     schedule: str = "cosine"  # or "constant"
+    augment: str = "none"  # "crop" (shift by up to 2 pixels) or "crop-flip" (and mirror left-right)
+
+
+AUGMENTATIONS = ("none", "crop", "crop-flip")
+
+
+def augment_batch(x: Tensor, kind: str, gen: torch.Generator, pad: int = 2) -> Tensor:
+    """Random shifts of up to ``pad`` pixels (zero fill) and, for "crop-flip", random mirroring."""
+    if kind == "none" or x.dim() != 4:
+        return x
+    if kind not in AUGMENTATIONS:
+        raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {kind!r}")
+    n, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).tolist()
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen).tolist()
+    out = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+    if kind == "crop-flip":
+        flip = torch.rand(n, generator=gen) < 0.5
+        out = torch.where(flip.reshape(-1, 1, 1, 1), out.flip(-1), out)
+    return out
 
 
 Penalty = Callable[[], Tensor]
@@ -171,6 +192,7 @@ def train(
                 if len(y) < ranks:
                     continue  # a last batch too small to give every rank a sample
                 x, y = x[rank::ranks], y[rank::ranks]
+            x = augment_batch(x, cfg.augment, gen)
             opt.zero_grad(set_to_none=True)
             loss = F.cross_entropy(net(x), y)
             if penalty is not None:

@@ -1,0 +1,288 @@
+"""Structured pruning of Llama-style decoders: whole attention heads and MLP channels, shrunk exactly.
+
+The coupled units of a decoder layer are fixed by its architecture, so they are read from it rather
+than traced: an MLP channel is row c of ``gate_proj`` and ``up_proj`` and column c of
+``down_proj``; an attention unit is one key/value head with the query heads that share it under
+grouped-query attention - rows of ``k_proj``/``v_proj`` for the key/value head, rows of ``q_proj``
+and columns of ``o_proj`` for its query heads (removing whole groups keeps every layer's
+query-per-key ratio). The residual stream (hidden size) is left alone: RMSNorm normalises over it.
+
+Unit scores, larger kept: ``rc`` (ours) - the unit's total relative contribution E[r] to
+``o_proj``/``down_proj``; ``fluctuation`` - FLAP's Var[x_c] ||W[:, c]||^2 over the same columns;
+``l2`` - the squared norm of every weight of the unit; ``random``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..core.stats import collect_stats
+from ..errors import RelpruneError
+from .sequential import _next_inputs, capture_inputs, decoder_blocks
+
+LLM_GROUP_CRITERIA = ("rc", "fluctuation", "l2", "random")
+
+
+@dataclass
+class Unit:
+    """One kind of coupled unit in one decoder layer."""
+
+    layer: int
+    kind: str  # "heads" | "mlp"
+    count: int
+    width: int  # rows (or columns) per unit in each projection it spans
+
+
+def _attn(block: nn.Module) -> tuple[nn.Module, int, int, int]:
+    attn = getattr(block, "self_attn", None)
+    needed = ("q_proj", "k_proj", "v_proj", "o_proj")
+    if attn is None or not all(isinstance(getattr(attn, n, None), nn.Linear) for n in needed):
+        raise RelpruneError(f"{type(block).__name__} is not a Llama-style decoder layer (self_attn.q/k/v/o_proj)")
+    head_dim = int(attn.head_dim)
+    kv = attn.k_proj.out_features // head_dim
+    q = attn.q_proj.out_features // head_dim
+    return attn, head_dim, kv, q // kv
+
+
+def _mlp(block: nn.Module) -> nn.Module:
+    mlp = getattr(block, "mlp", None)
+    if mlp is None or not all(isinstance(getattr(mlp, n, None), nn.Linear) for n in ("gate_proj", "up_proj",
+                                                                                    "down_proj")):
+        raise RelpruneError(f"{type(block).__name__} has no gated MLP (mlp.gate_proj/up_proj/down_proj)")
+    return mlp
+
+
+def unit_cost(block: nn.Module, kind: str) -> int:
+    """Parameters one unit of ``kind`` holds in ``block`` (weights and biases)."""
+    if kind == "mlp":
+        mlp = _mlp(block)
+        hidden = mlp.down_proj.out_features
+        return 3 * hidden + sum(1 for p in (mlp.gate_proj, mlp.up_proj) if p.bias is not None)
+    attn, head_dim, _, rep = _attn(block)
+    hidden = attn.o_proj.out_features
+    per = (2 + 2 * rep) * head_dim * hidden
+    per += sum(head_dim * (rep if n == "q_proj" else 1) for n in ("q_proj", "k_proj", "v_proj")
+               if getattr(attn, n).bias is not None)
+    return per
+
+
+def unit_scores(model: nn.Module, batches: Sequence[dict[str, Tensor]] | None, criterion: str = "rc", *,
+                blocks: str | Sequence[str] | None = None, seed: int = 0) -> dict[tuple[int, str], Tensor]:
+    """Score of every head group and MLP channel of every decoder layer, from dense activations."""
+    if criterion not in LLM_GROUP_CRITERIA:
+        raise RelpruneError(f"criterion must be one of {LLM_GROUP_CRITERIA}, got {criterion!r}")
+    named = decoder_blocks(model, blocks)
+    gen = torch.Generator().manual_seed(seed)
+    out: dict[tuple[int, str], Tensor] = {}
+    inputs = None
+    data = criterion in ("rc", "fluctuation")
+    if data:
+        if not batches:
+            raise RelpruneError(f"criterion {criterion!r} needs calibration batches")
+        model.eval()
+        inputs = capture_inputs(model, named[0][1], batches)
+    for i, (_, block) in enumerate(named):
+        attn, head_dim, kv, rep = _attn(block)
+        mlp = _mlp(block)
+        if criterion == "random":
+            out[i, "heads"] = torch.rand(kv, generator=gen, dtype=torch.float64)
+            out[i, "mlp"] = torch.rand(mlp.down_proj.in_features, generator=gen, dtype=torch.float64)
+            continue
+        if criterion == "l2":
+            sq = [p.detach().double() ** 2 for p in (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight)]
+            o = attn.o_proj.weight.detach().double() ** 2
+            q_rows = sq[0].sum(1).reshape(kv, rep * head_dim).sum(1)
+            kv_rows = (sq[1].sum(1) + sq[2].sum(1)).reshape(kv, head_dim).sum(1)
+            out[i, "heads"] = q_rows + kv_rows + o.sum(0).reshape(kv, rep * head_dim).sum(1)
+            out[i, "mlp"] = sum(p.detach().double().pow(2).sum(1) for p in (mlp.gate_proj.weight, mlp.up_proj.weight)) \
+                + mlp.down_proj.weight.detach().double().pow(2).sum(0)
+            continue
+        names = {"o": _name_in(block, attn.o_proj), "down": _name_in(block, mlp.down_proj)}
+        stat = "relative_mean" if criterion == "rc" else "contribution_std"
+        stats = collect_stats(block, inputs, layers=list(names.values()), statistics=[stat], liveness=False)
+        values = {}
+        for key, name in names.items():
+            s = stats[name]
+            v = s.relative_mean if criterion == "rc" else s.contribution_std ** 2
+            layer = attn.o_proj if key == "o" else mlp.down_proj
+            values[key] = v.expand(layer.out_features, -1).sum(0) if v.shape[0] == 1 else v.sum(0)
+        out[i, "heads"] = values["o"].reshape(kv, rep * head_dim).sum(1)
+        out[i, "mlp"] = values["down"].clone()
+        if i + 1 < len(named):
+            inputs = _next_inputs(block, inputs)
+    return out
+
+
+def _name_in(block: nn.Module, module: nn.Module) -> str:
+    return next(n for n, m in block.named_modules() if m is module)
+
+
+def plan_units(model: nn.Module, scores: dict[tuple[int, str], Tensor], ratio: float, *,
+               blocks: str | Sequence[str] | None = None, scope: str = "uniform",
+               kinds: Sequence[str] = ("heads", "mlp")) -> dict[tuple[int, str], Tensor]:
+    """Indices of the units each layer keeps so that ``ratio`` of the decoder layers' attention and
+    MLP parameters goes.
+
+    ``scope="uniform"``: every layer keeps the same number of head groups and of MLP channels (the
+    pruned share of parameters is split between the two kinds in proportion to their size), so
+    the result is a plain transformers model. ``"global"``: units of all layers compete on scores
+    normalised by their layer's mean, per kind; layers then differ in size.
+    """
+    if not 0.0 <= ratio < 1.0:
+        raise RelpruneError(f"ratio must be in [0, 1), got {ratio}")
+    if scope not in ("uniform", "global"):
+        raise RelpruneError(f"scope must be 'uniform' or 'global', got {scope!r}")
+    named = decoder_blocks(model, blocks)
+    keys = [k for k in scores if k[1] in kinds]
+    cost = {k: unit_cost(named[k[0]][1], k[1]) for k in keys}
+    total = sum(cost[k] * scores[k].numel() for k in keys)
+    target = ratio * total
+    order = {k: torch.argsort(scores[k], stable=True) for k in keys}
+
+    def keep_with(drops: dict[tuple[int, str], int]) -> dict[tuple[int, str], Tensor]:
+        return {k: torch.sort(order[k][drops.get(k, 0):]).values for k in keys}
+
+    if scope == "uniform":
+        # The same fraction of each kind's units everywhere; fewest whole units meeting the target.
+        frac_lo, frac_hi = 0.0, 1.0
+        for _ in range(50):
+            mid = (frac_lo + frac_hi) / 2
+            removed = sum(cost[k] * min(int(mid * scores[k].numel()), scores[k].numel() - 1) for k in keys)
+            frac_lo, frac_hi = (frac_lo, mid) if removed >= target else (mid, frac_hi)
+        return keep_with({k: min(int(frac_hi * scores[k].numel()), scores[k].numel() - 1) for k in keys})
+    normed = {k: scores[k] / scores[k].mean().clamp_min(1e-300) for k in keys}
+    pool = sorted(((float(v), k) for k in keys for v in normed[k]), key=lambda t: t[0])
+    drops: dict[tuple[int, str], int] = {}
+    removed = 0
+    for _, k in pool:
+        if removed >= target:
+            break
+        if drops.get(k, 0) < scores[k].numel() - 1:
+            drops[k] = drops.get(k, 0) + 1
+            removed += cost[k]
+    return keep_with(drops)
+
+
+def unit_masks(model: nn.Module, keep: dict[tuple[int, str], Tensor], *,
+               blocks: str | Sequence[str] | None = None) -> dict[str, Tensor]:
+    """Weight-shaped keep-masks (rows and columns of removed units zeroed): the masked form."""
+    named = decoder_blocks(model, blocks)
+    masks: dict[str, Tensor] = {}
+    for (i, kind), kept in keep.items():
+        name, block = named[i]
+        for proj, dim, idx in _index_sets(block, kind, kept):
+            w = proj.weight
+            mask = masks.setdefault(f"{name}.{_name_in(block, proj)}", torch.ones_like(w, dtype=torch.bool))
+            sel = torch.zeros(w.shape[dim], dtype=torch.bool)
+            sel[idx] = True
+            mask &= sel.reshape(-1, 1) if dim == 0 else sel.reshape(1, -1)
+    return masks
+
+
+def _index_sets(block: nn.Module, kind: str, kept: Tensor) -> list[tuple[nn.Linear, int, Tensor]]:
+    """(projection, dimension, kept indices along it) for each projection a unit kind spans."""
+    if kind == "mlp":
+        mlp = _mlp(block)
+        return [(mlp.gate_proj, 0, kept), (mlp.up_proj, 0, kept), (mlp.down_proj, 1, kept)]
+    attn, head_dim, _, rep = _attn(block)
+    kv_rows = (kept.reshape(-1, 1) * head_dim + torch.arange(head_dim)).flatten()
+    q_rows = (kept.reshape(-1, 1) * rep * head_dim + torch.arange(rep * head_dim)).flatten()
+    return [(attn.q_proj, 0, q_rows), (attn.k_proj, 0, kv_rows), (attn.v_proj, 0, kv_rows), (attn.o_proj, 1, q_rows)]
+
+
+def shrink_units(model: nn.Module, keep: dict[tuple[int, str], Tensor], *,
+                 blocks: str | Sequence[str] | None = None) -> dict[str, Any]:
+    """Remove the units not kept, in place; returns the per-layer sizes (heads, kv heads, MLP width)."""
+    named = decoder_blocks(model, blocks)
+    with torch.no_grad():
+        for (i, kind), kept in keep.items():
+            block = named[i][1]
+            for proj, dim, idx in _index_sets(block, kind, kept):
+                proj.weight = nn.Parameter(proj.weight.detach().index_select(dim, idx).clone())
+                if dim == 0 and proj.bias is not None:
+                    proj.bias = nn.Parameter(proj.bias.detach()[idx].clone())
+                proj.out_features, proj.in_features = proj.weight.shape
+    return layer_sizes(model, blocks=blocks)
+
+
+def layer_sizes(model: nn.Module, *, blocks: str | Sequence[str] | None = None) -> dict[str, Any]:
+    sizes = []
+    for _, block in decoder_blocks(model, blocks):
+        _, head_dim, kv, rep = _attn(block)
+        sizes.append({"num_attention_heads": kv * rep, "num_key_value_heads": kv,
+                      "intermediate_size": _mlp(block).down_proj.in_features})
+    return {"head_dim": head_dim, "layers": sizes}
+
+
+def save_shrunk(model: nn.Module, tokenizer: Any, folder: str | Path) -> bool:
+    """Write the shrunk model; returns True when plain transformers can load it.
+
+    Uniform sizes go into the config (``num_attention_heads``, ``num_key_value_heads``,
+    ``intermediate_size`` and an explicit ``head_dim``), so ``AutoModelForCausalLM.from_pretrained``
+    loads the folder - provided the hidden size is a multiple of the new number of heads, which
+    transformers requires. Per-layer sizes (or such a head count) cannot be expressed in a Llama
+    config: they go to ``relprune_sizes.json`` and :func:`load_shrunk` builds the model from them.
+    """
+    from .save import save_pretrained
+
+    sizes = layer_sizes(model)
+    first = sizes["layers"][0]
+    # transformers checks that the hidden size is a multiple of the number of heads, head_dim or not.
+    uniform = all(s == first for s in sizes["layers"]) and model.config.hidden_size % first[
+        "num_attention_heads"] == 0
+    config = model.config
+    config.head_dim = sizes["head_dim"]
+    if uniform:
+        for key, value in sizes["layers"][0].items():
+            setattr(config, key, value)
+    save_pretrained(model, tokenizer, folder)
+    if not uniform:
+        (Path(folder) / "relprune_sizes.json").write_text(json.dumps(sizes, indent=2) + "\n")
+    return uniform
+
+
+def load_shrunk(folder: str | Path) -> Any:
+    """A model saved by :func:`save_shrunk`, with per-layer sizes when it has them."""
+    from .load import require_transformers
+
+    transformers = require_transformers()
+    folder = Path(folder)
+    extra = folder / "relprune_sizes.json"
+    if not extra.is_file():
+        return transformers.AutoModelForCausalLM.from_pretrained(folder)
+    sizes = json.loads(extra.read_text())
+    config = transformers.AutoConfig.from_pretrained(folder)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    for (_, block), size in zip(decoder_blocks(model), sizes["layers"], strict=True):
+        attn, mlp = block.self_attn, block.mlp
+        hd = sizes["head_dim"]
+        shapes = {attn.q_proj: (size["num_attention_heads"] * hd, attn.q_proj.in_features),
+                  attn.k_proj: (size["num_key_value_heads"] * hd, attn.k_proj.in_features),
+                  attn.v_proj: (size["num_key_value_heads"] * hd, attn.v_proj.in_features),
+                  attn.o_proj: (attn.o_proj.out_features, size["num_attention_heads"] * hd),
+                  mlp.gate_proj: (size["intermediate_size"], mlp.gate_proj.in_features),
+                  mlp.up_proj: (size["intermediate_size"], mlp.up_proj.in_features),
+                  mlp.down_proj: (mlp.down_proj.out_features, size["intermediate_size"])}
+        for proj, shape in shapes.items():
+            proj.weight = nn.Parameter(torch.empty(shape, dtype=proj.weight.dtype))
+            if proj.bias is not None:
+                proj.bias = nn.Parameter(torch.empty(shape[0], dtype=proj.bias.dtype))
+            proj.out_features, proj.in_features = shape
+    from safetensors.torch import load_file
+
+    state: dict[str, Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise RelpruneError(f"{folder}: weights do not fit the recorded sizes: {missing[:3]} {unexpected[:3]}")
+    model.tie_weights()
+    return model.eval()
