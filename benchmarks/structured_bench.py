@@ -1,0 +1,273 @@
+"""Structured pruning side by side with Torch-Pruning: a residual CNN and SmolLM2-135M's heads and MLP.
+
+    pip install -c constraints.txt torch-pruning==1.6.1       # the peer (pure Python; not a dependency)
+    python benchmarks/structured_bench.py cnn --out docs/data/structured_results.jsonl
+    python benchmarks/structured_bench.py llm --out docs/data/structured_results.jsonl
+    python benchmarks/structured_bench.py table --out docs/data/structured_results.jsonl
+
+``cnn``: ResNet-20 (widths 16/32/64, 1x1 projection shortcuts) trained on Fashion-MNIST with SGD,
+cosine schedule and shift/flip augmentation (the dense model is cached in --work, outside the
+repo); then for each FLOPs reduction (50%, 70%) and each method, a pruned copy is fine-tuned for
+the same number of epochs and its test accuracy, MACs and parameters (counted by Torch-Pruning's
+``count_ops_and_params`` for every model alike) and CPU latency at batch 1 and 64 are recorded.
+Our methods plan the FLOPs target with ``relprune.deploy.groups`` (global scope); each
+Torch-Pruning importance gets the pruning ratio (``global_pruning=True``) whose MACs are the
+closest at or below ours, so every row of one target has the same or fewer MACs than ours.
+
+``llm``: SmolLM2-135M's attention head groups and MLP channels pruned by 20% and 30% of the decoder
+layers' projection parameters (uniform sizes, so plain transformers loads the result), one-shot,
+perplexity as in the language-model benchmark; Torch-Pruning's own LLM pruner where it runs here.
+
+One JSON line per finished cell; cells already in --out are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import median_seconds  # noqa: E402
+
+OURS = ["rc", "fluctuation", "l1", "l2", "taylor", "random"]
+PEER = ["tp-l1", "tp-l2", "tp-taylor", "tp-bn-scale", "tp-lamp", "tp-random"]
+TARGETS = [0.5, 0.7]
+
+
+def _done(out: Path) -> set[tuple]:
+    if not out.is_file():
+        return set()
+    return {(r["part"], r["method"], r["target"], r.get("seed", 0)) for r in map(json.loads, out.read_text().splitlines())}
+
+
+def _write(out: Path, row: dict) -> None:
+    row = {**row, "machine": f"{platform.machine()} {os.cpu_count()} cores", "torch_threads": torch.get_num_threads(),
+           "date": time.strftime("%Y-%m-%d")}
+    with out.open("a") as fh:
+        fh.write(json.dumps(row) + "\n")
+    print(json.dumps(row), flush=True)
+
+
+def latency(model: nn.Module, shape: tuple[int, ...], batch: int) -> float:
+    x = torch.randn(batch, *shape)
+    model.eval()
+    with torch.no_grad():
+        return median_seconds(lambda: model(x), 30 if batch == 1 else 10)
+
+
+# -- the CNN ---------------------------------------------------------------------
+def dense_cnn(args, data):
+    from relprune.experiments.models import resnet20
+    from relprune.experiments.training import TrainConfig, evaluate, train
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / f"resnet20-fmnist-e{args.epochs}-s{args.seed}.pt"
+    torch.manual_seed(args.seed)
+    model = resnet20(data.input_shape, data.num_classes)
+    cfg = TrainConfig(epochs=args.epochs, batch_size=128, lr=0.1, optimizer="sgd", weight_decay=5e-4,
+                      seed=args.seed, augment="crop-flip")
+    if path.is_file():
+        model.load_state_dict(torch.load(path, weights_only=True))
+    else:
+        train(model, data, cfg, checkpoint=work / f"{path.stem}.ckpt", desc="dense",
+              log=lambda s: print(s, flush=True))
+        torch.save(model.state_dict(), path)
+    return model.eval(), evaluate(model, data.test)
+
+
+def finetune(model, data, args) -> float:
+    from relprune.experiments.training import TrainConfig, evaluate, train
+
+    if args.finetune_epochs:
+        train(model, data, TrainConfig(epochs=args.finetune_epochs, batch_size=128, lr=0.01, optimizer="sgd",
+                                       weight_decay=5e-4, seed=args.seed, augment="crop-flip"), desc="finetune")
+    return evaluate(model.eval(), data.test)
+
+
+def tp_prune(dense, example, method: str, max_macs: float, calib):
+    """Torch-Pruning's MetaPruner with one importance; the ratio found by bisection on MACs."""
+    import torch_pruning as tp
+
+    def importance():
+        return {"tp-l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),
+                "tp-l2": lambda: tp.importance.GroupMagnitudeImportance(p=2),
+                "tp-taylor": lambda: tp.importance.GroupTaylorImportance(),
+                "tp-bn-scale": lambda: tp.importance.BNScaleImportance(),
+                "tp-lamp": lambda: tp.importance.LAMPImportance(p=2),
+                "tp-random": lambda: tp.importance.RandomImportance()}[method]()
+
+    def pruned(ratio: float):
+        torch.manual_seed(0)
+        model = copy.deepcopy(dense)
+        imp = importance()
+        pruner = tp.pruner.MetaPruner(model, example, importance=imp, pruning_ratio=ratio, global_pruning=True,
+                                      ignored_layers=[model.fc])
+        if method == "tp-taylor":
+            model.zero_grad()
+            for x, y in calib:
+                nn.functional.cross_entropy(model(x), y).backward()
+        pruner.step()
+        return model, tp.utils.count_ops_and_params(model, example)
+
+    lo, hi, best = 0.0, 0.95, None
+    for _ in range(14):
+        mid = (lo + hi) / 2
+        model, (macs, params) = pruned(mid)
+        if macs <= max_macs:
+            hi, best = mid, (model, macs, params, mid)
+        else:
+            lo = mid
+    if best is None:
+        model, (macs, params) = pruned(hi)
+        best = (model, macs, params, hi)
+    return best
+
+
+def run_cnn(args) -> None:
+    import torch_pruning as tp
+
+    import relprune
+    from relprune.deploy.groups import prune_groups
+    from relprune.experiments.data import load_dataset
+    from relprune.experiments.training import calibration_batches, evaluate
+
+    out = Path(args.out)
+    done = _done(out)
+    data = load_dataset("fashion-mnist", ROOT.parent / "shared" / "data", seed=args.seed)
+    dense, dense_acc = dense_cnn(args, data)
+    shape = data.input_shape
+    example = torch.randn(1, *shape)
+    macs0, params0 = tp.utils.count_ops_and_params(dense, example)
+    if ("cnn", "dense", 0.0, args.seed) not in done:
+        _write(out, {"part": "cnn", "method": "dense", "target": 0.0, "seed": args.seed, "accuracy": dense_acc,
+                     "macs": macs0, "params": params0, "latency_b1_ms": latency(dense, shape, 1) * 1e3,
+                     "latency_b64_ms": latency(dense, shape, 64) * 1e3, "epochs": args.epochs})
+    calib = calibration_batches(data.train, 2048, batch_size=256, seed=args.seed)
+    stats = relprune.collect_stats(dense, calib)
+    for target in TARGETS:
+        ours_macs = None
+        for method in OURS + PEER:
+            start = time.perf_counter()
+            if method in OURS:
+                result = prune_groups(dense, example, target, criterion=method, stats=stats, budget="flops",
+                                      scope="global", bias_compensation=method == "fluctuation", seed=args.seed)
+                model = result.model
+                macs, params = tp.utils.count_ops_and_params(model, example)
+                ratio = None
+                if method == "rc":
+                    ours_macs = macs
+            else:
+                model, macs, params, ratio = tp_prune(dense, example, method, ours_macs or macs0 * (1 - target),
+                                                      calib[:4])
+            prune_seconds = time.perf_counter() - start
+            if ("cnn", method, target, args.seed) in done:
+                continue
+            oneshot = evaluate(model.eval(), data.test)
+            acc = finetune(model, data, args)
+            _write(out, {"part": "cnn", "method": method, "target": target, "seed": args.seed, "oneshot": oneshot,
+                         "accuracy": acc, "macs": macs, "params": params, "macs_ratio": macs / macs0,
+                         "params_ratio": params / params0, "tp_ratio": ratio, "prune_seconds": prune_seconds,
+                         "latency_b1_ms": latency(model, shape, 1) * 1e3,
+                         "latency_b64_ms": latency(model, shape, 64) * 1e3,
+                         "finetune_epochs": args.finetune_epochs, "dense_epochs": args.epochs})
+
+
+# -- the language model ------------------------------------------------------------
+def run_llm(args) -> None:
+    from relprune.llm import (
+        calibration_windows,
+        evaluation_windows,
+        load_model,
+        perplexity,
+        tokenize_file,
+    )
+    from relprune.llm.structured import plan_units, shrink_units, unit_scores
+    from relprune.llm.text import batches_of
+
+    out = Path(args.out)
+    done = _done(out)
+    data = ROOT.parent / "shared" / "data" / "shakespeare"
+    for target in (0.2, 0.3):
+        for method in ("rc", "fluctuation", "l2", "random"):
+            if ("llm", method, target, args.seed) in done:
+                continue
+            model, tok = load_model("smollm2-135m", fetch=False, quiet=True)
+            proj = sum(p.numel() for n, p in model.model.layers.named_parameters() if "proj" in n)
+            calib = calibration_windows(tokenize_file(tok, data / "calib.txt"), args.calibration_samples, 512,
+                                        args.seed)
+            start = time.perf_counter()
+            scores = unit_scores(model, batches_of(calib, 8), method, seed=args.seed)
+            sizes = shrink_units(model, plan_units(model, scores, target, scope="uniform"))
+            seconds = time.perf_counter() - start
+            after = sum(p.numel() for n, p in model.model.layers.named_parameters() if "proj" in n)
+            windows = evaluation_windows(tokenize_file(tok, data / "eval.txt"), 512, 16)
+            ppl = perplexity(model, windows)
+            _write(out, {"part": "llm", "method": method, "target": target, "seed": args.seed,
+                         "perplexity": ppl.value, "params_ratio": after / proj, "sizes": sizes["layers"][0],
+                         "prune_seconds": round(seconds, 1), "calibration_samples": args.calibration_samples})
+
+
+def table(path: Path) -> str:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = []
+    cnn = [r for r in rows if r["part"] == "cnn"]
+    if cnn:
+        dense = next((r for r in cnn if r["method"] == "dense"), None)
+        if dense:
+            lines.append(f"Dense ResNet-20: test accuracy {dense['accuracy']:.4f}, {dense['macs'] / 1e6:.2f} M MACs, "
+                         f"{dense['params'] / 1e3:.1f} k parameters, latency {dense['latency_b1_ms']:.2f} ms (batch 1), "
+                         f"{dense['latency_b64_ms']:.1f} ms (batch 64).\n")
+        lines.append("| FLOPs cut | method | one-shot acc | fine-tuned acc | MACs ratio | params ratio | "
+                     "latency ratio b1 | latency ratio b64 |")
+        lines.append("|---|---|---:|---:|---:|---:|---:|---:|")
+        for target in TARGETS:
+            sub = [r for r in cnn if r["target"] == target]
+            best = max((r["accuracy"] for r in sub), default=None)
+            for r in sub:
+                acc = f"{r['accuracy']:.4f}"
+                acc = f"**{acc}**" if r["accuracy"] == best else acc
+                lines.append(f"| {target:.0%} | {r['method']} | {r['oneshot']:.4f} | {acc} | {r['macs_ratio']:.3f} | "
+                             f"{r['params_ratio']:.3f} | {r['latency_b1_ms'] / dense['latency_b1_ms']:.2f} | "
+                             f"{r['latency_b64_ms'] / dense['latency_b64_ms']:.2f} |")
+    llm = [r for r in rows if r["part"] == "llm"]
+    if llm:
+        lines.append("\n| params cut | method | perplexity | kept heads / kv heads / MLP width |")
+        lines.append("|---|---|---:|---|")
+        for r in llm:
+            s = r["sizes"]
+            lines.append(f"| {r['target']:.0%} | {r['method']} | {r['perplexity']:.2f} | "
+                         f"{s['num_attention_heads']} / {s['num_key_value_heads']} / {s['intermediate_size']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("part", choices=["cnn", "llm", "table"])
+    p.add_argument("--out", default="docs/data/structured_results.jsonl")
+    p.add_argument("--work", default=str(Path.home() / ".cache" / "relprune" / "structured_bench"))
+    p.add_argument("--epochs", type=int, default=15, help="dense training epochs (default: 15)")
+    p.add_argument("--finetune-epochs", type=int, default=2, help="fine-tune epochs per pruned model (default: 2)")
+    p.add_argument("--calibration-samples", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    if args.part == "table":
+        print(table(Path(args.out)))
+    elif args.part == "cnn":
+        run_cnn(args)
+    else:
+        run_llm(args)
+
+
+if __name__ == "__main__":
+    main()
