@@ -22,7 +22,9 @@ from .core.masks import (
 )
 from .core.pruning import prune
 from .core.stats import STATISTICS, LayerStats, Stats, collect_stats
-from .deploy import export, shrink, structured
+from .deploy import export, graph, groups, shrink, structured
+from .deploy.graph import DependencyGraph
+from .deploy.groups import prune_groups
 from .errors import (
     CalibrationError,
     CheckpointError,
@@ -58,6 +60,7 @@ __all__ = [
     "CalibrationError",
     "CheckpointError",
     "Criterion",
+    "DependencyGraph",
     "DataError",
     "LayerError",
     "LayerReport",
@@ -78,6 +81,7 @@ __all__ = [
     "collect_stats",
     "copy_model",
     "current_masks",
+    "prune_groups",
     "export",
     "format_report",
     "hardtanh",
