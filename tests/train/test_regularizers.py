@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -106,3 +108,16 @@ def test_neuron_entropy_hand_cases():
     shares = torch.tensor([[0.25, 0.25, 0.25, 0.25], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
     h = neuron_entropy(shares)
     assert h[0] == pytest.approx(1.0) and h[1] == pytest.approx(0.0) and torch.isnan(h[2])
+
+
+def test_normalised_entropy_equals_the_definition():
+    from relprune.train.regularizers import _normalised_entropy
+
+    g = torch.Generator().manual_seed(0)
+    share = torch.rand(6, 9, generator=g, dtype=torch.float64)
+    share[1, :4] = 0.0  # some zero shares
+    share[2] = 0.0  # a neuron whose shares are all zero counts as entropy 0
+    counts = torch.tensor([3.0, 1.0, 2.0, 0.0, 5.0, 1.0], dtype=torch.float64)
+    q = share / share.sum(1, keepdim=True).clamp_min(1e-300)
+    h = -(torch.special.xlogy(q, q)).sum(1) / math.log(9)
+    torch.testing.assert_close(_normalised_entropy(share, counts), h[counts > 0].mean())

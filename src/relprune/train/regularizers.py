@@ -129,8 +129,12 @@ def _normalised_entropy(share: Tensor, counts: Tensor) -> Tensor | None:
     fan_in = share.shape[1]
     if fan_in < 2 or not (counts > 0).any():
         return None
-    q = share / share.sum(1, keepdim=True).clamp_min(1e-30)
-    h = -(q * q.clamp_min(1e-30).log()).sum(1) / math.log(fan_in)
+    # H(s / S) = log S - sum_j s_j log s_j / S: no normalised copy of the O x I shares is formed,
+    # which saves a third of the elementwise passes (they, not the products, dominate this term).
+    total = share.sum(1)
+    safe = total.clamp_min(1e-30)
+    h = (safe.log() - (share * share.clamp_min(1e-30).log()).sum(1) / safe) / math.log(fan_in)
+    h = torch.where(total > 0, h, torch.zeros_like(h))
     return h[counts > 0].mean()
 
 
