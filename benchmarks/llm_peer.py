@@ -47,6 +47,10 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--eval-samples", type=int, default=16)
     parser.add_argument("--out", default="docs/data/llm_results.jsonl")
+    parser.add_argument("--ignore", default="lm_head",
+                        help="the modifier's ignore pattern: 'lm_head' as PEERS.md calls it (LLM Compressor 0.14 "
+                             "then still prunes the tied lm_head and so the embeddings, see "
+                             "benchmarks/llmc_lm_head_probe.py), or 're:.*lm_head', which leaves it alone")
     args = parser.parse_args()
 
     from datasets import Dataset
@@ -64,7 +68,7 @@ def main() -> None:
 
     sparsity, structure = BUDGETS[args.budget]
     cls = SparseGPTModifier if args.modifier == "sparsegpt" else WandaPruningModifier
-    recipe = cls(sparsity=sparsity, mask_structure=structure, targets=["Linear"], ignore=["lm_head"])
+    recipe = cls(sparsity=sparsity, mask_structure=structure, targets=["Linear"], ignore=[args.ignore])
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         model = oneshot(model=args.model_folder, dataset=ds, num_calibration_samples=len(windows),
@@ -92,7 +96,12 @@ def main() -> None:
            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
            "model_mb": round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20),
            "torch_threads": torch.get_num_threads(), "machine": f"{platform.machine()} {os.cpu_count()} cores",
-           "date": time.strftime("%Y-%m-%d"), "peer": "llmcompressor==0.14.0.1 defaults"}
+           "date": time.strftime("%Y-%m-%d"),
+           "peer": "llmcompressor==0.14.0.1 defaults" if args.ignore == "lm_head"
+           else f"llmcompressor==0.14.0.1 ignore={args.ignore}",
+           "lm_head_zeros": float((model.lm_head.weight == 0).float().mean())}
+    if args.ignore != "lm_head":
+        row["criterion"] += "-matched"
     with open(args.out, "a") as fh:
         fh.write(json.dumps(row) + "\n")
     print(json.dumps(row))
