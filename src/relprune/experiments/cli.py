@@ -177,10 +177,14 @@ class DataArgs:
 
 @dataclass
 class TrainArgs:
-    model: str = _h("lenet300, lenet5, vgg-small, or package.module:factory", "lenet300")
+    model: str = _h("lenet300, lenet5, vgg-small, resnet20, or package.module:factory", "lenet300")
     epochs: int = _h("training epochs", 10, check=positive)
     batch_size: int = _h("batch size", 128, check=positive)
-    lr: float = _h("Adam learning rate", 1e-3, check=positive)
+    lr: float = _h("learning rate (cosine schedule)", 1e-3, check=positive)
+    optimizer: str = _h("adam, or sgd (momentum 0.9)", "adam", check=one_of("adam", "sgd"))
+    weight_decay: float = _h("weight decay", 0.0, check=non_negative)
+    augment: str = _h("none, crop (random shifts up to 2 pixels) or crop-flip (and mirroring)", "none",
+                      check=one_of("none", "crop", "crop-flip"))
     pat: str = _h("pruning-aware training regulariser: none, entropy, contrib-l1, l1", "none",
                   check=one_of("none", *_regularizer_names()))
     pat_alpha: float = _h("weight of the regulariser", 0.0, check=non_negative)
@@ -251,7 +255,8 @@ def cmd_train(ns: argparse.Namespace) -> int:
         raise RelpruneError(f"{out} already holds a trained model; choose another --out, or pass --overwrite "
                             "to train again and replace it")
     data = _load_data(d, c.seed)
-    cfg = TrainConfig(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, seed=c.seed)
+    cfg = TrainConfig(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, optimizer=t.optimizer,
+                      weight_decay=t.weight_decay, seed=c.seed, augment=t.augment)
     _, info = train_model(t.model, data, cfg, out, pat=t.pat, pat_alpha=t.pat_alpha, pat_warmup=t.pat_warmup,
                           log=_say)
     if is_main():
