@@ -366,6 +366,14 @@ def split_batch(batch: Any) -> Batch:
 
 
 FLUSH_EVERY = 16
+#: A Linear's weight-shaped work is done in this many slices of output rows, so its temporaries
+#: stay a fraction of the weight (the memory target of collect_stats is a few times the weights).
+ROW_SLICES = 8
+
+
+def _row_slices(rows: int) -> list[slice]:
+    step = max(1, -(-rows // ROW_SLICES))
+    return [slice(r, r + step) for r in range(0, rows, step)]
 
 
 class _Scratch:
@@ -381,7 +389,14 @@ class _Scratch:
         self.pending: dict[str, Tensor] = {}
         self.batches = 0
 
-    def add(self, layer: nn.Module, key: str, x: Tensor, g: Tensor) -> None:
+    def add(self, layer: nn.Module, key: str, x: Tensor, g: Tensor, ls: LayerStats) -> None:
+        if L.is_linear(layer) and g.shape[1] > 1:
+            # A Linear's weight-shaped sums go straight into float64, a slice of rows at a time: no
+            # weight-sized buffer besides the sums (the products are rounded once, in the compute dtype).
+            target = ls.sums[key]
+            for rows in _row_slices(g.shape[1]):
+                target[rows] += (g[:, rows].t() @ x).to(target.dtype)
+            return
         buf = self.pending.get(key)
         if L.is_linear(layer):
             if buf is None:
@@ -435,23 +450,26 @@ def _accumulate(layer: nn.Module, ls: LayerStats, scratch: _Scratch, x: Tensor, 
         view = (1, -1) if L.is_linear(layer) else (1, -1, *([1] * L.conv_dims(layer)))
         xs = xp - ls.shift.to(cd).reshape(view)
         if "s1" in need:
-            scratch.add(layer, "s1", xs, g)
+            scratch.add(layer, "s1", xs, g, ls)
         if "s2" in need:
-            scratch.add(layer, "s2", xs * xs, g)
+            scratch.add(layer, "s2", xs * xs, g, ls)
     if "sa" in need:
-        scratch.add(layer, "sa", a, g)
+        scratch.add(layer, "sa", a, g, ls)
     if need & {"r1", "r2"}:
-        if scratch.abs_weight is None or scratch.abs_weight.dtype != cd:
-            scratch.abs_weight = ls.weight.to(cd).abs()
-        d = L.forward_with(layer, a, scratch.abs_weight)
+        if L.is_linear(layer):
+            d = torch.cat([a @ ls.weight[rows].to(cd).abs().t() for rows in _row_slices(ls.weight.shape[0])], dim=1)
+        else:
+            if scratch.abs_weight is None or scratch.abs_weight.dtype != cd:
+                scratch.abs_weight = ls.weight.to(cd).abs()
+            d = L.forward_with(layer, a, scratch.abs_weight)
         if ls.bias is not None:
             d = d + L.bias_view(layer, ls.bias.to(cd).abs())
         d = d + EPS
         gd = g / d
         if "r1" in need:
-            scratch.add(layer, "r1", a, gd)
+            scratch.add(layer, "r1", a, gd, ls)
         if "r2" in need:
-            scratch.add(layer, "r2", a * a, gd / d)
+            scratch.add(layer, "r2", a * a, gd / d, ls)
 
 
 def _sum_shape(layer: nn.Module, key: str, liveness: str | None, weight_shape: torch.Size) -> tuple[int, ...]:
