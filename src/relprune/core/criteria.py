@@ -147,7 +147,7 @@ def relative_importance_activation(weight: Tensor, stats: LayerStats | None,
           description="|W dL/dW| over labelled calibration batches (Lee et al. 2019)")
 def snip(weight: Tensor, stats: LayerStats | None, opts: dict[str, Any]) -> Tensor:
     s = _stats(stats)
-    return (s.weight.double() * s.weight_grad).abs()
+    return (s.checked_weight().double() * s.weight_grad).abs()
 
 
 CRITERIA["taylor"] = Criterion("taylor", snip, frozenset({"weight_grad"}), False,

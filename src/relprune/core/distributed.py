@@ -87,7 +87,7 @@ def merge(
         dist.all_reduce(counts)
         merged[name] = LayerStats(
             own.kind, own.weight, own.bias, own.groups, own.statistics, own.liveness, shift,
-            counts[:-2].clone(), int(counts[-2].item()), sums, int(counts[-1].item()))
+            counts[:-2].clone(), int(counts[-2].item()), sums, int(counts[-1].item()), own.weight_version)
     return merged, statistics
 
 

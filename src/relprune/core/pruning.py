@@ -194,12 +194,15 @@ def _stats_for_weight(name: str, ls: LayerStats, weight: Tensor, kept: Tensor, n
     Weights already masked out are not compared: pruning again with the statistics taken before an
     earlier prune is allowed, as the kept weights are the ones the statistics saw.
     """
-    stored = ls.weight.to(device=weight.device, dtype=torch.float64)
-    if torch.equal(stored[kept], weight.double()[kept]):
-        return ls
+    # Statistics that hold the layer's own weights know from its version counter whether they
+    # were changed in place; a comparison would see the new values on both sides.
+    if not ls.weight_changed():
+        stored = ls.weight.to(device=weight.device, dtype=torch.float64)
+        if torch.equal(stored[kept], weight.double()[kept]):
+            return ls
     # Input moments alone can score other weights; relative shares and gradients cannot.
     if needed <= INPUT_MOMENT_STATISTICS and ls.liveness is None:
-        return dataclasses.replace(ls, weight=weight.detach().clone())
+        return dataclasses.replace(ls, weight=weight.detach().clone(), weight_version=None)
     what = "these statistics" if ls.liveness is None else "statistics conditioned on liveness"
     raise StatsMismatchError(
         f"layer {name!r}: the statistics were gathered with other weights (another model, or before "

@@ -95,6 +95,21 @@ class LayerStats:
     total_count: int = 0
     sums: dict[str, Tensor] = field(default_factory=dict)
     grad_batches: int = 0
+    #: ``weight`` is the layer's own tensor, not a copy, while this matches its version counter
+    #: (None: an owned copy). Changing the weights in place afterwards invalidates these statistics.
+    weight_version: int | None = None
+
+    def weight_changed(self) -> bool:
+        """True when the layer's weights were changed in place since the statistics were gathered."""
+        return self.weight_version is not None and self.weight._version != self.weight_version
+
+    def checked_weight(self) -> Tensor:
+        """The weights the statistics were gathered with (raises if they have changed since)."""
+        if self.weight_changed():
+            raise StatsMismatchError(
+                "the layer's weights were changed in place after collect_stats (training, a re-fit, "
+                "load_state_dict); call collect_stats again")
+        return self.weight
 
     # -- finalised statistics ------------------------------------------------
     def _sum(self, key: str, stat: str) -> Tensor:
@@ -115,7 +130,7 @@ class LayerStats:
         return _shift_as_weight(self.shift, self.weight.shape, self.groups)
 
     def _w(self) -> Tensor:
-        return self.weight.double()
+        return self.checked_weight().double()
 
     @property
     def input_mean(self) -> Tensor:
@@ -184,14 +199,14 @@ class LayerStats:
             self.kind, tuple(self.weight.shape), self.liveness is None
         ) or other.sums.keys() != self.sums.keys():
             raise StatsMismatchError("cannot merge statistics of different layers or settings")
-        if not torch.equal(other.weight, self.weight):
+        if not torch.equal(other.checked_weight(), self.checked_weight()):
             raise StatsMismatchError("cannot merge statistics gathered with different weights")
         o = other._rebased(self.shift)
         sums = {k: v + o[k] for k, v in self.sums.items()}
         return LayerStats(
             self.kind, self.weight, self.bias, self.groups, self.statistics, self.liveness,
             self.shift, self.live_count + other.live_count, self.total_count + other.total_count,
-            sums, self.grad_batches + other.grad_batches,
+            sums, self.grad_batches + other.grad_batches, self.weight_version,
         )
 
     def _rebased(self, shift: Tensor) -> dict[str, Tensor]:
@@ -265,7 +280,7 @@ class Stats(Mapping[str, LayerStats]):
         meta: dict[str, Any] = {"liveness": self.liveness, "statistics": sorted(self.statistics), "layers": {}}
         for name, ls in self.items():
             p = f"{name}::"
-            tensors[p + "weight"] = ls.weight.detach().contiguous().cpu()
+            tensors[p + "weight"] = ls.checked_weight().detach().contiguous().cpu()
             tensors[p + "shift"] = ls.shift.contiguous().cpu()
             tensors[p + "live_count"] = ls.live_count.contiguous().cpu()
             if ls.bias is not None:
@@ -485,7 +500,9 @@ def _sum_shape(layer: nn.Module, key: str, liveness: str | None, weight_shape: t
 def _new_layer_stats(layer: nn.Module, x: Tensor | None, liveness: str | None, statistics: frozenset[str],
                      need: frozenset[str], shift: Tensor | None = None) -> LayerStats:
     """Zero sums for ``layer``, centred on the mean of ``x``'s input channels (or on ``shift``)."""
-    w = L.oriented(layer, layer.weight.detach()).clone()
+    # The layer's own weights, not a copy (a copy would cost as much memory as the model): their
+    # version counter tells later if they were changed in place.
+    w = L.oriented(layer, layer.weight.detach())
     if shift is None:
         assert x is not None
         # Per input channel: Linear rows are (N, I), conv inputs (B, C, *spatial); channels are dim 1.
@@ -499,7 +516,7 @@ def _new_layer_stats(layer: nn.Module, x: Tensor | None, liveness: str | None, s
     sums = {k: torch.zeros(_sum_shape(layer, k, liveness, w.shape), dtype=torch.float64, device=w.device)
             for k in need}
     return LayerStats(
-        kind=type(layer).__name__, weight=w,
+        kind=type(layer).__name__, weight=w, weight_version=w._version,
         bias=None if layer.bias is None else layer.bias.detach().clone(),
         groups=getattr(layer, "groups", 1), statistics=statistics, liveness=liveness,
         shift=shift, live_count=torch.zeros(w.shape[0], dtype=torch.float64, device=w.device),

@@ -97,7 +97,7 @@ def _member_scores(module: nn.Module, m: Member, size: int, criterion: str, stat
         return entries[m.offset:m.offset + size].clone()
     if criterion == "taylor":
         s = _need(stats, m.module, criterion)
-        a = (s.weight.double() * s.weight_grad).abs()
+        a = (s.checked_weight().double() * s.weight_grad).abs()
     else:
         a = w.abs().pow(1 if criterion == "l1" else 2)
     if m.role in ("out", "depthwise"):
