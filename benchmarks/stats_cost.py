@@ -72,7 +72,12 @@ def execute(model: nn.Module, job: str, data: list) -> None:
             for x in data:
                 model(x)
     else:
-        relprune.collect_stats(model, data, statistics=STAT_SETS[job] or ACTIVATION_STATS)
+        wanted = STAT_SETS[job] or ACTIVATION_STATS
+        if any(isinstance(m, nn.Conv2d) for m in model.modules()):
+            # The input Gram matrix (SparseGPT, re-fits) is a Linear-only statistic: on the CNN,
+            # "all" means every statistic a conv layer has, and Gram-based criteria are skipped.
+            wanted = [s for s in wanted if s != "input_gram"]
+        relprune.collect_stats(model, data, statistics=wanted)
 
 
 def run_job(kind: str, job: str, samples: int, batch: int) -> float:

@@ -409,8 +409,9 @@ class _Scratch:
             # A Linear's weight-shaped sums go straight into float64, a slice of rows at a time: no
             # weight-sized buffer besides the sums (the products are rounded once, in the compute dtype).
             target = ls.sums[key]
+            gt = g.t().contiguous()  # row slices of a contiguous (O, N) keep the products on the fast path
             for rows in _row_slices(g.shape[1]):
-                target[rows] += (g[:, rows].t() @ x).to(target.dtype)
+                target[rows] += (gt[rows] @ x).to(target.dtype)
             return
         buf = self.pending.get(key)
         if L.is_linear(layer):
