@@ -20,7 +20,6 @@ import math
 import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.fx
@@ -289,7 +288,7 @@ class DependencyGraph:
                 return a
             if len(tensor_ins) == 1:
                 # With a constant, a scalar or a parameter: a parameter of channel size would need pruning.
-                other = [arg for arg in node.all_input_nodes if layouts_is_param(arg)]
+                other = [arg for arg in node.all_input_nodes if _is_parameter(arg)]
                 if other:
                     refuse(tensor_ins[0], f"{where} combines them with a parameter")
                     return None
@@ -348,7 +347,7 @@ def _where(node: torch.fx.Node) -> str:
     return f"{kind} {label} (node {node.name})"
 
 
-def layouts_is_param(node: torch.fx.Node) -> bool:
+def _is_parameter(node: torch.fx.Node) -> bool:
     return node.op == "get_attr"
 
 
@@ -395,19 +394,3 @@ def _trace(model: nn.Module, leaves: set[str]) -> torch.fx.GraphModule:
 
 def _line(err: BaseException) -> str:
     return " ".join(str(err).split())[:200] or type(err).__name__
-
-
-def model_flops(model: nn.Module, graph: DependencyGraph) -> int:
-    """Multiply-accumulates of the conv and Linear layers for one sample (from the traced shapes)."""
-    total = 0
-    for name, positions in graph.spatial.items():
-        w = graph.modules[name].weight
-        total += w.numel() * positions
-    del model
-    return total
-
-
-def describe(graph: DependencyGraph) -> list[dict[str, Any]]:
-    """One line per group: its size, where its channels live, and why it cannot be pruned."""
-    return [{"channels": g.size, "group": g.describe(), "members": [(m.module, m.role) for m in g.members],
-             "prunable": g.prunable, "reason": None if g.prunable else g.reason} for g in graph.groups]
