@@ -11,6 +11,7 @@ shared first, and every rank raises.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -21,11 +22,15 @@ from ..errors import CalibrationError, RelpruneError, StatsMismatchError
 from .stats import LayerStats
 
 
+def _group() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def active(distributed: bool | None) -> bool:
     """Whether to merge across ranks: ``None`` means "if a process group is initialised"."""
     if distributed is False:
         return False
-    available = torch.distributed.is_available() and torch.distributed.is_initialized()
+    available = _group()
     if distributed and not available:
         raise RelpruneError("distributed=True needs an initialised torch.distributed process group "
                             "(torch.distributed.init_process_group, e.g. under torchrun)")
@@ -93,7 +98,7 @@ def merge(
 
 def world() -> tuple[int, int]:
     """(rank, world size) of this process; (0, 1) without a process group."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if _group():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
 
@@ -114,8 +119,6 @@ def init_from_env() -> bool:
 
     gloo on CPU, NCCL when CUDA is available. Returns whether a group of several ranks is active.
     """
-    import os
-
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     if not torch.distributed.is_initialized():

@@ -392,11 +392,12 @@ def _row_slices(rows: int) -> list[slice]:
 
 
 class _Scratch:
-    """Per-layer working state of one collection: |W| and sums pending in the compute dtype.
+    """Per-layer working state of one collection: a conv's |W| and sums pending in the compute dtype.
 
-    Batch products land in compute-dtype buffers (fused into the matmul for
-    Linear) and move into the float64 sums every ``FLUSH_EVERY`` batches, so
-    the float64 add is paid rarely while rounding stays that of a short sum.
+    A conv's batch products (and a Linear's (1, I) input moments and Gram matrix) land in
+    compute-dtype buffers and move into the float64 sums every ``FLUSH_EVERY`` batches, so the
+    float64 add is paid rarely while rounding stays that of a short sum. A Linear's weight-shaped
+    sums skip the buffer (see :meth:`add`): a second weight-sized tensor is what they cannot afford.
     """
 
     def __init__(self) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import math
-from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
@@ -122,7 +121,9 @@ class Plan:
 
 def cost(graph: DependencyGraph, keep: dict[int, Tensor] | None = None) -> tuple[int, int]:
     """(multiply-accumulates per sample, parameters) of the conv/Linear/norm layers if ``keep`` were applied."""
-    rows, cols = _kept_counts(graph, keep or {})
+    kept_rows, kept_cols = _slices(graph, keep or {})
+    rows = {n: len(i) for n, i in kept_rows.items()}
+    cols = {n: len(i) for n, i in kept_cols.items()}
     flops = params = 0
     for name, module in graph.modules.items():
         if name not in graph.spatial and not isinstance(module, NORMS):
@@ -139,26 +140,6 @@ def cost(graph: DependencyGraph, keep: dict[int, Tensor] | None = None) -> tuple
         flops += macs * graph.spatial[name]
         params += macs + (o if module.bias is not None else 0)
     return flops, params
-
-
-def _kept_counts(graph: DependencyGraph, keep: dict[int, Tensor]) -> tuple[dict[str, int], dict[str, int]]:
-    rows: dict[str, int] = {}
-    lost_rows: dict[str, int] = defaultdict(int)
-    lost_cols: dict[str, int] = defaultdict(int)
-    for gi, group in enumerate(graph.groups):
-        if gi not in keep:
-            continue
-        lost = group.size - len(keep[gi])
-        for m in group.members:
-            if m.role == "in":
-                lost_cols[m.module] += lost * m.expand
-            else:
-                lost_rows[m.module] += lost
-    for name, lost in lost_rows.items():
-        module = graph.modules[name]
-        rows[name] = (module.num_features if isinstance(module, NORMS) else module.weight.shape[0]) - lost
-    cols = {name: graph.modules[name].weight.shape[1] - lost for name, lost in lost_cols.items()}
-    return rows, cols
 
 
 def plan(graph: DependencyGraph, scores: dict[int, Tensor], ratio: float, *, budget: str = "flops",
@@ -201,7 +182,8 @@ def plan(graph: DependencyGraph, scores: dict[int, Tensor], ratio: float, *, bud
             lo = mid
     if cost(graph, best)[which] > target:
         best = keep_for(hi)
-    return Plan(best, (before[0], cost(graph, best)[0]), (before[1], cost(graph, best)[1]))
+    after = cost(graph, best)
+    return Plan(best, (before[0], after[0]), (before[1], after[1]))
 
 
 def _slices(graph: DependencyGraph, keep: dict[int, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:

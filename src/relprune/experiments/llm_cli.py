@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -98,7 +97,7 @@ def _fresh_out(path: Path) -> Path:
 
 def cmd_llm_prune(ns: argparse.Namespace) -> int:
     from ..llm import calibration_windows, load_model, prune_sequential, tokenize_file
-    from ..llm.save import save_pretrained
+    from ..llm.save import save_pretrained, staged_folder
     from ..llm.text import batches_of
 
     reconstruct = False if ns.reconstruct == "none" else ns.reconstruct
@@ -126,8 +125,7 @@ def cmd_llm_prune(ns: argparse.Namespace) -> int:
                              sequential=ns.sequential, allocation=ns.allocation, owl_lambda=ns.owl_lambda,
                              bias_compensation=ns.bias_compensation, progress=True)
     seconds = time.perf_counter() - start
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with staged_folder(out) as tmp:
         switches = save_pretrained(model, tokenizer, tmp)
         if switches:
             _say(f"config: {', '.join(switches)} switched on for the compensated biases")
@@ -139,16 +137,16 @@ def cmd_llm_prune(ns: argparse.Namespace) -> int:
                   "seqlen": ns.seqlen, "seed": ns.seed, "seconds": round(seconds, 1),
                   "achieved_sparsity": masks.sparsity}
         (tmp / "relprune.json").write_text(json.dumps(record, indent=2) + "\n")
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    print(f"decoder Linears: {masks.kept:,} of {masks.total:,} weights kept")
-    print(f"{ns.criterion}{' + ' + ns.reconstruct + ' re-fit' if reconstruct else ''}: "
-          f"{masks.sparsity:.2%} of the decoder weights removed in {seconds:.0f} s; saved to {out}")
+    _report(ns, masks, seconds, out)
     return 0
+
+
+def _report(ns: argparse.Namespace, masks, seconds: float, out: Path, how: str = "") -> None:
+    """The two result lines of ``llm prune`` (in memory or streamed)."""
+    refit = f" + {ns.reconstruct} re-fit" if ns.reconstruct != "none" else ""
+    print(f"decoder Linears: {masks.kept:,} of {masks.total:,} weights kept")
+    print(f"{ns.criterion}{refit}: {masks.sparsity:.2%} of the decoder weights removed in {seconds:.0f} s"
+          f"{how}; saved to {out}")
 
 
 def _llm_prune_streamed(ns: argparse.Namespace, out: Path, reconstruct: bool | str) -> int:
@@ -165,11 +163,7 @@ def _llm_prune_streamed(ns: argparse.Namespace, out: Path, reconstruct: bool | s
     start = time.perf_counter()
     masks = prune_streamed(where, out, batches_of(windows, ns.batch_size), sparsity=ns.sparsity, n_m=ns.n_m,
                            criterion=ns.criterion, scope=ns.scope, reconstruct=reconstruct, progress=True)
-    seconds = time.perf_counter() - start
-    print(f"decoder Linears: {masks.kept:,} of {masks.total:,} weights kept")
-    print(f"{ns.criterion}{' + ' + ns.reconstruct + ' re-fit' if reconstruct else ''}: "
-          f"{masks.sparsity:.2%} of the decoder weights removed in {seconds:.0f} s, block by block from disk; "
-          f"saved to {out}")
+    _report(ns, masks, time.perf_counter() - start, out, ", block by block from disk")
     return 0
 
 

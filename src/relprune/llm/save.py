@@ -9,6 +9,10 @@ other projections they govern get zero biases, which change no output.
 from __future__ import annotations
 
 import copy
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -76,3 +80,19 @@ def save_pretrained(model: nn.Module, tokenizer: Any, folder: str | Path) -> lis
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return switches
+
+
+@contextmanager
+def staged_folder(target: Path) -> Iterator[Path]:
+    """A fresh folder beside ``target`` to write into: it becomes ``target`` (absent or empty) when
+    the block ends, and is removed when the block raises, so nothing half-written is ever at ``target``."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        yield tmp
+        if target.exists():
+            target.rmdir()
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

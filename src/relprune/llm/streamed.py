@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from ..core.masks import Masks
 from ..defaults import DEFAULT_LLM_CRITERION, DEFAULT_LLM_RECONSTRUCT, DEFAULT_LLM_SCOPE
 from ..errors import ModelLoadError, RelpruneError
 from .load import require_transformers, resolve_model
+from .save import staged_folder
 from .sequential import capture_inputs, decoder_blocks, prune_block, statistics_for
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -99,9 +99,7 @@ def prune_streamed(
     named = decoder_blocks(skeleton, blocks)
     host = _host_model(transformers, config, checkpoint, named)
     wanted = statistics_for(get_criterion(criterion), reconstruct, {})
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
+    with staged_folder(target) as tmp:
         host_block = decoder_blocks(host, [named[0][0]])[0][1]
         inputs = capture_inputs(host, host_block, batches)
         del host_block
@@ -132,12 +130,6 @@ def prune_streamed(
         for f in src.iterdir():
             if f.is_file() and f.name not in WEIGHT_FILES and not f.name.endswith(".safetensors"):
                 shutil.copy2(f, tmp / f.name)
-        if target.exists():
-            target.rmdir()
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return Masks(masks)
 
 
@@ -155,9 +147,7 @@ def _host_model(transformers: Any, config: Any, checkpoint: Checkpoint, named: l
     state = {n: checkpoint.get(n) for n in checkpoint.names() if not n.startswith(block_prefixes)}
     result = host.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith(block_prefixes[0])]
-    tied = set(getattr(host, "_tied_weights_keys", None) or [])
-    if isinstance(getattr(host, "_tied_weights_keys", None), dict):
-        tied = set(host._tied_weights_keys)
+    tied = set(getattr(host, "_tied_weights_keys", None) or ())  # a list, or a dict keyed by name
     missing = [k for k in missing if k not in tied]
     if missing or result.unexpected_keys:
         raise ModelLoadError(f"the checkpoint does not fit {type(host).__name__}: missing {missing[:3]}, "
