@@ -28,6 +28,7 @@ import copy
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -75,11 +76,11 @@ def dense_cnn(args, data):
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    path = work / f"resnet20-fmnist-e{args.epochs}-s{args.seed}.pt"
-    torch.manual_seed(args.seed)
+    path = work / f"resnet20-fmnist-e{args.epochs}-s{args.dense_seed}.pt"
+    torch.manual_seed(args.dense_seed)
     model = resnet20(data.input_shape, data.num_classes)
     cfg = TrainConfig(epochs=args.epochs, batch_size=128, lr=0.1, optimizer="sgd", weight_decay=5e-4,
-                      seed=args.seed, augment="crop-flip")
+                      seed=args.dense_seed, augment="crop-flip")
     if path.is_file():
         model.load_state_dict(torch.load(path, weights_only=True))
     else:
@@ -137,31 +138,32 @@ def tp_prune(dense, example, method: str, max_macs: float, calib):
     return best
 
 
-def run_cnn(args) -> None:
+def _cnn_setup(args):
     import torch_pruning as tp
 
     import relprune
-    from relprune.deploy.groups import prune_groups
     from relprune.experiments.data import load_dataset
-    from relprune.experiments.training import calibration_batches, evaluate
+    from relprune.experiments.training import calibration_batches
 
-    out = Path(args.out)
-    done = _done(out)
-    data = load_dataset("fashion-mnist", ROOT.parent / "shared" / "data", seed=args.seed)
+    data = load_dataset("fashion-mnist", ROOT.parent / "shared" / "data", seed=args.dense_seed)
     dense, dense_acc = dense_cnn(args, data)
-    shape = data.input_shape
-    example = torch.randn(1, *shape)
+    example = torch.randn(1, *data.input_shape)
     macs0, params0 = tp.utils.count_ops_and_params(dense, example)
-    if ("cnn", "dense", 0.0, args.seed) not in done:
-        _write(out, {"part": "cnn", "method": "dense", "target": 0.0, "seed": args.seed, "accuracy": dense_acc,
-                     "macs": macs0, "params": params0, "latency_b1_ms": latency(dense, shape, 1) * 1e3,
-                     "latency_b64_ms": latency(dense, shape, 64) * 1e3, "epochs": args.epochs})
     calib = calibration_batches(data.train, 2048, batch_size=256, seed=args.seed)
     stats = relprune.collect_stats(dense, calib)
+    return data, dense, dense_acc, example, (macs0, params0), calib, stats
+
+
+def pruned_cnns(args, dense, example, dense_macs: float, calib, stats):
+    """(target, method, model, macs, params, Torch-Pruning ratio, seconds) for every cell, rc first per target."""
+    import torch_pruning as tp
+
+    from relprune.deploy.groups import prune_groups
+
+    if "rc" not in args.methods:
+        raise SystemExit("the rc row sets the MACs every Torch-Pruning row must meet: keep it in --methods")
     for target in TARGETS:
         ours_macs = None
-        if "rc" not in args.methods:
-            raise SystemExit("the rc row sets the MACs every Torch-Pruning row must meet: keep it in --methods")
         for method in sorted(args.methods, key=lambda m: m != "rc"):
             start = time.perf_counter()
             if method in OURS:
@@ -173,19 +175,62 @@ def run_cnn(args) -> None:
                 if method == "rc":
                     ours_macs = macs
             else:
-                model, macs, params, ratio = tp_prune(dense, example, method, ours_macs or macs0 * (1 - target),
+                model, macs, params, ratio = tp_prune(dense, example, method, ours_macs or dense_macs * (1 - target),
                                                       calib[:4])
-            prune_seconds = time.perf_counter() - start
-            if ("cnn", method, target, args.seed) in done:
-                continue
-            oneshot = evaluate(model.eval(), data.test)
-            acc = finetune(model, data, args)
-            _write(out, {"part": "cnn", "method": method, "target": target, "seed": args.seed, "oneshot": oneshot,
-                         "accuracy": acc, "macs": macs, "params": params, "macs_ratio": macs / macs0,
-                         "params_ratio": params / params0, "tp_ratio": ratio, "prune_seconds": prune_seconds,
-                         "latency_b1_ms": latency(model, shape, 1) * 1e3,
-                         "latency_b64_ms": latency(model, shape, 64) * 1e3,
-                         "finetune_epochs": args.finetune_epochs, "dense_epochs": args.epochs})
+            yield target, method, model, macs, params, ratio, time.perf_counter() - start
+
+
+def run_cnn(args) -> None:
+    from relprune.experiments.training import evaluate
+
+    out = Path(args.out)
+    done = _done(out)
+    data, dense, dense_acc, example, (macs0, params0), calib, stats = _cnn_setup(args)
+    shape = data.input_shape
+    if ("cnn", "dense", 0.0, args.seed) not in done:
+        _write(out, {"part": "cnn", "method": "dense", "target": 0.0, "seed": args.seed, "accuracy": dense_acc,
+                     "macs": macs0, "params": params0, "latency_b1_ms": latency(dense, shape, 1) * 1e3,
+                     "latency_b64_ms": latency(dense, shape, 64) * 1e3, "epochs": args.epochs,
+                     "dense_seed": args.dense_seed})
+    for target, method, model, macs, params, ratio, seconds in pruned_cnns(args, dense, example, macs0, calib, stats):
+        if ("cnn", method, target, args.seed) in done:
+            continue
+        oneshot = evaluate(model.eval(), data.test)
+        acc = finetune(model, data, args)
+        _write(out, {"part": "cnn", "method": method, "target": target, "seed": args.seed, "oneshot": oneshot,
+                     "accuracy": acc, "macs": macs, "params": params, "macs_ratio": macs / macs0,
+                     "params_ratio": params / params0, "tp_ratio": ratio, "prune_seconds": seconds,
+                     "latency_b1_ms": latency(model, shape, 1) * 1e3,
+                     "latency_b64_ms": latency(model, shape, 64) * 1e3,
+                     "finetune_epochs": args.finetune_epochs, "dense_epochs": args.epochs,
+                     "dense_seed": args.dense_seed})
+
+
+def run_latency(args) -> None:
+    """Latency of every pruned architecture against the dense net, measured alternately in one run.
+
+    The architecture (not the weights) decides the latency, so the cells are re-pruned without a
+    fine-tune. Each round times the dense and the pruned model back to back at batch 1 and 64; the
+    ratio of the medians over the rounds is recorded. Run it on an otherwise idle machine.
+    """
+    out = Path(args.out)
+    done = _done(out)
+    data, dense, _, example, (macs0, _), calib, stats = _cnn_setup(args)
+    shape = data.input_shape
+    for target, method, model, macs, _, _, _ in pruned_cnns(args, dense, example, macs0, calib, stats):
+        if ("cnn-latency", method, target, args.seed) in done:
+            continue
+        row = {"part": "cnn-latency", "method": method, "target": target, "seed": args.seed,
+               "macs_ratio": macs / macs0, "rounds": args.latency_rounds}
+        for batch in (1, 64):
+            dense_t, pruned_t = [], []
+            for _ in range(args.latency_rounds):
+                dense_t.append(latency(dense, shape, batch))
+                pruned_t.append(latency(model, shape, batch))
+            row[f"dense_b{batch}_ms"] = statistics.median(dense_t) * 1e3
+            row[f"pruned_b{batch}_ms"] = statistics.median(pruned_t) * 1e3
+            row[f"ratio_b{batch}"] = row[f"pruned_b{batch}_ms"] / row[f"dense_b{batch}_ms"]
+        _write(out, row)
 
 
 # -- the language model ------------------------------------------------------------
@@ -227,24 +272,30 @@ def table(path: Path) -> str:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     lines = []
     cnn = [r for r in rows if r["part"] == "cnn"]
+    lat = {(r["target"], r["method"]): r for r in rows if r["part"] == "cnn-latency"}
     if cnn:
-        dense = next((r for r in cnn if r["method"] == "dense"), None)
+        dense = [r for r in cnn if r["method"] == "dense"]
         if dense:
-            lines.append(f"Dense ResNet-20: test accuracy {dense['accuracy']:.4f}, {dense['macs'] / 1e6:.2f} M MACs, "
-                         f"{dense['params'] / 1e3:.1f} k parameters, latency {dense['latency_b1_ms']:.2f} ms (batch 1), "
-                         f"{dense['latency_b64_ms']:.1f} ms (batch 64).\n")
-        lines.append("| FLOPs cut | method | one-shot acc | fine-tuned acc | MACs ratio | params ratio | "
-                     "latency ratio b1 | latency ratio b64 |")
-        lines.append("|---|---|---:|---:|---:|---:|---:|---:|")
+            d = dense[0]
+            lines.append(f"Dense ResNet-20: test accuracy {d['accuracy']:.4f}, {d['macs'] / 1e6:.2f} M MACs, "
+                         f"{d['params'] / 1e3:.1f} k parameters.\n")
+        lines.append("| FLOPs cut | method | seeds | one-shot acc | fine-tuned acc (mean +- sd) | MACs ratio | "
+                     "params ratio | latency ratio b1 | latency ratio b64 |")
+        lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")
         for target in TARGETS:
-            sub = [r for r in cnn if r["target"] == target]
-            best = max((r["accuracy"] for r in sub), default=None)
-            for r in sub:
-                acc = f"{r['accuracy']:.4f}"
-                acc = f"**{acc}**" if r["accuracy"] == best else acc
-                lines.append(f"| {target:.0%} | {r['method']} | {r['oneshot']:.4f} | {acc} | {r['macs_ratio']:.3f} | "
-                             f"{r['params_ratio']:.3f} | {r['latency_b1_ms'] / dense['latency_b1_ms']:.2f} | "
-                             f"{r['latency_b64_ms'] / dense['latency_b64_ms']:.2f} |")
+            methods = list(dict.fromkeys(r["method"] for r in cnn if r["target"] == target))
+            cells = {m: [r for r in cnn if r["target"] == target and r["method"] == m] for m in methods}
+            means = {m: statistics.fmean(r["accuracy"] for r in c) for m, c in cells.items()}
+            best = max(means.values(), default=None)
+            for m, c in cells.items():
+                sd = statistics.stdev(r["accuracy"] for r in c) if len(c) > 1 else 0.0
+                acc = f"{means[m]:.4f} +- {sd:.4f}" if len(c) > 1 else f"{means[m]:.4f}"
+                acc = f"**{acc}**" if means[m] == best else acc
+                lr = lat.get((target, m))
+                b1, b64 = (f"{lr['ratio_b1']:.2f}", f"{lr['ratio_b64']:.2f}") if lr else ("-", "-")
+                lines.append(f"| {target:.0%} | {m} | {len(c)} | {statistics.fmean(r['oneshot'] for r in c):.4f} | "
+                             f"{acc} | {statistics.fmean(r['macs_ratio'] for r in c):.3f} | "
+                             f"{statistics.fmean(r['params_ratio'] for r in c):.3f} | {b1} | {b64} |")
     llm = [r for r in rows if r["part"] == "llm"]
     if llm:
         lines.append("\n| params cut | method | perplexity | kept heads / kv heads / MLP width |")
@@ -258,19 +309,24 @@ def table(path: Path) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("part", choices=["cnn", "llm", "table"])
+    p.add_argument("part", choices=["cnn", "latency", "llm", "table"])
     p.add_argument("--out", default="docs/data/structured_results.jsonl")
     p.add_argument("--work", default=str(Path.home() / ".cache" / "relprune" / "structured_bench"))
     p.add_argument("--epochs", type=int, default=15, help="dense training epochs (default: 15)")
     p.add_argument("--finetune-epochs", type=int, default=1, help="fine-tune epochs per pruned model (default: 1)")
     p.add_argument("--methods", nargs="+", choices=OURS + PEER, default=DEFAULT_METHODS)
     p.add_argument("--calibration-samples", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="calibration draw, random scores and fine-tune order (default: 0)")
+    p.add_argument("--dense-seed", type=int, default=0, help="the dense ResNet-20's training seed (default: 0)")
+    p.add_argument("--latency-rounds", type=int, default=7, help="alternating rounds per latency cell (default: 7)")
     args = p.parse_args()
     if args.part == "table":
         print(table(Path(args.out)))
     elif args.part == "cnn":
         run_cnn(args)
+    elif args.part == "latency":
+        run_latency(args)
     else:
         run_llm(args)
 

@@ -8,10 +8,15 @@ tensor's channel dimension through the operations and unites the channel spaces 
 together into *groups*. Every structured operation (scores, budgets, shrinking) goes through the
 groups this module builds.
 
+A grouped convolution (``groups`` = G) is exact to shrink only if every group keeps as many input
+and output channels as the others, in the same places: its channel spaces are *folded*, so one
+unit of the group is a slot - channel j of every one of the G groups - and is removed from all of
+them together (the layout Torch-Pruning's channel groups follow too).
+
 A group is refused (``prunable`` False, with the reason) when its channels reach the model's output
 or input, pass through an operation that mixes channels (a normalisation over them, a reshape
-that is not a flatten, a grouped convolution other than depthwise), or a parameter read directly
-by the forward pass.
+that is not a flatten), a grouped convolution whose input is laid out in a way its slots cannot
+follow, or a parameter read directly by the forward pass.
 """
 
 from __future__ import annotations
@@ -54,16 +59,26 @@ REDUCE_METHODS = {"mean", "sum", "amax", "max"}
 
 @dataclass
 class Member:
-    """One place a group's channels live: rows (``out``), columns (``in``) or per-channel entries.
+    """One place a group's units live: rows (``out``), columns (``in``) or per-channel entries.
 
-    ``offset`` is where the group's channels start along that dimension; ``expand`` how many
-    consecutive entries each channel covers there (after a flatten: one per spatial position).
+    ``offset`` is where the group's entries start along that dimension; ``expand`` how many
+    consecutive entries each channel covers there (after a flatten: one per spatial position);
+    ``repeat`` how many copies of each unit follow one another there, ``size * expand`` entries
+    apart (a folded space: unit k is channel k of each of a grouped convolution's groups).
     """
 
     module: str
     role: str  # "out" | "in" | "depthwise" | "norm"
     offset: int
     expand: int = 1
+    repeat: int = 1
+
+    def index(self, size: int) -> Tensor:
+        """(size, repeat * expand) entry indices: row k lists every entry unit k covers here."""
+        unit = torch.arange(size).view(size, 1, 1) * self.expand
+        copy = torch.arange(self.repeat).view(1, -1, 1) * (size * self.expand)
+        within = torch.arange(self.expand).view(1, 1, -1)
+        return (self.offset + unit + copy + within).reshape(size, -1)
 
 
 @dataclass
@@ -92,8 +107,9 @@ class _Space:
 
     _ids = 0
 
-    def __init__(self, size: int, origin: str):
-        self.size = size
+    def __init__(self, size: int, origin: str, fold: int = 1):
+        self.size = size  # units; each unit is ``fold`` channels (one per group of a grouped conv)
+        self.fold = fold
         self.parent: _Space = self
         self.members: list[Member] = []
         self.refusals: list[str] = []
@@ -108,14 +124,42 @@ class _Space:
             node.parent, node = root, node.parent
         return root
 
+    @property
+    def width(self) -> int:
+        """Channels (units times fold) of the root."""
+        root = self.find()
+        return root.size * root.fold
+
+    def member(self, module: str, role: str, offset: int, expand: int = 1) -> None:
+        root = self.find()
+        root.members.append(Member(module, role, offset, expand, root.fold))
+
+
+def _fold(space: _Space, groups: int) -> bool:
+    """Tie ``space``'s channels into slots of ``groups`` (channel j of every group); False if it cannot."""
+    root = space.find()
+    if root.fold == groups:
+        return True
+    if root.fold != 1 or root.size % groups:
+        return False
+    root.size //= groups
+    root.fold = groups
+    for m in root.members:
+        m.repeat = groups
+    return True
+
 
 def _union(a: _Space, b: _Space, where: str) -> None:
     ra, rb = a.find(), b.find()
     if ra is rb:
         return
-    if ra.size != rb.size:
-        ra.refusals.append(f"{where} joins channel spaces of different sizes")
-        rb.refusals.append(f"{where} joins channel spaces of different sizes")
+    if ra.width == rb.width and ra.fold != rb.fold:
+        _fold(ra, rb.fold) or _fold(rb, ra.fold)
+    if ra.size != rb.size or ra.fold != rb.fold:
+        why = (f"{where} joins channel spaces of different sizes" if ra.width != rb.width else
+               f"{where} joins channels grouped differently by grouped convolutions")
+        ra.refusals.append(why)
+        rb.refusals.append(why)
     rb.parent = ra
     ra.members.extend(rb.members)
     ra.refusals.extend(rb.refusals)
@@ -162,8 +206,8 @@ class DependencyGraph:
         layouts: dict[torch.fx.Node, _Layout | None] = {}
         spaces: list[_Space] = []
 
-        def new_space(size: int, origin: str) -> _Space:
-            s = _Space(size, origin)
+        def new_space(size: int, origin: str, fold: int = 1) -> _Space:
+            s = _Space(size, origin, fold)
             spaces.append(s)
             return s
 
@@ -225,33 +269,38 @@ class DependencyGraph:
                 # Depthwise: output channel k reads input channel k only; one group runs through.
                 if x is not None and len(x.blocks) == 1 and x.blocks[0][1] == 1:
                     space = x.blocks[0][0]
-                    space.find().members.append(Member(name, "depthwise", 0))
+                    space.member(name, "depthwise", 0)
                     return _Layout(1, [(space, 1)])
                 refuse(x, f"depthwise {name} reads them in a layout it cannot follow")
                 out = new_space(out_size, name)
                 out.refusals.append(f"depthwise {name} reads channels that cannot be pruned with these")
-                out.members.append(Member(name, "depthwise", 0))
+                out.member(name, "depthwise", 0)
                 return _Layout(1, [(out, 1)])
             if groups > 1:
-                refuse(x, f"grouped convolution {name} (groups={groups}) needs equal groups")
-                out = new_space(out_size, name)
-                out.refusals.append(f"grouped convolution {name} (groups={groups}) needs equal groups")
-                out.members.append(Member(name, "out", 0))
+                # Grouped: the input and output spaces are folded into slots; the weight's column j
+                # is input slot j for every group.
+                if x is not None and len(x.blocks) == 1 and x.blocks[0][1] == 1 and _fold(x.blocks[0][0], groups):
+                    x.blocks[0][0].find().members.append(Member(name, "in", 0))
+                else:
+                    refuse(x, f"grouped convolution {name} (groups={groups}) reads them in a layout whose equal "
+                              "groups it cannot keep")
+                out = new_space(out_size // groups, name, fold=groups)
+                out.member(name, "out", 0)
                 return _Layout(1, [(out, 1)])
             if x is not None:
                 offset = 0
                 for space, expand in x.blocks:
-                    space.find().members.append(Member(name, "in", offset, expand))
-                    offset += space.size * expand
+                    space.member(name, "in", offset, expand)
+                    offset += space.width * expand
             out = new_space(out_size, name)
-            out.members.append(Member(name, "out", 0))
+            out.member(name, "out", 0)
             return _Layout(cdim if linear else 1, [(out, 1)])
         if isinstance(module, NORMS):
             if x is not None and x.dim == 1 and all(e == 1 for _, e in x.blocks):
                 offset = 0
                 for space, _ in x.blocks:
-                    space.find().members.append(Member(name, "norm", offset))
-                    offset += space.size
+                    space.member(name, "norm", offset)
+                    offset += space.width
                 return x
             refuse(x, f"{name} normalises them in a layout it cannot follow")
             return None
@@ -279,7 +328,7 @@ class DependencyGraph:
                     refuse(a, f"{where} combines them with another dimension")
                     refuse(b, f"{where} combines them with another dimension")
                     return None
-                if [(s.size, e) for s, e in a.blocks] != [(s.size, e) for s, e in b.blocks]:
+                if [(s.width, e) for s, e in a.blocks] != [(s.width, e) for s, e in b.blocks]:
                     refuse(a, f"{where} adds differently laid-out channels")
                     refuse(b, f"{where} adds differently laid-out channels")
                     return None

@@ -31,15 +31,6 @@ STATISTICS_FOR = {"rc": ("relative_mean",), "fluctuation": ("contribution_std", 
                   "taylor": ("weight_grad",)}
 
 
-def _columns(member: Member, k: int) -> slice:
-    start = member.offset + k * member.expand
-    return slice(start, start + member.expand)
-
-
-def _weight_cols(w: Tensor, member: Member, k: int) -> Tensor:
-    return w[:, _columns(member, k)]
-
-
 def group_scores(graph: DependencyGraph, stats: Stats | None = None, criterion: str = "l2",
                  seed: int = 0) -> dict[int, Tensor]:
     """Per prunable group (by index in ``graph.groups``), one score per channel (float64)."""
@@ -83,9 +74,7 @@ def _member_scores(module: nn.Module, m: Member, size: int, criterion: str, stat
         s = _need(stats, m.module, criterion)
         value = _in_units(s.relative_mean if criterion == "rc" else s.contribution_std ** 2)
         value = value.expand(w.shape[0], -1) if value.shape[0] == 1 else value
-        for k in range(size):
-            per[k] = value[:, _columns(m, k)].sum()
-        return per
+        return value.sum(0)[m.index(size)].sum(1)
     if m.role == "norm":
         if criterion == "taylor":
             return per
@@ -93,7 +82,7 @@ def _member_scores(module: nn.Module, m: Member, size: int, criterion: str, stat
         entries = w.abs().pow(p)
         if getattr(module, "bias", None) is not None:
             entries = entries + module.bias.detach().double().abs().pow(p)
-        return entries[m.offset:m.offset + size].clone()
+        return entries[m.index(size)].sum(1)
     if criterion == "taylor":
         s = _need(stats, m.module, criterion)
         a = (s.checked_weight().double() * s.weight_grad).abs()
@@ -103,11 +92,8 @@ def _member_scores(module: nn.Module, m: Member, size: int, criterion: str, stat
         rows = a.reshape(a.shape[0], -1).sum(1)
         if criterion != "taylor" and module.bias is not None:
             rows = rows + module.bias.detach().double().abs().pow(1 if criterion == "l1" else 2)
-        return rows[m.offset:m.offset + size].clone()
-    cols = _in_units(a).sum(0)
-    for k in range(size):
-        per[k] = cols[_columns(m, k)].sum()
-    return per
+        return rows[m.index(size)].sum(1)
+    return _in_units(a).sum(0)[m.index(size)].sum(1)
 
 
 @dataclass
@@ -200,11 +186,11 @@ def _slices(graph: DependencyGraph, keep: dict[int, Tensor]) -> tuple[dict[str, 
             module = graph.modules[m.module]
             if m.role == "in":
                 mask = col_masks.setdefault(m.module, torch.ones(module.weight.shape[1], dtype=torch.bool))
-                mask[m.offset:m.offset + group.size * m.expand] = block.repeat_interleave(m.expand)
             else:
                 size = module.num_features if isinstance(module, NORMS) else module.weight.shape[0]
                 mask = row_masks.setdefault(m.module, torch.ones(size, dtype=torch.bool))
-                mask[m.offset:m.offset + group.size] = block
+            idx = m.index(group.size)
+            mask[idx] = block.view(-1, 1).expand_as(idx)
     rows = {n: torch.nonzero(m).flatten() for n, m in row_masks.items()}
     cols = {n: torch.nonzero(m).flatten() for n, m in col_masks.items()}
     return rows, cols
@@ -278,7 +264,8 @@ def _resize(module: nn.Module, rows: Tensor | None, cols: Tensor | None) -> None
         module.num_features = len(idx)
         return
     w = module.weight.detach()
-    depthwise = getattr(module, "groups", 1) > 1
+    groups = getattr(module, "groups", 1)
+    depthwise = groups > 1 and groups == module.in_channels == module.out_channels
     if rows is not None:
         w = w[rows]
         if module.bias is not None:
