@@ -126,3 +126,42 @@ def test_user_model_factory():
         build_model("nope.nothing:f", (1, 8, 8), 10)
     with pytest.raises(RelpruneError, match="unknown model"):
         build_model("resnet", (1, 8, 8), 10)
+
+
+def test_early_stopping_keeps_the_best_epoch_as_a_shorter_run_would_end(digits):
+    """With patience, the model ends as a run stopped right after its best validation epoch."""
+    torch.manual_seed(0)
+    m = build_model("lenet300", digits.input_shape, 10)
+    relprune.prune(m, None, sparsity=0.5, criterion="magnitude")
+    start = _state(m)
+    cfg = TrainConfig(epochs=8, batch_size=32, lr=3e-2, schedule="constant", patience=2, seed=1)
+    history = train(m, digits, cfg)
+    accs = [h["val_acc"] for h in history]
+    best = max(range(len(accs)), key=lambda i: (accs[i], -i))
+    assert len(history) == cfg.epochs or len(history) - 1 - best == cfg.patience
+    assert evaluate(m, digits.val) == accs[best]
+    ref = build_model("lenet300", digits.input_shape, 10)
+    relprune.prune(ref, None, sparsity=0.5, criterion="magnitude")
+    ref.load_state_dict(start)
+    train(ref, digits, TrainConfig(epochs=best + 1, batch_size=32, lr=3e-2, schedule="constant", seed=1))
+    for k, v in _state(ref).items():
+        assert torch.equal(m.state_dict()[k], v), k
+    layer = m.get_submodule("1")
+    assert torch.all(layer.weight[~layer.weight_mask.bool()] == 0)
+
+
+def test_early_stopping_ends_when_validation_stops_improving(digits):
+    m = build_model("lenet300", digits.input_shape, 10)
+    history = train(m, digits, TrainConfig(epochs=10, batch_size=64, lr=0.0, patience=3))
+    assert len(history) == 4  # epoch 1 is the best; three more without improvement
+
+
+def test_old_checkpoint_without_new_settings_resumes(digits, tmp_path):
+    m = build_model("lenet300", digits.input_shape, 10)
+    ckpt = tmp_path / "c.ckpt"
+    train(m, digits, TrainConfig(epochs=1, batch_size=64), checkpoint=ckpt)
+    state = torch.load(ckpt, weights_only=True)
+    del state["config"]["patience"], state["best"]
+    torch.save(state, ckpt)
+    history = train(m, digits, TrainConfig(epochs=1, batch_size=64), checkpoint=ckpt)
+    assert len(history) == 1  # accepted as the same run (patience=0 is the default), nothing retrained

@@ -38,6 +38,9 @@ class TrainConfig:
     seed: int = 0
     schedule: str = "cosine"  # or "constant"
     augment: str = "none"  # "crop" (shift by up to 2 pixels) or "crop-flip" (and mirror left-right)
+    #: Early stopping: end when validation accuracy has not improved for this many epochs and keep
+    #: the best epoch's weights (0: train every epoch, keep the last).
+    patience: int = 0
 
 
 AUGMENTATIONS = ("none", "crop", "crop-flip")
@@ -129,7 +132,9 @@ def train(
 ) -> list[dict[str, float]]:
     """Train ``model`` on ``data.train``; returns per-epoch history (loss, penalty, val accuracy).
 
-    ``penalty`` is added to the loss as ``alpha(epoch, step) * penalty()``.
+    ``penalty`` is added to the loss as ``alpha(epoch, step) * penalty()``. With ``cfg.patience``
+    training stops once validation accuracy has not improved for that many epochs, and the model
+    ends with the weights (masks included) of its best validation epoch.
     With ``checkpoint``, the state after each epoch is saved atomically and an
     existing checkpoint with the same config and ``run`` description (model,
     regulariser, ...) is resumed; any other is refused. ``log`` gets one line
@@ -157,10 +162,13 @@ def train(
     start_epoch = 0
     ckpt = Path(checkpoint) if checkpoint else None
     run = dict(run or {})
+    best: dict[str, Any] = {"acc": -1.0, "epoch": -1, "state": None}
     if ckpt is not None and ckpt.is_file():
         state = _read_checkpoint(ckpt)
-        if state.get("config") != asdict(cfg) or state.get("run", {}) != run:
-            theirs = {**state.get("config", {}), **state.get("run", {})}
+        # Settings added since the checkpoint was written count as their defaults.
+        config = {**asdict(TrainConfig()), **state.get("config", {})}
+        if config != asdict(cfg) or state.get("run", {}) != run:
+            theirs = {**config, **state.get("run", {})}
             ours = {**asdict(cfg), **run}
             diff = {k: (theirs.get(k), ours.get(k)) for k in sorted(set(theirs) | set(ours))
                     if theirs.get(k) != ours.get(k)}
@@ -174,12 +182,15 @@ def train(
             if sched is not None:
                 sched.load_state_dict(state["scheduler"])
             history, start_epoch = state["history"], state["epoch"] + 1
+            best = state.get("best") or best
         except (RuntimeError, KeyError, ValueError, TypeError) as err:
             raise CheckpointError(f"{ckpt} does not fit this model: {str(err).splitlines()[0]}; delete it "
                                   "to start over") from err
         if log is not None:
             log(f"resuming from {ckpt} after epoch {start_epoch} of {cfg.epochs}")
     for epoch in range(start_epoch, cfg.epochs):
+        if cfg.patience and epoch - best["epoch"] > cfg.patience and best["epoch"] >= 0:
+            break  # resumed after the stop
         model.train()
         torch.manual_seed(cfg.seed * 100_003 + epoch + 7_919 * rank)  # dropout and any other global RNG use
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
@@ -213,11 +224,24 @@ def train(
         if log is not None:
             log(f"{desc} epoch {epoch + 1}/{cfg.epochs}: loss {record['loss']:.4f}, "
                 f"validation accuracy {record['val_acc']:.4f}")
+        stop = False
+        if cfg.patience:
+            if record["val_acc"] > best["acc"]:
+                best = {"acc": record["val_acc"], "epoch": epoch,
+                        "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+            stop = epoch - best["epoch"] >= cfg.patience
+            if stop and log is not None:
+                log(f"{desc}: no better validation accuracy for {cfg.patience} epochs; keeping epoch "
+                    f"{best['epoch'] + 1}")
         if ckpt is not None and is_main():
             atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
                          "scheduler": sched.state_dict() if sched is not None else None,
-                         "history": history, "config": asdict(cfg), "run": run}, ckpt)
+                         "history": history, "config": asdict(cfg), "run": run, "best": best}, ckpt)
         barrier()
+        if stop:
+            break
+    if best["state"] is not None:
+        model.load_state_dict(best["state"])
     return history
 
 
