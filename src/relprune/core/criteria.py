@@ -161,7 +161,7 @@ def obs_saliency(weight: Tensor, stats: LayerStats | None, opts: dict[str, Any])
     from .reconstruct import PERCDAMP, damped_inverse_diagonal
 
     inv_diag = damped_inverse_diagonal(_stats(stats).input_gram, PERCDAMP)
-    return weight.double() ** 2 / inv_diag.reshape(1, -1)
+    return (weight_matrix(weight.double()) ** 2 / inv_diag.reshape(1, -1)).reshape(weight.shape)
 
 
 def _sparsegpt_joint(weight: Tensor, stats: LayerStats | None, sparsity: float | None,
@@ -169,6 +169,9 @@ def _sparsegpt_joint(weight: Tensor, stats: LayerStats | None, sparsity: float |
     from .reconstruct import sparsegpt
 
     shape = weight.shape
+    if n_m is not None and weight.dim() > 2:
+        # Its N:M groups would run along (channel, kernel) columns; sparse kernels want channels.
+        raise RelpruneError("sparsegpt with n_m supports Linear layers; leave convolutions out with layers=")
     new, keep = sparsegpt(weight_matrix(weight), _stats(stats).input_gram, sparsity=sparsity, n_m=n_m)
     return new.reshape(shape), keep.reshape(shape)
 

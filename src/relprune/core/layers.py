@@ -184,6 +184,31 @@ def input_rows(layer: nn.Module, x: Tensor) -> Tensor:
     return x
 
 
+def gram_supported(layer: nn.Module) -> bool:
+    """Whether the input Gram matrix (reconstruction, SparseGPT, OBS) is defined for ``layer``:
+    Linear layers and ungrouped 1-d and 2-d convolutions (over their receptive fields)."""
+    return is_linear(layer) or (getattr(layer, "groups", 1) == 1 and conv_dims(layer) in (1, 2))
+
+
+def patch_rows(layer: nn.Module, x: Tensor) -> Tensor:
+    """A prepared input (see :func:`input_rows`) as the rows the weight matrix multiplies.
+
+    Linear: unchanged. A convolution: every receptive field as one row (im2col), its entries in the
+    (channel, *kernel) order of :func:`weight_matrix`, so ``patch_rows @ weight_matrix.T`` is the
+    output at every position.
+    """
+    if is_linear(layer):
+        return x
+    if not gram_supported(layer):
+        raise ValueError(f"{type(layer).__name__} with groups={layer.groups} has no patch rows")
+    kernel, dilation, stride = layer.kernel_size, layer.dilation, layer.stride
+    if conv_dims(layer) == 1:
+        x = x.unsqueeze(2)
+        kernel, dilation, stride = (1, *kernel), (1, *dilation), (1, *stride)
+    cols = F.unfold(x, kernel, dilation=dilation, padding=0, stride=stride)  # (B, C * k, positions)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
 def output_rows(layer: nn.Module, y: Tensor) -> Tensor:
     """Per-output tensor in the layout the products take: Linear (N, O); conv unchanged."""
     if is_linear(layer):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -457,9 +458,10 @@ def _accumulate(layer: nn.Module, ls: LayerStats, scratch: _Scratch, x: Tensor, 
     if rows is not None:
         g = g * rows.to(cd).unsqueeze(1)
     if "gram" in need:
-        # Not per neuron: every counted row, whatever the liveness of each output.
-        kept = xp if rows is None else xp * rows.to(cd).unsqueeze(1)
-        scratch.add_gram(kept, xp)
+        # Not per neuron: every counted row (a conv: every receptive field), whatever the liveness.
+        patches = L.patch_rows(layer, xp)
+        kept = patches if rows is None else patches * rows.to(cd).unsqueeze(1)
+        scratch.add_gram(kept, patches)
     ls.live_count.add_(L.per_output_count(layer, g))
     ls.total_count += L.samples_in(layer, g) if rows is None else int(rows.sum())
     a = xp.abs() if need & {"sa", "r1", "r2"} else None
@@ -493,7 +495,8 @@ def _sum_shape(layer: nn.Module, key: str, liveness: str | None, weight_shape: t
     """Weight-shaped, except the I x I gram, and input moments of a Linear without liveness: every
     output sees the same samples, so one (1, I) row holds them (O times less memory)."""
     if key == "gram":
-        return (weight_shape[1], weight_shape[1])
+        fan_in = math.prod(weight_shape[1:])
+        return (fan_in, fan_in)
     if key in _INPUT_MOMENTS and liveness is None and L.is_linear(layer):
         return (1, weight_shape[1])
     return tuple(weight_shape)
@@ -512,9 +515,10 @@ def _new_layer_stats(layer: nn.Module, x: Tensor | None, liveness: str | None, s
         dims = (0, *range(2, rows.dim()))
         shift = rows.double().mean(dim=dims) if need & {"s1", "s2"} else torch.zeros(
             rows.shape[1], dtype=torch.float64, device=x.device)
-    if "gram" in need and not L.is_linear(layer):
-        raise CalibrationError(f"statistic 'input_gram' (SparseGPT, reconstruction) supports Linear layers only; "
-                               f"{type(layer).__name__} is not (pass layers= to leave it out)")
+    if "gram" in need and not L.gram_supported(layer):
+        raise CalibrationError(f"statistic 'input_gram' (SparseGPT, reconstruction, obs) supports Linear layers and "
+                               f"ungrouped 1-d/2-d convolutions; {type(layer).__name__} (groups="
+                               f"{getattr(layer, 'groups', 1)}) is not (pass layers= to leave it out)")
     sums = {k: torch.zeros(_sum_shape(layer, k, liveness, w.shape), dtype=torch.float64, device=w.device)
             for k in need}
     return LayerStats(
