@@ -93,3 +93,45 @@ def test_method_grid_and_table():
     table = markdown_tables(rows)
     assert "| a | **80.00 ± 0.00** |" in table and "| b | 70.00 ± 0.00 |" in table
     assert json.dumps(rows)
+
+
+def test_method_labels_parse_back_to_the_same_method():
+    from relprune.experiments.experiment import Method
+
+    cfg = tiny_config(criteria=["rc", "wanda", "magnitude", "rc-ucb", "obs"], liveness=[True, False],
+                      bias_compensation=[False, True], reconstruct=[False, True], scopes=["global", "row"],
+                      n_m=["2:4"], ucb_k=[1.0, 2.0])
+    methods = cfg.methods()
+    assert len(methods) > 20
+    for m in methods:
+        assert Method.parse(m.label) == m, m.label
+    assert Method.parse("wanda -live [row]") == Method("wanda", "row", False)
+    assert not any(m.bias_compensation and m.reconstruct for m in methods)
+    for bad in ("", "nope", "rc +bc +refit", "rc [row] sideways"):
+        with pytest.raises(RelpruneError):
+            Method.parse(bad)
+
+
+def test_extra_methods_gradual_regime_and_early_stopped_finetune(tmp_path):
+    cfg = tiny_config(criteria=["magnitude"], methods_extra=["wanda -live [row]", "rc +refit"],
+                      regimes=["gradual", "finetune"], sparsities=[0.8], finetune_epochs=3, finetune_patience=1,
+                      gradual_steps=3)
+    rows = load_results(run_bench(cfg, tmp_path, log=lambda *_: None))
+    assert {r["method"] for r in rows} == {"magnitude", "wanda -live [row]", "rc +refit"}
+    assert {r["regime"] for r in rows} == {"gradual", "finetune"}
+    for r in rows:
+        assert r["achieved_sparsity"] == pytest.approx(0.8, abs=0.01)
+    settings = json.loads((tmp_path / "settings.json").read_text())
+    assert settings["finetune_patience"] == 1 and settings["gradual_steps"] == 3
+    # Cells of methods without a re-fit keep the keys they had before re-fits existed.
+    assert all(("m_reconstruct" in r["key"]) == ("+refit" in r["method"]) for r in rows)
+
+
+def test_converged_recipes_enter_the_settings_and_unknown_pairs_are_refused():
+    cfg = tiny_config(models=["lenet5:mnist"], dense_recipe="converged")
+    assert cfg.settings()["dense_recipes"]["lenet5:mnist"]["epochs"] >= 20
+    with pytest.raises(RelpruneError, match="no converged recipe for lenet300:digits"):
+        tiny_config(dense_recipe="converged").settings()
+    with pytest.raises(RelpruneError, match="dense_recipe"):
+        tiny_config(dense_recipe="long").validate()
+    assert "dense_recipe" not in tiny_config().settings()  # folders from before the option stay valid

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -165,3 +167,36 @@ def test_old_checkpoint_without_new_settings_resumes(digits, tmp_path):
     torch.save(state, ckpt)
     history = train(m, digits, TrainConfig(epochs=1, batch_size=64), checkpoint=ckpt)
     assert len(history) == 1  # accepted as the same run (patience=0 is the default), nothing retrained
+
+
+def test_cubic_schedule_is_zhu_and_gupta_by_hand():
+    from relprune.experiments.experiment import cubic_schedule
+
+    assert cubic_schedule(0.9, 3) == pytest.approx([0.9 * (1 - (2 / 3) ** 3), 0.9 * (1 - (1 / 3) ** 3), 0.9])
+    assert cubic_schedule(0.8, 2, initial=0.4) == pytest.approx([0.8 - 0.4 / 8, 0.8])
+
+
+def test_gradual_pruning_only_adds_to_the_mask_and_ends_at_the_target(digits):
+    from relprune.experiments.experiment import gradual_prune
+
+    torch.manual_seed(0)
+    m = build_model("lenet300", digits.input_shape, 10)
+    calib = calibration_batches(digits.train, 128)
+    seen = []
+    original = relprune.prune
+
+    def spy(model, *a, **kw):
+        masks = original(model, *a, **kw)
+        seen.append((kw["sparsity"], {n: k.clone() for n, k in masks.items()}))
+        return masks
+
+    import relprune.experiments.experiment as ex
+    ex.prune, saved = spy, ex.prune
+    try:
+        masks = gradual_prune(m, digits, calib, Method("rc"), 0.9, 4, TrainConfig(epochs=5, batch_size=32))
+    finally:
+        ex.prune = saved
+    assert [s for s, _ in seen] == pytest.approx([0.9 * (1 - (1 - t / 4) ** 3) for t in (1, 2, 3, 4)])
+    for (_, before), (_, after) in itertools.pairwise(seen):
+        assert all(torch.all(after[n] <= before[n]) for n in before)  # nothing pruned comes back
+    assert masks.sparsity == pytest.approx(0.9, abs=0.01)

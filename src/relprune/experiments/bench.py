@@ -31,6 +31,7 @@ from .experiment import (
     apply_method,
     fresh_copy,
     gather,
+    gradual_prune,
     iterative_prune,
     load_model,
     train_model,
@@ -38,7 +39,7 @@ from .experiment import (
 from .report import load_results, write_report
 from .training import TrainConfig, calibration_batches, evaluate, save_json, train
 
-REGIMES = ("oneshot", "finetune", "iterative")
+REGIMES = ("oneshot", "finetune", "iterative", "gradual")
 TIMING_FIELDS = ("stats_seconds", "cell_seconds", "finished")
 
 
@@ -71,6 +72,9 @@ class BenchConfig:
     liveness: list[bool] = field(default_factory=lambda: [True])
     bias_compensation: list[bool] = field(default_factory=lambda: [False])
     ucb_k: list[float] = field(default_factory=lambda: [1.0])
+    reconstruct: list[bool] = field(default_factory=lambda: [False])
+    #: Methods named by label ('wanda -live [row]', 'rc +refit'), beside the grid of the fields above.
+    methods_extra: list[str] = field(default_factory=list)
     sparsities: list[float] = field(default_factory=lambda: [0.5, 0.9, 0.95])
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     regimes: list[str] = field(default_factory=lambda: ["oneshot", "finetune"])
@@ -82,7 +86,15 @@ class BenchConfig:
     lr: float = 1e-3
     finetune_epochs: int = 1
     finetune_lr: float = 3e-4
+    #: Fine-tunes stop when validation accuracy has not improved for this many epochs (0: never);
+    #: finetune_epochs is then the most they train.
+    finetune_patience: int = 0
     iterative_rounds: int = 3
+    #: Pruning steps of the gradual regime (Zhu & Gupta's cubic schedule over one pass of the data).
+    gradual_steps: int = 10
+    #: "config": dense models train with epochs/lr/batch_size above (Adam, cosine); "converged": each
+    #: (model, dataset) with its own recipe from relprune.experiments.recipes.
+    dense_recipe: str = "config"
     data_dir: str | None = None
     download: bool = False
     max_train_samples: int | None = None
@@ -114,16 +126,20 @@ class BenchConfig:
         return cls(**raw)
 
     def validate(self) -> None:
-        for name in ("epochs", "batch_size", "iterative_rounds"):
+        for name in ("epochs", "batch_size", "iterative_rounds", "gradual_steps"):
             if getattr(self, name) < 1:
                 raise RelpruneError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("lr", "finetune_lr"):
             if not getattr(self, name) > 0:
                 raise RelpruneError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.finetune_epochs < 0 or any(c < 1 for c in self.calib_samples):
-            raise RelpruneError("finetune_epochs must be >= 0 and calib_samples >= 1")
+        if self.finetune_epochs < 0 or self.finetune_patience < 0 or any(c < 1 for c in self.calib_samples):
+            raise RelpruneError("finetune_epochs and finetune_patience must be >= 0 and calib_samples >= 1")
+        if self.dense_recipe not in ("config", "converged"):
+            raise RelpruneError(f"dense_recipe must be 'config' or 'converged', got {self.dense_recipe!r}")
         for c in self.criteria:
             get_criterion(c)
+        for label in self.methods_extra:
+            Method.parse(label)
         bad = [r for r in self.regimes if r not in REGIMES]
         if bad:
             raise RelpruneError(f"unknown regimes {bad}; known: {REGIMES}")
@@ -138,21 +154,35 @@ class BenchConfig:
 
     def settings(self) -> dict[str, Any]:
         """What every cell's number depends on beyond its own key."""
-        return {k: getattr(self, k) for k in ("epochs", "batch_size", "lr", "finetune_epochs", "finetune_lr",
-                                              "iterative_rounds", "pat_warmup", "max_train_samples",
-                                              "finetune_max_samples")}
+        out = {k: getattr(self, k) for k in ("epochs", "batch_size", "lr", "finetune_epochs", "finetune_lr",
+                                             "iterative_rounds", "pat_warmup", "max_train_samples",
+                                             "finetune_max_samples")}
+        # Settings added later enter only when set, so folders written before them stay valid.
+        for k, default in (("finetune_patience", 0), ("gradual_steps", 10), ("dense_recipe", "config")):
+            if getattr(self, k) != default:
+                out[k] = getattr(self, k)
+        if self.dense_recipe == "converged":
+            from .recipes import converged_recipe
+
+            out["dense_recipes"] = {spec: asdict(converged_recipe(*spec.split(":", 1), seed=0))
+                                    for spec in self.models}
+        return out
 
     def methods(self) -> list[Method]:
         out: list[Method] = []
         for c in self.criteria:
-            crit = get_criterion(c)
-            # Liveness changes activation statistics only; gradients and |W| ignore it.
-            varies = bool(crit.statistics - {"weight_grad"})
-            for live in (self.liveness if varies else [True]):
+            for live in self.liveness:
                 for bc in self.bias_compensation:
-                    for k in (self.ucb_k if c == "rc-ucb" else [1.0]):
-                        out.extend(Method(c, s, live, bc, None, k) for s in self.scopes)
-                        out.extend(Method(c, "global", live, bc, p, k) for p in self.n_m)
+                    for rec in self.reconstruct:
+                        if bc and rec:
+                            continue  # a re-fit already corrects the removed mean
+                        for k in (self.ucb_k if c == "rc-ucb" else [1.0]):
+                            grid = [Method(c, s, live, bc, None, k, rec) for s in self.scopes]
+                            grid += [Method(c, "global", live, bc, p, k, rec) for p in self.n_m]
+                            # Liveness changes activation statistics only; gradients, |W| and the Gram ignore it.
+                            out.extend(m if m.uses_activations else dataclasses.replace(m, liveness=True)
+                                       for m in grid)
+        out.extend(Method.parse(label) for label in self.methods_extra)
         return list(dict.fromkeys(out))
 
 
@@ -216,7 +246,12 @@ def dense_model(cfg: BenchConfig, out: Path, model_name: str, dataset: str, data
     if (folder / "model.safetensors").is_file():
         model, info = load_model(folder)
         return model, info.metrics["test_acc"]
-    tcfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=seed)
+    if cfg.dense_recipe == "converged":
+        from .recipes import converged_recipe
+
+        tcfg = converged_recipe(model_name, dataset, seed=seed)
+    else:
+        tcfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=seed)
     model, info = train_model(model_name, data, tcfg, folder, pat=pat, pat_alpha=alpha, pat_warmup=cfg.pat_warmup,
                               desc=f"dense {tag}")
     return model, info.metrics["test_acc"]
@@ -240,7 +275,8 @@ def cells(cfg: BenchConfig) -> Iterator[dict[str, Any]]:
                             for regime in cfg.regimes:
                                 yield {"model": model_name, "dataset": dataset, "seed": seed, "pat": pat,
                                        "pat_alpha": alpha, "calib_samples": calib, "method": method.label,
-                                       **{f"m_{k}": v for k, v in asdict(method).items()},
+                                       **{f"m_{k}": v for k, v in asdict(method).items()
+                                          if k != "reconstruct" or v},  # keys from before re-fits stay
                                        "sparsity": s, "regime": regime}
 
 
@@ -289,12 +325,16 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, log=print) -> Path:
             method = Method(**{k[2:]: v for k, v in c.items() if k.startswith("m_")})
             calib = calib_cache.setdefault(c["calib_samples"], calibration_batches(data.train, c["calib_samples"],
                                                                                  seed=seed))
-            ft = TrainConfig(epochs=cfg.finetune_epochs, batch_size=cfg.batch_size, lr=cfg.finetune_lr, seed=seed)
+            ft = TrainConfig(epochs=cfg.finetune_epochs, batch_size=cfg.batch_size, lr=cfg.finetune_lr, seed=seed,
+                             patience=cfg.finetune_patience)
             model = fresh_copy(dense)
             stats_seconds = None
             try:
                 if c["regime"] == "iterative":
                     masks = iterative_prune(model, ft_data, calib, method, c["sparsity"], cfg.iterative_rounds, ft)
+                elif c["regime"] == "gradual":
+                    masks = gradual_prune(model, ft_data, calib, method, c["sparsity"], cfg.gradual_steps, ft)
+                    train(model, ft_data, ft, desc=f"finetune {method.label} {c['sparsity']:g}")
                 else:
                     skey = (c["calib_samples"], method.liveness)
                     if skey not in stats_cache:

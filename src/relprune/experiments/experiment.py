@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +17,14 @@ import torch
 from torch import Tensor, nn
 
 from .. import collect_stats, load_state_dict, prune
-from ..core.allocation import nm_fits
+from ..core.allocation import nm_fits, parse_n_m
 from ..core.criteria import get_criterion
 from ..core.layers import prunable_layers
 from ..core.masks import Masks, copy_model
 from ..core.stats import Stats
 from ..defaults import DEFAULT_BIAS_COMPENSATION, DEFAULT_CRITERION, DEFAULT_LIVENESS, DEFAULT_SCOPE
-from ..errors import CheckpointError
-from .data import Data
+from ..errors import CheckpointError, RelpruneError
+from .data import Data, Split
 from .models import build_model
 from .training import TrainConfig, atomic_write_text, train
 
@@ -39,15 +39,18 @@ class Method:
     bias_compensation: bool = DEFAULT_BIAS_COMPENSATION
     n_m: str | None = None
     ucb_k: float = 1.0
+    reconstruct: bool = False
 
     @property
     def label(self) -> str:
-        """A short readable name, e.g. 'rc', 'rc -live +bc [layer]', 'wanda 2:4'."""
+        """A short readable name, e.g. 'rc', 'rc -live +bc [layer]', 'wanda 2:4', 'obs +refit'."""
         parts = [self.criterion]
-        if get_criterion(self.criterion).statistics - {"weight_grad"} and not self.liveness:
+        if self.uses_activations and not self.liveness:
             parts.append("-live")
         if self.bias_compensation:
             parts.append("+bc")
+        if self.reconstruct:
+            parts.append("+refit")
         if self.criterion == "rc-ucb" and self.ucb_k != 1.0:
             parts.append(f"k={self.ucb_k:g}")
         if self.n_m:
@@ -56,11 +59,47 @@ class Method:
             parts.append(f"[{self.scope}]")
         return " ".join(parts)
 
+    @property
+    def uses_activations(self) -> bool:
+        """Whether liveness can change what this method removes (the input Gram counts every sample)."""
+        return bool(set(self.statistics()) - {"weight_grad", "input_gram"})
+
     def statistics(self) -> list[str]:
         stats = set(get_criterion(self.criterion).statistics)
         if self.bias_compensation:
             stats.add("contribution_mean")
+        if self.reconstruct:
+            stats.add("input_gram")
         return sorted(stats)
+
+    @classmethod
+    def parse(cls, label: str) -> Method:
+        """The method a :attr:`label` names: 'wanda -live [row]', 'rc +refit', 'magnitude [layer]', 'obs 2:4'."""
+        words = label.split()
+        if not words:
+            raise RelpruneError("a method label needs a criterion, e.g. 'wanda -live [row]'")
+        fields: dict[str, Any] = {"criterion": words[0], "liveness": True}
+        get_criterion(words[0])
+        for w in words[1:]:
+            if w == "-live":
+                fields["liveness"] = False
+            elif w == "+bc":
+                fields["bias_compensation"] = True
+            elif w == "+refit":
+                fields["reconstruct"] = True
+            elif w.startswith("k="):
+                fields["ucb_k"] = float(w[2:])
+            elif w.startswith("[") and w.endswith("]"):
+                fields["scope"] = w[1:-1]
+            elif ":" in w:
+                parse_n_m(w)
+                fields["n_m"] = w
+            else:
+                raise RelpruneError(f"method label {label!r}: unknown part {w!r} (known: -live, +bc, +refit, k=, "
+                                    "N:M, [scope])")
+        if fields.get("bias_compensation") and fields.get("reconstruct"):
+            raise RelpruneError(f"method label {label!r}: +refit already corrects the removed mean; drop +bc")
+        return cls(**fields)
 
 
 def gather(model: nn.Module, calib: list[tuple[Tensor, Tensor]], methods: list[Method],
@@ -77,7 +116,8 @@ def gather(model: nn.Module, calib: list[tuple[Tensor, Tensor]], methods: list[M
 def apply_method(model: nn.Module, stats: Stats | None, method: Method, sparsity: float, seed: int) -> Masks:
     """Prune ``model`` in place by ``method`` to ``sparsity`` (N:M methods ignore sparsity)."""
     kwargs: dict[str, Any] = {"criterion": method.criterion, "scope": method.scope,
-                              "bias_compensation": method.bias_compensation, "seed": seed}
+                              "bias_compensation": method.bias_compensation, "seed": seed,
+                              "reconstruct": method.reconstruct}
     if "ucb_k" in get_criterion(method.criterion).options:
         kwargs["ucb_k"] = method.ucb_k
     if method.n_m:
@@ -103,6 +143,31 @@ def iterative_prune(model: nn.Module, data: Data, calib: list[tuple[Tensor, Tens
         stats, _ = gather(model, calib, [method], method.liveness)
         masks = apply_method(model, stats, method, s, finetune.seed + r)
         train(model, data, finetune, desc=f"iterative {r + 1}/{rounds}")
+    assert masks is not None
+    return masks
+
+
+def cubic_schedule(final: float, steps: int, initial: float = 0.0) -> list[float]:
+    """Zhu & Gupta (2017): s_t = s_f + (s_i - s_f) (1 - t / n)^3 at the n pruning steps t = 1..n."""
+    return [final + (initial - final) * (1 - t / steps) ** 3 for t in range(1, steps + 1)]
+
+
+def gradual_prune(model: nn.Module, data: Data, calib: list[tuple[Tensor, Tensor]], method: Method,
+                  sparsity: float, steps: int, cfg: TrainConfig) -> Masks:
+    """Prune while training (Zhu & Gupta 2017): one pass over the training data in ``steps`` equal
+    parts; before each part the sparsity rises along the cubic schedule, by ``method`` on statistics
+    re-collected from the current model, and the part is trained on at ``cfg.lr`` (constant)."""
+    if steps < 1:
+        raise RelpruneError(f"gradual pruning needs at least one step, got {steps}")
+    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(cfg.seed + 4_049))
+    parts = order.chunk(steps)
+    part_cfg = replace(cfg, epochs=1, schedule="constant", patience=0)
+    masks = None
+    for t, (s, idx) in enumerate(zip(cubic_schedule(sparsity, steps), parts, strict=True)):
+        stats, _ = gather(model, calib, [method], method.liveness)
+        masks = apply_method(model, stats, method, s, cfg.seed + t)
+        part = replace(data, train=Split(data.train.x[idx], data.train.y[idx]))
+        train(model, part, replace(part_cfg, seed=cfg.seed + t), desc=f"gradual {t + 1}/{steps}")
     assert masks is not None
     return masks
 
