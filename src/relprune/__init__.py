@@ -25,6 +25,7 @@ from .core.stats import STATISTICS, LayerStats, Stats, collect_stats
 from .deploy import export, graph, groups, shrink, structured
 from .deploy.graph import DependencyGraph
 from .deploy.groups import prune_groups
+from .deploy.importance import output_importance
 from .errors import (
     CalibrationError,
     CheckpointError,
@@ -88,6 +89,7 @@ __all__ = [
     "hardtanh",
     "load_state_dict",
     "make_permanent",
+    "output_importance",
     "prune",
     "prune_groups",
     "register",

@@ -94,6 +94,23 @@ def relative_contribution(weight: Tensor, stats: LayerStats | None, opts: dict[s
     return _stats(stats).relative_mean
 
 
+@register("rc-flow", statistics=("relative_mean",), options=("importance",),
+          description="E[r_ij] x I_i: the share times neuron i's importance to the output, propagated back "
+                      "through the shares of the layers above (relprune.output_importance)")
+def relative_contribution_flow(weight: Tensor, stats: LayerStats | None, opts: dict[str, Any]) -> Tensor:
+    importance, layer = opts.get("importance"), opts.get("layer")
+    if importance is None:
+        raise RelpruneError("criterion 'rc-flow' needs importance=relprune.output_importance(model, stats, example)")
+    if layer not in importance:
+        raise RelpruneError(f"criterion 'rc-flow': no output importance for layer {layer!r}")
+    share = _stats(stats).relative_mean
+    rows = importance[layer].to(device=share.device, dtype=share.dtype)
+    if rows.shape != share.shape[:1]:
+        raise RelpruneError(f"criterion 'rc-flow': importance of {layer!r} has shape {tuple(rows.shape)}, "
+                            f"the layer has {share.shape[0]} outputs")
+    return share * rows.reshape(-1, *([1] * (share.dim() - 1)))
+
+
 @register("rc-uniform", statistics=("relative_mean",), relative=True,
           description="E[r_ij] x I: the mean share relative to the uniform share 1/I (fan-in neutral)")
 def relative_contribution_uniform(weight: Tensor, stats: LayerStats | None, opts: dict[str, Any]) -> Tensor:

@@ -166,7 +166,7 @@ def _keep_by_scores(crit: Criterion, chosen: dict[str, nn.Module], weights: dict
     options = {"generator": gen, **criterion_options}
     scores = {}
     for name in chosen:
-        s = crit.score(weights[name], layer_stats.get(name), options)
+        s = crit.score(weights[name], layer_stats.get(name), {**options, "layer": name})
         if tuple(s.shape) != tuple(weights[name].shape):
             raise RelpruneError(f"criterion {crit.name!r} returned shape {tuple(s.shape)} for {name!r}")
         if not torch.isfinite(s).all():

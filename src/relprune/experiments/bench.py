@@ -343,7 +343,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, log=print) -> Path:
                         same = [m for m in same if m.liveness == method.liveness]
                         stats_cache[skey] = gather(dense, calib, same, method.liveness)
                     stats, stats_seconds = stats_cache[skey]
-                    masks = apply_method(model, stats, method, c["sparsity"], seed)
+                    masks = apply_method(model, stats, method, c["sparsity"], seed, calib[0][0])
                     if c["regime"] == "finetune":
                         train(model, ft_data, ft, desc=f"finetune {method.label} {c['sparsity']:g}")
             except RelpruneError as err:

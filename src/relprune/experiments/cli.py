@@ -311,7 +311,8 @@ def cmd_prune(ns: argparse.Namespace) -> int:
         masks = prune(model, stats, threshold=p.threshold, criterion=m.criterion, **options,
                       bias_compensation=m.bias_compensation)
     else:
-        masks = apply_method(model, stats, method, p.sparsity if p.sparsity is not None else 0.0, c.seed)
+        masks = apply_method(model, stats, method, p.sparsity if p.sparsity is not None else 0.0, c.seed,
+                             calib[0][0])
     dense_layers = [r.name for r in sparsity_report(model) if r.name not in masks]
     pruned_acc = evaluate(model, data.test)
     sparsity = _model_sparsity(model)

@@ -113,13 +113,22 @@ def gather(model: nn.Module, calib: list[tuple[Tensor, Tensor]], methods: list[M
     return stats, time.perf_counter() - start
 
 
-def apply_method(model: nn.Module, stats: Stats | None, method: Method, sparsity: float, seed: int) -> Masks:
-    """Prune ``model`` in place by ``method`` to ``sparsity`` (N:M methods ignore sparsity)."""
+def apply_method(model: nn.Module, stats: Stats | None, method: Method, sparsity: float, seed: int,
+                 example: Tensor | None = None) -> Masks:
+    """Prune ``model`` in place by ``method`` to ``sparsity`` (N:M methods ignore sparsity).
+
+    ``example`` (an input batch) is needed by criteria that trace the model (``rc-flow``)."""
     kwargs: dict[str, Any] = {"criterion": method.criterion, "scope": method.scope,
                               "bias_compensation": method.bias_compensation, "seed": seed,
                               "reconstruct": method.reconstruct}
     if "ucb_k" in get_criterion(method.criterion).options:
         kwargs["ucb_k"] = method.ucb_k
+    if "importance" in get_criterion(method.criterion).options:
+        if example is None or stats is None:
+            raise RelpruneError(f"criterion {method.criterion!r} needs statistics and an example input")
+        from ..deploy.importance import output_importance
+
+        kwargs["importance"] = output_importance(model, stats, example)
     if method.n_m:
         # Layers whose inputs (conv: input channels) M does not divide stay dense, as N:M kernels require.
         m = int(method.n_m.split(":")[1])
@@ -141,7 +150,7 @@ def iterative_prune(model: nn.Module, data: Data, calib: list[tuple[Tensor, Tens
     masks = None
     for r, s in enumerate(sparsity_schedule(sparsity, rounds)):
         stats, _ = gather(model, calib, [method], method.liveness)
-        masks = apply_method(model, stats, method, s, finetune.seed + r)
+        masks = apply_method(model, stats, method, s, finetune.seed + r, calib[0][0])
         train(model, data, finetune, desc=f"iterative {r + 1}/{rounds}")
     assert masks is not None
     return masks
@@ -165,7 +174,7 @@ def gradual_prune(model: nn.Module, data: Data, calib: list[tuple[Tensor, Tensor
     masks = None
     for t, (s, idx) in enumerate(zip(cubic_schedule(sparsity, steps), parts, strict=True)):
         stats, _ = gather(model, calib, [method], method.liveness)
-        masks = apply_method(model, stats, method, s, cfg.seed + t)
+        masks = apply_method(model, stats, method, s, cfg.seed + t, calib[0][0])
         part = replace(data, train=Split(data.train.x[idx], data.train.y[idx]))
         train(model, part, replace(part_cfg, seed=cfg.seed + t), desc=f"gradual {t + 1}/{steps}")
     assert masks is not None
