@@ -127,11 +127,19 @@ def test_extra_methods_gradual_regime_and_early_stopped_finetune(tmp_path):
     assert all(("m_reconstruct" in r["key"]) == ("+refit" in r["method"]) for r in rows)
 
 
-def test_converged_recipes_enter_the_settings_and_unknown_pairs_are_refused():
-    cfg = tiny_config(models=["lenet5:mnist"], dense_recipe="converged")
-    assert cfg.settings()["dense_recipes"]["lenet5:mnist"]["epochs"] >= 20
+def test_dense_models_remember_their_recipe_and_unknown_pairs_are_refused(tmp_path, monkeypatch):
+    from relprune.experiments import recipes
+    from relprune.experiments.training import TrainConfig
+
     with pytest.raises(RelpruneError, match="no converged recipe for lenet300:digits"):
-        tiny_config(dense_recipe="converged").settings()
+        run_bench(tiny_config(dense_recipe="converged"), tmp_path / "x", log=lambda *_: None)
     with pytest.raises(RelpruneError, match="dense_recipe"):
         tiny_config(dense_recipe="long").validate()
     assert "dense_recipe" not in tiny_config().settings()  # folders from before the option stay valid
+    monkeypatch.setitem(recipes.CONVERGED, ("lenet300", "digits"), TrainConfig(epochs=2, batch_size=64))
+    cfg = tiny_config(dense_recipe="converged", regimes=["oneshot"], sparsities=[0.5])
+    run_bench(cfg, tmp_path / "y", log=lambda *_: None)
+    monkeypatch.setitem(recipes.CONVERGED, ("lenet300", "digits"), TrainConfig(epochs=3, batch_size=64))
+    with pytest.raises(RelpruneError, match="trained with another recipe \\(epochs differ\\)"):
+        run_bench(tiny_config(dense_recipe="converged", regimes=["oneshot"], sparsities=[0.8]), tmp_path / "y",
+                  log=lambda *_: None)

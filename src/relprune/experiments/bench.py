@@ -161,11 +161,6 @@ class BenchConfig:
         for k, default in (("finetune_patience", 0), ("gradual_steps", 10), ("dense_recipe", "config")):
             if getattr(self, k) != default:
                 out[k] = getattr(self, k)
-        if self.dense_recipe == "converged":
-            from .recipes import converged_recipe
-
-            out["dense_recipes"] = {spec: asdict(converged_recipe(*spec.split(":", 1), seed=0))
-                                    for spec in self.models}
         return out
 
     def methods(self) -> list[Method]:
@@ -243,15 +238,20 @@ def dense_model(cfg: BenchConfig, out: Path, model_name: str, dataset: str, data
     """Train (or load) the dense model of one (model, dataset, seed, PAT) combination."""
     tag = f"{model_name}_{dataset}_s{seed}" + ("" if pat == "none" else f"_{pat}{alpha:g}")
     folder = out / "dense" / tag
-    if (folder / "model.safetensors").is_file():
-        model, info = load_model(folder)
-        return model, info.metrics["test_acc"]
     if cfg.dense_recipe == "converged":
         from .recipes import converged_recipe
 
         tcfg = converged_recipe(model_name, dataset, seed=seed)
     else:
         tcfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=seed)
+    if (folder / "model.safetensors").is_file():
+        model, info = load_model(folder)
+        trained = info.extra.get("train_config")
+        if trained is not None and trained != asdict(tcfg):
+            diff = sorted(k for k in set(trained) | set(asdict(tcfg)) if trained.get(k) != asdict(tcfg).get(k))
+            raise RelpruneError(f"{folder} was trained with another recipe ({', '.join(diff)} differ); delete it "
+                                "to train it again, or use another --out")
+        return model, info.metrics["test_acc"]
     model, info = train_model(model_name, data, tcfg, folder, pat=pat, pat_alpha=alpha, pat_warmup=cfg.pat_warmup,
                               desc=f"dense {tag}")
     return model, info.metrics["test_acc"]

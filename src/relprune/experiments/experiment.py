@@ -306,7 +306,7 @@ def train_model(model_name: str, data: Data, cfg: TrainConfig, folder: str | Pat
             penalty.detach()
     metrics = {"test_acc": evaluate(model, data.test), "val_acc": evaluate(model, data.val)}
     info = ModelInfo(model_name, data.name, list(data.input_shape), data.num_classes, cfg.seed, metrics,
-                     {"pat": pat, "pat_alpha": pat_alpha, "history": history})
+                     {"pat": pat, "pat_alpha": pat_alpha, "history": history, "train_config": asdict(cfg)})
     from ..core.distributed import barrier, is_main
 
     if is_main():  # under torchrun every rank holds the same model; one writes it
