@@ -62,6 +62,9 @@ def test_train_prune_eval_explain_on_digits(tmp_path, capsys):
     assert "sparsity 70.00%" in out and "fine-tuned" in out
     assert main(["prune", "--checkpoint", str(model), "--threshold", "0.5", "--criterion", "rc-ucb",
                  "--out", str(tmp_path / "thr")]) == 0
+    assert main(["prune", "--checkpoint", str(model), "--sparsity", "0.8", "--criterion", "rc-flow",
+                 "--out", str(tmp_path / "flow")]) == 0
+    assert "sparsity 80.00%" in capsys.readouterr().out
     assert main(["prune", "--checkpoint", str(model), "--sparsity", "0.5", "--n-m", "2:4",
                  "--out", str(tmp_path / "bad")]) == 1
     assert main(["eval", "--checkpoint", str(pruned)]) == 0
