@@ -20,12 +20,13 @@ USUAL_ACCURACY: dict[tuple[str, str], float] = {
     ("vgg-small", "fashion-mnist"): 0.930,
 }
 
-# Adam with a cosine schedule for the LeNets; shifts (and, for clothes, mirroring) keep the long
-# runs from over-fitting. The BatchNorm VGG trains faster and further with SGD and weight decay.
+# Adam with a cosine schedule for the LeNets; random shifts keep the long runs from over-fitting
+# (with mirroring too, LeNet-5 stayed at 89.9% on Fashion-MNIST after 30 epochs). The BatchNorm VGG
+# trains faster and further with SGD and weight decay.
 CONVERGED: dict[tuple[str, str], TrainConfig] = {
     ("lenet300", "mnist"): TrainConfig(epochs=30, lr=1e-3, augment="crop"),
     ("lenet5", "mnist"): TrainConfig(epochs=20, lr=1e-3, augment="crop"),
-    ("lenet5", "fashion-mnist"): TrainConfig(epochs=30, lr=1e-3, augment="crop-flip"),
+    ("lenet5", "fashion-mnist"): TrainConfig(epochs=40, lr=1e-3, augment="crop"),
     ("vgg-small", "fashion-mnist"): TrainConfig(epochs=30, lr=0.05, optimizer="sgd", weight_decay=5e-4,
                                                 augment="crop-flip"),
 }
