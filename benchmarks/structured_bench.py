@@ -211,21 +211,29 @@ def run_latency(args) -> None:
 
     The architecture (not the weights) decides the latency, so the cells are re-pruned without a
     fine-tune. Each round times the dense and the pruned model back to back at batch 1 and 64; the
-    ratio of the medians over the rounds is recorded. Run it on an otherwise idle machine.
+    ratio of the medians over the rounds is recorded. Run it on an otherwise idle machine. With
+    --fold-batchnorm both models are timed with every BatchNorm folded into the convolution before
+    it (torch.fx's ``fuse``, eval mode), as an inference deployment would run them.
     """
+    from torch.fx.experimental.optimization import fuse
+
     out = Path(args.out)
     done = _done(out)
+    part = "cnn-latency-folded" if args.fold_batchnorm else "cnn-latency"
     data, dense, _, example, (macs0, _), calib, stats = _cnn_setup(args)
     shape = data.input_shape
+    dense_timed = fuse(dense) if args.fold_batchnorm else dense
     for target, method, model, macs, _, _, _ in pruned_cnns(args, dense, example, macs0, calib, stats):
-        if ("cnn-latency", method, target, args.seed) in done:
+        if (part, method, target, args.seed) in done:
             continue
-        row = {"part": "cnn-latency", "method": method, "target": target, "seed": args.seed,
+        if args.fold_batchnorm:
+            model = fuse(model)
+        row = {"part": part, "method": method, "target": target, "seed": args.seed,
                "macs_ratio": macs / macs0, "rounds": args.latency_rounds}
         for batch in (1, 64):
             dense_t, pruned_t = [], []
             for _ in range(args.latency_rounds):
-                dense_t.append(latency(dense, shape, batch))
+                dense_t.append(latency(dense_timed, shape, batch))
                 pruned_t.append(latency(model, shape, batch))
             row[f"dense_b{batch}_ms"] = statistics.median(dense_t) * 1e3
             row[f"pruned_b{batch}_ms"] = statistics.median(pruned_t) * 1e3
@@ -273,6 +281,7 @@ def table(path: Path) -> str:
     lines = []
     cnn = [r for r in rows if r["part"] == "cnn"]
     lat = {(r["target"], r["method"]): r for r in rows if r["part"] == "cnn-latency"}
+    folded = {(r["target"], r["method"]): r for r in rows if r["part"] == "cnn-latency-folded"}
     if cnn:
         dense = [r for r in cnn if r["method"] == "dense"]
         if dense:
@@ -280,8 +289,8 @@ def table(path: Path) -> str:
             lines.append(f"Dense ResNet-20: test accuracy {d['accuracy']:.4f}, {d['macs'] / 1e6:.2f} M MACs, "
                          f"{d['params'] / 1e3:.1f} k parameters.\n")
         lines.append("| FLOPs cut | method | seeds | one-shot acc | fine-tuned acc (mean +- sd) | MACs ratio | "
-                     "params ratio | latency ratio b1 | latency ratio b64 |")
-        lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+                     "params ratio | latency ratio b1 | latency ratio b64 | BN folded b1 | BN folded b64 |")
+        lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for target in TARGETS:
             methods = list(dict.fromkeys(r["method"] for r in cnn if r["target"] == target))
             cells = {m: [r for r in cnn if r["target"] == target and r["method"] == m] for m in methods}
@@ -293,9 +302,11 @@ def table(path: Path) -> str:
                 acc = f"**{acc}**" if means[m] == best else acc
                 lr = lat.get((target, m))
                 b1, b64 = (f"{lr['ratio_b1']:.2f}", f"{lr['ratio_b64']:.2f}") if lr else ("-", "-")
+                fr = folded.get((target, m))
+                f1, f64 = (f"{fr['ratio_b1']:.2f}", f"{fr['ratio_b64']:.2f}") if fr else ("-", "-")
                 lines.append(f"| {target:.0%} | {m} | {len(c)} | {statistics.fmean(r['oneshot'] for r in c):.4f} | "
                              f"{acc} | {statistics.fmean(r['macs_ratio'] for r in c):.3f} | "
-                             f"{statistics.fmean(r['params_ratio'] for r in c):.3f} | {b1} | {b64} |")
+                             f"{statistics.fmean(r['params_ratio'] for r in c):.3f} | {b1} | {b64} | {f1} | {f64} |")
     llm = [r for r in rows if r["part"] == "llm"]
     if llm:
         lines.append("\n| params cut | method | perplexity | kept heads / kv heads / MLP width |")
@@ -320,6 +331,8 @@ def main() -> None:
                    help="calibration draw, random scores and fine-tune order (default: 0)")
     p.add_argument("--dense-seed", type=int, default=0, help="the dense ResNet-20's training seed (default: 0)")
     p.add_argument("--latency-rounds", type=int, default=7, help="alternating rounds per latency cell (default: 7)")
+    p.add_argument("--fold-batchnorm", action="store_true",
+                   help="latency: fold BatchNorm into the convolutions of both models first")
     args = p.parse_args()
     if args.part == "table":
         print(table(Path(args.out)))
