@@ -16,7 +16,10 @@ closest at or below ours, so every row of one target has the same or fewer MACs 
 
 ``llm``: SmolLM2-135M's attention head groups and MLP channels pruned by 20% and 30% of the decoder
 layers' projection parameters (uniform sizes, so plain transformers loads the result), one-shot,
-perplexity as in the language-model benchmark; Torch-Pruning's own LLM pruner where it runs here.
+perplexity as in the language-model benchmark; each score with and without FLAP's bias compensation
+("+bc": the removed columns' mean contribution added to o_proj / down_proj biases, which the saved
+config expresses with attention_bias / mlp_bias). Torch-Pruning's LLM pruner did not finish tracing
+here (benchmarks/tp_llm_probe.py).
 
 One JSON line per finished cell; cells already in --out are skipped.
 """
@@ -46,6 +49,8 @@ PEER = ["tp-l1", "tp-l2", "tp-taylor", "tp-bn-scale", "tp-lamp", "tp-random"]
 # baselines, against Torch-Pruning's group L1/L2 norms, Taylor and random.
 DEFAULT_METHODS = ["rc", "fluctuation", "l2", "taylor", "random", "tp-l1", "tp-l2", "tp-taylor", "tp-random"]
 TARGETS = [0.5, 0.3]  # the pruned nets keep 50% and 70% of the dense MACs
+# SmolLM2: "+bc" adds FLAP's bias compensation to o_proj and down_proj (FLAP as published is fluctuation+bc).
+LLM_METHODS = ["rc", "fluctuation", "l2", "random", "fluctuation+bc", "rc+bc"]
 
 
 def _done(out: Path) -> set[tuple]:
@@ -250,14 +255,14 @@ def run_llm(args) -> None:
         perplexity,
         tokenize_file,
     )
-    from relprune.llm.structured import plan_units, shrink_units, unit_scores
+    from relprune.llm.structured import plan_units, shrink_units, unit_compensation, unit_scores
     from relprune.llm.text import batches_of
 
     out = Path(args.out)
     done = _done(out)
     data = ROOT.parent / "shared" / "data" / "shakespeare"
     for target in (0.2, 0.3):
-        for method in ("rc", "fluctuation", "l2", "random"):
+        for method in LLM_METHODS:
             if ("llm", method, target, args.seed) in done:
                 continue
             model, tok = load_model("smollm2-135m", fetch=False, quiet=True)
@@ -265,8 +270,11 @@ def run_llm(args) -> None:
             calib = calibration_windows(tokenize_file(tok, data / "calib.txt"), args.calibration_samples, 512,
                                         args.seed)
             start = time.perf_counter()
-            scores = unit_scores(model, batches_of(calib, 8), method, seed=args.seed)
-            sizes = shrink_units(model, plan_units(model, scores, target, scope="uniform"))
+            criterion, compensate = method.removesuffix("+bc"), method.endswith("+bc")
+            batches = batches_of(calib, 8)
+            keep = plan_units(model, unit_scores(model, batches, criterion, seed=args.seed), target, scope="uniform")
+            delta = unit_compensation(model, batches, keep) if compensate else None
+            sizes = shrink_units(model, keep, bias_delta=delta)
             seconds = time.perf_counter() - start
             after = sum(p.numel() for n, p in model.model.layers.named_parameters() if "proj" in n)
             windows = evaluation_windows(tokenize_file(tok, data / "eval.txt"), 512, 16)

@@ -81,3 +81,39 @@ def test_shrunk_llama_saves_and_reloads(tmp_path, scope, hidden):
     ids = ids_batches()[0]["input_ids"]
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_flap_compensation_keeps_each_readers_mean_output_and_saves_with_bias_switches(tmp_path):
+    from relprune.llm.structured import unit_compensation
+
+    model = tiny()
+    batches = ids_batches()
+    keep = plan_units(model, unit_scores(model, batches, "fluctuation"), 0.3, scope="uniform")
+    captured = {}
+    hooks = [m.register_forward_hook(lambda mod, args, out, n=n: captured.setdefault(n, []).append(args[0]))
+             for n, m in model.named_modules() if n.endswith(("o_proj", "down_proj"))]
+    with torch.no_grad():
+        for b in batches:
+            model(**b)
+    for h in hooks:
+        h.remove()
+    dense = copy.deepcopy(model)
+    delta = unit_compensation(model, batches, keep)
+    assert set(delta) == set(captured)
+    shrink_units(model, keep, bias_delta=delta)
+    modules, dense_modules = dict(model.named_modules()), dict(dense.named_modules())
+    for name, xs in captured.items():
+        tokens = torch.cat([x[b["attention_mask"].bool()] for x, b in zip(xs, batches, strict=True)]).double()
+        i = int(name.split(".")[2])  # head_dim 4, two query heads per key/value head: 8 columns a unit
+        kind = "heads" if name.endswith("o_proj") else "mlp"
+        cols = keep[i, kind] if kind == "mlp" else (keep[i, kind].reshape(-1, 1) * 8 + torch.arange(8)).flatten()
+        small, big = modules[name], dense_modules[name]
+        want = (tokens @ big.weight.double().t()).mean(0)
+        got = (tokens[:, cols] @ small.weight.double().t()).mean(0) + small.bias.double()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    plain = save_shrunk(model, tiny_tokenizer(), tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path) if plain else load_shrunk(tmp_path)
+    assert loaded.config.attention_bias and loaded.config.mlp_bias
+    ids = batches[0]["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)

@@ -9,7 +9,9 @@ query-per-key ratio). The residual stream (hidden size) is left alone: RMSNorm n
 
 Unit scores, larger kept: ``rc`` (ours) - the unit's total relative contribution E[r] to
 ``o_proj``/``down_proj``; ``fluctuation`` - FLAP's Var[x_c] ||W[:, c]||^2 over the same columns;
-``l2`` - the squared norm of every weight of the unit; ``random``.
+``l2`` - the squared norm of every weight of the unit; ``random``. FLAP's bias compensation
+(:func:`unit_compensation`) adds the mean contribution of the removed columns to ``o_proj`` and
+``down_proj`` biases, which :func:`save_shrunk` expresses with the config's bias switches.
 """
 
 from __future__ import annotations
@@ -186,6 +188,34 @@ def unit_masks(model: nn.Module, keep: dict[tuple[int, str], Tensor], *,
     return masks
 
 
+def unit_compensation(model: nn.Module, batches: Sequence[dict[str, Tensor]], keep: dict[tuple[int, str], Tensor],
+                      *, blocks: str | Sequence[str] | None = None) -> dict[str, Tensor]:
+    """FLAP's bias compensation (An et al. 2024) for a plan: for each ``o_proj`` and ``down_proj``,
+    sum over its removed input columns c of W[:, c] E[x_c] on the calibration tokens (dense
+    activations), to be added to its bias so its mean output stays where it was. Pass the result
+    to :func:`shrink_units` as ``bias_delta``; call it before shrinking."""
+    named = decoder_blocks(model, blocks)
+    model.eval()
+    inputs = capture_inputs(model, named[0][1], batches)
+    out: dict[str, Tensor] = {}
+    for i, (name, block) in enumerate(named):
+        attn, mlp = _attn(block)[0], _mlp(block)
+        readers = {"heads": attn.o_proj, "mlp": mlp.down_proj}
+        wanted = {kind: proj for kind, proj in readers.items() if (i, kind) in keep}
+        if wanted:
+            names = {kind: _name_in(block, proj) for kind, proj in wanted.items()}
+            stats = collect_stats(block, inputs, layers=list(names.values()), statistics=["contribution_mean"],
+                                  liveness=False)
+            for kind, proj in wanted.items():
+                cols = next(idx for p, dim, idx in _index_sets(block, kind, keep[i, kind]) if p is proj and dim == 1)
+                removed = torch.ones(proj.in_features, dtype=torch.bool)
+                removed[cols] = False
+                out[f"{name}.{names[kind]}"] = stats[names[kind]].contribution_mean[:, removed].sum(1)
+        if i + 1 < len(named):
+            inputs = _next_inputs(block, inputs)
+    return out
+
+
 def _index_sets(block: nn.Module, kind: str, kept: Tensor) -> list[tuple[nn.Linear, int, Tensor]]:
     """(projection, dimension, kept indices along it) for each projection a unit kind spans."""
     if kind == "mlp":
@@ -198,10 +228,23 @@ def _index_sets(block: nn.Module, kind: str, kept: Tensor) -> list[tuple[nn.Line
 
 
 def shrink_units(model: nn.Module, keep: dict[tuple[int, str], Tensor], *,
-                 blocks: str | Sequence[str] | None = None) -> dict[str, Any]:
-    """Remove the units not kept, in place; returns the per-layer sizes (heads, kv heads, MLP width)."""
+                 blocks: str | Sequence[str] | None = None,
+                 bias_delta: dict[str, Tensor] | None = None) -> dict[str, Any]:
+    """Remove the units not kept, in place; returns the per-layer sizes (heads, kv heads, MLP width).
+
+    ``bias_delta`` (from :func:`unit_compensation`) is added to the named projections' biases, a
+    bias being created where there is none."""
     named = decoder_blocks(model, blocks)
+    modules = dict(model.named_modules())
+    unknown = sorted(set(bias_delta or {}) - set(modules))
+    if unknown:
+        raise RelpruneError(f"bias_delta names modules the model does not have: {unknown}")
     with torch.no_grad():
+        for name, delta in (bias_delta or {}).items():
+            proj = modules[name]
+            if proj.bias is None:
+                proj.bias = nn.Parameter(torch.zeros(proj.out_features, dtype=proj.weight.dtype))
+            proj.bias.add_(delta.to(proj.bias.dtype))
         for (i, kind), kept in keep.items():
             block = named[i][1]
             for proj, dim, idx in _index_sets(block, kind, kept):
