@@ -32,6 +32,27 @@ def columns(rows: list[dict]) -> dict[tuple, dict[str, list[float]]]:
     return out
 
 
+def mean_ranks(rows: list[dict]) -> list[str]:
+    """Per regime, each method's mean rank over the (model, sparsity) columns it ran in (1 = best),
+    counting only methods present in every column of that regime: what the defaults follow."""
+    lines = []
+    by_regime: dict[str, list[dict[str, float]]] = defaultdict(list)
+    for (_, _, regime, pat, _, _), methods in sorted(columns(rows).items()):
+        if pat == "none":
+            by_regime[regime].append({m: mean(v) for m, v in methods.items()})
+    for regime, cols in by_regime.items():
+        common = set.intersection(*(set(c) for c in cols))
+        ranks: dict[str, list[int]] = defaultdict(list)
+        for c in cols:
+            order = sorted(common, key=lambda m: -c[m])
+            for i, m in enumerate(order):
+                ranks[m].append(i + 1)
+        ordered = sorted(ranks, key=lambda m: mean(ranks[m]))
+        lines.append(f"- {regime} ({len(cols)} columns): " + ", ".join(
+            f"{m} {mean(ranks[m]):.1f}" for m in ordered))
+    return lines
+
+
 def targets(rows: list[dict]) -> list[str]:
     lines = []
     cols = columns([r for r in rows if r["pat"] == "none"])
@@ -104,6 +125,8 @@ def main() -> None:
     png = plot_accuracy(rows, img / "study_converged.png")
     print(f"![study]({Path('img') / png.name})\n")
     print("\n".join(targets(rows)))
+    print("\nMean rank per regime (lower is better):\n")
+    print("\n".join(mean_ranks(rows)))
 
 
 if __name__ == "__main__":
