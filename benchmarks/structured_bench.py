@@ -50,7 +50,7 @@ PEER = ["tp-l1", "tp-l2", "tp-taylor", "tp-bn-scale", "tp-lamp", "tp-random"]
 DEFAULT_METHODS = ["rc", "fluctuation", "l2", "taylor", "random", "tp-l1", "tp-l2", "tp-taylor", "tp-random"]
 TARGETS = [0.5, 0.3]  # the pruned nets keep 50% and 70% of the dense MACs
 # SmolLM2: "+bc" adds FLAP's bias compensation to o_proj and down_proj (FLAP as published is fluctuation+bc).
-LLM_METHODS = ["rc", "fluctuation", "l2", "random", "fluctuation+bc", "rc+bc"]
+LLM_METHODS = ["rc", "fluctuation", "l2", "random", "fluctuation+bc", "rc+bc", "share", "share+bc"]
 
 
 def _done(out: Path) -> set[tuple]:

@@ -34,7 +34,7 @@ def proj_params(model):
     return sum(p.numel() for n, p in model.model.layers.named_parameters() if "proj" in n)
 
 
-@pytest.mark.parametrize("criterion", ["rc", "fluctuation", "l2", "random"])
+@pytest.mark.parametrize("criterion", ["rc", "fluctuation", "share", "l2", "random"])
 @pytest.mark.parametrize("scope", ["uniform", "global"])
 def test_shrunk_llama_equals_the_masked_one(criterion, scope):
     model = tiny()
@@ -117,3 +117,22 @@ def test_flap_compensation_keeps_each_readers_mean_output_and_saves_with_bias_sw
     ids = batches[0]["input_ids"]
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_share_and_fluctuation_unit_scores_by_hand_on_the_first_layer():
+    model = tiny()
+    batches = ids_batches()
+    seen = []
+    down = model.model.layers[0].mlp.down_proj
+    hook = down.register_forward_hook(lambda mod, args, out: seen.append(args[0]))
+    with torch.no_grad():
+        for b in batches:
+            model(**b)
+    hook.remove()
+    x = torch.cat([s.reshape(-1, s.shape[-1]) for s in seen]).double()
+    var = x.var(0, unbiased=False)  # over every token (no padding in these batches)
+    contrib = down.weight.detach().double() ** 2 * var  # Var[c_rc] = W_rc^2 Var[x_c]
+    fluct = unit_scores(model, batches, "fluctuation")[0, "mlp"]
+    share = unit_scores(model, batches, "share")[0, "mlp"]
+    torch.testing.assert_close(fluct, contrib.sum(0), rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(share, (contrib / contrib.sum(1, keepdim=True)).sum(0), rtol=1e-4, atol=1e-9)

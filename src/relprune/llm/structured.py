@@ -9,6 +9,8 @@ query-per-key ratio). The residual stream (hidden size) is left alone: RMSNorm n
 
 Unit scores, larger kept: ``rc`` (ours) - the unit's total relative contribution E[r] to
 ``o_proj``/``down_proj``; ``fluctuation`` - FLAP's Var[x_c] ||W[:, c]||^2 over the same columns;
+``share`` (ours) - the unit's share of each output's contribution variance, Var[c_rc] / sum_k Var[c_rk],
+summed over the outputs (FLAP's fluctuation made relative per output, as ``contrib-share`` is);
 ``l2`` - the squared norm of every weight of the unit; ``random``. FLAP's bias compensation
 (:func:`unit_compensation`) adds the mean contribution of the removed columns to ``o_proj`` and
 ``down_proj`` biases, which :func:`save_shrunk` expresses with the config's bias switches.
@@ -29,7 +31,7 @@ from ..core.stats import collect_stats
 from ..errors import RelpruneError
 from .sequential import _next_inputs, capture_inputs, decoder_blocks
 
-LLM_GROUP_CRITERIA = ("rc", "fluctuation", "l2", "random")
+LLM_GROUP_CRITERIA = ("rc", "fluctuation", "share", "l2", "random")
 
 
 @dataclass
@@ -84,7 +86,7 @@ def unit_scores(model: nn.Module, batches: Sequence[dict[str, Tensor]] | None, c
     gen = torch.Generator().manual_seed(seed)
     out: dict[tuple[int, str], Tensor] = {}
     inputs = None
-    data = criterion in ("rc", "fluctuation")
+    data = criterion in ("rc", "fluctuation", "share")
     if data:
         if not batches:
             raise RelpruneError(f"criterion {criterion!r} needs calibration batches")
@@ -114,7 +116,10 @@ def unit_scores(model: nn.Module, batches: Sequence[dict[str, Tensor]] | None, c
             s = stats[name]
             v = s.relative_mean if criterion == "rc" else s.contribution_std ** 2
             layer = attn.o_proj if key == "o" else mlp.down_proj
-            values[key] = v.expand(layer.out_features, -1).sum(0) if v.shape[0] == 1 else v.sum(0)
+            v = v.expand(layer.out_features, -1) if v.shape[0] == 1 else v
+            if criterion == "share":
+                v = v / v.sum(1, keepdim=True).clamp_min(1e-300)
+            values[key] = v.sum(0)
         out[i, "heads"] = values["o"].reshape(kv, rep * head_dim).sum(1)
         out[i, "mlp"] = values["down"].clone()
         if i + 1 < len(named):
