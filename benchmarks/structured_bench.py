@@ -319,9 +319,13 @@ def table(path: Path) -> str:
     if llm:
         lines.append("\n| params cut | method | perplexity | kept heads / kv heads / MLP width |")
         lines.append("|---|---|---:|---|")
-        for r in llm:
+        order = {m: i for i, m in enumerate(LLM_METHODS)}
+        best = {t: min(r["perplexity"] for r in llm if r["target"] == t) for t in {r["target"] for r in llm}}
+        for r in sorted(llm, key=lambda r: (r["target"], order.get(r["method"], len(order)))):
             s = r["sizes"]
-            lines.append(f"| {r['target']:.0%} | {r['method']} | {r['perplexity']:.2f} | "
+            ppl = f"{r['perplexity']:.2f}"
+            ppl = f"**{ppl}**" if r["perplexity"] == best[r["target"]] else ppl
+            lines.append(f"| {r['target']:.0%} | {r['method']} | {ppl} | "
                          f"{s['num_attention_heads']} / {s['num_key_value_heads']} / {s['intermediate_size']} |")
     return "\n".join(lines)
 
