@@ -104,7 +104,7 @@ def finetune(model, data, args) -> float:
     return evaluate(model.eval(), data.test)
 
 
-def tp_prune(dense, example, method: str, max_macs: float, calib):
+def tp_prune(dense, example, method: str, max_macs: float, calib, round_to: int = 1):
     """Torch-Pruning's MetaPruner with one importance; the ratio found by bisection on MACs."""
     import torch_pruning as tp
 
@@ -121,7 +121,7 @@ def tp_prune(dense, example, method: str, max_macs: float, calib):
         model = copy.deepcopy(dense)
         imp = importance()
         pruner = tp.pruner.MetaPruner(model, example, importance=imp, pruning_ratio=ratio, global_pruning=True,
-                                      ignored_layers=[model.fc])
+                                      ignored_layers=[model.fc], round_to=round_to if round_to > 1 else None)
         if method == "tp-taylor":
             model.zero_grad()
             for x, y in calib:
@@ -173,7 +173,8 @@ def pruned_cnns(args, dense, example, dense_macs: float, calib, stats):
             start = time.perf_counter()
             if method in OURS:
                 result = prune_groups(dense, example, target, criterion=method, stats=stats, budget="flops",
-                                      scope="global", bias_compensation=method == "fluctuation", seed=args.seed)
+                                      scope="global", bias_compensation=method == "fluctuation", seed=args.seed,
+                                      round_to=args.round_to)
                 model = result.model
                 macs, params = tp.utils.count_ops_and_params(model, example)
                 ratio = None
@@ -181,8 +182,9 @@ def pruned_cnns(args, dense, example, dense_macs: float, calib, stats):
                     ours_macs = macs
             else:
                 model, macs, params, ratio = tp_prune(dense, example, method, ours_macs or dense_macs * (1 - target),
-                                                      calib[:4])
-            yield target, method, model, macs, params, ratio, time.perf_counter() - start
+                                                      calib[:4], args.round_to)
+            label = method if args.round_to == 1 else f"{method} round{args.round_to}"
+            yield target, label, model, macs, params, ratio, time.perf_counter() - start
 
 
 def run_cnn(args) -> None:
@@ -343,6 +345,8 @@ def main() -> None:
                    help="calibration draw, random scores and fine-tune order (default: 0)")
     p.add_argument("--dense-seed", type=int, default=0, help="the dense ResNet-20's training seed (default: 0)")
     p.add_argument("--latency-rounds", type=int, default=7, help="alternating rounds per latency cell (default: 7)")
+    p.add_argument("--round-to", type=int, default=1,
+                   help="cnn/latency: every group keeps a multiple of this many channels (both libraries)")
     p.add_argument("--fold-batchnorm", action="store_true",
                    help="latency: fold BatchNorm into the convolutions of both models first")
     args = p.parse_args()

@@ -338,6 +338,24 @@ def test_budget_is_met_and_every_group_keeps_a_channel(budget, scope):
     assert all(len(k) >= 1 for k in p.keep.values())
 
 
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_round_to_keeps_multiples_and_still_meets_the_budget(scope):
+    model, x = build("residual")
+    graph = DependencyGraph(model, x)
+    scores = group_scores(graph, None, "l2")
+    p = plan(graph, scores, 0.4, scope=scope, round_to=4)
+    assert p.flops[1] <= 0.6 * p.flops[0]
+    for gi, kept in p.keep.items():
+        assert len(kept) % 4 == 0 or len(kept) == graph.groups[gi].size
+    for gi, kept in p.keep.items():  # the highest-scored channels are the ones kept
+        dropped = torch.ones(len(scores[gi]), dtype=torch.bool)
+        dropped[kept] = False
+        if dropped.any():
+            assert scores[gi][kept].min() >= scores[gi][dropped].max()
+    with pytest.raises(relprune.RelpruneError, match="round_to"):
+        plan(graph, scores, 0.4, round_to=0)
+
+
 @pytest.mark.parametrize("form", ["dense", "masked", "sparse"])
 def test_every_export_form_round_trips_a_residual_model(tmp_path, form):
     from relprune.deploy import export

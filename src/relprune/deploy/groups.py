@@ -129,14 +129,19 @@ def cost(graph: DependencyGraph, keep: dict[int, Tensor] | None = None) -> tuple
 
 
 def plan(graph: DependencyGraph, scores: dict[int, Tensor], ratio: float, *, budget: str = "flops",
-         scope: str = "global") -> Plan:
-    """Which channels to keep so that ``ratio`` of the FLOPs (or parameters) goes; at least one per group."""
+         scope: str = "global", round_to: int = 1) -> Plan:
+    """Which channels to keep so that ``ratio`` of the FLOPs (or parameters) goes; at least one per group.
+
+    ``round_to``: every group keeps a multiple of this many units (or all of them), the widths CPU
+    and GPU kernels vectorise well (Torch-Pruning's ``round_to``)."""
     if not 0.0 <= ratio < 1.0:
         raise RelpruneError(f"ratio must be in [0, 1), got {ratio}")
     if budget not in ("flops", "params"):
         raise RelpruneError(f"budget must be 'flops' or 'params', got {budget!r}")
     if scope not in ("global", "layer"):
         raise RelpruneError(f"scope must be 'global' or 'layer', got {scope!r}")
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise RelpruneError(f"round_to must be a positive int, got {round_to!r}")
     if not scores:
         raise ShrinkError("no channel group can be pruned: " + "; ".join(
             f"{g.describe()}: {g.reason}" for g in graph.groups[:3]))
@@ -154,7 +159,8 @@ def plan(graph: DependencyGraph, scores: dict[int, Tensor], ratio: float, *, bud
                 drop = min(int((normed[gi] <= t).sum()), n - 1)
             else:
                 drop = min(math.floor(t * n), n - 1)
-            out[gi] = torch.sort(order[gi][drop:]).values
+            kept = min(n, -(-(n - drop) // round_to) * round_to)
+            out[gi] = torch.sort(order[gi][n - kept:]).values
         return out
 
     lo, hi = 0.0, (max(float(v.max()) for v in normed.values()) * 1.01 + 1e-12) if scope == "global" else 1.0
@@ -293,12 +299,12 @@ class StructuredResult:
 
 def prune_groups(model: nn.Module, example: Tensor, ratio: float, *, criterion: str = "l2",
                  stats: Stats | None = None, budget: str = "flops", scope: str = "global",
-                 bias_compensation: bool = False, seed: int = 0,
+                 bias_compensation: bool = False, seed: int = 0, round_to: int = 1,
                  leaves: tuple[str, ...] = ()) -> StructuredResult:
     """Trace, score, plan and shrink in one call; ``model`` itself is left unchanged."""
     graph = DependencyGraph(model, example, leaves=leaves)
     scores = group_scores(graph, stats, criterion, seed)
-    p = plan(graph, scores, ratio, budget=budget, scope=scope)
+    p = plan(graph, scores, ratio, budget=budget, scope=scope, round_to=round_to)
     if bias_compensation and stats is None:
         raise StatisticNotCollectedError("bias_compensation needs statistics with 'contribution_mean'")
     delta = compensation_bias(graph, p.keep, stats) if bias_compensation else None
