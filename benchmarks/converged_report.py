@@ -87,14 +87,18 @@ def targets(rows: list[dict]) -> list[str]:
                          f"{pub} {100 * means[pub]:.2f} ({100 * (means[ours] - means[pub]):+.2f} points; target +10 "
                          "on two pairs).")
     dense = {(r["model"], r["dataset"], r["seed"]): r["dense_accuracy"] for r in rows if r["pat"] == "none"}
+    reached = []
     for (model, dataset, regime, _, _, s), methods in sorted(cols.items()):
         d = [v for (m, ds, _), v in dense.items() if (m, ds) == (model, dataset)]
         if not d or model not in ("lenet300", "lenet5") or dataset != "mnist" or s < 0.75:
             continue
         above = [m for m, v in methods.items() if mean(v) >= mean(d)]
-        if above:
-            lines.append(f"- {model}/{dataset} {regime} at {100 * s:g}%: at or above the dense {100 * mean(d):.2f}: "
-                         + ", ".join(f"{m} {100 * mean(methods[m]):.2f}" for m in above))
+        best = max(methods, key=lambda m: mean(methods[m]))
+        reached.append(f"{model}/{dataset} {regime} {100 * s:g}%: best {best} {100 * mean(methods[best]):.2f} "
+                       f"vs dense {100 * mean(d):.2f}" + (f" (at or above: {', '.join(above)})" if above else ""))
+    lines.append("- Pruned MNIST networks against their converged dense accuracy (the 75%-fewer-weights claim "
+                 "and LeNet-300-100 at 95%+):")
+    lines.extend(f"  - {x}" for x in reached)
     return lines
 
 
