@@ -6,6 +6,7 @@ function by name. Each worker writes what it computed to ``out/rank{r}.pt``; the
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import torch
@@ -88,6 +89,11 @@ def ddp_worker(rank: int, world: int, init_file: str, out: str) -> None:
         opt.step()
         reg.detach()
         torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, Path(out) / f"rank{rank}.pt")
+        # DDP's reducer holds gloo work on the group: free it on every rank before the group goes,
+        # or a rank can abort at exit ("terminate called without an active exception").
+        del ddp, opt, loss
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -154,5 +160,7 @@ def train_worker(rank: int, world: int, init_file: str, out: str) -> None:
               checkpoint=Path(out) / "train.ckpt", log=lines.append)
         reg.detach()
         torch.save({"state": model.state_dict(), "lines": lines}, Path(out) / f"rank{rank}.pt")
+        gc.collect()  # the loop's DDP wrapper, before the group goes (see ddp_worker)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
