@@ -19,7 +19,7 @@ summed over the outputs (FLAP's fluctuation made relative per output, as ``contr
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..core.stats import collect_stats
+from ..core.stats import LayerStats, collect_stats
 from ..errors import RelpruneError
 from .sequential import _next_inputs, capture_inputs, decoder_blocks
 
@@ -85,21 +85,14 @@ def unit_scores(model: nn.Module, batches: Sequence[dict[str, Tensor]] | None, c
     named = decoder_blocks(model, blocks)
     gen = torch.Generator().manual_seed(seed)
     out: dict[tuple[int, str], Tensor] = {}
-    inputs = None
-    data = criterion in ("rc", "fluctuation", "share")
-    if data:
-        if not batches:
-            raise RelpruneError(f"criterion {criterion!r} needs calibration batches")
-        model.eval()
-        inputs = capture_inputs(model, named[0][1], batches)
-    for i, (_, block) in enumerate(named):
-        attn, head_dim, kv, rep = _attn(block)
-        mlp = _mlp(block)
-        if criterion == "random":
-            out[i, "heads"] = torch.rand(kv, generator=gen, dtype=torch.float64)
-            out[i, "mlp"] = torch.rand(mlp.down_proj.in_features, generator=gen, dtype=torch.float64)
-            continue
-        if criterion == "l2":
+    if criterion in ("random", "l2"):
+        for i, (_, block) in enumerate(named):
+            attn, head_dim, kv, rep = _attn(block)
+            mlp = _mlp(block)
+            if criterion == "random":
+                out[i, "heads"] = torch.rand(kv, generator=gen, dtype=torch.float64)
+                out[i, "mlp"] = torch.rand(mlp.down_proj.in_features, generator=gen, dtype=torch.float64)
+                continue
             sq = [p.detach().double() ** 2 for p in (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight)]
             o = attn.o_proj.weight.detach().double() ** 2
             q_rows = sq[0].sum(1).reshape(kv, rep * head_dim).sum(1)
@@ -107,24 +100,35 @@ def unit_scores(model: nn.Module, batches: Sequence[dict[str, Tensor]] | None, c
             out[i, "heads"] = q_rows + kv_rows + o.sum(0).reshape(kv, rep * head_dim).sum(1)
             out[i, "mlp"] = sum(p.detach().double().pow(2).sum(1) for p in (mlp.gate_proj.weight, mlp.up_proj.weight)) \
                 + mlp.down_proj.weight.detach().double().pow(2).sum(0)
-            continue
-        names = {"o": _name_in(block, attn.o_proj), "down": _name_in(block, mlp.down_proj)}
-        stat = "relative_mean" if criterion == "rc" else "contribution_std"
-        stats = collect_stats(block, inputs, layers=list(names.values()), statistics=[stat], liveness=False)
-        values = {}
-        for key, name in names.items():
-            s = stats[name]
+        return out
+    if not batches:
+        raise RelpruneError(f"criterion {criterion!r} needs calibration batches")
+    stat = "relative_mean" if criterion == "rc" else "contribution_std"
+    for i, _, block, readers in _reader_stats(model, named, batches, stat):
+        _, head_dim, kv, rep = _attn(block)
+        for kind, (proj, s) in readers.items():
             v = s.relative_mean if criterion == "rc" else s.contribution_std ** 2
-            layer = attn.o_proj if key == "o" else mlp.down_proj
-            v = v.expand(layer.out_features, -1) if v.shape[0] == 1 else v
+            v = v.expand(proj.out_features, -1) if v.shape[0] == 1 else v
             if criterion == "share":
                 v = v / v.sum(1, keepdim=True).clamp_min(1e-300)
-            values[key] = v.sum(0)
-        out[i, "heads"] = values["o"].reshape(kv, rep * head_dim).sum(1)
-        out[i, "mlp"] = values["down"].clone()
+            out[i, kind] = v.sum(0)
+        out[i, "heads"] = out[i, "heads"].reshape(kv, rep * head_dim).sum(1)
+    return out
+
+
+def _reader_stats(model: nn.Module, named: list[tuple[str, nn.Module]], batches: Sequence[dict[str, Tensor]],
+                  statistic: str) -> Iterator[tuple[int, str, nn.Module, dict[str, tuple[nn.Linear, LayerStats]]]]:
+    """Per decoder layer, ``statistic`` of the projections that read its units (``o_proj`` for the
+    heads, ``down_proj`` for the MLP channels) on dense activations: one pass through the blocks."""
+    model.eval()
+    inputs = capture_inputs(model, named[0][1], batches)
+    for i, (name, block) in enumerate(named):
+        readers = {"heads": _attn(block)[0].o_proj, "mlp": _mlp(block).down_proj}
+        names = {kind: _name_in(block, proj) for kind, proj in readers.items()}
+        stats = collect_stats(block, inputs, layers=list(names.values()), statistics=[statistic], liveness=False)
+        yield i, name, block, {kind: (proj, stats[names[kind]]) for kind, proj in readers.items()}
         if i + 1 < len(named):
             inputs = _next_inputs(block, inputs)
-    return out
 
 
 def _name_in(block: nn.Module, module: nn.Module) -> str:
@@ -200,24 +204,15 @@ def unit_compensation(model: nn.Module, batches: Sequence[dict[str, Tensor]], ke
     activations), to be added to its bias so its mean output stays where it was. Pass the result
     to :func:`shrink_units` as ``bias_delta``; call it before shrinking."""
     named = decoder_blocks(model, blocks)
-    model.eval()
-    inputs = capture_inputs(model, named[0][1], batches)
     out: dict[str, Tensor] = {}
-    for i, (name, block) in enumerate(named):
-        attn, mlp = _attn(block)[0], _mlp(block)
-        readers = {"heads": attn.o_proj, "mlp": mlp.down_proj}
-        wanted = {kind: proj for kind, proj in readers.items() if (i, kind) in keep}
-        if wanted:
-            names = {kind: _name_in(block, proj) for kind, proj in wanted.items()}
-            stats = collect_stats(block, inputs, layers=list(names.values()), statistics=["contribution_mean"],
-                                  liveness=False)
-            for kind, proj in wanted.items():
-                cols = next(idx for p, dim, idx in _index_sets(block, kind, keep[i, kind]) if p is proj and dim == 1)
-                removed = torch.ones(proj.in_features, dtype=torch.bool)
-                removed[cols] = False
-                out[f"{name}.{names[kind]}"] = stats[names[kind]].contribution_mean[:, removed].sum(1)
-        if i + 1 < len(named):
-            inputs = _next_inputs(block, inputs)
+    for i, name, block, readers in _reader_stats(model, named, batches, "contribution_mean"):
+        for kind, (proj, s) in readers.items():
+            if (i, kind) not in keep:
+                continue
+            cols = next(idx for p, dim, idx in _index_sets(block, kind, keep[i, kind]) if p is proj and dim == 1)
+            removed = torch.ones(proj.in_features, dtype=torch.bool)
+            removed[cols] = False
+            out[f"{name}.{_name_in(block, proj)}"] = s.contribution_mean[:, removed].sum(1)
     return out
 
 
