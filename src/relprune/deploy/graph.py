@@ -55,6 +55,8 @@ BINARY_METHODS = {"add", "add_", "sub", "mul", "mul_", "div"}
 FLATTENS = {torch.flatten}
 FLATTEN_METHODS = {"flatten", "view", "reshape"}
 REDUCE_METHODS = {"mean", "sum", "amax", "max"}
+#: The refusal of channels the model returns (they have no reader the graph could shrink with them).
+OUTPUT_REASON = "they reach the model's output"
 
 
 @dataclass
@@ -232,7 +234,7 @@ class DependencyGraph:
                 continue
             if node.op == "output":
                 for layout in ins:
-                    refuse(layout, "they reach the model's output")
+                    refuse(layout, OUTPUT_REASON)
                 continue
             if node.op == "call_module":
                 layouts[node] = self._module(node, ins, shape, new_space, refuse, where)

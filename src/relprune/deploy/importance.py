@@ -19,9 +19,7 @@ from torch import Tensor, nn
 
 from ..core.stats import Stats
 from ..errors import ShrinkError, StatisticNotCollectedError
-from .graph import DependencyGraph, Member
-
-OUTPUT_REASON = "they reach the model's output"
+from .graph import OUTPUT_REASON, DependencyGraph, Member
 
 
 def output_importance(model: nn.Module, stats: Stats, example: Tensor, *,
