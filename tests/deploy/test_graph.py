@@ -280,21 +280,24 @@ def test_untraceable_model_is_one_clear_error_and_leaves_help():
         DependencyGraph(Branchy(), torch.randn(2, 4))
 
 
+class NormBetween(nn.Module):
+    """Two Linears with a LayerNorm over the channels between them."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.norm = nn.LayerNorm(6)
+        self.b = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.b(self.norm(self.a(x)))
+
+
 def test_channel_mixing_operation_is_refused_by_name():
-    class Mix(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = nn.Linear(4, 6)
-            self.norm = nn.LayerNorm(6)
-            self.b = nn.Linear(6, 2)
-
-        def forward(self, x):
-            return self.b(self.norm(self.a(x)))
-
-    graph = DependencyGraph(Mix(), torch.randn(2, 4))
+    graph = DependencyGraph(NormBetween(), torch.randn(2, 4))
     assert "norm (LayerNorm) normalises over them" in graph.group_of("a").reason
     with pytest.raises(ShrinkError, match="no channel group can be pruned"):
-        prune_groups(Mix(), torch.randn(2, 4), 0.5)
+        prune_groups(NormBetween(), torch.randn(2, 4), 0.5)
 
 
 @pytest.mark.parametrize("criterion", ["rc", "fluctuation", "taylor"])

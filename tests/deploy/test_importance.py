@@ -94,17 +94,9 @@ def test_rc_flow_criterion_scales_each_row_and_prunes_to_the_target():
 
 
 def test_importance_refuses_channels_it_cannot_follow_by_name():
-    class Normed(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = nn.Linear(4, 6)
-            self.norm = nn.LayerNorm(6)
-            self.b = nn.Linear(6, 2)
+    from test_graph import NormBetween
 
-        def forward(self, x):
-            return self.b(self.norm(self.a(x)))
-
-    model = Normed().double()
+    model = NormBetween().double()
     xs = _batches((4,))
     stats = relprune.collect_stats(model, xs, statistics=["relative_mean"])
     with pytest.raises(ShrinkError, match="LayerNorm"):
