@@ -200,3 +200,35 @@ def test_gradual_pruning_only_adds_to_the_mask_and_ends_at_the_target(digits):
     for (_, before), (_, after) in itertools.pairwise(seen):
         assert all(torch.all(after[n] <= before[n]) for n in before)  # nothing pruned comes back
     assert masks.sparsity == pytest.approx(0.9, abs=0.01)
+
+
+def test_gradual_pruning_over_several_passes_trains_on_every_sample_once_per_pass(digits):
+    import relprune.experiments.experiment as ex
+
+    torch.manual_seed(0)
+    m = build_model("lenet300", digits.input_shape, 10)
+    calib = calibration_batches(digits.train, 64)
+    seen: list[torch.Tensor] = []
+    saved = ex.train
+
+    def spy(model, data, cfg, **kw):
+        seen.append(data.train.x)
+        assert cfg.epochs == 1 and cfg.schedule == "constant" and cfg.augment == "crop"
+        return saved(model, data, cfg, **kw)
+
+    ex.train = spy
+    try:
+        masks = ex.gradual_prune(m, digits, calib, Method("magnitude"), 0.8, 5,
+                                 TrainConfig(batch_size=64, augment="crop"), passes=3)
+    finally:
+        ex.train = saved
+    assert len(seen) == 5
+    rows = torch.cat(seen).flatten(1)
+    assert len(rows) == 3 * len(digits.train)
+    # The parts hold each training image exactly three times (duplicates in the data included).
+    seen_rows, seen_counts = torch.unique(rows, dim=0, return_counts=True)
+    data_rows, data_counts = torch.unique(digits.train.x.flatten(1), dim=0, return_counts=True)
+    assert torch.equal(seen_rows, data_rows) and torch.equal(seen_counts, 3 * data_counts)
+    assert masks.sparsity == pytest.approx(0.8, abs=0.01)
+    with pytest.raises(RelpruneError, match="one pass"):
+        ex.gradual_prune(m, digits, calib, Method("magnitude"), 0.8, 5, TrainConfig(), passes=0)

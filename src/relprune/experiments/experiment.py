@@ -162,14 +162,18 @@ def cubic_schedule(final: float, steps: int, initial: float = 0.0) -> list[float
 
 
 def gradual_prune(model: nn.Module, data: Data, calib: list[tuple[Tensor, Tensor]], method: Method,
-                  sparsity: float, steps: int, cfg: TrainConfig) -> Masks:
-    """Prune while training (Zhu & Gupta 2017): one pass over the training data in ``steps`` equal
-    parts; before each part the sparsity rises along the cubic schedule, by ``method`` on statistics
-    re-collected from the current model, and the part is trained on at ``cfg.lr`` (constant)."""
-    if steps < 1:
-        raise RelpruneError(f"gradual pruning needs at least one step, got {steps}")
-    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(cfg.seed + 4_049))
+                  sparsity: float, steps: int, cfg: TrainConfig, *, passes: int = 1) -> Masks:
+    """Prune while training (Zhu & Gupta 2017): ``passes`` shuffled passes over the training data
+    in ``steps`` equal parts; before each part the sparsity rises along the cubic schedule, by
+    ``method`` on statistics re-collected from the current model, and the part is trained on at
+    ``cfg.lr`` (constant) with ``cfg.augment``."""
+    if steps < 1 or passes < 1:
+        raise RelpruneError(f"gradual pruning needs at least one step and one pass, got {steps} and {passes}")
+    gen = torch.Generator().manual_seed(cfg.seed + 4_049)
+    order = torch.cat([torch.randperm(len(data.train), generator=gen) for _ in range(passes)])
     parts = order.chunk(steps)
+    if len(parts) < steps:
+        raise RelpruneError(f"{steps} gradual steps need at least {steps} training samples, got {len(order)}")
     part_cfg = replace(cfg, epochs=1, schedule="constant", patience=0)
     masks = None
     for t, (s, idx) in enumerate(zip(cubic_schedule(sparsity, steps), parts, strict=True)):
