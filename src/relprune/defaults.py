@@ -13,6 +13,9 @@ DEFAULT_SCOPE = "global"
 DEFAULT_LIVENESS = True
 #: Bias compensation helps some criteria up to 90% on the MLP but loses 1-15 points on average at 95%+.
 DEFAULT_BIAS_COMPENSATION = False
+#: ``relprune prune``: re-fit the kept weights by least squares on the calibration inputs when the
+#: pruned model is used as it is ("auto": not before a fine-tune, which undoes the re-fit's gain).
+DEFAULT_RECONSTRUCT = "auto"
 #: Language models (``relprune llm``, ``relprune.llm.prune_sequential``): the best recipe of the
 #: LLM benchmark on SmolLM2-135M (docs/results.md, "Language models"): the OBS saliency with the
 #: exact least-squares re-fit had the lowest perplexity at 50% on every calibration seed, below

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from relprune.experiments.cli import main
 
@@ -81,6 +82,40 @@ def test_train_prune_eval_explain_on_digits(tmp_path, capsys):
         assert main(["load", str(tmp_path / "exp" / form)]) == 0
         assert "test accuracy" in capsys.readouterr().out
     assert main(["export", "--checkpoint", str(model), "--structured", "0.5", "--out", str(tmp_path / "st")]) == 0
+
+
+def test_prune_refits_by_default_only_when_the_model_is_used_as_pruned(tmp_path, capsys):
+    """--reconstruct auto: the same weights as the API's prune(..., reconstruct=True) one-shot; no re-fit
+    before a fine-tune or with bias compensation; 'none' and 'exact' as asked."""
+    import relprune
+    from relprune.defaults import DEFAULT_CRITERION
+    from relprune.experiments.data import load_dataset
+    from relprune.experiments.experiment import load_model
+    from relprune.experiments.training import calibration_batches
+
+    model = tmp_path / "model"
+    assert main(["train", "--dataset", "digits", "--epochs", "2", "--out", str(model)]) == 0
+
+    def pruned(name: str, *flags: str):
+        assert main(["prune", "--checkpoint", str(model), "--sparsity", "0.6", "--calib-samples", "256",
+                     "--out", str(tmp_path / name), *flags]) == 0
+        net, info = load_model(tmp_path / name)
+        return net, info.extra["method"]["reconstruct"]
+
+    auto, refit = pruned("auto")
+    assert refit is True
+    dense, _ = load_model(model)
+    calib = calibration_batches(load_dataset("digits").train, 256, seed=0)
+    wanted = {*relprune.criteria.get_criterion(DEFAULT_CRITERION).statistics, "input_gram"}
+    stats = relprune.collect_stats(dense, calib, statistics=sorted(wanted))
+    relprune.prune(dense, stats, sparsity=0.6, criterion=DEFAULT_CRITERION, reconstruct=True)
+    for (name, a), b in zip(auto.state_dict().items(), dense.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+    assert pruned("plain", "--reconstruct", "none")[1] is False
+    assert pruned("tuned", "--finetune-epochs", "1")[1] is False
+    assert pruned("bc", "--bias-compensation")[1] is False
+    assert pruned("tuned-refit", "--finetune-epochs", "1", "--reconstruct", "exact")[1] is True
+    capsys.readouterr()
 
 
 def test_demo_end_to_end(tmp_path):

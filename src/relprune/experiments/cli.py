@@ -16,7 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..defaults import DEFAULT_BIAS_COMPENSATION, DEFAULT_CRITERION, DEFAULT_LIVENESS, DEFAULT_SCOPE
+from ..defaults import (
+    DEFAULT_BIAS_COMPENSATION,
+    DEFAULT_CRITERION,
+    DEFAULT_LIVENESS,
+    DEFAULT_RECONSTRUCT,
+    DEFAULT_SCOPE,
+)
 from ..errors import RelpruneError
 
 
@@ -213,6 +219,9 @@ class PruneArgs:
     calib_samples: int = _h("calibration samples from the training split", 1024, check=positive)
     finetune_epochs: int = _h("masked fine-tuning epochs after pruning", 0, check=non_negative)
     finetune_lr: float = _h("fine-tuning learning rate", 3e-4, check=positive)
+    reconstruct: str = _h("least-squares re-fit of the kept weights on the calibration inputs: exact, none, or "
+                          "auto (exact unless fine-tuning or compensating biases, as the study found best)",
+                          DEFAULT_RECONSTRUCT, check=one_of("auto", "exact", "none"))
 
 
 def _writable_folder(path: str | Path) -> Path:
@@ -298,9 +307,12 @@ def cmd_prune(ns: argparse.Namespace) -> int:
     if p.threshold is not None and not get_criterion(m.criterion).relative:
         raise RelpruneError(f"--threshold compares shares of a neuron's input; --criterion {m.criterion} is not "
                             "on that scale (use rc, rc-ucb or contrib-share)")
+    if p.reconstruct == "exact" and m.bias_compensation:
+        raise RelpruneError("--reconstruct exact already restores the removed mean; drop --bias-compensation")
     out = _writable_folder(c.out)
     model, info, data = _prepare_model(p.checkpoint, d, c.seed)
-    method = Method(m.criterion, m.scope, m.liveness, m.bias_compensation, p.n_m, m.ucb_k)
+    refit = _refit(p, m, model)
+    method = Method(m.criterion, m.scope, m.liveness, m.bias_compensation, p.n_m, m.ucb_k, refit)
     calib = calibration_batches(data.train, p.calib_samples, seed=c.seed)
     dense_acc = evaluate(model, data.test)
     stats, seconds = gather(model, calib, [method], method.liveness)
@@ -309,7 +321,7 @@ def cmd_prune(ns: argparse.Namespace) -> int:
 
         options = {"ucb_k": m.ucb_k} if "ucb_k" in get_criterion(m.criterion).options else {}
         masks = prune(model, stats, threshold=p.threshold, criterion=m.criterion, **options,
-                      bias_compensation=m.bias_compensation)
+                      bias_compensation=m.bias_compensation, reconstruct=refit)
     else:
         masks = apply_method(model, stats, method, p.sparsity if p.sparsity is not None else 0.0, c.seed,
                              calib[0][0])
@@ -335,6 +347,17 @@ def cmd_prune(ns: argparse.Namespace) -> int:
           + (f" -> fine-tuned {metrics['finetuned_test_acc']:.4f}" if p.finetune_epochs else "")
           + f"; saved to {out}")
     return 0
+
+
+def _refit(p: PruneArgs, m: MethodArgs, model) -> bool:
+    """Whether to re-fit: --reconstruct exact, or auto when the pruned model is used as it is
+    (no fine-tune, no bias compensation) and every prunable layer has an input Gram."""
+    from ..core.layers import gram_supported, prunable_layers
+
+    if p.reconstruct != "auto":
+        return p.reconstruct == "exact"
+    return (not p.finetune_epochs and not m.bias_compensation
+            and all(gram_supported(layer) for layer in prunable_layers(model).values()))
 
 
 def _model_sparsity(model) -> float:
