@@ -7,6 +7,9 @@ sparsity with the dense recipe's optimiser, cosine schedule and augmentation for
 budget. Prints one line per (method, sparsity, seed) and appends it to ``--out``/sparse_at_dense.jsonl.
 
     python benchmarks/sparse_at_dense.py --methods "magnitude,rc-flow,contrib-share" --sparsities 0.95
+    python benchmarks/sparse_at_dense.py --table      # the results so far, as markdown
+
+Sparsity 0 is the control: the same second budget spent on the dense model.
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections import defaultdict
 from dataclasses import asdict, replace
 from pathlib import Path
+from statistics import mean, pstdev
 
 import torch
 
@@ -25,6 +30,26 @@ from relprune.experiments.data import load_dataset
 from relprune.experiments.experiment import Method, fresh_copy, gradual_prune
 from relprune.experiments.recipes import converged_recipe
 from relprune.experiments.training import calibration_batches, evaluate, train
+
+
+def table(path: Path) -> str:
+    """Markdown: test accuracy per (method, sparsity), mean +- std over seeds, against the dense models."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    groups: dict[tuple[str, float], list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["method"] if r["sparsity"] else "dense (control)", r["sparsity"])].append(r)
+
+    def pm(values: list[float]) -> str:
+        return f"{100 * mean(values):.2f} ± {100 * pstdev(values):.2f}"
+
+    lines = ["| method | sparsity | seeds | after the gradual passes % | at the end % | its dense models % |",
+             "|---|---:|---|---:|---:|---:|"]
+    for (method, sparsity), g in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        g.sort(key=lambda r: r["seed"])
+        lines.append(f"| {method} | {100 * sparsity:g}% | {','.join(str(r['seed']) for r in g)} | "
+                     f"{pm([r['accuracy_after_gradual'] for r in g])} | {pm([r['accuracy'] for r in g])} | "
+                     f"{pm([r['dense_accuracy'] for r in g])} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -42,7 +67,11 @@ def main() -> None:
                     help="bench output folder whose dense/ models are reused (trained there if missing)")
     ap.add_argument("--out", default="runs/sparse_at_dense")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--table", action="store_true", help="print the results in --out as markdown and stop")
     args = ap.parse_args()
+    if args.table:
+        print(table(Path(args.out) / "sparse_at_dense.jsonl"))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
