@@ -137,6 +137,40 @@ def targets(rows: list[dict]) -> list[str]:
     return lines
 
 
+#: One-shot switches of ours measured by config 5: (label suffix, what it changes).
+VARIANTS = {" -live": "statistics over all samples instead of live ones (liveness off)",
+            " +bc": "bias compensation on", " [layer]": "each layer at the target instead of one global budget"}
+
+
+def variant_effects(rows: list[dict]) -> list[str]:
+    """Per switch, the paired difference (variant minus the same method without it; same model, seed and
+    sparsity; one-shot, no PAT) in accuracy points, averaged over the criteria that ran both."""
+    acc = {(r["model"], r["dataset"], r["method"], r["seed"], round(r["sparsity"], 6)): r["accuracy"]
+           for r in rows if r["regime"] == "oneshot" and r["pat"] == "none"}
+    lines = []
+    for suffix, what in VARIANTS.items():
+        diffs: dict[tuple[str, float], list[float]] = defaultdict(list)
+        bases: set[str] = set()
+        for (model, dataset, method, seed, s), a in acc.items():
+            if not method.endswith(suffix):
+                continue
+            base = acc.get((model, dataset, method[: -len(suffix)], seed, s))
+            if base is not None:
+                diffs[(f"{model}/{dataset}", s)].append(100 * (a - base))
+                bases.add(method[: -len(suffix)])
+        if not diffs:
+            continue
+        sparsities = sorted({s for _, s in diffs})
+        lines += [f"**{suffix.strip()}**: {what}; mean paired difference in points over {', '.join(sorted(bases))}",
+                  "", "| model | " + " | ".join(f"{100 * s:g}%" for s in sparsities) + " |",
+                  "|---|" + "---:|" * len(sparsities)]
+        for pair in sorted({p for p, _ in diffs}):
+            lines.append(f"| {pair} | " + " | ".join(
+                f"{mean(diffs[(pair, s)]):+.2f}" if diffs.get((pair, s)) else "" for s in sparsities) + " |")
+        lines.append("")
+    return lines
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", default="docs/data/study_converged.jsonl")
@@ -166,6 +200,8 @@ def main() -> None:
     print("\n".join(targets(rows)))
     print("\nThe methods per regime (lower is better):\n")
     print("\n".join(mean_ranks(rows)))
+    print("\nOne-shot switches (config 5; magnitude [layer] from config 1):\n")
+    print("\n".join(variant_effects(rows)))
 
 
 if __name__ == "__main__":
