@@ -37,12 +37,13 @@ def table(path: Path) -> str:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     groups: dict[tuple[str, float], list[dict]] = defaultdict(list)
     for r in rows:
-        groups[(r["method"] if r["sparsity"] else "dense (control)", r["sparsity"])].append(r)
+        label = r["method"] if r["sparsity"] else "dense (control)"
+        groups[(f"{label}, lr {r['recipe']['lr']:g}", r["sparsity"])].append(r)
 
     def pm(values: list[float]) -> str:
         return f"{100 * mean(values):.2f} ± {100 * pstdev(values):.2f}"
 
-    lines = ["| method | sparsity | seeds | after the gradual passes % | at the end % | its dense models % |",
+    lines = ["| method, second-budget lr | sparsity | seeds | after the gradual passes % | at the end % | its dense models % |",
              "|---|---:|---|---:|---:|---:|"]
     for (method, sparsity), g in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         g.sort(key=lambda r: r["seed"])
@@ -61,6 +62,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--passes", type=int, default=10, help="passes of the data the gradual schedule spans")
     ap.add_argument("--steps", type=int, default=50, help="pruning steps of the cubic schedule")
+    ap.add_argument("--lr", type=float, default=None,
+                    help="learning rate of the second budget (default: the dense recipe's)")
     ap.add_argument("--calib-samples", type=int, default=1024)
     ap.add_argument("--data-dir", default="../shared/data")
     ap.add_argument("--dense-dir", default="runs/study-converged",
@@ -81,6 +84,8 @@ def main() -> None:
         data = load_dataset(args.dataset, args.data_dir, seed=seed)
         dense, dense_acc = dense_model(cfg, Path(args.dense_dir), args.model, args.dataset, data, seed, "none", 0.0)
         recipe = converged_recipe(args.model, args.dataset, seed=seed)
+        if args.lr is not None:
+            recipe = replace(recipe, lr=args.lr)
         rest = recipe.epochs - args.passes
         if rest < 1:
             raise SystemExit(f"--passes must be below the dense recipe's {recipe.epochs} epochs")
