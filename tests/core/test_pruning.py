@@ -280,7 +280,7 @@ def test_checkpoint_from_another_model():
 
 def test_loaded_pruned_model_reports_its_sparsity_before_any_forward():
     model = mlp()
-    relprune.prune(model, None, sparsity=0.75)
+    relprune.prune(model, None, sparsity=0.75, criterion="magnitude")
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     buf.seek(0)
@@ -305,10 +305,10 @@ class Attention(nn.Module):
 def test_multihead_attention_projection_is_left_out_by_name_and_training_works():
     model = Attention()
     with pytest.warns(UserWarning, match=r"mha\.out_proj"):
-        masks = relprune.prune(model, None, sparsity=0.5)
+        masks = relprune.prune(model, None, sparsity=0.5, criterion="magnitude")
     assert list(masks) == ["head"]
     with pytest.raises(LayerError, match="MultiheadAttention"):
-        relprune.prune(model, None, sparsity=0.5, layers=["mha.out_proj"])
+        relprune.prune(model, None, sparsity=0.5, layers=["mha.out_proj"], criterion="magnitude")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for _ in range(3):  # the second backward used to fail on a stale masked weight
         opt.zero_grad()

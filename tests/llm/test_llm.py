@@ -99,7 +99,7 @@ def test_tied_output_embedding_is_left_out_and_untouched():
         stats = relprune.collect_stats(model, ids_batches(), statistics=["input_sq_mean"])
     assert "lm_head" not in stats
     with pytest.raises(relprune.LayerError, match="tied"):
-        relprune.prune(model, None, sparsity=0.5, layers=["lm_head"])
+        relprune.prune(model, None, sparsity=0.5, layers=["lm_head"], criterion="magnitude")
     prune_sequential(model, ids_batches(), sparsity=0.5, criterion="wanda")
     assert torch.equal(model.model.embed_tokens.weight, embed)
     assert model.lm_head.weight is model.model.embed_tokens.weight
@@ -108,9 +108,9 @@ def test_tied_output_embedding_is_left_out_and_untouched():
 def test_untied_lm_head_is_out_by_default_but_can_be_named():
     model = tiny_llama(tie=False)
     with pytest.warns(UserWarning, match="output embedding"):
-        masks = relprune.prune(model, None, sparsity=0.5)
+        masks = relprune.prune(model, None, sparsity=0.5, criterion="magnitude")
     assert "lm_head" not in masks
-    masks = relprune.prune(model, None, sparsity=0.5, layers=["lm_head"])
+    masks = relprune.prune(model, None, sparsity=0.5, layers=["lm_head"], criterion="magnitude")
     assert list(masks) == ["lm_head"]
 
 

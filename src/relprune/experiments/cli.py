@@ -400,7 +400,7 @@ def cmd_demo(ns: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     cfg = BenchConfig(
-        models=["lenet300:digits"], criteria=list(dict.fromkeys([DEFAULT_CRITERION, "contrib-share", "wanda"])),
+        models=["lenet300:digits"], criteria=list(dict.fromkeys([DEFAULT_CRITERION, "magnitude", "wanda"])),
         sparsities=[0.5, 0.75, 0.9], seeds=[ns.seed], regimes=["oneshot", "finetune"], calib_samples=[512],
         epochs=ns.epochs, batch_size=64, finetune_epochs=ns.finetune_epochs, lr=1e-3, finetune_lr=5e-4,
     )
