@@ -508,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     demo = command("demo", "train a small model on the built-in digits, prune it by the default criterion, "
-                   "our best contribution criterion and Wanda, fine-tune, print a table and write a plot",
+                   "(ours), magnitude and Wanda, fine-tune, print a table and write a plot",
                    Common, out="runs/demo")
     demo.add_argument("--epochs", type=_checked(int, positive), default=30, help="training epochs (default: 30)")
     demo.add_argument("--finetune-epochs", type=_checked(int, non_negative), default=5,
