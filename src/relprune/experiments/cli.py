@@ -507,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
             add_dataclass_args(p, g, {"out": out, "dataset": "mnist" if name == "train" else None})
         return p
 
-    demo = command("demo", "train a small model on the built-in digits, prune it by the default criterion, "
+    demo = command("demo", "train a small model on the built-in digits, prune it by the default criterion "
                    "(ours), magnitude and Wanda, fine-tune, print a table and write a plot",
                    Common, out="runs/demo")
     demo.add_argument("--epochs", type=_checked(int, positive), default=30, help="training epochs (default: 30)")
