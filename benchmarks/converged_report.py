@@ -23,26 +23,36 @@ from relprune.experiments.report import load_results, markdown_tables, plot_accu
 PUBLISHED = {"magnitude", "magnitude [layer]", "wanda -live [row]", "ria -live [row]", "snip", "sparsegpt", "random"}
 
 
-def columns(rows: list[dict]) -> dict[tuple, dict[str, list[float]]]:
-    """(model, dataset, regime, pat, alpha, sparsity) -> method -> accuracies over seeds.
+def _column(r: dict) -> tuple:
+    return r["model"], r["dataset"], r["regime"], r["pat"], r["pat_alpha"], round(r["sparsity"], 6)
 
-    Every method of a column is compared on the same seeds: the seed set that keeps the most
-    (method, seed) results (ties: more seeds); a method that has not run on all of them is left
-    out of that column, and results on other seeds are set aside, while a sweep is under way."""
-    raw: dict[tuple, dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
+
+def comparable(rows: list[dict]) -> list[dict]:
+    """The rows a fair comparison keeps: in each (model, dataset, regime, pat, alpha, sparsity)
+    column, every method on the same seeds - the seed set that keeps the most (method, seed)
+    results (ties: more seeds). A method that has not run on all of them is left out of that
+    column, and its results on other seeds are set aside, while a sweep is under way."""
+    by_col: dict[tuple, dict[str, dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
     for r in rows:
-        col = (r["model"], r["dataset"], r["regime"], r["pat"], r["pat_alpha"], round(r["sparsity"], 6))
-        raw[col][r["method"]][r["seed"]] = r["accuracy"]
-    out: dict[tuple, dict[str, list[float]]] = {}
-    for col, methods in raw.items():
+        by_col[_column(r)][r["method"]][r["seed"]] = r
+    kept = []
+    for methods in by_col.values():
         candidates = {frozenset(v) for v in methods.values()}
         candidates |= {a & b for a in candidates for b in candidates if a & b}
 
-        def kept(seeds: frozenset[int], methods: dict[str, dict[int, float]] = methods) -> list[str]:
+        def ran(seeds: frozenset[int], methods: dict[str, dict[int, dict]] = methods) -> list[str]:
             return [m for m, v in methods.items() if seeds <= set(v)]
 
-        seeds = max(candidates, key=lambda c: (len(kept(c)) * len(c), len(c)))
-        out[col] = {m: [methods[m][k] for k in sorted(seeds)] for m in kept(seeds)}
+        seeds = max(candidates, key=lambda c: (len(ran(c)) * len(c), len(c)))
+        kept += [methods[m][k] for m in ran(seeds) for k in sorted(seeds)]
+    return kept
+
+
+def columns(rows: list[dict]) -> dict[tuple, dict[str, list[float]]]:
+    """Column -> method -> accuracies over the column's seeds (of :func:`comparable` rows)."""
+    out: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in comparable(rows):
+        out[_column(r)][r["method"]].append(r["accuracy"])
     return out
 
 
@@ -192,7 +202,7 @@ def main() -> None:
         print(f"| {model} | {dataset} | {100 * mean(v):.2f} ± {100 * pstdev(v):.2f} ({len(v)}) | "
               f"{100 * USUAL_ACCURACY.get((model, dataset), float('nan')):.1f} |")
     print()
-    print(markdown_tables(rows))
+    print(markdown_tables(comparable(rows)))
     img = Path(args.img)
     img.mkdir(parents=True, exist_ok=True)
     png = plot_accuracy(rows, img / "study_converged.png")

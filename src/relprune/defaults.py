@@ -7,7 +7,7 @@ They live here, in the core, so ``prune`` and the command line cannot drift apar
 #: one-shot and fine-tuned columns (docs/results.md, "The vision study"): one-shot it beat
 #: magnitude on average, and with the re-fit (``reconstruct=True``) it was best or tied in every
 #: column; fine-tuned it was nearest the best of every criterion. For gradual and iterative
-#: schedules, ``rc-flow`` and ``magnitude`` were closer.
+#: schedules ``rc-flow`` (ours) was closer, then SNIP and magnitude.
 DEFAULT_CRITERION = "contrib-share"
 #: One budget over all layers: per-layer budgets lost up to 73 points one-shot (paired, mean over
 #: criteria), e.g. 38 on LeNet-300-100 at 90%.
