@@ -5,7 +5,9 @@
 Prints markdown: the dense accuracy of each pair against its usual accuracy; one table per (model,
 regime, PAT) group (mean +- std over seeds, best in bold); then the targets: how often one of our
 methods is best or within the seed spread of the best, one-shot at 95% against the best published
-baseline, LeNet-300-100 at 95%+ against its dense accuracy, and the 75%-fewer-weights claim.
+baseline, LeNet-300-100 at 95%+ against its dense accuracy, and the 75%-fewer-weights claim;
+per regime, the methods by mean rank and by mean distance to each column's best (what the defaults
+follow); the paired effects of our one-shot switches (-live, +bc, [layer]).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def comparable(rows: list[dict]) -> list[dict]:
         def ran(seeds: frozenset[int], methods: dict[str, dict[int, dict]] = methods) -> list[str]:
             return [m for m, v in methods.items() if seeds <= set(v)]
 
-        seeds = max(candidates, key=lambda c: (len(ran(c)) * len(c), len(c)))
+        seeds = max(sorted(candidates, key=sorted), key=lambda c: (len(ran(c)) * len(c), len(c)))
         kept += [methods[m][k] for m in ran(seeds) for k in sorted(seeds)]
     return kept
 
@@ -74,7 +76,8 @@ def mean_ranks(rows: list[dict]) -> list[str]:
         common = set.intersection(*(set(c) for c in complete)) if complete else set()
         ranks: dict[str, list[int]] = defaultdict(list)
         for c in complete:
-            for i, m in enumerate(sorted(common, key=lambda m: -c[m])):
+            # Sorted by name first so that ties rank the same in every run (sets have no fixed order).
+            for i, m in enumerate(sorted(sorted(common), key=lambda m: -c[m])):
                 ranks[m].append(i + 1)
         ordered = sorted(ranks, key=lambda m: mean(ranks[m]))
         lines.append(f"- {regime}, mean rank among the {len(common)} methods of all {len(complete)} complete "
