@@ -29,12 +29,13 @@ from relprune.experiments.bench import BenchConfig, dense_model
 from relprune.experiments.data import load_dataset
 from relprune.experiments.experiment import Method, fresh_copy, gradual_prune
 from relprune.experiments.recipes import converged_recipe
+from relprune.experiments.report import load_results
 from relprune.experiments.training import calibration_batches, evaluate, train
 
 
 def table(path: Path) -> str:
     """Markdown: test accuracy per (method, sparsity), mean +- std over seeds, against the dense models."""
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = load_results(path)
     groups: dict[tuple[str, float], list[dict]] = defaultdict(list)
     for r in rows:
         label = r["method"] if r["sparsity"] else "dense (control)"
