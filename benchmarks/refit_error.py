@@ -32,19 +32,21 @@ def main() -> None:
     import relprune
     from relprune.core.reconstruct import refit
     from relprune.llm import calibration_windows, decoder_blocks, load_model, tokenize_file
-    from relprune.llm.sequential import _next_inputs, capture_inputs
+    from relprune.llm.blocks import block_outputs, capture_block_inputs, feed
     from relprune.llm.text import batches_of
 
     model, tokenizer = load_model("smollm2-135m", fetch=False, quiet=True)
     windows = calibration_windows(tokenize_file(tokenizer, DATA / "calib.txt"), args.calibration_samples,
                                   args.seqlen, 0)
     blocks = decoder_blocks(model)
-    inputs = capture_inputs(model, blocks[0][1], batches_of(windows, 8))
+    captured = capture_block_inputs(model, [b for _, b in blocks], batches_of(windows, 8))
+    hidden = captured.hidden
     print(f"# refit_error  {args.calibration_samples}x{args.seqlen} calibration tokens, "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}, {time.strftime('%Y-%m-%d')}")
     print("| block | layer | masked | obs (s) | exact 10 it (s) | 25 it (s) | 50 it (s) | 100 it (s) |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for index, (_, block) in enumerate(blocks[: max(args.blocks) + 1]):
+        inputs = feed(captured.calls[index], hidden)
         if index in args.blocks:
             stats = relprune.collect_stats(block, inputs, statistics=["input_gram", "input_sq_mean"],
                                            liveness=False)
@@ -68,7 +70,7 @@ def main() -> None:
                     new = refit(w, h, keep, max_iter=iters, tol=0.0)
                     cells.append(f"{error(new):.2f} ({time.perf_counter() - start:.1f})")
                 print(f"| {index} | {name} | " + " | ".join(cells) + " |", flush=True)
-        inputs = _next_inputs(block, inputs)
+        hidden = block_outputs(block, inputs)
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ def bias_switches(model: nn.Module) -> tuple[list[str], set[str]]:
 
 
 def save_pretrained(model: nn.Module, tokenizer: Any, folder: str | Path) -> list[str]:
-    """Fold masks into weights and write ``model`` and ``tokenizer`` to ``folder`` for transformers.
+    """Fold masks into weights and write ``model`` and ``tokenizer`` (None: none) to ``folder`` for transformers.
 
     Returns the bias switches turned on in the saved config (empty unless bias compensation added
     biases to bias-free projections).
@@ -78,7 +78,8 @@ def save_pretrained(model: nn.Module, tokenizer: Any, folder: str | Path) -> lis
     for flag in switches:
         setattr(model.config, flag, True)
     model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
     return switches
 
 

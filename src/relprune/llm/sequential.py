@@ -1,10 +1,10 @@
 """Pruning a stack of decoder blocks one block at a time, as the Wanda and SparseGPT reference code do.
 
-The inputs of block 0 are captured once; then each block in turn gets its statistics from its
+The arguments the model passes each block (its own attention mask, rotary tables and the like,
+see :mod:`.blocks`) are captured once; then each block in turn gets its statistics from its
 inputs, is pruned, and computes its outputs - with the pruned weights - as the next block's
-inputs. Only one block's activations are held at a time. Attention masks, position embeddings
-and other block arguments are passed through unchanged; padding tokens (``attention_mask`` 0)
-never enter a statistic.
+hidden states. Only one block's activations are held at a time; padding tokens
+(``attention_mask`` 0) never enter a statistic.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ import torch
 from torch import Tensor, nn
 
 from ..core import allocation as _allocation
-from ..core import distributed as _dist
 from ..core.criteria import Criterion, get_criterion
 from ..core.masks import Masks, make_permanent
 from ..core.pruning import prune
 from ..core.stats import Batch, collect_stats
 from ..defaults import DEFAULT_LLM_CRITERION, DEFAULT_LLM_RECONSTRUCT, DEFAULT_LLM_SCOPE
-from ..errors import CalibrationError, LayerError, SparsityError
+from ..errors import LayerError, SparsityError
+from .blocks import BlockInputs, block_outputs, capture_block_inputs, dense_hidden_states, feed
 
 
 def decoder_blocks(model: nn.Module, blocks: str | Sequence[str] | None = None) -> list[tuple[str, nn.Module]]:
@@ -56,53 +56,6 @@ def decoder_blocks(model: nn.Module, blocks: str | Sequence[str] | None = None) 
     if missing or not names:
         raise LayerError(f"blocks names modules the model lacks: {missing}" if missing else "blocks= is empty")
     return [(n, modules[n]) for n in names]
-
-
-class _Stop(Exception):
-    """Raised by the capture hook once block 0's inputs are recorded."""
-
-
-def capture_inputs(model: nn.Module, block: nn.Module, batches: Iterable[dict[str, Tensor]]) -> list[Batch]:
-    """The positional and keyword arguments block 0 receives for each batch (the model stops there)."""
-    captured: list[Batch] = []
-    current: dict[str, Any] = {}
-
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        captured.append(Batch(tuple(args), dict(kwargs), token_mask=current.get("mask")))
-        raise _Stop
-
-    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                if not isinstance(batch, dict) or "input_ids" not in batch:
-                    raise CalibrationError("language-model batches are dicts with 'input_ids' (and 'attention_mask')")
-                mask = batch.get("attention_mask")
-                current["mask"] = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
-                try:
-                    model(**batch, use_cache=False)
-                except _Stop:
-                    continue
-                raise LayerError("the model's forward pass never reached the first block; check blocks=")
-    finally:
-        handle.remove()
-    if not captured and not _dist.active(None):
-        raise CalibrationError("the calibration batches are empty")
-    return captured
-
-
-def _next_inputs(block: nn.Module, batches: list[Batch]) -> list[Batch]:
-    """The block's outputs on each batch, as the next block's inputs (other arguments unchanged)."""
-    out = []
-    with torch.no_grad():
-        for b in batches:
-            y = block(*b.args, **b.kwargs)
-            y = y[0] if isinstance(y, (tuple, list)) else y
-            if b.args:
-                out.append(Batch((y, *b.args[1:]), b.kwargs, token_mask=b.token_mask))
-            else:
-                out.append(Batch((), {**b.kwargs, "hidden_states": y}, token_mask=b.token_mask))
-    return out
 
 
 def prune_sequential(
@@ -148,32 +101,33 @@ def prune_sequential(
     crit = get_criterion(criterion)
     wanted = statistics_for(crit, reconstruct, prune_options)
     named = decoder_blocks(model, blocks)
+    modules = [b for _, b in named]
     was_training = model.training
     model.eval()
     out: dict[str, Tensor] = {}
     try:
         owl = allocation == "owl"
-        inputs = capture_inputs(model, named[0][1], batches) if wanted or owl else []
-        dense_inputs = None if sequential or not wanted else _dense_block_inputs(named, inputs)
+        captured = capture_block_inputs(model, modules, batches) if wanted or owl else BlockInputs([[]] * len(named), [])
+        dense = None if sequential or not wanted else dense_hidden_states(modules, captured)
         per_block = [sparsity] * len(named)
         if owl:
             assert sparsity is not None
-            ratios = _block_outlier_ratios(named, inputs if dense_inputs is None else dense_inputs, owl_m)
+            ratios = _block_outlier_ratios(modules, captured, dense, owl_m)
             per_block = _allocation.owl_sparsities(ratios, sparsity, owl_lambda)
         iterator: Iterable[tuple[int, tuple[str, nn.Module]]] = enumerate(named)
         if progress:
             from tqdm.auto import tqdm
 
             iterator = tqdm(iterator, total=len(named), desc="blocks", unit="block", disable=None, leave=False)
+        hidden = captured.hidden
         for i, (name, block) in iterator:
-            feed = inputs if dense_inputs is None else dense_inputs[i]
+            own = hidden if dense is None else dense[i]
             masks, outputs = prune_block(
-                block, feed, wanted, criterion=crit, scope=scope, reconstruct=reconstruct,
+                block, feed(captured.calls[i], own), wanted, criterion=crit, scope=scope, reconstruct=reconstruct,
                 budget={"sparsity": per_block[i], "n_m": n_m}, liveness=liveness, permanent=permanent,
-                last=dense_inputs is not None or i + 1 == len(named), **prune_options)
+                last=dense is not None or i + 1 == len(named), **prune_options)
             out.update({f"{name}.{k}": v for k, v in masks.items()})
-            if dense_inputs is None:
-                inputs = outputs
+            hidden = outputs
     finally:
         model.train(was_training)
     return Masks(out)
@@ -191,39 +145,32 @@ def statistics_for(crit: Criterion, reconstruct: bool | str, prune_options: dict
 
 def prune_block(block: nn.Module, inputs: list[Batch], wanted: set[str], *, criterion: str | Criterion,
                 scope: str, reconstruct: bool | str, budget: dict[str, Any], liveness: bool, permanent: bool,
-                last: bool, **prune_options: Any) -> tuple[Masks, list[Batch]]:
+                last: bool, **prune_options: Any) -> tuple[Masks, list[Tensor]]:
     """Gather one block's statistics on ``inputs``, prune it, and return (masks, its pruned outputs).
 
-    The outputs are the next block's inputs; for the ``last`` block they are not computed.
+    The outputs (hidden states) are the next block's inputs; for the ``last`` block, or when no
+    statistic is wanted, they are not computed (an empty list).
     """
     stats = collect_stats(block, inputs, statistics=sorted(wanted), liveness=liveness) if wanted else None
     masks = prune(block, stats, criterion=criterion, scope=scope, reconstruct=reconstruct, **budget,
                   **prune_options)
     if permanent:
         make_permanent(block)
-    outputs = inputs if last or not wanted else _next_inputs(block, inputs)
+    outputs = [] if last or not wanted else block_outputs(block, inputs)
     return masks, outputs
 
 
-def _dense_block_inputs(named: list[tuple[str, nn.Module]], inputs: list[Batch]) -> list[list[Batch]]:
-    """Every block's inputs in the dense model (computed before anything is pruned)."""
-    per_block = [inputs]
-    for _, block in named[:-1]:
-        per_block.append(_next_inputs(block, per_block[-1]))
-    return per_block
-
-
-def _block_outlier_ratios(named: list[tuple[str, nn.Module]], inputs: list[Batch] | list[list[Batch]],
+def _block_outlier_ratios(blocks: list[nn.Module], captured: BlockInputs, dense: list[list[Tensor]] | None,
                           m: float) -> list[float]:
     """OWL's outlier ratio of each block's Wanda scores, on the dense blocks' activations."""
     wanda = get_criterion("wanda")
     ratios = []
-    feed = inputs
-    for i, (_, block) in enumerate(named):
-        own = feed[i] if feed and isinstance(feed[0], list) else feed
+    hidden = captured.hidden
+    for i, block in enumerate(blocks):
+        own = feed(captured.calls[i], hidden if dense is None else dense[i])
         stats = collect_stats(block, own, statistics=sorted(wanda.statistics), liveness=False)
         scores = [wanda.score(ls.weight, ls, {}).reshape(-1) for ls in stats.values()]
         ratios.append(_allocation.outlier_ratio(torch.cat(scores), m))
-        if not (feed and isinstance(feed[0], list)) and i + 1 < len(named):
-            feed = _next_inputs(block, feed)
+        if dense is None and i + 1 < len(blocks):
+            hidden = block_outputs(block, own)
     return ratios

@@ -11,10 +11,11 @@ loaded model, written as a sharded folder transformers loads.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,10 @@ from ..core.criteria import get_criterion
 from ..core.masks import Masks
 from ..defaults import DEFAULT_LLM_CRITERION, DEFAULT_LLM_RECONSTRUCT, DEFAULT_LLM_SCOPE
 from ..errors import ModelLoadError, RelpruneError
+from .blocks import capture_block_inputs, feed
 from .load import require_transformers, resolve_model
 from .save import staged_folder
-from .sequential import capture_inputs, decoder_blocks, prune_block, statistics_for
+from .sequential import decoder_blocks, prune_block, statistics_for
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
@@ -82,8 +84,8 @@ def prune_streamed(
     Sequential as in :func:`prune_sequential` (each block calibrates on the pruned blocks'
     outputs); the same criteria, budgets and re-fits. ``out`` gets one safetensors shard per block
     plus one for the rest, an index, the config and the tokenizer files; it is written to a
-    temporary folder first, so nothing half-written is left on failure. The blocks must all take
-    the arguments block 0 receives (true of Llama-style decoders).
+    temporary folder first, so nothing half-written is left on failure. Every block gets the
+    arguments the model passes it (its own mask and rotary tables where layers differ).
     """
     transformers = require_transformers()
     src = Path(resolve_model(source))
@@ -100,9 +102,9 @@ def prune_streamed(
     host = _host_model(transformers, config, checkpoint, named)
     wanted = statistics_for(get_criterion(criterion), reconstruct, {})
     with staged_folder(target) as tmp:
-        host_block = decoder_blocks(host, [named[0][0]])[0][1]
-        inputs = capture_inputs(host, host_block, batches)
-        del host_block
+        first = _load_block(named[0][1], named[0][0], checkpoint)
+        with _blocks_in(host, named):
+            captured = capture_block_inputs(host, [b for _, b in named], batches, probe=first)
         weight_map: dict[str, str] = {}
         total_size = 0
         masks: dict[str, Tensor] = {}
@@ -112,12 +114,14 @@ def prune_streamed(
             from tqdm.auto import tqdm
 
             iterator = tqdm(iterator, total=len(named), desc="blocks", unit="block", disable=None, leave=False)
+        hidden = captured.hidden
         for i, (name, meta_block) in iterator:
-            block = _load_block(meta_block, name, checkpoint)
-            block_masks, inputs = prune_block(
-                block, inputs, wanted, criterion=criterion, scope=scope, reconstruct=reconstruct,
-                budget={"sparsity": sparsity, "n_m": n_m}, liveness=False, permanent=True,
-                last=i + 1 == len(named))
+            block = first if i == 0 else _load_block(meta_block, name, checkpoint)
+            first = None
+            block_masks, hidden = prune_block(
+                block, feed(captured.calls[i], hidden), wanted, criterion=criterion, scope=scope,
+                reconstruct=reconstruct, budget={"sparsity": sparsity, "n_m": n_m}, liveness=False,
+                permanent=True, last=i + 1 == len(named))
             masks.update({f"{name}.{k}": v for k, v in block_masks.items()})
             tensors = {f"{name}.{k}": v.detach().contiguous() for k, v in block.state_dict().items()}
             total_size += _write_shard(tmp, i + 1, shards, tensors, weight_map)
@@ -134,19 +138,21 @@ def prune_streamed(
 
 
 def _host_model(transformers: Any, config: Any, checkpoint: Checkpoint, named: list[tuple[str, nn.Module]]):
-    """The model with one decoder block: the real embeddings, norm, head and position encodings."""
+    """The model with one decoder block of each kind: the real embeddings, norm, head and position encodings."""
     if not hasattr(config, "num_hidden_layers"):
         raise RelpruneError(f"{type(config).__name__} has no num_hidden_layers; streamed pruning needs a "
                             "Hugging Face decoder config")
     small = copy.deepcopy(config)
     small.num_hidden_layers = 1
     if isinstance(getattr(small, "layer_types", None), list):
-        small.layer_types = small.layer_types[:1]
+        # One block of each kind, so the host builds every kind's own rotary tables and masks.
+        small.layer_types = list(dict.fromkeys(small.layer_types))
+        small.num_hidden_layers = len(small.layer_types)
     host = transformers.AutoModelForCausalLM.from_config(small, dtype=torch.float32).eval()
     block_prefixes = tuple(f"{n}." for n, _ in named)
     state = {n: checkpoint.get(n) for n in checkpoint.names() if not n.startswith(block_prefixes)}
     result = host.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith(block_prefixes[0])]
+    missing = [k for k in result.missing_keys if not k.startswith(block_prefixes[:small.num_hidden_layers])]
     tied = set(getattr(host, "_tied_weights_keys", None) or ())  # a list, or a dict keyed by name
     missing = [k for k in missing if k not in tied]
     if missing or result.unexpected_keys:
@@ -154,7 +160,29 @@ def _host_model(transformers: Any, config: Any, checkpoint: Checkpoint, named: l
                              f"unexpected {result.unexpected_keys[:3]}")
     if getattr(config, "tie_word_embeddings", False):
         host.tie_weights()
+    # The host was built for one block; from here on it describes the whole model, so its decoder
+    # prepares every block's own arguments (per-layer masks and rotary tables) when they are swapped in.
+    for cfg in {id(c): c for m in host.modules() if hasattr(c := getattr(m, "config", None), "num_hidden_layers")}.values():
+        cfg.num_hidden_layers = config.num_hidden_layers
+        if isinstance(getattr(config, "layer_types", None), list):
+            cfg.layer_types = list(config.layer_types)
     return host
+
+
+@contextlib.contextmanager
+def _blocks_in(host: nn.Module, named: list[tuple[str, nn.Module]]) -> Iterator[None]:
+    """The skeleton's (meta) blocks in place of the host's own, for capturing their arguments."""
+    parent = named[0][0].rpartition(".")[0]
+    if [n for n, _ in named] != [f"{parent}.{i}" for i in range(len(named))]:
+        raise RelpruneError("streamed pruning needs the decoder blocks to be one ModuleList, in order")
+    owner_name, _, attr = parent.rpartition(".")
+    owner = host.get_submodule(owner_name)
+    own = getattr(owner, attr)
+    setattr(owner, attr, nn.ModuleList([b for _, b in named]))
+    try:
+        yield
+    finally:
+        setattr(owner, attr, own)
 
 
 def _load_block(meta_block: nn.Module, name: str, checkpoint: Checkpoint) -> nn.Module:

@@ -29,7 +29,8 @@ from torch import Tensor, nn
 
 from ..core.stats import LayerStats, collect_stats
 from ..errors import RelpruneError
-from .sequential import _next_inputs, capture_inputs, decoder_blocks
+from .blocks import block_outputs, capture_block_inputs, feed
+from .sequential import decoder_blocks
 
 LLM_GROUP_CRITERIA = ("rc", "fluctuation", "share", "l2", "random")
 
@@ -121,14 +122,16 @@ def _reader_stats(model: nn.Module, named: list[tuple[str, nn.Module]], batches:
     """Per decoder layer, ``statistic`` of the projections that read its units (``o_proj`` for the
     heads, ``down_proj`` for the MLP channels) on dense activations: one pass through the blocks."""
     model.eval()
-    inputs = capture_inputs(model, named[0][1], batches)
+    captured = capture_block_inputs(model, [b for _, b in named], batches)
+    hidden = captured.hidden
     for i, (name, block) in enumerate(named):
+        inputs = feed(captured.calls[i], hidden)
         readers = {"heads": _attn(block)[0].o_proj, "mlp": _mlp(block).down_proj}
         names = {kind: _name_in(block, proj) for kind, proj in readers.items()}
         stats = collect_stats(block, inputs, layers=list(names.values()), statistics=[statistic], liveness=False)
         yield i, name, block, {kind: (proj, stats[names[kind]]) for kind, proj in readers.items()}
         if i + 1 < len(named):
-            inputs = _next_inputs(block, inputs)
+            hidden = block_outputs(block, inputs)
 
 
 def _name_in(block: nn.Module, module: nn.Module) -> str:

@@ -1,0 +1,153 @@
+"""What each decoder block receives, as the model itself passes it, and how inputs advance a block.
+
+Decoders do not call every block alike: Gemma 2 and 3 alternate sliding-window and global layers
+with their own masks and rotary tables, and any family may pass per-layer arguments. So the
+arguments are captured per block and per batch from the model's own forward pass, with every
+block replaced by a pass-through that records its call and hands its hidden state on unchanged
+(no block is computed, the pass stops after the last block). The hidden states are then advanced
+block by block by :func:`block_outputs`, so block ``i`` is fed exactly what a dense forward pass
+would give it, or what the pruned blocks before it give it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..core import distributed as _dist
+from ..core.stats import Batch
+from ..errors import CalibrationError, LayerError
+
+
+@dataclass
+class BlockInputs:
+    """Per block and per calibration batch, the call the model makes, and block 0's hidden states.
+
+    ``calls[i][b]`` is block ``i``'s call on batch ``b``; its hidden-state argument is a stand-in
+    that :func:`feed` replaces. ``hidden[b]`` is the hidden state block 0 receives on batch ``b``.
+    The arguments the model computes once and shares between blocks (masks, rotary tables) are
+    held once.
+    """
+
+    calls: list[list[Batch]]
+    hidden: list[Tensor]
+
+
+class _Stop(Exception):
+    """Raised after the last block's call is recorded: nothing after the blocks is computed."""
+
+
+def _hidden_of(args: tuple, kwargs: dict[str, Any]) -> Tensor:
+    h = args[0] if args else kwargs.get("hidden_states")
+    if not isinstance(h, Tensor):
+        raise LayerError("a decoder block was called without a hidden-state tensor (first positional "
+                         "argument or hidden_states=); pass blocks= naming the decoder layers")
+    return h
+
+
+def _with_hidden(call: Batch, hidden: Tensor) -> Batch:
+    if call.args:
+        return Batch((hidden, *call.args[1:]), call.kwargs, token_mask=call.token_mask)
+    return Batch((), {**call.kwargs, "hidden_states": hidden}, token_mask=call.token_mask)
+
+
+def _like(template: Any, hidden: Tensor) -> Any:
+    """``hidden`` in the container a block returns (a tensor, or a tuple whose first item it is)."""
+    if isinstance(template, Tensor):
+        return hidden
+    if isinstance(template, (tuple, list)) and template and isinstance(template[0], Tensor):
+        return type(template)((hidden, *template[1:]))
+    raise LayerError(f"a decoder block returned {type(template).__name__}; relprune needs blocks that "
+                     "return their hidden state (a tensor, or a tuple that starts with it)")
+
+
+def capture_block_inputs(model: nn.Module, blocks: Sequence[nn.Module], batches: Iterable[dict[str, Tensor]],
+                         *, probe: nn.Module | None = None) -> BlockInputs:
+    """The arguments the model passes each of ``blocks`` (in call order) on each batch.
+
+    Every block is replaced by a pass-through for one forward pass of ``model`` per batch, so this
+    costs the model's embedding and argument preparation, not its blocks. ``probe`` (block 0 by
+    default; a real block when ``blocks`` live on the meta device) is called once on the first
+    batch to learn the form of a block's output. The model's blocks are restored also on error.
+    """
+    blocks = list(blocks)
+    if not blocks:
+        raise LayerError("there are no decoder blocks to capture inputs for")
+    index = {id(b): i for i, b in enumerate(blocks)}
+    if len(index) != len(blocks):
+        raise LayerError("one module stands in two decoder slots; relprune prunes each block once, so "
+                         "untie the shared block first")
+    probe = blocks[0] if probe is None else probe
+    probe_forward = probe.forward
+    calls: list[list[Batch]] = [[] for _ in blocks]
+    hidden: list[Tensor] = []
+    state: dict[str, Any] = {"next": 0, "mask": None, "template": None}
+
+    def recorder(i: int):
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if i != state["next"]:
+                raise LayerError(f"the model called decoder block {i} out of order (expected block "
+                                 f"{state['next']}); pass blocks= in the order the model calls them")
+            h = _hidden_of(args, kwargs)
+            if i == 0:
+                hidden.append(h)
+            calls[i].append(Batch(tuple(args), dict(kwargs), token_mask=state["mask"]))
+            state["next"] = i + 1
+            if i + 1 == len(blocks):
+                raise _Stop
+            if state["template"] is None:
+                state["template"] = probe_forward(*args, **kwargs)
+            return _like(state["template"], h)
+        return forward
+
+    for i, b in enumerate(blocks):
+        b.forward = recorder(i)
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                if not isinstance(batch, dict) or "input_ids" not in batch:
+                    raise CalibrationError("language-model batches are dicts with 'input_ids' (and 'attention_mask')")
+                mask = batch.get("attention_mask")
+                state["mask"] = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
+                state["next"] = 0
+                try:
+                    model(**batch, use_cache=False)
+                except _Stop:
+                    continue
+                missing = state["next"]
+                raise LayerError(f"the model's forward pass called {missing} of the {len(blocks)} decoder "
+                                 "blocks; check blocks=")
+    finally:
+        for b in blocks:
+            if "forward" in b.__dict__:
+                del b.forward
+    if not hidden and not _dist.active(None):
+        raise CalibrationError("the calibration batches are empty")
+    return BlockInputs(calls, hidden)
+
+
+def feed(calls: Sequence[Batch], hidden: Sequence[Tensor]) -> list[Batch]:
+    """A block's recorded calls with their hidden states set to ``hidden`` (one per batch)."""
+    return [_with_hidden(c, h) for c, h in zip(calls, hidden, strict=True)]
+
+
+def block_outputs(block: nn.Module, inputs: Sequence[Batch]) -> list[Tensor]:
+    """The hidden state ``block`` returns on each of ``inputs``."""
+    out = []
+    with torch.no_grad():
+        for b in inputs:
+            y = block(*b.args, **b.kwargs)
+            out.append(y[0] if isinstance(y, (tuple, list)) else y)
+    return out
+
+
+def dense_hidden_states(blocks: Sequence[nn.Module], captured: BlockInputs) -> list[list[Tensor]]:
+    """Every block's input hidden states in the model as it is (all computed before anything changes)."""
+    per_block = [captured.hidden]
+    for i, block in enumerate(blocks[:-1]):
+        per_block.append(block_outputs(block, feed(captured.calls[i], per_block[-1])))
+    return per_block
