@@ -85,7 +85,7 @@ def run_cell(cell: dict) -> dict:
         calib = calibration_windows(tokenize_file(tokenizer, DATA / "calib.txt"), cell["calibration_samples"],
                                     cell["seqlen"], cell["seed"])
         start = time.perf_counter()
-        masks = prune_sequential(model, batches_of(calib, 8), criterion=cell["criterion"], scope="row",
+        masks = prune_sequential(model, batches_of(calib, 8), criterion=cell["criterion"],
                                  reconstruct=cell["reconstruct"] or False, sequential=cell["sequential"],
                                  **BUDGETS[cell["budget"]], **VARIANTS[cell.get("variant", "")])
         seconds = time.perf_counter() - start

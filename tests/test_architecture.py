@@ -90,13 +90,19 @@ def test_import_relprune_is_light():
     assert out.stdout.strip() == "[]"
 
 
-def test_old_module_paths_still_import():
-    from relprune.regularizers import ContributionEntropy
-    from relprune.shrink import shrink
-    from relprune.stats import collect_stats
-
+def test_public_names_resolve_lazily_to_their_modules():
     import relprune
+    from relprune import collect_stats
+    from relprune.core.stats import collect_stats as defined
 
-    assert shrink is relprune.deploy.shrink.shrink
-    assert collect_stats is relprune.collect_stats
-    assert ContributionEntropy is relprune.regularizers.ContributionEntropy
+    assert collect_stats is defined
+    assert relprune.shrink.shrink is relprune.deploy.shrink.shrink
+    assert relprune.regularizers.ContributionEntropy is relprune.train.regularizers.ContributionEntropy
+    assert set(relprune.__all__) <= set(dir(relprune))
+    for name in relprune.__all__:
+        assert getattr(relprune, name) is not None
+
+
+def test_old_module_paths_are_gone():
+    with pytest.raises(ModuleNotFoundError):
+        __import__("relprune.shrink")

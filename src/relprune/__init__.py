@@ -4,28 +4,11 @@ Lifecycle: ``collect_stats`` on calibration data -> ``prune`` (masks applied,
 held through training) -> ``make_permanent``.
 """
 
-import sys as _sys
+from __future__ import annotations
 
-from .core import allocation, criteria, layers, liveness, masks, pruning, stats
-from .core.criteria import CRITERIA, Criterion, register
-from .core.liveness import RELU, RELU6, BlindRange, hardtanh
-from .core.masks import (
-    LayerReport,
-    Masks,
-    apply_masks,
-    copy_model,
-    current_masks,
-    format_report,
-    load_state_dict,
-    make_permanent,
-    sparsity_report,
-)
-from .core.pruning import prune
-from .core.stats import STATISTICS, LayerStats, Stats, collect_stats
-from .deploy import export, graph, groups, shrink, structured
-from .deploy.graph import DependencyGraph
-from .deploy.groups import prune_groups
-from .deploy.importance import output_importance
+import importlib as _importlib
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     CalibrationError,
     CheckpointError,
@@ -41,14 +24,65 @@ from .errors import (
     StatisticNotCollectedError,
     StatsMismatchError,
 )
-from .train import regularizers
 
-# The modules' paths before the split into core/train/deploy (0.1.0) keep importing for one
-# release: ``from relprune.shrink import shrink`` still works.
-for _module in (allocation, criteria, layers, liveness, masks, pruning, stats, regularizers,
-                export, shrink, structured):
-    _sys.modules.setdefault(f"{__name__}.{_module.__name__.rsplit('.', 1)[1]}", _module)
-del _module
+# The public API loads on first use (PEP 562), so `import relprune` is cheap and the command can
+# answer Ctrl-C while torch is still loading. Each name -> the module that defines it.
+_LAZY = {
+    "CRITERIA": "core.criteria", "Criterion": "core.criteria", "register": "core.criteria",
+    "RELU": "core.liveness", "RELU6": "core.liveness", "BlindRange": "core.liveness", "hardtanh": "core.liveness",
+    "LayerReport": "core.masks", "Masks": "core.masks", "apply_masks": "core.masks", "copy_model": "core.masks",
+    "current_masks": "core.masks", "format_report": "core.masks", "load_state_dict": "core.masks",
+    "make_permanent": "core.masks", "sparsity_report": "core.masks",
+    "prune": "core.pruning",
+    "STATISTICS": "core.stats", "LayerStats": "core.stats", "Stats": "core.stats", "collect_stats": "core.stats",
+    "DependencyGraph": "deploy.graph", "prune_groups": "deploy.groups", "output_importance": "deploy.importance",
+}
+# Submodules reachable as attributes: relprune.shrink.shrink, relprune.llm.prune_sequential, ...
+_SUBMODULES = {
+    "allocation": "core.allocation", "criteria": "core.criteria", "layers": "core.layers",
+    "liveness": "core.liveness", "masks": "core.masks", "pruning": "core.pruning", "stats": "core.stats",
+    "export": "deploy.export", "graph": "deploy.graph", "groups": "deploy.groups", "shrink": "deploy.shrink",
+    "structured": "deploy.structured", "regularizers": "train.regularizers", "llm": "llm",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(_importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    elif name in _SUBMODULES:
+        value = _importlib.import_module(f".{_SUBMODULES[name]}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY, *_SUBMODULES})
+
+
+if TYPE_CHECKING:  # what the names are, for type checkers and editors
+    from .core import allocation, criteria, layers, liveness, masks, pruning, stats
+    from .core.criteria import CRITERIA, Criterion, register
+    from .core.liveness import RELU, RELU6, BlindRange, hardtanh
+    from .core.masks import (
+        LayerReport,
+        Masks,
+        apply_masks,
+        copy_model,
+        current_masks,
+        format_report,
+        load_state_dict,
+        make_permanent,
+        sparsity_report,
+    )
+    from .core.pruning import prune
+    from .core.stats import STATISTICS, LayerStats, Stats, collect_stats
+    from .deploy import export, graph, groups, shrink, structured
+    from .deploy.graph import DependencyGraph
+    from .deploy.groups import prune_groups
+    from .deploy.importance import output_importance
+    from .train import regularizers
 
 __version__ = "0.1.0"
 
@@ -78,23 +112,30 @@ __all__ = [
     "Stats",
     "StatsMismatchError",
     "__version__",
+    "allocation",
     "apply_masks",
     "collect_stats",
     "copy_model",
+    "criteria",
     "current_masks",
     "export",
     "format_report",
     "graph",
     "groups",
     "hardtanh",
+    "layers",
+    "liveness",
     "load_state_dict",
     "make_permanent",
+    "masks",
     "output_importance",
     "prune",
     "prune_groups",
+    "pruning",
     "register",
     "regularizers",
     "shrink",
     "sparsity_report",
+    "stats",
     "structured",
 ]

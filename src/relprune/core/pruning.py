@@ -33,7 +33,7 @@ def prune(
     *,
     sparsity: float | None = None,
     criterion: str | Criterion = DEFAULT_CRITERION,
-    scope: str = DEFAULT_SCOPE,
+    scope: str | None = None,
     n_m: str | tuple[int, int] | None = None,
     bias_compensation: bool = DEFAULT_BIAS_COMPENSATION,
     threshold: float | None = None,
@@ -46,7 +46,8 @@ def prune(
 
     Exactly one budget: ``sparsity`` (with ``scope``), ``n_m`` (e.g. "2:4"),
     or ``threshold`` (remove weights whose relative score is below
-    threshold / fan-in; the achieved sparsity is ``masks.sparsity``).
+    threshold / fan-in; the achieved sparsity is ``masks.sparsity``). ``scope`` is the comparison
+    group of a sparsity budget: ``"global"`` (the default), ``"layer"`` or ``"row"``.
     Sparsity counts weights already masked. Every mask is computed before the
     model is touched; on any error the model is left exactly as it was.
 
@@ -81,6 +82,10 @@ def prune(
         raise SparsityError(f"sparsity={sparsity} contradicts n_m={nm[0]}:{nm[1]}")
     if nm is None and threshold is None:
         allocation.check_sparsity(sparsity)
+    if scope is not None and crit.joint is not None:
+        raise SparsityError(f"criterion {crit.name!r} chooses its mask per row within blocks of columns; "
+                            "scope= does not apply to it: leave it out")
+    scope = DEFAULT_SCOPE if scope is None else scope
     if scope not in allocation.SCOPES:
         raise SparsityError(f"scope must be one of {allocation.SCOPES}, got {scope!r}")
     if threshold is not None and crit.joint is not None:

@@ -617,6 +617,11 @@ def collect_stats(
         name = layer_names[id(module)]
         x = args[0]
         # An override reads the raw output here, before anything downstream can change it in place.
+        if name in stashed:
+            # One weight, several call sites: the statistics would describe one call only.
+            raise CalibrationError(f"layer {name!r} is called more than once in one forward pass (one module "
+                                   "at several places); give each place its own module, or leave it out with "
+                                   "layers=")
         rule = overrides.get(name) if liveness else None
         mask = None if rule is None else _override_mask(name, rule, output)
         stashed[name] = (x, output.shape, x._version, mask)
@@ -678,6 +683,7 @@ def collect_stats(
                     _accumulate(layer, result[name], scratch, inp, out_shape, live, act_need,
                                 _token_rows(layer, inp, b.token_mask))
                     scratch.flush(result[name])
+            stashed.clear()  # the gradient pass below calls every layer again
             if "grad" in need:
                 if b.target is None and not _has_logits_target(b):
                     raise MissingLabelsError(

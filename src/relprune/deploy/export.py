@@ -132,6 +132,10 @@ def export_program(model: nn.Module, example: Tensor | tuple[Tensor, ...], folde
     """
     plain = make_permanent(copy_model(model)).eval()
     args = (example,) if isinstance(example, Tensor) else tuple(example)
+    # torch.export specialises a dimension of size 1 to the constant 1: trace a batch of two
+    # copies instead, so a one-sample example still gives a program that takes any batch size.
+    args = tuple(a.expand(2, *a.shape[1:]).clone() if isinstance(a, Tensor) and a.dim() and a.shape[0] == 1
+                 else a for a in args)
     try:
         try:
             batch = torch.export.Dim("batch", min=1)
@@ -205,17 +209,28 @@ def load_exported(path: str | Path, model: nn.Module | None = None) -> tuple[nn.
         if model is None:
             raise CheckpointError(f"{path} holds a model that is not a chain: pass model= (a fresh instance of "
                                   "its class) to load it, or export it with export_program")
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     else:
-        model = build(meta["architecture"])
+        # The stored architecture is checked against the stored tensors on the meta device first: a
+        # file must never make us allocate more than it holds.
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in build(meta["architecture"]).state_dict().items()}
     if meta["format"] == "sparse":
+        _check_sparse(path, tensors, meta.get("sparse_shapes"), expected)
         for key, shape in meta["sparse_shapes"].items():
             bits = tensors.pop(f"{key}.bitmask").numpy()
             values = tensors.pop(f"{key}.values")
-            numel = math.prod(shape)
-            nz = torch.from_numpy(np.unpackbits(bits, count=numel).astype(bool)).reshape(shape)
+            nz = torch.from_numpy(np.unpackbits(bits, count=math.prod(shape)).astype(bool)).reshape(shape)
             dense = torch.zeros(shape, dtype=values.dtype)
             dense[nz] = values
             tensors[key] = dense
+    if meta["format"] == "dense":
+        wrong = sorted(k for k in set(expected) | set(tensors)
+                       if k not in tensors or k not in expected or tuple(tensors[k].shape) != expected[k])
+        if wrong:
+            raise CheckpointError(f"{path}: weights do not fit the stored architecture ({wrong[0]})")
+    if meta.get("architecture") is not None:
+        model = build(meta["architecture"])
     if meta["format"] == "masked":
         load_state_dict(model, tensors)
     else:
@@ -225,6 +240,26 @@ def load_exported(path: str | Path, model: nn.Module | None = None) -> tuple[nn.
             raise CheckpointError(f"{path}: weights do not fit the stored architecture: {err}") from err
     model.eval()
     return model, meta
+
+
+def _check_sparse(path: Path, tensors: dict[str, Tensor], shapes: Any, expected: dict[str, tuple[int, ...]]) -> None:
+    """Each bitmask and its values agree in count with each other and with the weight they describe."""
+    if not isinstance(shapes, dict):
+        raise CheckpointError(f"{path}: a sparse export without sparse_shapes")
+    for key, shape in shapes.items():
+        if key not in expected or list(expected[key]) != list(shape):
+            raise CheckpointError(f"{path}: sparse weight {key!r} of shape {shape} is not in the model "
+                                  f"(expected {list(expected.get(key, ()))})")
+        bits, values = tensors.get(f"{key}.bitmask"), tensors.get(f"{key}.values")
+        if bits is None or values is None or bits.dtype != torch.uint8:
+            raise CheckpointError(f"{path}: sparse weight {key!r} lacks its uint8 bitmask or its values")
+        numel = math.prod(shape)
+        if bits.numel() != -(-numel // 8):
+            raise CheckpointError(f"{path}: the bitmask of {key!r} has {bits.numel()} bytes, not {-(-numel // 8)}")
+        kept = int(np.unpackbits(bits.numpy(), count=numel).sum())
+        if values.numel() != kept:
+            raise CheckpointError(f"{path}: the bitmask of {key!r} marks {kept} values but {values.numel()} "
+                                  "are stored")
 
 
 def file_size(path: str | Path) -> int:

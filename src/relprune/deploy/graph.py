@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import operator
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -218,6 +219,7 @@ class DependencyGraph:
                 for s in layout.spaces():
                     s.find().refusals.append(why)
 
+        calls = Counter(str(n.target) for n in self.graph_module.graph.nodes if n.op == "call_module")
         for node in self.graph_module.graph.nodes:
             ins = [layouts.get(a) for a in node.all_input_nodes]
             meta = node.meta.get("tensor_meta")
@@ -238,6 +240,11 @@ class DependencyGraph:
                 continue
             if node.op == "call_module":
                 layouts[node] = self._module(node, ins, shape, new_space, refuse, where)
+                if calls[str(node.target)] > 1:
+                    # One weight serves every call: its channels cannot be shrunk for one call alone.
+                    why = f"module {node.target} is called at {calls[str(node.target)]} places"
+                    for layout in (*ins, layouts[node]):
+                        refuse(layout, why)
                 continue
             layouts[node] = self._function(node, ins, shape, refuse, where)
         groups = []

@@ -126,6 +126,12 @@ class BenchConfig:
         return cls(**raw)
 
     def validate(self) -> None:
+        # Grid axes that may not be empty (n_m and methods_extra add methods and may be).
+        empty = [name for name in ("models", "liveness", "bias_compensation", "ucb_k", "reconstruct",
+                                   "sparsities", "seeds", "regimes", "calib_samples", "pat")
+                 if not getattr(self, name)]
+        if empty:
+            raise RelpruneError(f"{empty[0]} is empty: the sweep would have no cells; give at least one value")
         for name in ("epochs", "batch_size", "iterative_rounds", "gradual_steps"):
             if getattr(self, name) < 1:
                 raise RelpruneError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -151,6 +157,10 @@ class BenchConfig:
         for s in self.sparsities:
             if not 0 <= s < 1:
                 raise RelpruneError(f"sparsity {s} is outside [0, 1)")
+        if any(not 0 <= seed < 2**62 for seed in self.seeds):
+            raise RelpruneError(f"seeds are whole numbers from 0 to 2^62 - 1, got {self.seeds}")
+        if not self.methods():
+            raise RelpruneError("criteria x scopes (and n_m) and methods_extra give no method: the sweep has no cells")
 
     def settings(self) -> dict[str, Any]:
         """What every cell's number depends on beyond its own key."""

@@ -7,11 +7,14 @@ and ``--help`` shows them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
+import signal
 import sys
 import time
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +77,14 @@ def positive(v: float) -> str | None:
 
 def non_negative(v: float) -> str | None:
     return None if v >= 0 and v != float("inf") else "must be zero or more"
+
+
+#: Seeds are offset by small constants for data splits and calibration draws; torch takes 64 bits.
+MAX_SEED = 2**62
+
+
+def seed_value(v: int) -> str | None:
+    return None if 0 <= v < MAX_SEED else "seeds are whole numbers from 0 to 2^62 - 1"
 
 
 def fraction(v: float) -> str | None:
@@ -165,7 +176,7 @@ def _regularizer_names() -> list[str]:
 
 @dataclass
 class Seed:
-    seed: int = _h("random seed (data split, init, shuffling)", 0)
+    seed: int = _h("random seed (data split, init, shuffling)", 0, check=seed_value)
 
 
 @dataclass
@@ -195,7 +206,11 @@ class TrainArgs:
                   check=one_of("none", *_regularizer_names()))
     pat_alpha: float = _h("weight of the regulariser", 0.0, check=non_negative)
     pat_warmup: float = _h("fraction of training over which alpha ramps up from 0", 0.2, check=fraction)
-    overwrite: bool = _h("replace a finished model already in --out (default: refuse)", False)
+
+
+@dataclass
+class Overwrite:
+    overwrite: bool = _h("replace what an earlier run wrote to --out (default: refuse)", False)
 
 
 @dataclass
@@ -234,12 +249,42 @@ def _writable_folder(path: str | Path) -> Path:
     if path.exists() and not path.is_dir():
         raise RelpruneError(f"--out {path} is a file, not a folder")
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        make_folder(path)
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as err:
         raise RelpruneError(f"--out {path} cannot be written: {err.strerror or err}") from err
     return path
+
+
+#: Folders this process created for its outputs; main removes those still without a file when a
+#: command fails or is interrupted, so a failed command leaves nothing behind.
+CREATED: list[Path] = []
+
+
+def make_folder(path: Path) -> None:
+    """``mkdir -p path``, remembering the top-most folder it had to create."""
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    path.mkdir(parents=True, exist_ok=True)
+    if missing:
+        CREATED.append(missing[-1])
+
+
+def _remove_created() -> None:
+    import shutil
+
+    for folder in reversed(CREATED):
+        if folder.is_dir() and not any(f.is_file() or f.is_symlink() for f in folder.rglob("*")):
+            shutil.rmtree(folder, ignore_errors=True)
+    CREATED.clear()
+
+
+def refuse_replacing(out: Path, names: tuple[str, ...], overwrite: bool, what: str) -> None:
+    """Refuse (before any work) to write over ``names`` in ``out`` that an earlier run left, unless told to."""
+    present = [n for n in names if (out / n).exists()]
+    if present and not overwrite:
+        raise RelpruneError(f"--out {out} already holds {what} ({present[0]}); choose another --out, or pass "
+                            "--overwrite to replace it")
 
 
 def _load_data(d: DataArgs, seed: int):
@@ -260,7 +305,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
     init_from_env()  # under torchrun: one rank per process, gloo on CPU
     check_model_name(t.model)
     out = _writable_folder(c.out)
-    if (out / "model.safetensors").is_file() and not (out / "train.ckpt").is_file() and not t.overwrite:
+    if (out / "model.safetensors").is_file() and not (out / "train.ckpt").is_file() and not ns.overwrite:
         raise RelpruneError(f"{out} already holds a trained model; choose another --out, or pass --overwrite "
                             "to train again and replace it")
     data = _load_data(d, c.seed)
@@ -309,6 +354,7 @@ def cmd_prune(ns: argparse.Namespace) -> int:
                             "on that scale (use rc, rc-ucb or contrib-share)")
     if p.reconstruct == "exact" and m.bias_compensation:
         raise RelpruneError("--reconstruct exact already restores the removed mean; drop --bias-compensation")
+    refuse_replacing(Path(c.out), ("model.safetensors", "model.json"), ns.overwrite, "a model")
     out = _writable_folder(c.out)
     model, info, data = _prepare_model(p.checkpoint, d, c.seed)
     refit = _refit(p, m, model)
@@ -416,6 +462,7 @@ def cmd_explain(ns: argparse.Namespace) -> int:
     from .training import calibration_batches, save_json
 
     c, d = from_args(Common, ns), from_args(DataArgs, ns)
+    refuse_replacing(Path(c.out), ("explain.json", "explain.png"), ns.overwrite, "an explanation")
     out = _writable_folder(c.out)
     model, _, data = _prepare_model(ns.checkpoint, d, c.seed)
     calib = calibration_batches(data.train, ns.calib_samples, seed=c.seed)
@@ -439,6 +486,7 @@ def cmd_export(ns: argparse.Namespace) -> int:
     from .training import calibration_batches
 
     c = from_args(Common, ns)
+    refuse_replacing(Path(c.out), ("dense", "masked", "sparse"), ns.overwrite, "an export")
     out = _writable_folder(c.out)
     model, info = load_model(ns.checkpoint)
     model.eval()
@@ -516,9 +564,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     command("train", "train a model and save it (resumes an interrupted run in the same --out)",
-            Common, DataArgs, TrainArgs).set_defaults(func=cmd_train)
+            Common, Overwrite, DataArgs, TrainArgs).set_defaults(func=cmd_train)
     command("prune", "prune a trained model by one method at one sparsity and save it with its masks",
-            Common, DataArgs, MethodArgs, PruneArgs, out="runs/pruned").set_defaults(func=cmd_prune)
+            Common, Overwrite, DataArgs, MethodArgs, PruneArgs, out="runs/pruned").set_defaults(func=cmd_prune)
     ev = command("eval", "print a saved model's accuracy and per-layer sparsity", Seed, DataArgs)
     ev.add_argument("--checkpoint", default="runs/latest", help="model folder (default: runs/latest)")
     ev.set_defaults(func=cmd_eval)
@@ -534,7 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=cmd_bench)
 
     ex = command("explain", "per-layer plots of relative contributions, share under a threshold, and "
-                 "neuron entropy", Common, DataArgs, out="runs/explain")
+                 "neuron entropy", Common, Overwrite, DataArgs, out="runs/explain")
     ex.add_argument("--checkpoint", default="runs/latest", help="model folder (default: runs/latest)")
     ex.add_argument("--calib-samples", type=_checked(int, positive), default=1024,
                     help="calibration samples (default: 1024)")
@@ -545,7 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(func=cmd_explain)
 
     exp = command("export", "shrink a (pruned) model and write it dense, masked and sparse, with sizes",
-                  Common, DataArgs, out="runs/export")
+                  Common, Overwrite, DataArgs, out="runs/export")
     exp.add_argument("--checkpoint", default="runs/pruned", help="model folder (default: runs/pruned)")
     exp.add_argument("--structured", type=_checked(float, sparsity_value), default=0.0,
                      help="first remove this fraction of units per layer (default: 0, none)")
@@ -577,6 +625,37 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
     ns.overrides = _explicit_flags(argv)
+    CREATED.clear()
+    code = 1
+    try:
+        with _terminate_as_interrupt():
+            code = _run(ns)
+    finally:
+        if code != 0:
+            _remove_created()
+        CREATED.clear()
+    return code
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a scheduler's or a kill's stop) unwinds like Ctrl-C, so staged outputs are removed."""
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(ns: argparse.Namespace) -> int:
+    """Run the chosen command; every failure is one line on stderr and an exit status."""
     try:
         return ns.func(ns)
     except RelpruneError as err:

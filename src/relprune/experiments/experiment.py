@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .. import collect_stats, load_state_dict, prune
 from ..core.allocation import nm_fits, parse_n_m
+from ..core.checkpoint import check_fits, meta_numel, stored_numel
 from ..core.criteria import get_criterion
 from ..core.layers import prunable_layers
 from ..core.masks import Masks, copy_model
@@ -118,7 +119,9 @@ def apply_method(model: nn.Module, stats: Stats | None, method: Method, sparsity
     """Prune ``model`` in place by ``method`` to ``sparsity`` (N:M methods ignore sparsity).
 
     ``example`` (an input batch) is needed by criteria that trace the model (``rc-flow``)."""
-    kwargs: dict[str, Any] = {"criterion": method.criterion, "scope": method.scope,
+    # A joint criterion (SparseGPT) chooses its own comparison group: scope does not apply.
+    scope = None if get_criterion(method.criterion).joint is not None else method.scope
+    kwargs: dict[str, Any] = {"criterion": method.criterion, "scope": scope,
                               "bias_compensation": method.bias_compensation, "seed": seed,
                               "reconstruct": method.reconstruct}
     if "ucb_k" in get_criterion(method.criterion).options:
@@ -273,7 +276,14 @@ def load_model(path: str | Path) -> tuple[nn.Module, ModelInfo]:
         info = ModelInfo(**json.loads(meta_path.read_text()))
     except (json.JSONDecodeError, TypeError) as err:
         raise CheckpointError(f"{meta_path}: not a relprune model description: {err}") from err
-    model = build_model(info.model, tuple(info.input_shape), info.num_classes)
+    shape = info.input_shape
+    if not (isinstance(shape, list) and shape and all(isinstance(d, int) and d > 0 for d in shape)
+            and isinstance(info.num_classes, int) and info.num_classes > 0):
+        raise CheckpointError(f"{meta_path}: input_shape must be a list of positive whole numbers and "
+                              f"num_classes a positive whole number, got {shape!r} and {info.num_classes!r}")
+    check_fits(meta_numel(lambda: build_model(info.model, tuple(shape), info.num_classes)),
+               stored_numel([weights]), str(folder))
+    model = build_model(info.model, tuple(shape), info.num_classes)
     try:
         state = expand_state(load_file(str(weights)))
     except (SafetensorError, OSError) as err:

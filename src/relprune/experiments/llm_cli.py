@@ -13,7 +13,16 @@ from ..errors import RelpruneError
 
 # The main command's flag checks and progress line serve these subcommands too (cli imports this
 # module only inside build_parser, so cli is complete by the time this runs).
-from .cli import _checked, _say, criterion_name, n_m_value, positive, sparsity_value
+from .cli import (
+    _checked,
+    _say,
+    criterion_name,
+    make_folder,
+    n_m_value,
+    positive,
+    seed_value,
+    sparsity_value,
+)
 
 _positive_int = _checked(int, positive)
 
@@ -27,10 +36,12 @@ def add_llm_commands(sub: argparse._SubParsersAction) -> None:
 
     p = llm_sub.add_parser("prune", help="prune every decoder Linear; write a folder transformers loads")
     p.add_argument("--model", required=True, help="folder, .gguf file, hub id or smollm2-135m")
-    p.add_argument("--criterion", type=_checked(str, criterion_name), default=DEFAULT_LLM_CRITERION,
-                   help=f"criterion (default: {DEFAULT_LLM_CRITERION}, the best of the LLM benchmark)")
-    p.add_argument("--scope", choices=["row", "layer"], default=DEFAULT_LLM_SCOPE,
-                   help=f"comparison group within each layer (default: {DEFAULT_LLM_SCOPE})")
+    p.add_argument("--criterion", type=_checked(str, _block_criterion), default=DEFAULT_LLM_CRITERION,
+                   help=f"one of {', '.join(block_criteria())} (default: {DEFAULT_LLM_CRITERION}, the best of "
+                        "the LLM benchmark)")
+    p.add_argument("--scope", choices=["row", "layer"], default=None,
+                   help=f"comparison group within each layer (default: {DEFAULT_LLM_SCOPE}; not with sparsegpt, "
+                        "which chooses per row in blocks of columns)")
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--sparsity", type=_checked(float, sparsity_value), help="fraction of weights to remove")
     budget.add_argument("--n-m", type=_checked(str, n_m_value), help="N:M pattern, e.g. 2:4")
@@ -56,7 +67,8 @@ def add_llm_commands(sub: argparse._SubParsersAction) -> None:
                         "about one block, for models larger than RAM (sequential; not with --allocation owl "
                         "or --bias-compensation)")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="windows per forward pass (default: 8)")
-    p.add_argument("--seed", type=int, default=0, help="chooses the calibration windows (default: 0)")
+    p.add_argument("--seed", type=_checked(int, seed_value), default=0,
+                   help="chooses the calibration windows (default: 0)")
     p.add_argument("--out", required=True, help="output folder (must not hold anything yet)")
     p.set_defaults(func=cmd_llm_prune)
 
@@ -67,14 +79,30 @@ def add_llm_commands(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--seqlen", type=_positive_int, default=512, help="tokens per window (default: 512)")
     e.add_argument("--batch-size", type=_positive_int, default=1,
                    help="windows per forward pass (default: 1; the logits of a batch dominate memory)")
-    e.add_argument("--seed", type=int, default=0, help="unused by eval; accepted like every command's")
+    e.add_argument("--seed", type=_checked(int, seed_value), default=0,
+                   help="unused by eval; accepted like every command's")
     e.set_defaults(func=cmd_llm_eval)
 
 
-def _owl_lambda(value: float) -> float:
-    if not 0.0 <= value < 0.5:
-        raise ValueError("must be in [0, 0.5)")
-    return value
+def block_criteria() -> list[str]:
+    """The criteria block-by-block pruning can use: no loss gradients, no whole-model options."""
+    from ..core.criteria import CRITERIA
+
+    return [n for n, c in CRITERIA.items() if "weight_grad" not in c.statistics and not c.options - {"ucb_k"}]
+
+
+def _block_criterion(name: str) -> str | None:
+    problem = criterion_name(name)
+    if problem:
+        return problem
+    if name not in block_criteria():
+        return ("needs the whole model's loss gradient or output importance, which block-by-block pruning does "
+                f"not have; choose from {', '.join(block_criteria())}")
+    return None
+
+
+def _owl_lambda(value: float) -> str | None:
+    return None if 0.0 <= value < 0.5 else "must lie in [0, 0.5)"
 
 
 def _check_seqlen(config, seqlen: int) -> None:
@@ -87,20 +115,23 @@ def _fresh_out(path: Path) -> Path:
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise RelpruneError(f"--out {path} already exists and is not an empty folder; choose another")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path.parent):
-            pass
+        make_folder(path.parent)
+        # The output is staged beside it under a longer name: try that name now, not after the work.
+        tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.").cleanup()
     except OSError as err:
         raise RelpruneError(f"--out {path} cannot be written: {err.strerror or err}") from err
     return path
 
 
 def cmd_llm_prune(ns: argparse.Namespace) -> int:
+    from ..core.criteria import get_criterion
     from ..llm import calibration_windows, load_model, prune_sequential, tokenize_file
     from ..llm.save import save_pretrained, staged_folder
+    from ..llm.sequential import block_scope
     from ..llm.text import batches_of
 
     reconstruct = False if ns.reconstruct == "none" else ns.reconstruct
+    block_scope(get_criterion(ns.criterion), ns.scope)  # refuses sparsegpt with --scope before any work
     if ns.bias_compensation and reconstruct:
         raise RelpruneError("--bias-compensation corrects the removed mean that --reconstruct already re-fits; "
                             "give --reconstruct none with it")
@@ -129,7 +160,9 @@ def cmd_llm_prune(ns: argparse.Namespace) -> int:
         switches = save_pretrained(model, tokenizer, tmp)
         if switches:
             _say(f"config: {', '.join(switches)} switched on for the compensated biases")
-        record = {"model": ns.model, "criterion": ns.criterion, "scope": ns.scope, "sparsity": ns.sparsity,
+        record = {"model": ns.model, "criterion": ns.criterion, "scope": block_scope(get_criterion(ns.criterion),
+                                                                                       ns.scope),
+                  "sparsity": ns.sparsity,
                   "n_m": ns.n_m, "reconstruct": ns.reconstruct, "sequential": ns.sequential,
                   "bias_compensation": ns.bias_compensation, "allocation": ns.allocation,
                   "owl_lambda": ns.owl_lambda if ns.allocation == "owl" else None,
@@ -151,11 +184,13 @@ def _report(ns: argparse.Namespace, masks, seconds: float, out: Path, how: str =
 
 def _llm_prune_streamed(ns: argparse.Namespace, out: Path, reconstruct: bool | str) -> int:
     from ..llm import calibration_windows, prune_streamed, resolve_model, tokenize_file
-    from ..llm.load import load_tokenizer
+    from ..llm.load import check_checkpoint, load_tokenizer
     from ..llm.text import batches_of
 
     where = resolve_model(ns.model)
     tokenizer, config = load_tokenizer(where)
+    if Path(where).is_dir():
+        check_checkpoint(Path(where), config, exact_names=True)
     _check_seqlen(config, ns.seqlen)
     windows = calibration_windows(tokenize_file(tokenizer, ns.calibration), ns.calibration_samples, ns.seqlen,
                                   ns.seed)

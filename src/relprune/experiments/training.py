@@ -261,6 +261,10 @@ def calibration_batches(split: Split, samples: int, batch_size: int = 256, seed:
     """``samples`` examples drawn from a split with a fixed seed, as labelled batches."""
     if samples <= 0:
         raise ValueError("calibration samples must be positive")
+    if samples > len(split):
+        from ..errors import DataError
+
+        raise DataError(f"{samples} calibration samples asked for; the training split holds {len(split)}")
     gen = torch.Generator().manual_seed(seed + 777)
     idx = torch.randperm(len(split), generator=gen)[:samples]
     sub = Split(split.x[idx], split.y[idx])

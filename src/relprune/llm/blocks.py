@@ -11,6 +11,8 @@ would give it, or what the pruned blocks before it give it.
 
 from __future__ import annotations
 
+import sys
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -151,3 +153,22 @@ def dense_hidden_states(blocks: Sequence[nn.Module], captured: BlockInputs) -> l
     for i, block in enumerate(blocks[:-1]):
         per_block.append(block_outputs(block, feed(captured.calls[i], per_block[-1])))
     return per_block
+
+
+def blocks_with_progress(named: Sequence[tuple[str, nn.Module]],
+                         progress: bool) -> Iterable[tuple[int, tuple[str, nn.Module]]]:
+    """``enumerate(named)``, reporting progress when asked: a bar on a terminal, else one line per block
+    on stderr (a log file or a scheduler's output gets a line a block, not minutes of silence)."""
+    if not progress:
+        yield from enumerate(named)
+        return
+    if sys.stderr.isatty():
+        from tqdm.auto import tqdm
+
+        yield from tqdm(enumerate(named), total=len(named), desc="blocks", unit="block", leave=False)
+        return
+    start = time.perf_counter()
+    for i, item in enumerate(named):
+        yield i, item
+        print(f"block {i + 1}/{len(named)} ({item[0]}) done, {time.perf_counter() - start:.0f} s",
+              file=sys.stderr, flush=True)

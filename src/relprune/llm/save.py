@@ -56,8 +56,8 @@ def bias_switches(model: nn.Module) -> tuple[list[str], set[str]]:
     if unexpressed:
         raise RelpruneError(
             f"{type(model).__name__}'s config has no switch for biases on {unexpressed[:3]}"
-            f"{' ...' if len(unexpressed) > 3 else ''}; prune without bias compensation, or save with "
-            "relprune.export_model")
+            f"{' ...' if len(unexpressed) > 3 else ''}, so a transformers folder cannot hold the compensated "
+            "biases; prune without bias compensation")
     return switches, built - have
 
 

@@ -9,7 +9,7 @@ hidden states. Only one block's activations are held at a time; padding tokens
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -21,8 +21,15 @@ from ..core.masks import Masks, make_permanent
 from ..core.pruning import prune
 from ..core.stats import Batch, collect_stats
 from ..defaults import DEFAULT_LLM_CRITERION, DEFAULT_LLM_RECONSTRUCT, DEFAULT_LLM_SCOPE
-from ..errors import LayerError, SparsityError
-from .blocks import BlockInputs, block_outputs, capture_block_inputs, dense_hidden_states, feed
+from ..errors import CalibrationError, LayerError, SparsityError
+from .blocks import (
+    BlockInputs,
+    block_outputs,
+    blocks_with_progress,
+    capture_block_inputs,
+    dense_hidden_states,
+    feed,
+)
 
 
 def decoder_blocks(model: nn.Module, blocks: str | Sequence[str] | None = None) -> list[tuple[str, nn.Module]]:
@@ -65,7 +72,7 @@ def prune_sequential(
     sparsity: float | None = None,
     n_m: str | tuple[int, int] | None = None,
     criterion: str = DEFAULT_LLM_CRITERION,
-    scope: str = DEFAULT_LLM_SCOPE,
+    scope: str | None = None,
     reconstruct: bool | str = DEFAULT_LLM_RECONSTRUCT,
     sequential: bool = True,
     blocks: str | Sequence[str] | None = None,
@@ -99,6 +106,7 @@ def prune_sequential(
     if allocation == "owl" and sparsity is None:
         raise SparsityError("allocation='owl' sets unstructured sparsities per block; give sparsity=, not n_m=")
     crit = get_criterion(criterion)
+    scope = block_scope(crit, scope)
     wanted = statistics_for(crit, reconstruct, prune_options)
     named = decoder_blocks(model, blocks)
     modules = [b for _, b in named]
@@ -114,13 +122,8 @@ def prune_sequential(
             assert sparsity is not None
             ratios = _block_outlier_ratios(modules, captured, dense, owl_m)
             per_block = _allocation.owl_sparsities(ratios, sparsity, owl_lambda)
-        iterator: Iterable[tuple[int, tuple[str, nn.Module]]] = enumerate(named)
-        if progress:
-            from tqdm.auto import tqdm
-
-            iterator = tqdm(iterator, total=len(named), desc="blocks", unit="block", disable=None, leave=False)
         hidden = captured.hidden
-        for i, (name, block) in iterator:
+        for i, (name, block) in blocks_with_progress(named, progress):
             own = hidden if dense is None else dense[i]
             masks, outputs = prune_block(
                 block, feed(captured.calls[i], own), wanted, criterion=crit, scope=scope, reconstruct=reconstruct,
@@ -131,6 +134,22 @@ def prune_sequential(
     finally:
         model.train(was_training)
     return Masks(out)
+
+
+def block_scope(crit: Criterion, scope: str | None) -> str | None:
+    """The comparison group inside a block (``row`` by default), refusing what block pruning cannot do."""
+    if "weight_grad" in crit.statistics:
+        raise CalibrationError(f"criterion {crit.name!r} scores by the gradient of the model's loss, which "
+                               "block-by-block pruning does not compute; choose a criterion without gradients")
+    if crit.options - {"ucb_k"}:
+        raise CalibrationError(f"criterion {crit.name!r} needs {sorted(crit.options)} from the whole model "
+                               "(see relprune.output_importance), which block-by-block pruning does not have")
+    if crit.joint is not None:
+        if scope is not None:
+            raise SparsityError(f"criterion {crit.name!r} chooses its mask per row within blocks of columns; "
+                                "scope does not apply to it: leave it out")
+        return None
+    return DEFAULT_LLM_SCOPE if scope is None else scope
 
 
 def statistics_for(crit: Criterion, reconstruct: bool | str, prune_options: dict[str, Any]) -> set[str]:

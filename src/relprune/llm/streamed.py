@@ -15,7 +15,7 @@ import contextlib
 import copy
 import json
 import shutil
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +24,12 @@ from torch import Tensor, nn
 
 from ..core.criteria import get_criterion
 from ..core.masks import Masks
-from ..defaults import DEFAULT_LLM_CRITERION, DEFAULT_LLM_RECONSTRUCT, DEFAULT_LLM_SCOPE
+from ..defaults import DEFAULT_LLM_CRITERION, DEFAULT_LLM_RECONSTRUCT
 from ..errors import ModelLoadError, RelpruneError
-from .blocks import capture_block_inputs, feed
-from .load import require_transformers, resolve_model
+from .blocks import blocks_with_progress, capture_block_inputs, feed
+from .load import check_checkpoint, require_transformers, resolve_model
 from .save import staged_folder
-from .sequential import decoder_blocks, prune_block, statistics_for
+from .sequential import block_scope, decoder_blocks, prune_block, statistics_for
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
@@ -39,14 +39,18 @@ class Checkpoint:
     """Tensors of a safetensors checkpoint (one file or an index of shards), read one at a time."""
 
     def __init__(self, folder: Path):
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         index = folder / "model.safetensors.index.json"
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
         elif (folder / "model.safetensors").is_file():
-            with safe_open(folder / "model.safetensors", framework="pt") as fh:
-                weight_map = {k: "model.safetensors" for k in fh.keys()}  # noqa: SIM118 - not a dict
+            try:
+                with safe_open(folder / "model.safetensors", framework="pt") as fh:
+                    weight_map = {k: "model.safetensors" for k in fh.keys()}  # noqa: SIM118 - not a dict
+            except SafetensorError as err:
+                raise ModelLoadError(f"{folder / 'model.safetensors'} is not a readable safetensors file: "
+                                     f"{err}") from err
         else:
             raise ModelLoadError(f"{folder} holds no safetensors checkpoint (model.safetensors or its index); "
                                  "streamed pruning reads safetensors only")
@@ -74,7 +78,7 @@ def prune_streamed(
     sparsity: float | None = None,
     n_m: str | tuple[int, int] | None = None,
     criterion: str = DEFAULT_LLM_CRITERION,
-    scope: str = DEFAULT_LLM_SCOPE,
+    scope: str | None = None,
     reconstruct: bool | str = DEFAULT_LLM_RECONSTRUCT,
     blocks: str | Sequence[str] | None = None,
     progress: bool = False,
@@ -96,11 +100,14 @@ def prune_streamed(
         raise RelpruneError(f"{target} already exists and is not an empty folder; choose another")
     checkpoint = Checkpoint(src)
     config = transformers.AutoConfig.from_pretrained(src)
+    check_checkpoint(src, config, exact_names=True)
     with torch.device("meta"):
         skeleton = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     named = decoder_blocks(skeleton, blocks)
     host = _host_model(transformers, config, checkpoint, named)
-    wanted = statistics_for(get_criterion(criterion), reconstruct, {})
+    crit = get_criterion(criterion)
+    scope = block_scope(crit, scope)
+    wanted = statistics_for(crit, reconstruct, {})
     with staged_folder(target) as tmp:
         first = _load_block(named[0][1], named[0][0], checkpoint)
         with _blocks_in(host, named):
@@ -109,13 +116,8 @@ def prune_streamed(
         total_size = 0
         masks: dict[str, Tensor] = {}
         shards = len(named) + 1
-        iterator: Iterable[tuple[int, tuple[str, nn.Module]]] = enumerate(named)
-        if progress:
-            from tqdm.auto import tqdm
-
-            iterator = tqdm(iterator, total=len(named), desc="blocks", unit="block", disable=None, leave=False)
         hidden = captured.hidden
-        for i, (name, meta_block) in iterator:
+        for i, (name, meta_block) in blocks_with_progress(named, progress):
             block = first if i == 0 else _load_block(meta_block, name, checkpoint)
             first = None
             block_masks, hidden = prune_block(

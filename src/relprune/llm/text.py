@@ -37,6 +37,10 @@ def calibration_windows(ids: Tensor, samples: int, seqlen: int, seed: int = 0) -
     _check(ids, seqlen, "calibration")
     if samples < 1:
         raise CalibrationError(f"calibration samples must be at least 1, got {samples}")
+    offsets = len(ids) - seqlen + 1
+    if samples > offsets:
+        raise DataError(f"{samples} calibration windows of {seqlen} tokens asked for; the calibration text "
+                        f"({len(ids)} tokens) has only {offsets} distinct windows")
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(ids) - seqlen + 1, (samples,), generator=gen)
     return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])

@@ -1,0 +1,183 @@
+"""What a hostile new user tried on `relprune llm` (issue 23): each case refused in one line, or done
+right, and nothing written or left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="the llm extra is not installed")
+
+import relprune  # noqa: E402
+from relprune.experiments.cli import main  # noqa: E402
+from relprune.llm import load as llm_load  # noqa: E402
+from relprune.llm import prune_sequential  # noqa: E402
+
+from test_llm import folder, ids_batches, tiny_llama, tiny_tokenizer  # noqa: E402, F401
+
+
+def _run(argv: list[str], capsys) -> tuple[int, str]:
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr().err.strip()
+
+
+def _listing(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def _prune_args(folder: Path, tmp_path: Path, *extra: str) -> list[str]:
+    return ["llm", "prune", "--model", folder, "--calibration", tmp_path / "calib.txt", "--calibration-samples",
+            "4", "--seqlen", "16", *extra]
+
+
+def test_owl_lambda_other_than_zero_is_accepted(folder, tmp_path, capsys):
+    code, err = _run([*_prune_args(folder, tmp_path, "--sparsity", "0.5", "--allocation", "owl", "--owl-lambda",
+                                   "0.1"), "--out", tmp_path / "owl"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "owl" / "relprune.json").read_text())["owl_lambda"] == 0.1
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--criterion", "sparsegpt", "--scope", "layer"], "scope does not apply"),
+    (["--criterion", "snip"], "loss gradient"),
+    (["--criterion", "rc-flow"], "output importance"),
+    (["--seed", str(2**64)], "2\\^62"),
+    (["--calibration-samples", "1000000000"], "distinct windows"),
+])
+def test_bad_llm_prune_options_are_one_line_and_write_nothing(folder, tmp_path, capsys, extra, message):
+    before = _listing(tmp_path)
+    code, err = _run([*_prune_args(folder, tmp_path, "--sparsity", "0.5"), *extra, "--out", tmp_path / "o"], capsys)
+    assert code in (1, 2) and len(err.splitlines()) == 1 and re.search(message, err), err
+    assert _listing(tmp_path) == before
+
+
+def test_sparsegpt_records_no_scope(folder, tmp_path, capsys):
+    assert _run([*_prune_args(folder, tmp_path, "--sparsity", "0.5", "--criterion", "sparsegpt"), "--out",
+                 tmp_path / "s"], capsys)[0] == 0
+    assert json.loads((tmp_path / "s" / "relprune.json").read_text())["scope"] is None
+
+
+def test_an_out_name_too_long_is_refused_before_the_work(folder, tmp_path, capsys, monkeypatch):
+    import relprune.llm.sequential as sequential
+
+    monkeypatch.setattr(sequential, "prune_block", lambda *a, **k: pytest.fail("pruned before checking --out"))
+    code, err = _run([*_prune_args(folder, tmp_path, "--sparsity", "0.5"), "--out", tmp_path / ("x" * 250)],
+                     capsys)
+    assert code == 1 and "cannot be written" in err and len(err.splitlines()) == 1
+
+
+def _edited_folder(folder: Path, tmp_path: Path, **changes) -> Path:
+    out = tmp_path / "edited"
+    out.mkdir()
+    for f in folder.iterdir():
+        (out / f.name).write_bytes(f.read_bytes())
+    config = json.loads((out / "config.json").read_text())
+    config.update(changes)
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"num_hidden_layers": 3}, "config asks for"),            # a random third layer would be saved
+    ({"num_hidden_layers": 1}, "do not fit the config|has not"),  # the second layer would be dropped
+    ({"hidden_size": 40, "head_dim": 10}, "config asks for|do not fit"),
+    ({"intermediate_size": 10**12}, "config asks for"),       # 4 TB: refused before allocating
+])
+def test_a_folder_whose_config_and_weights_disagree_is_refused(folder, tmp_path, capsys, changes, message):
+    edited = _edited_folder(folder, tmp_path, **changes)
+    for argv in ([*_prune_args(edited, tmp_path, "--sparsity", "0.5"), "--out", tmp_path / "o"],
+                 [*_prune_args(edited, tmp_path, "--sparsity", "0.5", "--streamed"), "--out", tmp_path / "o"],
+                 ["llm", "eval", "--model", edited, "--text", tmp_path / "eval.txt", "--seqlen", "16"]):
+        code, err = _run(argv, capsys)
+        assert code == 1 and len(err.splitlines()) == 1 and re.search(message, err), err
+        assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_a_corrupt_safetensors_file_is_one_line(folder, tmp_path, capsys, damage):
+    edited = _edited_folder(folder, tmp_path)
+    weights = edited / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncate" else os.urandom(len(data)))
+    for argv in (["llm", "eval", "--model", edited, "--text", tmp_path / "eval.txt", "--seqlen", "16"],
+                 [*_prune_args(edited, tmp_path, "--sparsity", "0.5", "--streamed"), "--out", tmp_path / "o"]):
+        code, err = _run(argv, capsys)
+        assert code == 1 and len(err.splitlines()) == 1 and "internal error" not in err, err
+
+
+def test_sigterm_during_streamed_pruning_leaves_no_staging_folder(folder, tmp_path, capsys, monkeypatch):
+    import relprune.llm.streamed as streamed
+
+    real = streamed.prune_block
+    calls = []
+
+    def killed(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(streamed, "prune_block", killed)
+    before = _listing(tmp_path)
+    code, err = _run([*_prune_args(folder, tmp_path, "--sparsity", "0.5", "--streamed"), "--out",
+                      tmp_path / "o"], capsys)
+    assert code == 130 and "interrupted" in err
+    assert _listing(tmp_path) == before
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_interrupted_gguf_conversion_leaves_nothing_in_the_cache(tmp_path, monkeypatch):
+    pytest.importorskip("gguf")
+    pytest.importorskip("accelerate")
+    monkeypatch.setenv("RELPRUNE_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(64))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(llm_load, "_convert", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        llm_load.convert_gguf(gguf)
+    assert not [p for p in (tmp_path / "cache" / "models").iterdir()]
+
+
+def test_block_progress_is_a_line_a_block_when_stderr_is_not_a_terminal(folder, tmp_path, capsys):
+    code, err = _run([*_prune_args(folder, tmp_path, "--sparsity", "0.5"), "--out", tmp_path / "p"], capsys)
+    assert code == 0
+    assert re.search(r"block 1/2 \(model\.layers\.0\) done", err) and "block 2/2" in err, err
+
+
+def test_bias_compensation_refusal_names_no_missing_function(tmp_path):
+    model = tiny_llama()
+    model.lm_head.bias = torch.nn.Parameter(torch.zeros(model.lm_head.out_features))
+    with pytest.raises(relprune.RelpruneError) as err:
+        relprune.llm.save_pretrained(model, tiny_tokenizer(), tmp_path / "x")
+    assert "export_model" not in str(err.value)
+    for name in re.findall(r"relprune\.[\w.]+", str(err.value)):
+        obj = relprune
+        for part in name.split(".")[1:]:
+            obj = getattr(obj, part)
+
+
+@pytest.mark.parametrize("criterion", ["snip", "taylor", "rc-flow"])
+def test_block_pruning_refuses_whole_model_criteria_by_name(criterion):
+    with pytest.raises(relprune.RelpruneError, match=criterion):
+        prune_sequential(tiny_llama(), ids_batches(), sparsity=0.5, criterion=criterion)
+
+
+def test_calibration_windows_are_bounded_by_the_text():
+    from relprune.llm.text import calibration_windows
+
+    with pytest.raises(relprune.RelpruneError, match="distinct windows"):
+        calibration_windows(torch.arange(100), 10**9, 16)
+    assert calibration_windows(torch.arange(100), 85, 16).shape == (85, 16)
