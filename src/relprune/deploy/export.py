@@ -17,6 +17,7 @@ it into a fresh instance of its class (``load_exported(path, model=...)``), or w
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -83,7 +84,10 @@ def build(spec: list[dict[str, Any]]) -> nn.Sequential:
         if item.get("type") not in _TYPES:
             raise CheckpointError(f"unknown layer type {item.get('type')!r} in architecture")
         args = {k: tuple(v) if isinstance(v, list) else v for k, v in item.get("args", {}).items()}
-        layers.append(_TYPES[item["type"]](**args))
+        try:
+            layers.append(_TYPES[item["type"]](**args))
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"architecture entry {item['type']} {args}: {err}") from err
     return nn.Sequential(*layers)
 
 
@@ -200,10 +204,15 @@ def load_exported(path: str | Path, model: nn.Module | None = None) -> tuple[nn.
         else:
             path = found[0]
     if path.suffix == ".pt2":
+        quiet = logging.getLogger("torch.export")
+        level = quiet.level
+        quiet.setLevel(logging.CRITICAL)  # torch logs its own lines about a bad archive; ours is the one line
         try:
             return torch.export.load(str(path)).module(), {"format": "program"}
         except Exception as err:
             raise CheckpointError(f"{path}: cannot load the program: {' '.join(str(err).split())[:200]}") from err
+        finally:
+            quiet.setLevel(level)
     tensors, meta = _read(path)
     if meta.get("architecture") is None:
         if model is None:
