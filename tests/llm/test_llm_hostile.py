@@ -14,12 +14,12 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="the llm extra is not installed")
 
+from test_llm import folder, ids_batches, tiny_llama, tiny_tokenizer  # noqa: E402, F401
+
 import relprune  # noqa: E402
 from relprune.experiments.cli import main  # noqa: E402
 from relprune.llm import load as llm_load  # noqa: E402
 from relprune.llm import prune_sequential  # noqa: E402
-
-from test_llm import folder, ids_batches, tiny_llama, tiny_tokenizer  # noqa: E402, F401
 
 
 def _run(argv: list[str], capsys) -> tuple[int, str]:
