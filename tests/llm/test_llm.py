@@ -49,19 +49,6 @@ def tiny_tokenizer():
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
 
 
-@pytest.fixture
-def folder(tmp_path) -> Path:
-    """A tiny Llama and its tokenizer saved as a Hugging Face folder, plus text files."""
-    out = tmp_path / "tiny"
-    tiny_llama().save_pretrained(out)
-    tiny_tokenizer().save_pretrained(out)
-    g = torch.Generator().manual_seed(1)
-    for name, n in (("calib.txt", 3000), ("eval.txt", 1000)):
-        ids = torch.randint(0, len(WORDS), (n,), generator=g).tolist()
-        (tmp_path / name).write_text(" ".join(WORDS[i] for i in ids))
-    return out
-
-
 def ids_batches(n=2, seqlen=12, pad_last=0):
     g = torch.Generator().manual_seed(0)
     out = []

@@ -14,7 +14,7 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="the llm extra is not installed")
 
-from test_llm import folder, ids_batches, tiny_llama, tiny_tokenizer  # noqa: E402, F401
+from test_llm import ids_batches, tiny_llama, tiny_tokenizer  # noqa: E402
 
 import relprune  # noqa: E402
 from relprune.experiments.cli import main  # noqa: E402
