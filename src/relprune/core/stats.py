@@ -382,9 +382,14 @@ def split_batch(batch: Any) -> Batch:
 
 
 FLUSH_EVERY = 16
-#: A Linear's weight-shaped work is done in this many slices of output rows, so its temporaries
-#: stay a fraction of the weight (the memory target of collect_stats is a few times the weights).
-ROW_SLICES = 8
+#: |W| of a Linear is taken this many slices of output rows at a time when it is not cached, and
+#: float64 sums take their pending buffers in as many slices: temporaries stay a fraction of a weight.
+ROW_SLICES = 4
+#: |W| is cached (one weight's memory) when a collection holds at least this many weight-shaped
+#: sums, where it adds a sixth or less to the memory and saves an |W| per batch; with fewer (``rc``
+#: alone: its sum and one pending buffer) it would be a third more.
+CACHE_ABS_FROM = 3
+_WEIGHT_SHAPED = frozenset({"s1", "s2", "sa", "r1", "r2"})
 
 
 def _row_slices(rows: int) -> list[slice]:
@@ -393,12 +398,11 @@ def _row_slices(rows: int) -> list[slice]:
 
 
 class _Scratch:
-    """Per-layer working state of one collection: a conv's |W| and sums pending in the compute dtype.
+    """Per-layer working state of one collection: |W| (or a slice of it) and sums pending in the compute dtype.
 
-    A conv's batch products (and a Linear's (1, I) input moments and Gram matrix) land in
-    compute-dtype buffers and move into the float64 sums every ``FLUSH_EVERY`` batches, so the
-    float64 add is paid rarely while rounding stays that of a short sum. A Linear's weight-shaped
-    sums skip the buffer (see :meth:`add`): a second weight-sized tensor is what they cannot afford.
+    Every batch product lands in a compute-dtype buffer in place (``addmm_``: no temporary) and
+    moves into the float64 sums every ``FLUSH_EVERY`` batches, so the float64 conversion and add
+    are paid rarely while rounding stays that of a short sum.
     """
 
     def __init__(self) -> None:
@@ -407,14 +411,6 @@ class _Scratch:
         self.batches = 0
 
     def add(self, layer: nn.Module, key: str, x: Tensor, g: Tensor, ls: LayerStats) -> None:
-        if L.is_linear(layer) and g.shape[1] > 1:
-            # A Linear's weight-shaped sums go straight into float64, a slice of rows at a time: no
-            # weight-sized buffer besides the sums (the products are rounded once, in the compute dtype).
-            target = ls.sums[key]
-            gt = g.t().contiguous()  # row slices of a contiguous (O, N) keep the products on the fast path
-            for rows in _row_slices(g.shape[1]):
-                target[rows] += (gt[rows] @ x).to(target.dtype)
-            return
         buf = self.pending.get(key)
         if L.is_linear(layer):
             if buf is None:
@@ -437,7 +433,11 @@ class _Scratch:
         self.batches += 1
         if force or self.batches % FLUSH_EVERY == 0:
             for key, buf in self.pending.items():
-                ls.sums[key].add_(buf.reshape(ls.sums[key].shape))
+                # Row slices: adding a compute-dtype buffer into float64 converts it first, and a
+                # whole weight-sized conversion would be the collection's largest temporary.
+                target, flat = ls.sums[key], buf.reshape(ls.sums[key].shape)
+                for rows in _row_slices(target.shape[0]):
+                    target[rows].add_(flat[rows])
             self.pending.clear()
 
 
@@ -475,15 +475,29 @@ def _accumulate(layer: nn.Module, ls: LayerStats, scratch: _Scratch, x: Tensor, 
     if "sa" in need:
         scratch.add(layer, "sa", a, g, ls)
     if need & {"r1", "r2"}:
-        if L.is_linear(layer):
-            d = torch.cat([a @ ls.weight[rows].to(cd).abs().t() for rows in _row_slices(ls.weight.shape[0])], dim=1)
+        if L.is_linear(layer) and len(need & _WEIGHT_SHAPED) < CACHE_ABS_FROM:
+            # D^T = |W| |x|^T (outputs x rows), |W| taken a slice of rows at a time: no weight-sized
+            # copy of |W| exists, and each slice's product lands in place.
+            w = ls.weight.detach()
+            dt = torch.empty(w.shape[0], a.shape[0], dtype=cd, device=a.device)
+            for rows in _row_slices(w.shape[0]):
+                torch.mm(w[rows].to(cd).abs(), a.t(), out=dt[rows])
+            if ls.bias is not None:
+                dt.add_(ls.bias.to(cd).abs().unsqueeze(1))
+            dt.add_(EPS)
+            if "r2" not in need:
+                # g / D in place, in D^T's own (contiguous) layout: the one (outputs x rows) temporary.
+                gdt = dt.reciprocal_().mul_(g.t())
+                scratch.add(layer, "r1", a, gdt.t(), ls)
+                return
+            d = dt.t()
         else:
             if scratch.abs_weight is None or scratch.abs_weight.dtype != cd:
-                scratch.abs_weight = ls.weight.to(cd).abs()
+                scratch.abs_weight = ls.weight.detach().to(cd).abs()
             d = L.forward_with(layer, a, scratch.abs_weight)
-        if ls.bias is not None:
-            d = d + L.bias_view(layer, ls.bias.to(cd).abs())
-        d = d + EPS
+            if ls.bias is not None:
+                d.add_(L.bias_view(layer, ls.bias.to(cd).abs()))
+            d.add_(EPS)
         gd = g / d
         if "r1" in need:
             scratch.add(layer, "r1", a, gd, ls)
