@@ -181,3 +181,56 @@ def test_calibration_windows_are_bounded_by_the_text():
     with pytest.raises(relprune.RelpruneError, match="distinct windows"):
         calibration_windows(torch.arange(100), 10**9, 16)
     assert calibration_windows(torch.arange(100), 85, 16).shape == (85, 16)
+
+
+@pytest.mark.parametrize("scope", ["uniform", "global"])
+def test_llm_shrink_writes_a_smaller_folder_with_the_in_memory_logits(folder, tmp_path, capsys, scope):
+    from relprune.llm.structured import (
+        load_shrunk,
+        plan_units,
+        shrink_units,
+        unit_compensation,
+        unit_scores,
+    )
+    from relprune.llm.text import batches_of, calibration_windows, tokenize_file
+
+    code, err = _run(["llm", "shrink", "--model", folder, "--ratio", "0.3", "--scope", scope, "--calibration",
+                      tmp_path / "calib.txt", "--calibration-samples", "4", "--seqlen", "16", "--out",
+                      tmp_path / "small"], capsys)
+    assert code == 0, err
+    record = json.loads((tmp_path / "small" / "relprune.json").read_text())
+    assert record["parameters"] < record["dense_parameters"]
+    # The same steps through the library give the same model.
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    batches = batches_of(calibration_windows(tokenize_file(tokenizer, tmp_path / "calib.txt"), 4, 16, 0), 8)
+    keep = plan_units(model, unit_scores(model, batches, "fluctuation"), 0.3, scope=scope)
+    shrink_units(model, keep, bias_delta=unit_compensation(model, batches, keep))
+    saved = load_shrunk(tmp_path / "small")
+    ids = batches[0]["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(saved(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+    assert sum(p.numel() for p in saved.parameters()) == record["parameters"]
+
+
+def test_recorded_sizes_that_ask_for_more_than_the_weights_are_refused(folder, tmp_path, capsys):
+    from relprune.llm.structured import load_shrunk
+
+    assert _run(["llm", "shrink", "--model", folder, "--ratio", "0.3", "--scope", "global", "--calibration",
+                 tmp_path / "calib.txt", "--calibration-samples", "4", "--seqlen", "16", "--out",
+                 tmp_path / "small"], capsys)[0] == 0
+    sizes_file = tmp_path / "small" / "relprune_sizes.json"
+    if not sizes_file.is_file():
+        pytest.skip("this plan came out uniform")
+    sizes = json.loads(sizes_file.read_text())
+    sizes["layers"][0]["intermediate_size"] = 10**12
+    sizes_file.write_text(json.dumps(sizes))
+    with pytest.raises(relprune.RelpruneError, match="do not fit"):
+        load_shrunk(tmp_path / "small")
+
+
+def test_llm_shrink_bad_ratio_is_one_line(folder, tmp_path, capsys):
+    code, err = _run(["llm", "shrink", "--model", folder, "--ratio", "1", "--calibration", tmp_path / "calib.txt",
+                      "--out", tmp_path / "o"], capsys)
+    assert code == 2 and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()

