@@ -265,6 +265,14 @@ def test_owl_outlier_ratio_and_sparsities_by_hand():
     assert owl_sparsities([3.0, 3.0], 0.7, 0.1) == [0.7, 0.7]
     with pytest.raises(relprune.SparsityError):
         owl_sparsities([1.0, 2.0], 0.5, 0.6)
+    # 0.95 +- 0.08 would reach 1.03 (the reference clips it, and the mean is then 0.935): refused
+    # with the largest lambda that fits, and that lambda works.
+    with pytest.raises(relprune.SparsityError, match=r"block 0 a sparsity of 1\.030.*at most 0\.049"):
+        owl_sparsities([0.0, 1.0], 0.95, 0.08)
+    fits = owl_sparsities([0.0, 1.0], 0.95, 0.049)
+    assert sum(fits) / 2 == pytest.approx(0.95) and max(fits) < 1
+    with pytest.raises(relprune.SparsityError, match="outside"):
+        owl_sparsities([0.0, 1.0], 0.05, 0.08)
 
 
 def test_owl_gives_each_block_its_own_sparsity_around_the_target():

@@ -153,8 +153,9 @@ def owl_sparsities(ratios: list[float], sparsity: float, lam: float) -> list[flo
     """OWL's non-uniform sparsities: more outliers, fewer weights removed; the mean stays ``sparsity``.
 
     The outlier ratios are rescaled to [0, 2 * lam] and shifted so the densities average
-    ``1 - sparsity``, as in the OWL reference code; a sparsity below 0 (possible only when
-    ``sparsity < lam``) is clipped to 0 there as here.
+    ``1 - sparsity``, as in the OWL reference code. Where that would put a block outside [0, 1)
+    (the reference clips, and the mean is then no longer ``sparsity``) it is refused, with the
+    largest lambda that fits.
     """
     check_sparsity(sparsity)
     if not ratios:
@@ -165,7 +166,13 @@ def owl_sparsities(ratios: list[float], sparsity: float, lam: float) -> list[flo
     spread = float(r.max() - r.min())
     if spread == 0.0:
         return [float(sparsity)] * len(ratios)
-    density = (r - r.min()) / spread * (2 * lam)
-    density = density - density.mean() + (1 - sparsity)
-    out = (1 - density).clamp(0.0, 0.999)
+    norm = (r - r.min()) / spread
+    coeff = 2 * (norm.mean() - norm)  # block sparsity = sparsity + lam * coeff
+    out = sparsity + lam * coeff
+    if bool((out < 0).any() or (out >= 1).any()):
+        up, down = coeff[coeff > 0], -coeff[coeff < 0]
+        fits = min([*(((1 - 1e-3) - sparsity) / up).tolist(), *(sparsity / down).tolist()])
+        i = int(torch.argmax((out - 0.5).abs()))
+        raise SparsityError(f"OWL with lambda {lam} gives block {i} a sparsity of {float(out[i]):.3f}, outside [0, 1) "
+                            f"at a mean of {sparsity}; use lambda at most {max(fits, 0.0):.3f}")
     return [float(v) for v in out]

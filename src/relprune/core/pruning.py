@@ -69,8 +69,8 @@ def prune(
         raise RelpruneError(f"criterion {crit.name!r} {takes}; got {unknown}")
     if stats is not None and not isinstance(stats, Stats):
         raise StatsMismatchError(f"stats must come from collect_stats (a relprune.Stats), got {type(stats).__name__}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise RelpruneError(f"seed must be an int, got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise RelpruneError(f"seed must be a whole number from 0 to 2^63 - 1, got {seed!r}")
     if threshold is not None and (sparsity is not None or n_m is not None):
         raise SparsityError("threshold= sets the sparsity itself: give it without sparsity= or n_m=")
     if sparsity is None and n_m is None and threshold is None:

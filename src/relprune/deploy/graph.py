@@ -191,7 +191,22 @@ class DependencyGraph:
     def __init__(self, model: nn.Module, example: Tensor | Sequence[Tensor], *, leaves: Iterable[str] = ()):
         self.model = model
         self.leaves = set(leaves)
+        unknown = sorted(self.leaves - {n for n, _ in model.named_modules()})
+        if unknown:
+            raise ShrinkError(f"leaves names modules the model does not have: {unknown}")
         args = (example,) if isinstance(example, Tensor) else tuple(example)
+        try:
+            # The model itself first (in eval mode, so no running statistic moves): torch.fx's shape
+            # pass prints a traceback of its own on failure.
+            was_training = model.training
+            model.eval()
+            try:
+                with torch.no_grad():
+                    model(*args)
+            finally:
+                model.train(was_training)
+        except Exception as err:
+            raise ShrinkError(f"the model fails on the example: {_line(err)}") from err
         self.graph_module = _trace(model, self.leaves)
         try:
             from torch.fx.passes.shape_prop import ShapeProp
