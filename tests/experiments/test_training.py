@@ -187,7 +187,8 @@ def test_gradual_pruning_only_adds_to_the_mask_and_ends_at_the_target(digits):
 
     def spy(model, *a, **kw):
         masks = original(model, *a, **kw)
-        seen.append((kw["sparsity"], {n: k.clone() for n, k in masks.items()}))
+        recipe = a[1]  # prune(model, stats, recipe, ...): the recipe carries the step's sparsity
+        seen.append((recipe.sparsity, {n: k.clone() for n, k in masks.items()}))
         return masks
 
     import relprune.experiments.experiment as ex

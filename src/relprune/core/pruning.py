@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..defaults import DEFAULT_BIAS_COMPENSATION, DEFAULT_CRITERION, DEFAULT_SCOPE
+from ..defaults import DEFAULT_BIAS_COMPENSATION, DEFAULT_CRITERION
 from ..errors import (
     MissingLabelsError,
     RelpruneError,
@@ -21,15 +21,17 @@ from ..errors import (
     StatsMismatchError,
 )
 from . import allocation
-from .criteria import Criterion, get_criterion
+from .criteria import Criterion
 from .layers import oriented, prunable_layers, warn_left_out, weight_matrix
 from .masks import Masks, apply_masks, effective_weight, is_masked
+from .spec import Recipe
 from .stats import INPUT_MOMENT_STATISTICS, LayerStats, Stats
 
 
 def prune(
     model: nn.Module,
     stats: Stats | None,
+    recipe: Recipe | None = None,
     *,
     sparsity: float | None = None,
     criterion: str | Criterion = DEFAULT_CRITERION,
@@ -44,12 +46,12 @@ def prune(
 ) -> Masks:
     """Prune ``model`` in place and return the keep-masks of its pruned layers.
 
-    Exactly one budget: ``sparsity`` (with ``scope``), ``n_m`` (e.g. "2:4"),
-    or ``threshold`` (remove weights whose relative score is below
-    threshold / fan-in; the achieved sparsity is ``masks.sparsity``). ``scope`` is the comparison
-    group of a sparsity budget: ``"global"`` (the default), ``"layer"`` or ``"row"``.
-    Sparsity counts weights already masked. Every mask is computed before the
-    model is touched; on any error the model is left exactly as it was.
+    The recipe is a :class:`~relprune.core.spec.Recipe`, or spelled out: exactly one budget,
+    ``sparsity`` (with ``scope``), ``n_m`` (e.g. "2:4"), or ``threshold`` (remove weights whose
+    relative score is below threshold / fan-in; the achieved sparsity is ``masks.sparsity``).
+    ``scope`` is the comparison group of a sparsity budget: ``"global"`` (the default),
+    ``"layer"`` or ``"row"``. Sparsity counts weights already masked. Every mask is computed before
+    the model is touched; on any error the model is left exactly as it was.
 
     ``bias_compensation=True`` adds each row's removed mean contribution ``sum_j W_ij E[x_j]`` to
     its bias, so the layer's mean output on the calibration data is unchanged; a layer without a
@@ -62,45 +64,26 @@ def prune(
     layer as published (``scope`` does not apply); with ``reconstruct=True`` its mask is kept and
     the kept weights are re-fitted exactly from the dense ones.
     """
-    crit = get_criterion(criterion)
-    unknown = sorted(set(criterion_options) - crit.options)
-    if unknown:
-        takes = f"takes only {sorted(crit.options)}" if crit.options else "takes no options"
-        raise RelpruneError(f"criterion {crit.name!r} {takes}; got {unknown}")
+    if recipe is None:
+        recipe = Recipe.build(criterion=criterion, sparsity=sparsity, n_m=n_m, threshold=threshold, scope=scope,
+                              reconstruct=reconstruct, bias_compensation=bias_compensation,
+                              options=criterion_options)
+    elif not isinstance(recipe, Recipe):
+        raise RelpruneError(f"recipe must be a relprune Recipe, got {type(recipe).__name__}")
+    elif sparsity is not None or n_m is not None or threshold is not None or criterion_options:
+        raise RelpruneError("give either recipe= or the recipe's keyword arguments, not both")
+    else:
+        recipe.validate()
     if stats is not None and not isinstance(stats, Stats):
         raise StatsMismatchError(f"stats must come from collect_stats (a relprune.Stats), got {type(stats).__name__}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise RelpruneError(f"seed must be a whole number from 0 to 2^63 - 1, got {seed!r}")
-    if threshold is not None and (sparsity is not None or n_m is not None):
-        raise SparsityError("threshold= sets the sparsity itself: give it without sparsity= or n_m=")
-    if sparsity is None and n_m is None and threshold is None:
-        raise SparsityError("give one of sparsity=, n_m= or threshold=")
-    nm = allocation.parse_n_m(n_m) if n_m is not None else None
-    if nm is not None and sparsity is not None and not math.isclose(
-        allocation.check_sparsity(sparsity), 1 - nm[0] / nm[1]
-    ):
-        raise SparsityError(f"sparsity={sparsity} contradicts n_m={nm[0]}:{nm[1]}")
-    if nm is None and threshold is None:
-        allocation.check_sparsity(sparsity)
-    if scope is not None and crit.joint is not None:
-        raise SparsityError(f"criterion {crit.name!r} chooses its mask per row within blocks of columns; "
-                            "scope= does not apply to it: leave it out")
-    scope = DEFAULT_SCOPE if scope is None else scope
-    if scope not in allocation.SCOPES:
-        raise SparsityError(f"scope must be one of {allocation.SCOPES}, got {scope!r}")
-    if threshold is not None and crit.joint is not None:
-        raise SparsityError(f"criterion {crit.name!r} chooses its own mask; give sparsity= or n_m=")
-    if threshold is not None and not crit.relative:
-        raise SparsityError(
-            f"threshold mode compares scores with shares of a neuron's input; criterion "
-            f"{crit.name!r} is not on that scale (use rc, rc-ucb or contrib-share)"
-        )
+    crit = recipe.crit
+    nm = recipe.nm
+    sparsity, threshold, scope = recipe.sparsity, recipe.threshold, recipe.resolved_scope
+    reconstruct, bias_compensation = recipe.reconstruct, recipe.bias_compensation
+    criterion_options = dict(recipe.options)
 
-    if reconstruct not in (False, True, "exact", "obs"):
-        raise RelpruneError(f"reconstruct must be False, True, 'exact' or 'obs', got {reconstruct!r}")
-    if reconstruct and bias_compensation:
-        raise RelpruneError("reconstruct=True already re-fits the kept weights to the layer's outputs; "
-                            "bias_compensation would correct the removed mean twice")
     chosen = _layers_for(model, stats, crit, layers)
     if (reconstruct or crit.joint is not None) and (stats is None or "input_gram" not in stats.statistics):
         raise StatisticNotCollectedError(
@@ -120,8 +103,7 @@ def prune(
         raise RelpruneError(f"layers {bad} hold NaN or Inf weights; restore a finite checkpoint before pruning")
     layer_stats = {}
     if stats is not None:
-        needed = crit.statistics | ({"contribution_mean"} if bias_compensation else set()) | (
-            {"input_gram"} if reconstruct else set())
+        needed = recipe.statistics()
         layer_stats = {n: _stats_for_weight(n, stats[n], weights[n], old[n], needed) for n in chosen}
         rebased = [n for n in chosen if layer_stats[n] is not stats[n]]
         if rebased:
@@ -138,15 +120,14 @@ def prune(
     else:
         keep = _keep_by_scores(crit, chosen, weights, layer_stats, old, nm, threshold, sparsity, scope, seed,
                                criterion_options)
-    if reconstruct and (crit.joint is None or reconstruct in (True, "exact")):
+    if reconstruct and (crit.joint is None or reconstruct == "exact"):
         # After a joint method (SparseGPT) only the exact re-fit changes anything: its own weights
         # already are the fixed-mask sweep's, so the exact one starts again from the dense weights.
         from .reconstruct import refit
 
-        method = "exact" if reconstruct is True else reconstruct
         for name in chosen:
             new_weights[name] = refit(weight_matrix(weights[name]), layer_stats[name].input_gram,
-                                      weight_matrix(keep[name]), method=method).reshape(weights[name].shape)
+                                      weight_matrix(keep[name]), method=reconstruct).reshape(weights[name].shape)
 
     bias_delta: dict[str, Tensor] = {}
     if bias_compensation:

@@ -342,18 +342,18 @@ def _prepare_model(checkpoint: str, d: DataArgs, seed: int):
 def cmd_prune(ns: argparse.Namespace) -> int:
     from ..core.criteria import get_criterion
     from ..core.masks import format_report, sparsity_report
+    from ..core.spec import Recipe
     from .experiment import Method, ModelInfo, apply_method, gather, save_model
     from .training import TrainConfig, calibration_batches, evaluate, save_json, train
 
     c, d, m, p = from_args(Common, ns), from_args(DataArgs, ns), from_args(MethodArgs, ns), from_args(PruneArgs, ns)
-    budgets = [x for x in (p.sparsity, p.n_m, p.threshold) if x is not None]
-    if len(budgets) != 1:
-        raise RelpruneError("give exactly one of --sparsity, --n-m or --threshold")
-    if p.threshold is not None and not get_criterion(m.criterion).relative:
-        raise RelpruneError(f"--threshold compares shares of a neuron's input; --criterion {m.criterion} is not "
-                            "on that scale (use rc, rc-ucb or contrib-share)")
-    if p.reconstruct == "exact" and m.bias_compensation:
-        raise RelpruneError("--reconstruct exact already restores the removed mean; drop --bias-compensation")
+    # The recipe's one validation, before any work ("auto" re-fits are decided once the model is known).
+    crit = get_criterion(m.criterion)
+    recipe = Recipe.build(
+        criterion=m.criterion, sparsity=p.sparsity, n_m=p.n_m, threshold=p.threshold,
+        scope=m.scope if "scope" in ns.overrides or crit.joint is None else None,
+        reconstruct="exact" if p.reconstruct == "exact" else None, bias_compensation=m.bias_compensation,
+        options={"ucb_k": m.ucb_k} if "ucb_k" in crit.options else {})
     refuse_replacing(Path(c.out), ("model.safetensors", "model.json"), ns.overwrite, "a model")
     out = _writable_folder(c.out)
     model, info, data = _prepare_model(p.checkpoint, d, c.seed)
@@ -365,9 +365,7 @@ def cmd_prune(ns: argparse.Namespace) -> int:
     if p.threshold is not None:
         from .. import prune
 
-        options = {"ucb_k": m.ucb_k} if "ucb_k" in get_criterion(m.criterion).options else {}
-        masks = prune(model, stats, threshold=p.threshold, criterion=m.criterion, **options,
-                      bias_compensation=m.bias_compensation, reconstruct=refit)
+        masks = prune(model, stats, dataclasses.replace(recipe, reconstruct="exact" if refit else None))
     else:
         masks = apply_method(model, stats, method, p.sparsity if p.sparsity is not None else 0.0, c.seed,
                              calib[0][0])

@@ -22,6 +22,7 @@ from ..core.checkpoint import check_fits, meta_numel, stored_numel
 from ..core.criteria import get_criterion
 from ..core.layers import prunable_layers
 from ..core.masks import Masks, copy_model
+from ..core.spec import Recipe
 from ..core.stats import Stats
 from ..defaults import DEFAULT_BIAS_COMPENSATION, DEFAULT_CRITERION, DEFAULT_LIVENESS, DEFAULT_SCOPE
 from ..errors import CheckpointError, RelpruneError
@@ -65,13 +66,18 @@ class Method:
         """Whether liveness can change what this method removes (the input Gram counts every sample)."""
         return bool(set(self.statistics()) - {"weight_grad", "input_gram"})
 
+    def recipe(self, sparsity: float | None = None) -> Recipe:
+        """The recipe this method applies at ``sparsity`` (N:M methods take their pattern instead)."""
+        crit = get_criterion(self.criterion)
+        options = {"ucb_k": self.ucb_k} if "ucb_k" in crit.options else {}
+        # A joint criterion (SparseGPT) chooses its own comparison group: scope does not apply.
+        return Recipe(criterion=self.criterion, sparsity=None if self.n_m else sparsity, n_m=self.n_m,
+                      scope=None if crit.joint is not None else self.scope,
+                      reconstruct="exact" if self.reconstruct else None,
+                      bias_compensation=self.bias_compensation, options=options)
+
     def statistics(self) -> list[str]:
-        stats = set(get_criterion(self.criterion).statistics)
-        if self.bias_compensation:
-            stats.add("contribution_mean")
-        if self.reconstruct:
-            stats.add("input_gram")
-        return sorted(stats)
+        return sorted(self.recipe().statistics())
 
     @classmethod
     def parse(cls, label: str) -> Method:
@@ -119,27 +125,21 @@ def apply_method(model: nn.Module, stats: Stats | None, method: Method, sparsity
     """Prune ``model`` in place by ``method`` to ``sparsity`` (N:M methods ignore sparsity).
 
     ``example`` (an input batch) is needed by criteria that trace the model (``rc-flow``)."""
-    # A joint criterion (SparseGPT) chooses its own comparison group: scope does not apply.
-    scope = None if get_criterion(method.criterion).joint is not None else method.scope
-    kwargs: dict[str, Any] = {"criterion": method.criterion, "scope": scope,
-                              "bias_compensation": method.bias_compensation, "seed": seed,
-                              "reconstruct": method.reconstruct}
-    if "ucb_k" in get_criterion(method.criterion).options:
-        kwargs["ucb_k"] = method.ucb_k
-    if "importance" in get_criterion(method.criterion).options:
+    recipe = method.recipe(sparsity).validate()
+    if "importance" in recipe.crit.options:
         if example is None or stats is None:
             raise RelpruneError(f"criterion {method.criterion!r} needs statistics and an example input")
         from ..deploy.importance import output_importance
 
-        kwargs["importance"] = output_importance(model, stats, example)
+        recipe = replace(recipe, options={**recipe.options, "importance": output_importance(model, stats, example)})
     if method.n_m:
         # Layers whose inputs (conv: input channels) M does not divide stay dense, as N:M kernels require.
         m = int(method.n_m.split(":")[1])
         names = stats.keys() if stats is not None else prunable_layers(model).keys()
         modules = dict(model.named_modules())
         eligible = [n for n in names if nm_fits(modules[n].weight.shape, m)]
-        return prune(model, stats, n_m=method.n_m, layers=eligible, **kwargs)
-    return prune(model, stats, sparsity=sparsity, **kwargs)
+        return prune(model, stats, recipe, layers=eligible, seed=seed)
+    return prune(model, stats, recipe, seed=seed)
 
 
 def sparsity_schedule(final: float, rounds: int) -> list[float]:

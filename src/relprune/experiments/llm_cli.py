@@ -8,6 +8,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..core.spec import Recipe
 from ..defaults import (
     DEFAULT_LLM_CRITERION,
     DEFAULT_LLM_RECONSTRUCT,
@@ -152,49 +153,51 @@ def _fresh_out(path: Path) -> Path:
     return path
 
 
+def llm_recipe(ns: argparse.Namespace) -> Recipe:
+    """The recipe ``llm prune``'s flags spell, checked by its one validation before any work."""
+    from ..llm.sequential import block_recipe
+
+    return block_recipe(Recipe.build(
+        criterion=ns.criterion, sparsity=ns.sparsity, n_m=ns.n_m, scope=ns.scope,
+        reconstruct=None if ns.reconstruct == "none" else ns.reconstruct, bias_compensation=ns.bias_compensation,
+        allocation=ns.allocation, owl_lambda=ns.owl_lambda))
+
+
 def cmd_llm_prune(ns: argparse.Namespace) -> int:
-    from ..core.criteria import get_criterion
     from ..llm import calibration_windows, load_model, prune_sequential, tokenize_file
     from ..llm.save import save_pretrained, staged_folder
-    from ..llm.sequential import block_scope
     from ..llm.text import batches_of
 
-    reconstruct = False if ns.reconstruct == "none" else ns.reconstruct
-    block_scope(get_criterion(ns.criterion), ns.scope)  # refuses sparsegpt with --scope before any work
-    if ns.bias_compensation and reconstruct:
-        raise RelpruneError("--bias-compensation corrects the removed mean that --reconstruct already re-fits; "
-                            "give --reconstruct none with it")
-    if ns.allocation == "owl" and ns.sparsity is None:
-        raise RelpruneError("--allocation owl sets per-block unstructured sparsities: give --sparsity, not --n-m")
-    if ns.streamed and (ns.allocation != "uniform" or ns.bias_compensation or not ns.sequential):
-        raise RelpruneError("--streamed prunes sequentially with one sparsity for every block: drop "
-                            "--allocation owl, --bias-compensation and --no-sequential")
+    recipe = llm_recipe(ns)
+    if ns.streamed:
+        from ..llm.streamed import streamed_recipe
+
+        streamed_recipe(recipe)
+        if not ns.sequential:
+            raise RelpruneError("streamed pruning goes sequentially (it holds one block at a time): drop "
+                                "--no-sequential")
     out = _fresh_out(Path(ns.out))
     if not Path(ns.calibration).is_file():
         raise RelpruneError(f"calibration text {ns.calibration} does not exist")
     if ns.streamed:
-        return _llm_prune_streamed(ns, out, reconstruct)
+        return _llm_prune_streamed(ns, out, recipe)
     model, tokenizer = load_model(ns.model, quiet=True)
     _check_seqlen(model.config, ns.seqlen)
     windows = calibration_windows(tokenize_file(tokenizer, ns.calibration), ns.calibration_samples, ns.seqlen,
                                   ns.seed)
     _say(f"calibration: {len(windows)} windows of {ns.seqlen} tokens from {ns.calibration} (seed {ns.seed})")
     start = time.perf_counter()
-    masks = prune_sequential(model, batches_of(windows, ns.batch_size), sparsity=ns.sparsity, n_m=ns.n_m,
-                             criterion=ns.criterion, scope=ns.scope, reconstruct=reconstruct,
-                             sequential=ns.sequential, allocation=ns.allocation, owl_lambda=ns.owl_lambda,
-                             bias_compensation=ns.bias_compensation, progress=True)
+    masks = prune_sequential(model, batches_of(windows, ns.batch_size), recipe, sequential=ns.sequential,
+                             progress=True)
     seconds = time.perf_counter() - start
     with staged_folder(out) as tmp:
         switches = save_pretrained(model, tokenizer, tmp)
         if switches:
             _say(f"config: {', '.join(switches)} switched on for the compensated biases")
-        record = {"model": ns.model, "criterion": ns.criterion, "scope": block_scope(get_criterion(ns.criterion),
-                                                                                       ns.scope),
-                  "sparsity": ns.sparsity,
-                  "n_m": ns.n_m, "reconstruct": ns.reconstruct, "sequential": ns.sequential,
-                  "bias_compensation": ns.bias_compensation, "allocation": ns.allocation,
-                  "owl_lambda": ns.owl_lambda if ns.allocation == "owl" else None,
+        record = {"model": ns.model, "criterion": recipe.criterion, "scope": recipe.scope, "sparsity": recipe.sparsity,
+                  "n_m": recipe.n_m, "reconstruct": ns.reconstruct, "sequential": ns.sequential,
+                  "bias_compensation": recipe.bias_compensation, "allocation": recipe.allocation,
+                  "owl_lambda": recipe.owl_lambda if recipe.allocation == "owl" else None,
                   "calibration": str(ns.calibration), "calibration_samples": ns.calibration_samples,
                   "seqlen": ns.seqlen, "seed": ns.seed, "seconds": round(seconds, 1),
                   "achieved_sparsity": masks.sparsity}
@@ -211,7 +214,7 @@ def _report(ns: argparse.Namespace, masks, seconds: float, out: Path, how: str =
           f"{how}; saved to {out}")
 
 
-def _llm_prune_streamed(ns: argparse.Namespace, out: Path, reconstruct: bool | str) -> int:
+def _llm_prune_streamed(ns: argparse.Namespace, out: Path, recipe: Recipe) -> int:
     from ..llm import calibration_windows, prune_streamed, resolve_model, tokenize_file
     from ..llm.load import check_checkpoint, load_tokenizer
     from ..llm.text import batches_of
@@ -225,8 +228,7 @@ def _llm_prune_streamed(ns: argparse.Namespace, out: Path, reconstruct: bool | s
                                   ns.seed)
     _say(f"calibration: {len(windows)} windows of {ns.seqlen} tokens from {ns.calibration} (seed {ns.seed})")
     start = time.perf_counter()
-    masks = prune_streamed(where, out, batches_of(windows, ns.batch_size), sparsity=ns.sparsity, n_m=ns.n_m,
-                           criterion=ns.criterion, scope=ns.scope, reconstruct=reconstruct, progress=True)
+    masks = prune_streamed(where, out, batches_of(windows, ns.batch_size), recipe, progress=True)
     _report(ns, masks, time.perf_counter() - start, out, ", block by block from disk")
     return 0
 

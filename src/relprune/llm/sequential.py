@@ -10,15 +10,17 @@ hidden states. Only one block's activations are held at a time; padding tokens
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..core import allocation as _allocation
-from ..core.criteria import Criterion, get_criterion
+from ..core.criteria import get_criterion
 from ..core.masks import Masks, make_permanent
 from ..core.pruning import prune
+from ..core.spec import Recipe
 from ..core.stats import Batch, collect_stats
 from ..defaults import DEFAULT_LLM_CRITERION, DEFAULT_LLM_RECONSTRUCT, DEFAULT_LLM_SCOPE
 from ..errors import CalibrationError, LayerError, SparsityError
@@ -68,6 +70,7 @@ def decoder_blocks(model: nn.Module, blocks: str | Sequence[str] | None = None) 
 def prune_sequential(
     model: nn.Module,
     batches: Sequence[dict[str, Tensor]],
+    recipe: Recipe | None = None,
     *,
     sparsity: float | None = None,
     n_m: str | tuple[int, int] | None = None,
@@ -82,10 +85,13 @@ def prune_sequential(
     owl_lambda: float = 0.08,
     permanent: bool = True,
     progress: bool = False,
-    **prune_options: Any,
+    bias_compensation: bool = False,
+    **criterion_options: Any,
 ) -> Masks:
     """Prune every Linear inside the decoder blocks; returns the masks under the model's own names.
 
+    The recipe is a :class:`~relprune.core.spec.Recipe` or spelled out as for
+    :func:`relprune.prune` (comparison within each output row by default).
     ``sequential=True``: each block sees the outputs of the blocks before it *after* they were
     pruned (the reference setting). ``sequential=False``: every block sees the dense model's
     activations (all blocks' statistics come from one dense pass first). ``permanent=True`` folds
@@ -101,34 +107,32 @@ def prune_sequential(
     within ``sparsity +- owl_lambda``, the mean staying ``sparsity``; any criterion then prunes each
     block to its sparsity. It costs one more pass through the dense blocks.
     """
-    if allocation not in ("uniform", "owl"):
-        raise SparsityError(f"allocation must be 'uniform' or 'owl', got {allocation!r}")
-    if allocation == "owl" and sparsity is None:
-        raise SparsityError("allocation='owl' sets unstructured sparsities per block; give sparsity=, not n_m=")
-    crit = get_criterion(criterion)
-    scope = block_scope(crit, scope)
-    wanted = statistics_for(crit, reconstruct, prune_options)
+    if recipe is None:
+        recipe = Recipe.build(criterion=criterion, sparsity=sparsity, n_m=n_m, scope=scope, reconstruct=reconstruct,
+                              bias_compensation=bias_compensation, allocation=allocation, owl_lambda=owl_lambda,
+                              owl_m=owl_m, options=criterion_options)
+    recipe = block_recipe(recipe)
+    wanted = set(recipe.statistics())
     named = decoder_blocks(model, blocks)
     modules = [b for _, b in named]
     was_training = model.training
     model.eval()
     out: dict[str, Tensor] = {}
     try:
-        owl = allocation == "owl"
+        owl = recipe.allocation == "owl"
         captured = capture_block_inputs(model, modules, batches) if wanted or owl else BlockInputs([[]] * len(named), [])
         dense = None if sequential or not wanted else dense_hidden_states(modules, captured)
-        per_block = [sparsity] * len(named)
+        per_block = [recipe.sparsity] * len(named)
         if owl:
-            assert sparsity is not None
-            ratios = _block_outlier_ratios(modules, captured, dense, owl_m)
-            per_block = _allocation.owl_sparsities(ratios, sparsity, owl_lambda)
+            assert recipe.sparsity is not None
+            ratios = _block_outlier_ratios(modules, captured, dense, recipe.owl_m)
+            per_block = _allocation.owl_sparsities(ratios, recipe.sparsity, recipe.owl_lambda)
         hidden = captured.hidden
         for i, (name, block) in blocks_with_progress(named, progress):
             own = hidden if dense is None else dense[i]
             masks, outputs = prune_block(
-                block, feed(captured.calls[i], own), wanted, criterion=crit, scope=scope, reconstruct=reconstruct,
-                budget={"sparsity": per_block[i], "n_m": n_m}, liveness=liveness, permanent=permanent,
-                last=dense is not None or i + 1 == len(named), **prune_options)
+                block, feed(captured.calls[i], own), replace(recipe, sparsity=per_block[i], allocation="uniform"),
+                liveness=liveness, permanent=permanent, last=dense is not None or i + 1 == len(named))
             out.update({f"{name}.{k}": v for k, v in masks.items()})
             hidden = outputs
     finally:
@@ -136,43 +140,32 @@ def prune_sequential(
     return Masks(out)
 
 
-def block_scope(crit: Criterion, scope: str | None) -> str | None:
-    """The comparison group inside a block (``row`` by default), refusing what block pruning cannot do."""
+def block_recipe(recipe: Recipe) -> Recipe:
+    """``recipe`` for block-by-block pruning: compared within rows by default; criteria that need the
+    whole model (a loss gradient, output importance) refused."""
+    crit = recipe.validate().crit
     if "weight_grad" in crit.statistics:
         raise CalibrationError(f"criterion {crit.name!r} scores by the gradient of the model's loss, which "
                                "block-by-block pruning does not compute; choose a criterion without gradients")
     if crit.options - {"ucb_k"}:
         raise CalibrationError(f"criterion {crit.name!r} needs {sorted(crit.options)} from the whole model "
                                "(see relprune.output_importance), which block-by-block pruning does not have")
-    if crit.joint is not None:
-        if scope is not None:
-            raise SparsityError(f"criterion {crit.name!r} chooses its mask per row within blocks of columns; "
-                                "scope does not apply to it: leave it out")
-        return None
-    return DEFAULT_LLM_SCOPE if scope is None else scope
+    if recipe.threshold is not None:
+        raise SparsityError("block-by-block pruning takes a sparsity or an N:M pattern, not a threshold")
+    return recipe.with_scope(DEFAULT_LLM_SCOPE)
 
 
-def statistics_for(crit: Criterion, reconstruct: bool | str, prune_options: dict[str, Any]) -> set[str]:
-    """The statistics a block's pruning needs: the criterion's, plus the Gram matrix for a re-fit."""
-    wanted = set(crit.statistics)
-    if reconstruct or crit.joint is not None:
-        wanted.add("input_gram")
-    if prune_options.get("bias_compensation"):
-        wanted.add("contribution_mean")
-    return wanted
-
-
-def prune_block(block: nn.Module, inputs: list[Batch], wanted: set[str], *, criterion: str | Criterion,
-                scope: str, reconstruct: bool | str, budget: dict[str, Any], liveness: bool, permanent: bool,
-                last: bool, **prune_options: Any) -> tuple[Masks, list[Tensor]]:
-    """Gather one block's statistics on ``inputs``, prune it, and return (masks, its pruned outputs).
+def prune_block(block: nn.Module, inputs: list[Batch], recipe: Recipe, *, liveness: bool, permanent: bool,
+                last: bool) -> tuple[Masks, list[Tensor]]:
+    """Gather one block's statistics on ``inputs``, prune it by ``recipe``, and return (masks, its
+    pruned outputs).
 
     The outputs (hidden states) are the next block's inputs; for the ``last`` block, or when no
     statistic is wanted, they are not computed (an empty list).
     """
+    wanted = recipe.statistics()
     stats = collect_stats(block, inputs, statistics=sorted(wanted), liveness=liveness) if wanted else None
-    masks = prune(block, stats, criterion=criterion, scope=scope, reconstruct=reconstruct, **budget,
-                  **prune_options)
+    masks = prune(block, stats, recipe)
     if permanent:
         make_permanent(block)
     outputs = [] if last or not wanted else block_outputs(block, inputs)

@@ -22,14 +22,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..core.criteria import get_criterion
 from ..core.masks import Masks
+from ..core.spec import Recipe
 from ..defaults import DEFAULT_LLM_CRITERION, DEFAULT_LLM_RECONSTRUCT
 from ..errors import ModelLoadError, RelpruneError
 from .blocks import blocks_with_progress, capture_block_inputs, feed
 from .load import check_checkpoint, require_transformers, resolve_model
 from .save import staged_folder
-from .sequential import block_scope, decoder_blocks, prune_block, statistics_for
+from .sequential import block_recipe, decoder_blocks, prune_block
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
@@ -74,6 +74,7 @@ def prune_streamed(
     source: str | Path,
     out: str | Path,
     batches: Sequence[dict[str, Tensor]],
+    recipe: Recipe | None = None,
     *,
     sparsity: float | None = None,
     n_m: str | tuple[int, int] | None = None,
@@ -91,6 +92,9 @@ def prune_streamed(
     temporary folder first, so nothing half-written is left on failure. Every block gets the
     arguments the model passes it (its own mask and rotary tables where layers differ).
     """
+    if recipe is None:
+        recipe = Recipe.build(criterion=criterion, sparsity=sparsity, n_m=n_m, scope=scope, reconstruct=reconstruct)
+    recipe = streamed_recipe(recipe)
     transformers = require_transformers()
     src = Path(resolve_model(source))
     if not src.is_dir():
@@ -105,9 +109,6 @@ def prune_streamed(
         skeleton = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     named = decoder_blocks(skeleton, blocks)
     host = _host_model(transformers, config, checkpoint, named)
-    crit = get_criterion(criterion)
-    scope = block_scope(crit, scope)
-    wanted = statistics_for(crit, reconstruct, {})
     with staged_folder(target) as tmp:
         first = _load_block(named[0][1], named[0][0], checkpoint)
         with _blocks_in(host, named):
@@ -120,10 +121,8 @@ def prune_streamed(
         for i, (name, meta_block) in blocks_with_progress(named, progress):
             block = first if i == 0 else _load_block(meta_block, name, checkpoint)
             first = None
-            block_masks, hidden = prune_block(
-                block, feed(captured.calls[i], hidden), wanted, criterion=criterion, scope=scope,
-                reconstruct=reconstruct, budget={"sparsity": sparsity, "n_m": n_m}, liveness=False,
-                permanent=True, last=i + 1 == len(named))
+            block_masks, hidden = prune_block(block, feed(captured.calls[i], hidden), recipe, liveness=False,
+                                              permanent=True, last=i + 1 == len(named))
             masks.update({f"{name}.{k}": v for k, v in block_masks.items()})
             tensors = {f"{name}.{k}": v.detach().contiguous() for k, v in block.state_dict().items()}
             total_size += _write_shard(tmp, i + 1, shards, tensors, weight_map)
@@ -137,6 +136,15 @@ def prune_streamed(
             if f.is_file() and f.name not in WEIGHT_FILES and not f.name.endswith(".safetensors"):
                 shutil.copy2(f, tmp / f.name)
     return Masks(masks)
+
+
+def streamed_recipe(recipe: Recipe) -> Recipe:
+    """``recipe`` for streamed pruning: a block recipe with one sparsity for every block and no new biases."""
+    recipe = block_recipe(recipe)
+    if recipe.allocation != "uniform" or recipe.bias_compensation:
+        raise RelpruneError("streamed pruning gives every block the same sparsity and saves no new biases: "
+                            "prune the loaded model with prune_sequential for OWL or bias compensation")
+    return recipe
 
 
 def _host_model(transformers: Any, config: Any, checkpoint: Checkpoint, named: list[tuple[str, nn.Module]]):

@@ -1,0 +1,135 @@
+"""A pruning recipe: what to remove and how, checked once, with the statistics it needs.
+
+Every entry point builds one (``prune``'s keyword arguments, the language-model drivers, the
+bench's methods, both commands), so a recipe is refused the same way, with the same words,
+wherever it is given, and the statistics it needs are derived in one place.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from ..defaults import DEFAULT_CRITERION, DEFAULT_SCOPE
+from ..errors import RelpruneError, SparsityError
+from .allocation import SCOPES, check_sparsity, parse_n_m
+from .criteria import Criterion, get_criterion
+
+#: The re-fits of the kept weights: none, exact least squares, SparseGPT's sweep with the mask fixed.
+REFITS = (None, "exact", "obs")
+#: How a block-by-block driver spreads a sparsity over the blocks.
+ALLOCATIONS = ("uniform", "owl")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One pruning recipe. Build it with :meth:`build` (which validates); fields are normalised.
+
+    Exactly one budget: ``sparsity`` (with ``scope``: ``"global"``, ``"layer"`` or ``"row"``),
+    ``n_m`` (``"2:4"``) or ``threshold`` (remove shares below threshold / fan-in). ``scope=None``
+    is the entry point's default (global; row in block-by-block pruning) and the only value a
+    criterion that chooses its own mask (SparseGPT) takes. ``reconstruct`` re-fits the kept weights
+    (``"exact"`` or ``"obs"``); ``bias_compensation`` folds the removed mean into the bias instead.
+    ``allocation="owl"`` gives each block of a block-by-block driver its own sparsity within
+    ``sparsity +- owl_lambda``. ``options`` are the criterion's own (``ucb_k``, ``importance``).
+    """
+
+    criterion: str = DEFAULT_CRITERION
+    sparsity: float | None = None
+    n_m: str | None = None
+    threshold: float | None = None
+    scope: str | None = None
+    reconstruct: str | None = None
+    bias_compensation: bool = False
+    allocation: str = "uniform"
+    owl_lambda: float = 0.08
+    owl_m: float = 5.0
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, *, criterion: str | Criterion = DEFAULT_CRITERION, sparsity: float | None = None,
+              n_m: str | tuple[int, int] | None = None, threshold: float | None = None, scope: str | None = None,
+              reconstruct: bool | str | None = None, bias_compensation: bool = False, allocation: str = "uniform",
+              owl_lambda: float = 0.08, owl_m: float = 5.0, options: Mapping[str, Any] | None = None) -> Recipe:
+        """A validated recipe from the spelled-out arguments (``reconstruct=True`` means ``"exact"``)."""
+        if reconstruct not in (False, True, None, "exact", "obs"):
+            raise RelpruneError(f"reconstruct must be None/False, True, 'exact' or 'obs', got {reconstruct!r}")
+        refit = "exact" if reconstruct is True else (reconstruct or None)
+        name = criterion.name if isinstance(criterion, Criterion) else criterion
+        if n_m is not None:
+            n, m = parse_n_m(n_m)
+            n_m = f"{n}:{m}"
+        recipe = cls(criterion=name, sparsity=sparsity, n_m=n_m, threshold=threshold, scope=scope,
+                     reconstruct=refit, bias_compensation=bool(bias_compensation), allocation=allocation,
+                     owl_lambda=owl_lambda, owl_m=owl_m, options=dict(options or {}))
+        return recipe.validate()
+
+    @property
+    def crit(self) -> Criterion:
+        return get_criterion(self.criterion)
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        return None if self.n_m is None else parse_n_m(self.n_m)
+
+    def validate(self) -> Recipe:
+        """Every check that needs no model: raises a RelpruneError subclass naming what is wrong."""
+        crit = self.crit
+        unknown = sorted(set(self.options) - crit.options)
+        if unknown:
+            takes = f"takes only {sorted(crit.options)}" if crit.options else "takes no options"
+            raise RelpruneError(f"criterion {crit.name!r} {takes}; got {unknown}")
+        budgets = [b for b in (self.sparsity, self.n_m, self.threshold) if b is not None]
+        if len(budgets) != 1:
+            raise SparsityError("give one budget: a sparsity, an N:M pattern or a threshold"
+                                + (f", not {len(budgets)}" if budgets else ""))
+        if self.sparsity is not None:
+            check_sparsity(self.sparsity)
+        if self.threshold is not None and not (self.threshold > 0 and math.isfinite(self.threshold)):
+            raise SparsityError(f"the threshold must be a positive number, got {self.threshold!r}")
+        if self.scope is not None and crit.joint is not None:
+            raise SparsityError(f"criterion {crit.name!r} chooses its mask per row within blocks of columns; "
+                                "a scope does not apply to it: leave it out")
+        if self.scope is not None and self.scope not in SCOPES:
+            raise SparsityError(f"scope must be one of {SCOPES}, got {self.scope!r}")
+        if self.threshold is not None and crit.joint is not None:
+            raise SparsityError(f"criterion {crit.name!r} chooses its own mask; give a sparsity or an N:M pattern")
+        if self.threshold is not None and not crit.relative:
+            raise SparsityError(f"threshold mode compares scores with shares of a neuron's input; criterion "
+                                f"{crit.name!r} is not on that scale (use rc, rc-ucb or contrib-share)")
+        if self.reconstruct not in REFITS:
+            raise RelpruneError(f"reconstruct must be one of {REFITS}, got {self.reconstruct!r}")
+        if self.reconstruct and self.bias_compensation:
+            raise RelpruneError("the re-fit already restores the removed mean, so bias compensation would "
+                                "correct it twice: use one of them")
+        if self.allocation not in ALLOCATIONS:
+            raise SparsityError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+        if self.allocation == "owl" and self.sparsity is None:
+            raise SparsityError("OWL allocation sets unstructured sparsities per block: give a sparsity, "
+                                "not an N:M pattern or a threshold")
+        if not 0.0 <= self.owl_lambda < 0.5:
+            raise SparsityError(f"OWL's lambda must be in [0, 0.5), got {self.owl_lambda}")
+        if not self.owl_m > 0:
+            raise SparsityError(f"OWL's outlier multiple must be positive, got {self.owl_m}")
+        return self
+
+    def statistics(self) -> frozenset[str]:
+        """The statistics ``collect_stats`` must gather for this recipe."""
+        wanted = set(self.crit.statistics)
+        if self.reconstruct or self.crit.joint is not None:
+            wanted.add("input_gram")
+        if self.bias_compensation:
+            wanted.add("contribution_mean")
+        return frozenset(wanted)
+
+    def with_scope(self, default: str) -> Recipe:
+        """The recipe with its comparison group resolved (a joint criterion keeps none)."""
+        if self.scope is not None or self.crit.joint is not None:
+            return self
+        return replace(self, scope=default)
+
+    @property
+    def resolved_scope(self) -> str:
+        return self.scope or DEFAULT_SCOPE
