@@ -46,6 +46,9 @@ PLANS = {
     # The cells that decide the default, first; then the rest of the grid.
     "headline": [("dense", None, None)] + [(c, r, b) for b in ("50%", "2:4") for c, r in RECIPES],
     "spread": [(c, r, b) for b in ("50%", "2:4") for c, r in KEY],
+    # The headline rows a refactor must reproduce (issue 20), seed 0.
+    "check": [(c, r, b) for b in ("50%", "2:4") for c, r in [("obs", "exact"), ("sparsegpt", None), ("wanda", None),
+                                                              ("sparsegpt", "exact")]],
     "grid": [(c, r, b) for b in ("60%", "70%", "4:8") for c, r in [("magnitude", None), ("ria", None), *KEY]],
     # Levers of issue 10: bias compensation for the mask-only criteria, OWL for every kind of recipe.
     "levers": [(c, None, b, "bc") for b in ("50%", "2:4", "60%", "70%") for c in ("contrib-share", "wanda")]

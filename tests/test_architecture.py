@@ -93,7 +93,7 @@ def test_import_relprune_is_light():
 def test_public_names_resolve_lazily_to_their_modules():
     import relprune
     from relprune import collect_stats
-    from relprune.core.stats import collect_stats as defined
+    from relprune.core.collect import collect_stats as defined
 
     assert collect_stats is defined
     assert relprune.shrink.shrink is relprune.deploy.shrink.shrink

@@ -34,7 +34,7 @@ _LAZY = {
     "current_masks": "core.masks", "format_report": "core.masks", "load_state_dict": "core.masks",
     "make_permanent": "core.masks", "sparsity_report": "core.masks",
     "prune": "core.pruning",
-    "STATISTICS": "core.stats", "LayerStats": "core.stats", "Stats": "core.stats", "collect_stats": "core.stats",
+    "STATISTICS": "core.stats", "LayerStats": "core.stats", "Stats": "core.stats", "collect_stats": "core.collect",
     "DependencyGraph": "deploy.graph", "prune_groups": "deploy.groups", "output_importance": "deploy.importance",
 }
 # Submodules reachable as attributes: relprune.shrink.shrink, relprune.llm.prune_sequential, ...
@@ -63,6 +63,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from .core import allocation, criteria, layers, liveness, masks, pruning, stats
+    from .core.collect import collect_stats
     from .core.criteria import CRITERIA, Criterion, register
     from .core.liveness import RELU, RELU6, BlindRange, hardtanh
     from .core.masks import (
@@ -77,7 +78,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
         sparsity_report,
     )
     from .core.pruning import prune
-    from .core.stats import STATISTICS, LayerStats, Stats, collect_stats
+    from .core.stats import STATISTICS, LayerStats, Stats
     from .deploy import export, graph, groups, shrink, structured
     from .deploy.graph import DependencyGraph
     from .deploy.groups import prune_groups

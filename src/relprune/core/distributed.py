@@ -12,14 +12,14 @@ shared first, and every rank raises.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import CalibrationError, RelpruneError, StatsMismatchError
-from .stats import LayerStats
+from .stats import LayerStats, empty_layer_stats
 
 
 def _group() -> bool:
@@ -46,12 +46,9 @@ def merge(
     result: dict[str, LayerStats],
     wanted: frozenset[str] | None,
     error: BaseException | None,
-    empty: Callable[[nn.Module, str | None, torch.Tensor, frozenset[str]], LayerStats],
 ) -> tuple[dict[str, LayerStats], frozenset[str]]:
-    """All-reduce each layer's sums over the ranks; returns (statistics, statistic names).
-
-    ``empty(layer, liveness, shift, statistics)`` builds zero sums for a rank that saw no batch.
-    """
+    """All-reduce each layer's sums over the ranks (a rank that saw no batch adds zero sums);
+    returns (statistics, statistic names)."""
     dist = torch.distributed
     mine: dict[str, Any] = {"error": None if error is None else f"{type(error).__name__}: {error}"}
     if error is None and result:
@@ -83,16 +80,15 @@ def merge(
         liveness, shift = ref["layers"][name]
         device = layer.weight.device
         shift = shift.to(device)
-        own = result.get(name) or empty(layer, liveness, shift, statistics)
-        sums = own._rebased(shift)
+        own = result.get(name) or empty_layer_stats(layer, liveness, shift, statistics)
+        sums = own.rebased(shift)
         counts = torch.cat([own.live_count, torch.tensor([own.total_count, own.grad_batches],
                                                          dtype=torch.float64, device=device)])
         for key in sorted(sums):
             dist.all_reduce(sums[key])
         dist.all_reduce(counts)
-        merged[name] = LayerStats(
-            own.kind, own.weight, own.bias, own.groups, own.statistics, own.liveness, shift,
-            counts[:-2].clone(), int(counts[-2].item()), sums, int(counts[-1].item()), own.weight_version)
+        merged[name] = replace(own, shift=shift, live_count=counts[:-2].clone(), total_count=int(counts[-2].item()),
+                               sums=sums, grad_batches=int(counts[-1].item()))
     return merged, statistics
 
 

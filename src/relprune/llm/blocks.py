@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core import distributed as _dist
-from ..core.stats import Batch
+from ..core.batches import Batch
 from ..errors import CalibrationError, LayerError
 
 

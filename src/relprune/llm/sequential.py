@@ -17,11 +17,12 @@ import torch
 from torch import Tensor, nn
 
 from ..core import allocation as _allocation
+from ..core.batches import Batch
+from ..core.collect import collect_stats
 from ..core.criteria import get_criterion
 from ..core.masks import Masks, make_permanent
 from ..core.pruning import prune
 from ..core.spec import Recipe
-from ..core.stats import Batch, collect_stats
 from ..defaults import DEFAULT_LLM_CRITERION, DEFAULT_LLM_RECONSTRUCT, DEFAULT_LLM_SCOPE
 from ..errors import CalibrationError, LayerError, SparsityError
 from .blocks import (

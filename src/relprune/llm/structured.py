@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..core.stats import LayerStats, collect_stats
+from ..core.collect import collect_stats
+from ..core.stats import LayerStats
 from ..errors import RelpruneError
 from .blocks import block_outputs, capture_block_inputs, feed
 from .sequential import decoder_blocks
