@@ -18,6 +18,7 @@ ALLOWED = {
     "deploy": {"errors", "defaults", "core"},
     "llm": {"errors", "defaults", "core"},
     "experiments": {"errors", "defaults", "core", "train", "deploy", "llm", "__init__"},
+    "cli": {"errors", "defaults", "core", "train", "deploy", "llm", "experiments", "__init__"},
 }
 # Third-party packages core may use: the method needs tensors and nothing else at import time;
 # the statistics file format (safetensors) and the calibration progress bar (tqdm), both required
@@ -67,6 +68,47 @@ def test_parts_import_only_downward(part):
             if target is not None and target != part and target not in ALLOWED[part]:
                 bad.append(f"{path.relative_to(PACKAGE)} imports {'.' * level}{module}")
     assert not bad, "\n".join(bad)
+
+
+def _module_of(path: Path) -> tuple[str, ...]:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return parts[:-1] if parts[-1] == "__init__" else parts
+
+
+def test_no_module_imports_another_modules_private_names():
+    """`from x import _name` across modules makes a private name an interface nobody maintains as one."""
+    bad = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        here = _module_of(path)
+        package = here if path.name == "__init__.py" else here[:-1]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            base = package[: len(package) - (node.level - 1)] if node.level else ()
+            source = (*base, *(node.module or "").split(".")) if node.module else base
+            for alias in node.names:
+                if alias.name.startswith("_") and not alias.name.startswith("__") and source != here:
+                    bad.append(f"{path.relative_to(PACKAGE)} imports {alias.name} from {'.'.join(source)}")
+    assert not bad, "\n".join(bad)
+
+
+def test_no_two_modules_import_each_other():
+    graph: dict[str, set[str]] = {}
+    names = {".".join(_module_of(p)) for p in PACKAGE.rglob("*.py")}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        here = _module_of(path)
+        package = here if path.name == "__init__.py" else here[:-1]
+        deps = graph.setdefault(".".join(here), set())
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package[: len(package) - (node.level - 1)]
+                target = ".".join((*base, *(node.module or "").split("."))) if node.module else ".".join(base)
+                for alias in node.names:
+                    full = f"{target}.{alias.name}"
+                    deps.add(full if full in names else target)
+    pairs = sorted({tuple(sorted((a, b))) for a, ds in graph.items() for b in ds
+                    if b != a and a in graph.get(b, ()) and not a.endswith(b) and not b.endswith(a)})
+    assert not pairs, pairs
 
 
 def test_core_uses_only_torch_numpy_and_the_standard_library():

@@ -8,7 +8,7 @@ import sys
 def main() -> int:
     """Load and run the command; an interrupt before a command starts is one line, not a traceback."""
     try:
-        from .experiments.cli import main as run
+        from .cli import main as run
 
         return run()
     except KeyboardInterrupt:

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from relprune.experiments.cli import main
+from relprune.cli import main
 
 COMMANDS = ["demo", "train", "prune", "eval", "bench", "explain", "export", "load"]
 
@@ -119,7 +119,7 @@ def test_prune_refits_by_default_only_when_the_model_is_used_as_pruned(tmp_path,
 
 
 def test_demo_end_to_end(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "relprune.experiments.cli", "demo", "--epochs", "3", "--finetune-epochs", "1",
+    result = subprocess.run([sys.executable, "-m", "relprune", "demo", "--epochs", "3", "--finetune-epochs", "1",
                              "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "| method | 50% | 75% | 90% |" in result.stdout

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from relprune.experiments.cli import main
+from relprune.cli import main
 from relprune.experiments.data import load_dataset
 from relprune.experiments.experiment import load_model
 from relprune.experiments.models import build_model

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import relprune
-from relprune.experiments.cli import main
+from relprune.cli import main
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import relprune
-from relprune.experiments.cli import main
+from relprune.cli import main
 
 # message, API call (model -> None), vision command flags (or None), language-model command flags (or None)
 CASES = [

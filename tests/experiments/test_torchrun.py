@@ -16,7 +16,7 @@ def test_train_under_torchrun_writes_once_and_prints_once(tmp_path):
     out = tmp_path / "run"
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "relprune.experiments.cli", "train", "--model", "lenet300", "--dataset", "digits", "--epochs", "2",
+         "-m", "relprune", "train", "--model", "lenet300", "--dataset", "digits", "--epochs", "2",
          "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("test accuracy") == 1

@@ -16,7 +16,7 @@ from torch import nn
 transformers = pytest.importorskip("transformers", reason="the llm extra is not installed")
 
 import relprune  # noqa: E402
-from relprune.experiments.cli import main  # noqa: E402
+from relprune.cli import main  # noqa: E402
 from relprune.llm import (  # noqa: E402
     calibration_windows,
     decoder_blocks,

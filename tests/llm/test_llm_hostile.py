@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers", reason="the llm extra is not 
 from test_llm import ids_batches, tiny_llama, tiny_tokenizer  # noqa: E402
 
 import relprune  # noqa: E402
-from relprune.experiments.cli import main  # noqa: E402
+from relprune.cli import main  # noqa: E402
 from relprune.llm import load as llm_load  # noqa: E402
 from relprune.llm import prune_sequential  # noqa: E402
 

@@ -1,23 +1,12 @@
-"""The ``relprune`` command: demo, train, prune, eval, bench, explain, export, load, llm.
-
-Each command's options come from a dataclass, so defaults live in one place
-and ``--help`` shows them.
-"""
+"""The vision commands: demo, train, prune, eval, bench, explain, export, load."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import os
-import signal
-import sys
 import time
-import typing
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from ..defaults import (
     DEFAULT_BIAS_COMPENSATION,
@@ -27,268 +16,93 @@ from ..defaults import (
     DEFAULT_SCOPE,
 )
 from ..errors import RelpruneError
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> typing.NoReturn:
-        """One line on stderr, exit status 2."""
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
-
-
-def _strict_bool(text: str) -> bool:
-    word = text.strip().lower()
-    if word not in _TRUE + _FALSE:
-        raise ValueError(f"{text!r} is not a boolean (use true or false)")
-    return word in _TRUE
-
-
-def _comma_list(kind: type):
-    def parse(text: str) -> list:
-        try:
-            if kind is bool:
-                return [_strict_bool(t) for t in text.split(",") if t.strip()]
-            return [kind(t.strip()) for t in text.split(",") if t.strip()]
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(f"{text!r}: {err}") from None
-    return parse
-
-
-def _checked(kind: type, check: Any):
-    """An argparse type: convert with ``kind``, then ``check(value)`` returns an error text or None."""
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
-        problem = check(value) if check else None
-        if problem:
-            raise argparse.ArgumentTypeError(f"{text}: {problem}")
-        return value
-    parse.__name__ = kind.__name__
-    return parse
-
-
-def positive(v: float) -> str | None:
-    return None if v > 0 and v == v and v != float("inf") else "must be a positive number"
-
-
-def non_negative(v: float) -> str | None:
-    return None if v >= 0 and v != float("inf") else "must be zero or more"
-
-
-#: Seeds are offset by small constants for data splits and calibration draws; torch takes 64 bits.
-MAX_SEED = 2**62
-
-
-def seed_value(v: int) -> str | None:
-    return None if 0 <= v < MAX_SEED else "seeds are whole numbers from 0 to 2^62 - 1"
-
-
-def fraction(v: float) -> str | None:
-    return None if 0 <= v <= 1 else "must lie in [0, 1]"
-
-
-def sparsity_value(v: float) -> str | None:
-    return None if 0 <= v < 1 else "sparsity must lie in [0, 1): 1 would remove every weight"
-
-
-def n_m_value(text: str) -> str | None:
-    from ..core.allocation import parse_n_m
-    from ..errors import SparsityError
-
-    try:
-        parse_n_m(text)
-    except SparsityError as err:
-        return str(err)
-    return None
-
-
-def one_of(*names: str):
-    def check(v: str) -> str | None:
-        return None if v in names else f"choose from {', '.join(names)}"
-    return check
-
-
-def criterion_name(v: str) -> str | None:
-    from ..core.criteria import CRITERIA
-
-    return None if v in CRITERIA else f"unknown criterion; choose from {', '.join(CRITERIA)}"
-
-
-def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, defaults: dict[str, Any] | None = None) -> None:
-    """A flag per dataclass field: --snake-case NAME, lists comma-separated, bools --x/--no-x.
-
-    ``defaults`` replaces field defaults for this parser (shown in --help too).
-    """
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        kind = hints[f.name]
-        if defaults and f.name in defaults:
-            default = defaults[f.name]
-        else:
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        flag = "--" + f.name.replace("_", "-")
-        doc = (f.metadata or {}).get("help", "")
-        check = (f.metadata or {}).get("check")
-        args = typing.get_args(kind)
-        optional = type(None) in args
-        base = next((a for a in args if a is not type(None)), kind) if optional else kind
-        if typing.get_origin(base) is list:
-            inner = typing.get_args(base)[0]
-            shown = ",".join(str(v) for v in default)
-            parser.add_argument(flag, type=_comma_list(inner), default=default, dest=f.name,
-                                help=f"{doc} (comma-separated; default: {shown or 'none'})")
-        elif base is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, dest=f.name,
-                                help=f"{doc} (default: {default})")
-        else:
-            parser.add_argument(flag, type=_checked(base, check), default=default, dest=f.name,
-                                help=f"{doc} (default: {default})")
-
-
-def from_args(cls: type, ns: argparse.Namespace) -> Any:
-    return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if hasattr(ns, f.name)})
-
-
-def _h(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING,
-       check: Any = None) -> Any:
-    """A field with its --help text and an optional ``check(value) -> error text or None``."""
-    meta = {"help": text, "check": check}
-    if factory is not dataclasses.MISSING:
-        return field(default_factory=factory, metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-def _criterion_names() -> list[str]:
-    from ..core.criteria import CRITERIA
-
-    return list(CRITERIA)
-
-
-def _regularizer_names() -> list[str]:
-    from ..train.regularizers import REGULARIZERS
-
-    return list(REGULARIZERS)
+from .flags import (
+    add_dataclass_args,
+    checked,
+    criterion_name,
+    criterion_names,
+    fraction,
+    from_args,
+    n_m_value,
+    non_negative,
+    one_of,
+    option,
+    positive,
+    regularizer_names,
+    seed_value,
+    sparsity_value,
+)
+from .outputs import refuse_replacing, say, writable_folder
 
 
 @dataclass
 class Seed:
-    seed: int = _h("random seed (data split, init, shuffling)", 0, check=seed_value)
+    seed: int = option("random seed (data split, init, shuffling)", 0, check=seed_value)
 
 
 @dataclass
 class Common(Seed):
-    out: str = _h("output folder", "runs/latest")
+    out: str = option("output folder", "runs/latest")
 
 
 @dataclass
 class DataArgs:
-    dataset: str | None = _h("digits (built in), mnist or fashion-mnist; for a saved model, its own", None)
-    data_dir: str | None = _h("folder with <Name>/raw/*.gz; else $RELPRUNE_DATA, the user cache, Debian's", None)
-    download: bool = _h("download missing MNIST / Fashion-MNIST files from the public mirrors", False)
-    verify: bool = _h("check data files against their SHA-256", False)
+    dataset: str | None = option("digits (built in), mnist or fashion-mnist; for a saved model, its own", None)
+    data_dir: str | None = option("folder with <Name>/raw/*.gz; else $RELPRUNE_DATA, the user cache, Debian's", None)
+    download: bool = option("download missing MNIST / Fashion-MNIST files from the public mirrors", False)
+    verify: bool = option("check data files against their SHA-256", False)
 
 
 @dataclass
 class TrainArgs:
-    model: str = _h("lenet300, lenet5, vgg-small, resnet20, or package.module:factory", "lenet300")
-    epochs: int = _h("training epochs", 10, check=positive)
-    batch_size: int = _h("batch size", 128, check=positive)
-    lr: float = _h("learning rate (cosine schedule)", 1e-3, check=positive)
-    optimizer: str = _h("adam, or sgd (momentum 0.9)", "adam", check=one_of("adam", "sgd"))
-    weight_decay: float = _h("weight decay", 0.0, check=non_negative)
-    augment: str = _h("none, crop (random shifts up to 2 pixels) or crop-flip (and mirroring)", "none",
+    model: str = option("lenet300, lenet5, vgg-small, resnet20, or package.module:factory", "lenet300")
+    epochs: int = option("training epochs", 10, check=positive)
+    batch_size: int = option("batch size", 128, check=positive)
+    lr: float = option("learning rate (cosine schedule)", 1e-3, check=positive)
+    optimizer: str = option("adam, or sgd (momentum 0.9)", "adam", check=one_of("adam", "sgd"))
+    weight_decay: float = option("weight decay", 0.0, check=non_negative)
+    augment: str = option("none, crop (random shifts up to 2 pixels) or crop-flip (and mirroring)", "none",
                       check=one_of("none", "crop", "crop-flip"))
-    pat: str = _h("pruning-aware training regulariser: none, entropy, contrib-l1, l1", "none",
-                  check=one_of("none", *_regularizer_names()))
-    pat_alpha: float = _h("weight of the regulariser", 0.0, check=non_negative)
-    pat_warmup: float = _h("fraction of training over which alpha ramps up from 0", 0.2, check=fraction)
+    pat: str = option("pruning-aware training regulariser: none, entropy, contrib-l1, l1", "none",
+                  check=one_of("none", *regularizer_names()))
+    pat_alpha: float = option("weight of the regulariser", 0.0, check=non_negative)
+    pat_warmup: float = option("fraction of training over which alpha ramps up from 0", 0.2, check=fraction)
 
 
 @dataclass
 class Overwrite:
-    overwrite: bool = _h("replace what an earlier run wrote to --out (default: refuse)", False)
+    overwrite: bool = option("replace what an earlier run wrote to --out (default: refuse)", False)
 
 
 @dataclass
 class MethodArgs:
-    criterion: str = _h("scoring criterion: " + ", ".join(_criterion_names()), DEFAULT_CRITERION,
+    criterion: str = option("scoring criterion: " + ", ".join(criterion_names()), DEFAULT_CRITERION,
                         check=criterion_name)
-    scope: str = _h("global, layer or row", DEFAULT_SCOPE, check=one_of("global", "layer", "row"))
-    liveness: bool = _h("condition statistics on the next activation's live range", DEFAULT_LIVENESS)
-    bias_compensation: bool = _h("fold removed weights' mean contribution into the bias", DEFAULT_BIAS_COMPENSATION)
-    ucb_k: float = _h("k in rc-ucb's E[r] + k Std[r]", 1.0, check=non_negative)
+    scope: str = option("global, layer or row", DEFAULT_SCOPE, check=one_of("global", "layer", "row"))
+    liveness: bool = option("condition statistics on the next activation's live range", DEFAULT_LIVENESS)
+    bias_compensation: bool = option("fold removed weights' mean contribution into the bias", DEFAULT_BIAS_COMPENSATION)
+    ucb_k: float = option("k in rc-ucb's E[r] + k Std[r]", 1.0, check=non_negative)
 
 
 @dataclass
 class PruneArgs:
-    checkpoint: str = _h("model folder written by 'relprune train'", "runs/latest")
-    sparsity: float | None = _h("fraction of weights to remove, in [0, 1)", None, check=sparsity_value)
-    n_m: str | None = _h("N:M pattern instead of a sparsity, e.g. 2:4 (layers whose inputs - conv: input "
+    checkpoint: str = option("model folder written by 'relprune train'", "runs/latest")
+    sparsity: float | None = option("fraction of weights to remove, in [0, 1)", None, check=sparsity_value)
+    n_m: str | None = option("N:M pattern instead of a sparsity, e.g. 2:4 (layers whose inputs - conv: input "
                          "channels - M does not divide stay dense and are named)", None, check=n_m_value)
-    threshold: float | None = _h("threshold mode: remove weights whose score < threshold / fan-in", None,
+    threshold: float | None = option("threshold mode: remove weights whose score < threshold / fan-in", None,
                                  check=positive)
-    calib_samples: int = _h("calibration samples from the training split", 1024, check=positive)
-    finetune_epochs: int = _h("masked fine-tuning epochs after pruning", 0, check=non_negative)
-    finetune_lr: float = _h("fine-tuning learning rate", 3e-4, check=positive)
-    reconstruct: str = _h("least-squares re-fit of the kept weights on the calibration inputs: exact, none, or "
+    calib_samples: int = option("calibration samples from the training split", 1024, check=positive)
+    finetune_epochs: int = option("masked fine-tuning epochs after pruning", 0, check=non_negative)
+    finetune_lr: float = option("fine-tuning learning rate", 3e-4, check=positive)
+    reconstruct: str = option("least-squares re-fit of the kept weights on the calibration inputs: exact, none, or "
                           "auto (exact unless fine-tuning or compensating biases, as the study found best)",
                           DEFAULT_RECONSTRUCT, check=one_of("auto", "exact", "none"))
 
 
-def _writable_folder(path: str | Path) -> Path:
-    """``path`` as an output folder that exists and can be written, checked before any work."""
-    import tempfile
-
-    from ..errors import RelpruneError
-
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise RelpruneError(f"--out {path} is a file, not a folder")
-    try:
-        make_folder(path)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as err:
-        raise RelpruneError(f"--out {path} cannot be written: {err.strerror or err}") from err
-    return path
-
-
-#: Folders this process created for its outputs; main removes those still without a file when a
-#: command fails or is interrupted, so a failed command leaves nothing behind.
-CREATED: list[Path] = []
-
-
-def make_folder(path: Path) -> None:
-    """``mkdir -p path``, remembering the top-most folder it had to create."""
-    missing = [p for p in (path, *path.parents) if not p.exists()]
-    path.mkdir(parents=True, exist_ok=True)
-    if missing:
-        CREATED.append(missing[-1])
-
-
-def _remove_created() -> None:
-    import shutil
-
-    for folder in reversed(CREATED):
-        if folder.is_dir() and not any(f.is_file() or f.is_symlink() for f in folder.rglob("*")):
-            shutil.rmtree(folder, ignore_errors=True)
-    CREATED.clear()
-
-
-def refuse_replacing(out: Path, names: tuple[str, ...], overwrite: bool, what: str) -> None:
-    """Refuse (before any work) to write over ``names`` in ``out`` that an earlier run left, unless told to."""
-    present = [n for n in names if (out / n).exists()]
-    if present and not overwrite:
-        raise RelpruneError(f"--out {out} already holds {what} ({present[0]}); choose another --out, or pass "
-                            "--overwrite to replace it")
-
 
 def _load_data(d: DataArgs, seed: int):
-    from .data import load_dataset
+    from ..experiments.data import load_dataset
 
     return load_dataset(d.dataset, d.data_dir, download_missing=d.download, verify=d.verify, seed=seed)
 
@@ -297,14 +111,14 @@ def _load_data(d: DataArgs, seed: int):
 
 def cmd_train(ns: argparse.Namespace) -> int:
     from ..core.distributed import init_from_env, is_main
-    from .experiment import train_model
-    from .models import check_model_name
-    from .training import TrainConfig
+    from ..experiments.experiment import train_model
+    from ..experiments.models import check_model_name
+    from ..experiments.training import TrainConfig
 
     c, d, t = from_args(Common, ns), from_args(DataArgs, ns), from_args(TrainArgs, ns)
     init_from_env()  # under torchrun: one rank per process, gloo on CPU
     check_model_name(t.model)
-    out = _writable_folder(c.out)
+    out = writable_folder(c.out)
     if (out / "model.safetensors").is_file() and not (out / "train.ckpt").is_file() and not ns.overwrite:
         raise RelpruneError(f"{out} already holds a trained model; choose another --out, or pass --overwrite "
                             "to train again and replace it")
@@ -312,22 +126,17 @@ def cmd_train(ns: argparse.Namespace) -> int:
     cfg = TrainConfig(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, optimizer=t.optimizer,
                       weight_decay=t.weight_decay, seed=c.seed, augment=t.augment)
     _, info = train_model(t.model, data, cfg, out, pat=t.pat, pat_alpha=t.pat_alpha, pat_warmup=t.pat_warmup,
-                          log=_say)
+                          log=say)
     if is_main():
         print(f"{t.model} on {data.name}: test accuracy {info.metrics['test_acc']:.4f} -> "
               f"{out}/model.safetensors")
     return 0
 
 
-def _say(text: str) -> None:
-    """Progress lines on stderr, so stdout keeps only results."""
-    print(text, file=sys.stderr, flush=True)
-
-
 def _prepare_model(checkpoint: str, d: DataArgs, seed: int):
     """A saved model and its data: its own dataset unless --dataset names another."""
     from ..errors import DataError
-    from .experiment import load_model
+    from ..experiments.experiment import load_model
 
     model, info = load_model(checkpoint)
     data = _load_data(dataclasses.replace(d, dataset=d.dataset or info.dataset), seed)
@@ -343,8 +152,8 @@ def cmd_prune(ns: argparse.Namespace) -> int:
     from ..core.criteria import get_criterion
     from ..core.masks import format_report, sparsity_report
     from ..core.spec import Recipe
-    from .experiment import Method, ModelInfo, apply_method, gather, save_model
-    from .training import TrainConfig, calibration_batches, evaluate, save_json, train
+    from ..experiments.experiment import Method, ModelInfo, apply_method, gather, save_model
+    from ..experiments.training import TrainConfig, calibration_batches, evaluate, save_json, train
 
     c, d, m, p = from_args(Common, ns), from_args(DataArgs, ns), from_args(MethodArgs, ns), from_args(PruneArgs, ns)
     # The recipe's one validation, before any work ("auto" re-fits are decided once the model is known).
@@ -355,7 +164,7 @@ def cmd_prune(ns: argparse.Namespace) -> int:
         reconstruct="exact" if p.reconstruct == "exact" else None, bias_compensation=m.bias_compensation,
         options={"ucb_k": m.ucb_k} if "ucb_k" in crit.options else {})
     refuse_replacing(Path(c.out), ("model.safetensors", "model.json"), ns.overwrite, "a model")
-    out = _writable_folder(c.out)
+    out = writable_folder(c.out)
     model, info, data = _prepare_model(p.checkpoint, d, c.seed)
     refit = _refit(p, m, model)
     method = Method(m.criterion, m.scope, m.liveness, m.bias_compensation, p.n_m, m.ucb_k, refit)
@@ -414,7 +223,7 @@ def _model_sparsity(model) -> float:
 
 def cmd_eval(ns: argparse.Namespace) -> int:
     from ..core.masks import format_report, sparsity_report
-    from .training import evaluate
+    from ..experiments.training import evaluate
 
     c, d = from_args(Seed, ns), from_args(DataArgs, ns)
     model, info, data = _prepare_model(ns.checkpoint, d, c.seed)
@@ -425,22 +234,22 @@ def cmd_eval(ns: argparse.Namespace) -> int:
 
 
 def cmd_bench(ns: argparse.Namespace) -> int:
-    from .bench import BenchConfig, run_bench
+    from ..experiments.bench import BenchConfig, run_bench
 
     cfg = BenchConfig.from_file(ns.config) if ns.config else BenchConfig()
     for f in dataclasses.fields(BenchConfig):
         if f.name in ns.overrides:
             setattr(cfg, f.name, getattr(ns, f.name))
     cfg.validate()
-    results = run_bench(cfg, _writable_folder(ns.out))
+    results = run_bench(cfg, writable_folder(ns.out))
     print(f"results: {results}\nreport: {results.parent / 'report.md'}\n"
           f"plot: {results.parent / 'accuracy_vs_sparsity.png'}")
     return 0
 
 
 def cmd_demo(ns: argparse.Namespace) -> int:
-    from .bench import BenchConfig, run_bench
-    from .report import load_results, markdown_tables
+    from ..experiments.bench import BenchConfig, run_bench
+    from ..experiments.report import load_results, markdown_tables
 
     start = time.perf_counter()
     cfg = BenchConfig(
@@ -448,7 +257,7 @@ def cmd_demo(ns: argparse.Namespace) -> int:
         sparsities=[0.5, 0.75, 0.9], seeds=[ns.seed], regimes=["oneshot", "finetune"], calib_samples=[512],
         epochs=ns.epochs, batch_size=64, finetune_epochs=ns.finetune_epochs, lr=1e-3, finetune_lr=5e-4,
     )
-    results = run_bench(cfg, _writable_folder(ns.out), log=lambda *_: None)
+    results = run_bench(cfg, writable_folder(ns.out), log=lambda *_: None)
     print(markdown_tables(load_results(results)))
     print(f"plot: {results.parent / 'accuracy_vs_sparsity.png'}  ({time.perf_counter() - start:.0f} s)")
     return 0
@@ -456,12 +265,12 @@ def cmd_demo(ns: argparse.Namespace) -> int:
 
 def cmd_explain(ns: argparse.Namespace) -> int:
     from .. import collect_stats
-    from .explain import format_summary, plot_explain, summarise
-    from .training import calibration_batches, save_json
+    from ..experiments.explain import format_summary, plot_explain, summarise
+    from ..experiments.training import calibration_batches, save_json
 
     c, d = from_args(Common, ns), from_args(DataArgs, ns)
     refuse_replacing(Path(c.out), ("explain.json", "explain.png"), ns.overwrite, "an explanation")
-    out = _writable_folder(c.out)
+    out = writable_folder(c.out)
     model, _, data = _prepare_model(ns.checkpoint, d, c.seed)
     calib = calibration_batches(data.train, ns.calib_samples, seed=c.seed)
     stats = collect_stats(model, calib, statistics=["relative_mean", "relative_std"])
@@ -480,12 +289,12 @@ def cmd_export(ns: argparse.Namespace) -> int:
     from ..deploy.export import export_dense, export_masked, export_sparse, file_size
     from ..deploy.shrink import shrink
     from ..deploy.structured import prune_units
-    from .experiment import load_model
-    from .training import calibration_batches
+    from ..experiments.experiment import load_model
+    from ..experiments.training import calibration_batches
 
     c = from_args(Common, ns)
     refuse_replacing(Path(c.out), ("dense", "masked", "sparse"), ns.overwrite, "an export")
-    out = _writable_folder(c.out)
+    out = writable_folder(c.out)
     model, info = load_model(ns.checkpoint)
     model.eval()
     example = torch.zeros(2, *info.input_shape)
@@ -521,7 +330,7 @@ def cmd_export(ns: argparse.Namespace) -> int:
 def cmd_load(ns: argparse.Namespace) -> int:
     from ..core.masks import format_report, sparsity_report
     from ..deploy.export import load_exported
-    from .training import evaluate
+    from ..experiments.training import evaluate
 
     model, meta = load_exported(ns.path)
     print(f"{meta['format']} model: {sum(p.numel() for p in model.parameters())} parameters")
@@ -539,13 +348,8 @@ def cmd_load(ns: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="relprune", description="Prune PyTorch networks by measured relative contributions.",
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    from .. import __version__
-
-    parser.add_argument("--version", action="version", version=f"relprune {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+def add_vision_commands(sub: argparse._SubParsersAction) -> None:
+    """Register the vision commands under the ``relprune`` parser."""
 
     def command(name: str, help_: str, *groups: type, out: str = "runs/latest") -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
@@ -556,8 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = command("demo", "train a small model on the built-in digits, prune it by the default criterion "
                    "(ours), magnitude and Wanda, fine-tune, print a table and write a plot",
                    Common, out="runs/demo")
-    demo.add_argument("--epochs", type=_checked(int, positive), default=30, help="training epochs (default: 30)")
-    demo.add_argument("--finetune-epochs", type=_checked(int, non_negative), default=5,
+    demo.add_argument("--epochs", type=checked(int, positive), default=30, help="training epochs (default: 30)")
+    demo.add_argument("--finetune-epochs", type=checked(int, non_negative), default=5,
                       help="fine-tuning epochs (default: 5)")
     demo.set_defaults(func=cmd_demo)
 
@@ -569,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--checkpoint", default="runs/latest", help="model folder (default: runs/latest)")
     ev.set_defaults(func=cmd_eval)
 
-    from .bench import BenchConfig
+    from ..experiments.bench import BenchConfig
 
     bench = sub.add_parser("bench", help="sweep models x methods x sparsities x seeds; write results.jsonl, "
                            "report.md and accuracy_vs_sparsity.png",
@@ -582,18 +386,18 @@ def build_parser() -> argparse.ArgumentParser:
     ex = command("explain", "per-layer plots of relative contributions, share under a threshold, and "
                  "neuron entropy", Common, Overwrite, DataArgs, out="runs/explain")
     ex.add_argument("--checkpoint", default="runs/latest", help="model folder (default: runs/latest)")
-    ex.add_argument("--calib-samples", type=_checked(int, positive), default=1024,
+    ex.add_argument("--calib-samples", type=checked(int, positive), default=1024,
                     help="calibration samples (default: 1024)")
-    ex.add_argument("--tau", type=_checked(float, positive), default=0.1,
+    ex.add_argument("--tau", type=checked(float, positive), default=0.1,
                     help="threshold as a fraction of 1/I (default: 0.1)")
-    ex.add_argument("--ucb-k", type=_checked(float, non_negative), default=1.0,
+    ex.add_argument("--ucb-k", type=checked(float, non_negative), default=1.0,
                     help="k in E[r] + k Std[r] (default: 1)")
     ex.set_defaults(func=cmd_explain)
 
     exp = command("export", "shrink a (pruned) model and write it dense, masked and sparse, with sizes",
                   Common, Overwrite, DataArgs, out="runs/export")
     exp.add_argument("--checkpoint", default="runs/pruned", help="model folder (default: runs/pruned)")
-    exp.add_argument("--structured", type=_checked(float, sparsity_value), default=0.0,
+    exp.add_argument("--structured", type=checked(float, sparsity_value), default=0.0,
                      help="first remove this fraction of units per layer (default: 0, none)")
     exp.add_argument("--structured-criterion", choices=["rc", "l1"], default="rc",
                      help="unit score for --structured (default: rc)")
@@ -607,87 +411,3 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=True,
                     help="evaluate on the test split of its dataset (default: True)")
     ld.set_defaults(func=cmd_load)
-
-    from .llm_cli import add_llm_commands
-
-    add_llm_commands(sub)
-    return parser
-
-
-def _explicit_flags(argv: list[str]) -> set[str]:
-    return {a[2:].split("=")[0].replace("-", "_").removeprefix("no_") for a in argv if a.startswith("--")}
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    ns = parser.parse_args(argv)
-    ns.overrides = _explicit_flags(argv)
-    CREATED.clear()
-    code = 1
-    try:
-        with _terminate_as_interrupt():
-            code = _run(ns)
-    finally:
-        if code != 0:
-            _remove_created()
-        CREATED.clear()
-    return code
-
-
-@contextlib.contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM (a scheduler's or a kill's stop) unwinds like Ctrl-C, so staged outputs are removed."""
-    def stop(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    try:
-        previous = signal.signal(signal.SIGTERM, stop)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _run(ns: argparse.Namespace) -> int:
-    """Run the chosen command; every failure is one line on stderr and an exit status."""
-    try:
-        return ns.func(ns)
-    except RelpruneError as err:
-        print(f"relprune {ns.command}: error: {_one_line(err)}", file=sys.stderr)
-        return 1
-    except OSError as err:
-        where = f" {err.filename}" if err.filename else ""
-        print(f"relprune {ns.command}: error: cannot read or write{where}: {err.strerror or err}",
-              file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"relprune {ns.command}: interrupted; {_resume_hint(ns)}", file=sys.stderr)
-        return 130
-    except Exception as err:  # a bug, not bad input: still one line, with how to see the traceback
-        if os.environ.get("RELPRUNE_DEBUG"):
-            raise
-        print(f"relprune {ns.command}: internal error: {type(err).__name__}: {_one_line(err)} "
-              "(rerun with RELPRUNE_DEBUG=1 for the traceback, and please report it)", file=sys.stderr)
-        return 70
-
-
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__
-
-
-def _resume_hint(ns: argparse.Namespace) -> str:
-    """Only train and bench resume, and only once something was saved."""
-    out = Path(getattr(ns, "out", "") or ".")
-    if ns.command == "train" and (out / "train.ckpt").is_file():
-        return "rerun the same command to resume from the last finished epoch"
-    if ns.command == "bench" and (out / "results.jsonl").is_file():
-        return "rerun the same command to resume with the cells not yet finished"
-    return "nothing was saved"
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,21 +16,10 @@ from ..defaults import (
     DEFAULT_LLM_UNIT_SCORE,
 )
 from ..errors import RelpruneError
+from .flags import checked, criterion_name, n_m_value, positive, seed_value, sparsity_value
+from .outputs import make_folder, say
 
-# The main command's flag checks and progress line serve these subcommands too (cli imports this
-# module only inside build_parser, so cli is complete by the time this runs).
-from .cli import (
-    _checked,
-    _say,
-    criterion_name,
-    make_folder,
-    n_m_value,
-    positive,
-    seed_value,
-    sparsity_value,
-)
-
-_positive_int = _checked(int, positive)
+_positive_int = checked(int, positive)
 
 
 def add_llm_commands(sub: argparse._SubParsersAction) -> None:
@@ -44,15 +33,15 @@ def add_llm_commands(sub: argparse._SubParsersAction) -> None:
 
     p = llm_sub.add_parser("prune", help="prune every decoder Linear; write a folder transformers loads")
     p.add_argument("--model", required=True, help="folder, .gguf file, hub id or smollm2-135m")
-    p.add_argument("--criterion", type=_checked(str, _block_criterion), default=DEFAULT_LLM_CRITERION,
+    p.add_argument("--criterion", type=checked(str, _block_criterion), default=DEFAULT_LLM_CRITERION,
                    help=f"one of {', '.join(block_criteria())} (default: {DEFAULT_LLM_CRITERION}, the best of "
                         "the LLM benchmark)")
     p.add_argument("--scope", choices=["row", "layer"], default=None,
                    help=f"comparison group within each layer (default: {DEFAULT_LLM_SCOPE}; not with sparsegpt, "
                         "which chooses per row in blocks of columns)")
     budget = p.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--sparsity", type=_checked(float, sparsity_value), help="fraction of weights to remove")
-    budget.add_argument("--n-m", type=_checked(str, n_m_value), help="N:M pattern, e.g. 2:4")
+    budget.add_argument("--sparsity", type=checked(float, sparsity_value), help="fraction of weights to remove")
+    budget.add_argument("--n-m", type=checked(str, n_m_value), help="N:M pattern, e.g. 2:4")
     p.add_argument("--calibration", required=True, help="UTF-8 text file for calibration")
     p.add_argument("--calibration-samples", type=_positive_int, default=32,
                    help="calibration windows (default: 32)")
@@ -68,14 +57,14 @@ def add_llm_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allocation", choices=["uniform", "owl"], default="uniform",
                    help="one sparsity for every block, or OWL's outlier-weighted per-block sparsities "
                         "(with --sparsity only) (default: uniform)")
-    p.add_argument("--owl-lambda", type=_checked(float, _owl_lambda), default=0.08,
+    p.add_argument("--owl-lambda", type=checked(float, _owl_lambda), default=0.08,
                    help="OWL: block sparsities within sparsity +- lambda (default: 0.08)")
     p.add_argument("--streamed", action="store_true",
                    help="read one block at a time from the model's safetensors and write it pruned: memory "
                         "about one block, for models larger than RAM (sequential; not with --allocation owl "
                         "or --bias-compensation)")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="windows per forward pass (default: 8)")
-    p.add_argument("--seed", type=_checked(int, seed_value), default=0,
+    p.add_argument("--seed", type=checked(int, seed_value), default=0,
                    help="chooses the calibration windows (default: 0)")
     p.add_argument("--out", required=True, help="output folder (must not hold anything yet)")
     p.set_defaults(func=cmd_llm_prune)
@@ -83,7 +72,7 @@ def add_llm_commands(sub: argparse._SubParsersAction) -> None:
     s = llm_sub.add_parser("shrink", help="remove whole attention head groups and MLP channels; write a smaller "
                                           "folder transformers loads")
     s.add_argument("--model", required=True, help="folder, .gguf file, hub id or smollm2-135m")
-    s.add_argument("--ratio", required=True, type=_checked(float, sparsity_value),
+    s.add_argument("--ratio", required=True, type=checked(float, sparsity_value),
                    help="fraction of the decoder layers' attention and MLP parameters to remove")
     s.add_argument("--score", choices=LLM_GROUP_CRITERIA, default=DEFAULT_LLM_UNIT_SCORE,
                    help=f"unit score (default: {DEFAULT_LLM_UNIT_SCORE}, FLAP's, the best of the structured "
@@ -97,7 +86,7 @@ def add_llm_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--calibration-samples", type=_positive_int, default=32, help="calibration windows (default: 32)")
     s.add_argument("--seqlen", type=_positive_int, default=512, help="tokens per window (default: 512)")
     s.add_argument("--batch-size", type=_positive_int, default=8, help="windows per forward pass (default: 8)")
-    s.add_argument("--seed", type=_checked(int, seed_value), default=0,
+    s.add_argument("--seed", type=checked(int, seed_value), default=0,
                    help="chooses the calibration windows (and the random score) (default: 0)")
     s.add_argument("--out", required=True, help="output folder (must not hold anything yet)")
     s.set_defaults(func=cmd_llm_shrink)
@@ -109,7 +98,7 @@ def add_llm_commands(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--seqlen", type=_positive_int, default=512, help="tokens per window (default: 512)")
     e.add_argument("--batch-size", type=_positive_int, default=1,
                    help="windows per forward pass (default: 1; the logits of a batch dominate memory)")
-    e.add_argument("--seed", type=_checked(int, seed_value), default=0,
+    e.add_argument("--seed", type=checked(int, seed_value), default=0,
                    help="unused by eval; accepted like every command's")
     e.set_defaults(func=cmd_llm_eval)
 
@@ -185,7 +174,7 @@ def cmd_llm_prune(ns: argparse.Namespace) -> int:
     _check_seqlen(model.config, ns.seqlen)
     windows = calibration_windows(tokenize_file(tokenizer, ns.calibration), ns.calibration_samples, ns.seqlen,
                                   ns.seed)
-    _say(f"calibration: {len(windows)} windows of {ns.seqlen} tokens from {ns.calibration} (seed {ns.seed})")
+    say(f"calibration: {len(windows)} windows of {ns.seqlen} tokens from {ns.calibration} (seed {ns.seed})")
     start = time.perf_counter()
     masks = prune_sequential(model, batches_of(windows, ns.batch_size), recipe, sequential=ns.sequential,
                              progress=True)
@@ -193,7 +182,7 @@ def cmd_llm_prune(ns: argparse.Namespace) -> int:
     with staged_folder(out) as tmp:
         switches = save_pretrained(model, tokenizer, tmp)
         if switches:
-            _say(f"config: {', '.join(switches)} switched on for the compensated biases")
+            say(f"config: {', '.join(switches)} switched on for the compensated biases")
         record = {"model": ns.model, "criterion": recipe.criterion, "scope": recipe.scope, "sparsity": recipe.sparsity,
                   "n_m": recipe.n_m, "reconstruct": ns.reconstruct, "sequential": ns.sequential,
                   "bias_compensation": recipe.bias_compensation, "allocation": recipe.allocation,
@@ -226,7 +215,7 @@ def _llm_prune_streamed(ns: argparse.Namespace, out: Path, recipe: Recipe) -> in
     _check_seqlen(config, ns.seqlen)
     windows = calibration_windows(tokenize_file(tokenizer, ns.calibration), ns.calibration_samples, ns.seqlen,
                                   ns.seed)
-    _say(f"calibration: {len(windows)} windows of {ns.seqlen} tokens from {ns.calibration} (seed {ns.seed})")
+    say(f"calibration: {len(windows)} windows of {ns.seqlen} tokens from {ns.calibration} (seed {ns.seed})")
     start = time.perf_counter()
     masks = prune_streamed(where, out, batches_of(windows, ns.batch_size), recipe, progress=True)
     _report(ns, masks, time.perf_counter() - start, out, ", block by block from disk")
@@ -252,7 +241,7 @@ def cmd_llm_shrink(ns: argparse.Namespace) -> int:
     _check_seqlen(model.config, ns.seqlen)
     batches = batches_of(calibration_windows(tokenize_file(tokenizer, ns.calibration), ns.calibration_samples,
                                              ns.seqlen, ns.seed), ns.batch_size)
-    _say(f"calibration: {ns.calibration_samples} windows of {ns.seqlen} tokens from {ns.calibration} "
+    say(f"calibration: {ns.calibration_samples} windows of {ns.seqlen} tokens from {ns.calibration} "
          f"(seed {ns.seed})")
     start = time.perf_counter()
     before = sum(p.numel() for p in model.parameters())

@@ -1,0 +1,109 @@
+"""The ``relprune`` command: the parser over every subcommand, and one line for every failure."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ..errors import RelpruneError
+from .flags import Parser
+from .outputs import CREATED, remove_created
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+    from .llm import add_llm_commands
+    from .vision import add_vision_commands
+
+    parser = Parser(prog="relprune", description="Prune PyTorch networks by measured relative contributions.",
+                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"relprune {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    add_vision_commands(sub)
+    add_llm_commands(sub)
+    return parser
+
+
+def _explicit_flags(argv: list[str]) -> set[str]:
+    return {a[2:].split("=")[0].replace("-", "_").removeprefix("no_") for a in argv if a.startswith("--")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    ns.overrides = _explicit_flags(argv)
+    CREATED.clear()
+    code = 1
+    try:
+        with _terminate_as_interrupt():
+            code = _run(ns)
+    finally:
+        if code != 0:
+            remove_created()
+        CREATED.clear()
+    return code
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a scheduler's or a kill's stop) unwinds like Ctrl-C, so staged outputs are removed."""
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(ns: argparse.Namespace) -> int:
+    """Run the chosen command; every failure is one line on stderr and an exit status."""
+    try:
+        return ns.func(ns)
+    except RelpruneError as err:
+        print(f"relprune {ns.command}: error: {_one_line(err)}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        where = f" {err.filename}" if err.filename else ""
+        print(f"relprune {ns.command}: error: cannot read or write{where}: {err.strerror or err}",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"relprune {ns.command}: interrupted; {_resume_hint(ns)}", file=sys.stderr)
+        return 130
+    except Exception as err:  # a bug, not bad input: still one line, with how to see the traceback
+        if os.environ.get("RELPRUNE_DEBUG"):
+            raise
+        print(f"relprune {ns.command}: internal error: {type(err).__name__}: {_one_line(err)} "
+              "(rerun with RELPRUNE_DEBUG=1 for the traceback, and please report it)", file=sys.stderr)
+        return 70
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _resume_hint(ns: argparse.Namespace) -> str:
+    """Only train and bench resume, and only once something was saved."""
+    out = Path(getattr(ns, "out", "") or ".")
+    if ns.command == "train" and (out / "train.ckpt").is_file():
+        return "rerun the same command to resume from the last finished epoch"
+    if ns.command == "bench" and (out / "results.jsonl").is_file():
+        return "rerun the same command to resume with the cells not yet finished"
+    return "nothing was saved"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
