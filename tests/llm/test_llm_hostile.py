@@ -234,3 +234,24 @@ def test_llm_shrink_bad_ratio_is_one_line(folder, tmp_path, capsys):
                       "--out", tmp_path / "o"], capsys)
     assert code == 2 and len(err.splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_oneshot_is_the_command_in_one_call(folder, tmp_path, capsys):
+    result = relprune.llm.oneshot(folder, tmp_path / "calib.txt", sparsity=0.5, samples=4, seqlen=16,
+                                  out=tmp_path / "api")
+    assert result.recipe.criterion == "obs" and result.recipe.reconstruct == "exact" and result.recipe.scope == "row"
+    assert _run(["llm", "prune", "--model", folder, "--sparsity", "0.5", "--calibration", tmp_path / "calib.txt",
+                 "--calibration-samples", "4", "--seqlen", "16", "--out", tmp_path / "cli"], capsys)[0] == 0
+    a = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "api")
+    b = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "cli")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(x, y), name
+
+
+def test_oneshot_refuses_before_loading_anything(tmp_path, monkeypatch):
+    monkeypatch.setattr(llm_load, "resolve_model", lambda *a, **k: pytest.fail("loaded before refusing"))
+    with pytest.raises(relprune.RelpruneError, match="correct it twice"):
+        relprune.llm.oneshot("smollm2-135m", tmp_path / "calib.txt", sparsity=0.5, bias_compensation=True)
+    with pytest.raises(relprune.RelpruneError, match="not both"):
+        relprune.llm.oneshot("smollm2-135m", tmp_path / "x.txt", relprune.core.spec.Recipe.build(sparsity=0.5),
+                             sparsity=0.5)

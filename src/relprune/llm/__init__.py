@@ -1,9 +1,11 @@
-"""Language models: loading (HF folder, hub id, GGUF), text windows, block-by-block pruning, perplexity.
+"""Language models: loading (HF folder, hub id, GGUF), text windows, block-by-block pruning (``oneshot``:
+model and text to a saved pruned folder in one call), perplexity.
 
 Needs the ``llm`` extra (transformers, gguf, accelerate), imported only when a function here runs.
 """
 
 from .load import SMOLLM2, load_model, resolve_model
+from .oneshot import OneshotResult, oneshot
 from .perplexity import Perplexity, perplexity
 from .save import save_pretrained
 from .sequential import decoder_blocks, prune_sequential
@@ -12,11 +14,13 @@ from .text import calibration_windows, evaluation_windows, tokenize_file
 
 __all__ = [
     "SMOLLM2",
+    "OneshotResult",
     "Perplexity",
     "calibration_windows",
     "decoder_blocks",
     "evaluation_windows",
     "load_model",
+    "oneshot",
     "perplexity",
     "prune_sequential",
     "prune_streamed",

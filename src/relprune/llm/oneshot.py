@@ -1,0 +1,68 @@
+"""One call from a model and calibration text to a pruned model saved as a folder transformers loads."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..core.masks import Masks
+from ..core.spec import Recipe
+from ..defaults import DEFAULT_LLM_CRITERION, DEFAULT_LLM_RECONSTRUCT
+from ..errors import RelpruneError
+from .load import load_model
+from .save import save_pretrained, staged_folder
+from .sequential import block_recipe, prune_sequential
+from .text import batches_of, calibration_windows, tokenize_file
+
+
+@dataclass(frozen=True)
+class OneshotResult:
+    """What :func:`oneshot` did: the masks (under the model's names), the recipe and where it saved."""
+
+    masks: Masks
+    recipe: Recipe
+    out: Path | None
+
+
+def oneshot(model: Any, calibration: str | Path, recipe: Recipe | None = None, *, out: str | Path | None = None,
+            tokenizer: Any = None, samples: int = 32, seqlen: int = 512, seed: int = 0, batch_size: int = 8,
+            sequential: bool = True, progress: bool = False, **recipe_options: Any) -> OneshotResult:
+    """Prune a causal language model on calibration text in one call, and save it when ``out`` is given.
+
+    ``model`` is a loaded Hugging Face causal LM (pass its ``tokenizer``) or anything
+    :func:`~relprune.llm.load_model` takes (a folder, a ``.gguf`` file, a hub id, ``"smollm2-135m"``).
+    ``calibration`` is a UTF-8 text file, from which ``samples`` windows of ``seqlen`` tokens are
+    drawn (seeded). The recipe is a :class:`~relprune.core.spec.Recipe` or its keywords
+    (``sparsity=0.5``, ``n_m="2:4"``, ``criterion=``, ``reconstruct=``, ``allocation="owl"``, ...),
+    with the language-model defaults (``obs`` with the exact re-fit). ``out`` must not hold anything
+    yet; it is written in full or not at all.
+
+        relprune.llm.oneshot("smollm2-135m", "calib.txt", sparsity=0.5, out="runs/smol-50")
+    """
+    if recipe is None:
+        recipe_options.setdefault("criterion", DEFAULT_LLM_CRITERION)
+        recipe_options.setdefault("reconstruct", DEFAULT_LLM_RECONSTRUCT)
+        recipe = Recipe.build(**recipe_options)
+    elif recipe_options:
+        raise RelpruneError("give either recipe= or the recipe's keyword arguments, not both")
+    recipe = block_recipe(recipe)  # every refusal before anything is loaded or written
+    target = None if out is None else Path(out)
+    if target is not None and target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise RelpruneError(f"{target} already exists and is not an empty folder; choose another")
+    if isinstance(model, (str, Path)):
+        model, tokenizer = load_model(model, quiet=not progress)
+    elif tokenizer is None:
+        raise RelpruneError("pass the model's tokenizer= along with a loaded model")
+    windows = calibration_windows(tokenize_file(tokenizer, calibration), samples, seqlen, seed)
+    masks = prune_sequential(model, batches_of(windows, batch_size), recipe, sequential=sequential,
+                             progress=progress)
+    if target is not None:
+        with staged_folder(target) as tmp:
+            save_pretrained(model, tokenizer, tmp)
+            record = {"recipe": {k: v for k, v in recipe.__dict__.items() if k != "options"},
+                      "calibration": str(calibration), "samples": samples, "seqlen": seqlen, "seed": seed,
+                      "sequential": sequential, "achieved_sparsity": masks.sparsity}
+            (tmp / "relprune.json").write_text(json.dumps(record, indent=2) + "\n")
+    return OneshotResult(masks, recipe, target)
