@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_run import run as _run
 
 from relprune.cli import main
 from relprune.experiments.data import load_dataset
@@ -16,28 +17,9 @@ from relprune.experiments.models import build_model
 from relprune.experiments.training import TrainConfig, train
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """A lenet300 trained one epoch on the built-in digits, and the same model pruned to 70%."""
-    root = tmp_path_factory.mktemp("cli")
-    assert main(["train", "--dataset", "digits", "--epochs", "1", "--out", str(root / "model")]) == 0
-    # Without the re-fit, which may zero kept weights on inputs the calibration never lights up.
-    assert main(["prune", "--checkpoint", str(root / "model"), "--sparsity", "0.7", "--calib-samples", "256",
-                 "--reconstruct", "none", "--out", str(root / "pruned")]) == 0
-    return root
-
-
 def _digest(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def _run(argv: list[str], capsys) -> tuple[int, str]:
-    try:
-        code = main(argv)
-    except SystemExit as exit_:
-        code = exit_.code
-    return code, capsys.readouterr().err.strip()
 
 
 # (argv with {m} = trained model, {p} = pruned model, {t} = a fresh temporary folder), exit code, message

@@ -12,33 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_run import run
 from torch import nn
 
 import relprune
 from relprune.cli import main
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("hostile")
-    assert main(["train", "--dataset", "digits", "--epochs", "1", "--out", str(root / "model")]) == 0
-    assert main(["prune", "--checkpoint", str(root / "model"), "--sparsity", "0.7", "--calib-samples", "256",
-                 "--reconstruct", "none", "--out", str(root / "pruned")]) == 0
-    assert main(["export", "--checkpoint", str(root / "pruned"), "--out", str(root / "export")]) == 0
-    return root
-
-
 def _digest(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def _run(argv: list, capsys) -> tuple[int, str]:
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exit_:
-        code = exit_.code
-    return code, capsys.readouterr().err.strip()
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -48,7 +31,7 @@ def _run(argv: list, capsys) -> tuple[int, str]:
 ])
 def test_commands_refuse_to_replace_what_an_earlier_run_wrote(trained, tmp_path, capsys, argv, message):
     before = _digest(trained)
-    code, err = _run([a.format(m=trained / "model", p=trained / "pruned", e=trained / "export") for a in argv],
+    code, err = run([a.format(m=trained / "model", p=trained / "pruned", e=trained / "export") for a in argv],
                      capsys)
     assert code == 1 and len(err.splitlines()) == 1 and message in err and "--overwrite" in err, err
     assert _digest(trained) == before
@@ -57,7 +40,7 @@ def test_commands_refuse_to_replace_what_an_earlier_run_wrote(trained, tmp_path,
 def test_overwrite_replaces_on_purpose(trained, tmp_path, capsys):
     target = tmp_path / "again"
     assert main(["export", "--checkpoint", str(trained / "pruned"), "--out", str(target)]) == 0
-    assert _run(["export", "--checkpoint", trained / "pruned", "--out", target], capsys)[0] == 1
+    assert run(["export", "--checkpoint", trained / "pruned", "--out", target], capsys)[0] == 1
     assert main(["export", "--checkpoint", str(trained / "pruned"), "--out", str(target), "--overwrite"]) == 0
 
 
@@ -68,7 +51,7 @@ def test_interrupted_fine_tune_leaves_no_empty_out(trained, tmp_path, capsys, mo
         raise KeyboardInterrupt
 
     monkeypatch.setattr(training, "train", interrupted)
-    code, err = _run(["prune", "--checkpoint", trained / "model", "--sparsity", "0.5", "--calib-samples", "64",
+    code, err = run(["prune", "--checkpoint", trained / "model", "--sparsity", "0.5", "--calib-samples", "64",
                       "--finetune-epochs", "1", "--out", tmp_path / "new" / "pruned"], capsys)
     assert code == 130 and "nothing was saved" in err
     assert not (tmp_path / "new").exists()
@@ -76,7 +59,7 @@ def test_interrupted_fine_tune_leaves_no_empty_out(trained, tmp_path, capsys, mo
 
 @pytest.mark.parametrize("flag", ["--sparsities", "--seeds", "--models", "--regimes"])
 def test_bench_with_an_empty_axis_writes_nothing(tmp_path, capsys, flag):
-    code, err = _run(["bench", flag, "", "--out", tmp_path / "b"], capsys)
+    code, err = run(["bench", flag, "", "--out", tmp_path / "b"], capsys)
     assert code == 1 and "is empty" in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "b").exists()
 
@@ -118,7 +101,7 @@ def test_refit_leaves_rows_that_keep_every_weight_unchanged(method):
     (["bench", "--seeds", str(2**64), "--out", "{t}/x"], 1, "2\\^62"),
 ])
 def test_out_of_range_numbers_are_one_line(trained, tmp_path, capsys, argv, code, message):
-    got, err = _run([a.format(m=trained / "model", t=tmp_path) for a in argv], capsys)
+    got, err = run([a.format(m=trained / "model", t=tmp_path) for a in argv], capsys)
     assert got == code and len(err.splitlines()) == 1 and re.search(message, err), err
     assert not (tmp_path / "x").exists()
 
@@ -130,11 +113,11 @@ def test_a_stored_architecture_that_asks_for_too_much_is_refused_before_allocati
     info = json.loads((trained / "model" / "model.json").read_text())
     info["input_shape"] = [1, 10**6, 10**6]  # lenet300's first layer would take 4 TB
     (model / "model.json").write_text(json.dumps(info))
-    code, err = _run(["eval", "--checkpoint", model], capsys)
+    code, err = run(["eval", "--checkpoint", model], capsys)
     assert code == 1 and "asks for" in err and len(err.splitlines()) == 1, err
     info["input_shape"] = [1, -8, 8]
     (model / "model.json").write_text(json.dumps(info))
-    code, err = _run(["eval", "--checkpoint", model], capsys)
+    code, err = run(["eval", "--checkpoint", model], capsys)
     assert code == 1 and "positive whole numbers" in err, err
 
 
@@ -152,11 +135,11 @@ def test_an_export_whose_architecture_asks_for_too_much_is_refused(trained, tmp_
         bad = tmp_path / form
         bad.mkdir()
         save_file(tensors, str(bad / f"{form}.safetensors"), metadata={"relprune": json.dumps(meta)})
-        code, err = _run(["load", bad, "--no-evaluate"], capsys)
+        code, err = run(["load", bad, "--no-evaluate"], capsys)
         assert code == 1 and len(err.splitlines()) == 1 and ("do not fit" in err or "not in the model" in err), err
     meta["architecture"][0]["args"] = {"no_such_argument": 1}
     save_file(tensors, str(bad / "sparse.safetensors"), metadata={"relprune": json.dumps(meta)})
-    code, err = _run(["load", bad, "--no-evaluate"], capsys)
+    code, err = run(["load", bad, "--no-evaluate"], capsys)
     assert code == 1 and "no_such_argument" in err and "internal error" not in err, err
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_run import run
 from torch import nn
 
 import relprune
@@ -34,14 +35,6 @@ CASES = [
 ]
 
 
-def _err(argv: list, capsys) -> tuple[int, str]:
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exit_:
-        code = exit_.code
-    return code, capsys.readouterr().err.strip()
-
-
 @pytest.fixture(scope="module")
 def vision_model(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("agree") / "model"
@@ -60,14 +53,14 @@ def test_refusals_agree_across_the_api_and_both_commands(vision_model, tmp_path,
         assert message in str(err.value)
         assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     if vision is not None:
-        code, err = _err(["prune", "--checkpoint", vision_model, *vision, "--out", tmp_path / "v"], capsys)
+        code, err = run(["prune", "--checkpoint", vision_model, *vision, "--out", tmp_path / "v"], capsys)
         assert code == 1 and message in err and len(err.splitlines()) == 1, err
         assert not (tmp_path / "v").exists()
     if llm is not None:
         pytest.importorskip("transformers", reason="the llm extra is not installed")
         folder = request.getfixturevalue("llm_folder")
         capsys.readouterr()  # what writing the fixture printed
-        code, err = _err(["llm", "prune", "--model", folder, *llm, "--calibration", folder.parent / "calib.txt",
+        code, err = run(["llm", "prune", "--model", folder, *llm, "--calibration", folder.parent / "calib.txt",
                           "--out", tmp_path / "l"], capsys)
         assert code == 1 and message in err and len(err.splitlines()) == 1, err
         assert not (tmp_path / "l").exists()

@@ -90,6 +90,19 @@ def hooked_calls(model: nn.Module, data: list[dict[str, Tensor]]) -> list[list[t
     return seen
 
 
+def fed_inputs(monkeypatch) -> list[list[tuple[tuple, dict]]]:
+    """The (args, kwargs) of every batch each block is calibrated on, recorded as pruning runs."""
+    fed: list[list[tuple[tuple, dict]]] = []
+    original = llm_sequential.collect_stats
+
+    def spy(block, inputs, **kw):
+        fed.append([(b.args, b.kwargs) for b in inputs])
+        return original(block, inputs, **kw)
+
+    monkeypatch.setattr(llm_sequential, "collect_stats", spy)
+    return fed
+
+
 def assert_same(a: Any, b: Any, where: str) -> None:
     if isinstance(a, Tensor):
         assert isinstance(b, Tensor) and a.shape == b.shape and torch.equal(a, b), where
@@ -136,14 +149,7 @@ def test_sequential_pruning_feeds_each_block_the_pruned_models_own_inputs(family
     """Block by block, block i calibrates on what the finished pruned model's forward pass gives it."""
     model = build(family)
     data = batches()
-    fed: list[list] = []
-    original = llm_sequential.collect_stats
-
-    def spy(block, inputs, **kw):
-        fed.append([(b.args, b.kwargs) for b in inputs])
-        return original(block, inputs, **kw)
-
-    monkeypatch.setattr(llm_sequential, "collect_stats", spy)
+    fed = fed_inputs(monkeypatch)
     prune_sequential(model, data, sparsity=0.5, criterion="wanda", reconstruct=False)
     after = hooked_calls(model, data)
     assert len(fed) == len(after)
@@ -227,14 +233,7 @@ def test_dense_input_pruning_feeds_each_block_the_dense_models_inputs(family, al
     model = build(family)
     data = batches()
     reference = hooked_calls(model, data)
-    fed: list[list] = []
-    original = llm_sequential.collect_stats
-
-    def spy(block, inputs, **kw):
-        fed.append([(b.args, b.kwargs) for b in inputs])
-        return original(block, inputs, **kw)
-
-    monkeypatch.setattr(llm_sequential, "collect_stats", spy)
+    fed = fed_inputs(monkeypatch)
     prune_sequential(model, data, sparsity=0.5, criterion="wanda", reconstruct=False, sequential=False,
                      allocation=allocation)
     pruning = fed[-len(reference):]  # OWL's outlier pass comes first
