@@ -111,7 +111,8 @@ def drive(args: argparse.Namespace) -> None:
     for seed in args.seeds:
         for criterion, reconstruct, budget, *variant in plan:
             cell = {"model": args.model, "criterion": criterion, "reconstruct": reconstruct,
-                    "variant": variant[0] if variant else "", "budget": budget or "dense", "seed": seed, "calibration_samples": args.calibration_samples,
+                    "variant": variant[0] if variant else "", "budget": budget or "dense", "seed": seed,
+                    "calibration_samples": args.calibration_samples,
                     "seqlen": args.seqlen, "eval_samples": args.eval_samples, "sequential": True}
             if criterion == "dense" and seed != args.seeds[0]:
                 continue

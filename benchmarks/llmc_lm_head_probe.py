@@ -21,7 +21,8 @@ from llmcompressor.modifiers.pruning import WandaPruningModifier
 IGNORE = sys.argv[1] if len(sys.argv) > 1 else "lm_head"
 torch.manual_seed(0)
 cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                               tie_word_embeddings=True)
 model = transformers.LlamaForCausalLM(cfg)
 d = tempfile.mkdtemp()
 model.save_pretrained(d)
@@ -32,6 +33,8 @@ ids = torch.randint(0, 49152, (4, 32))
 ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
 out = tempfile.mkdtemp()
 m = oneshot(model=d, dataset=ds, num_calibration_samples=4, max_seq_length=32,
-            recipe=WandaPruningModifier(sparsity=0.5, mask_structure="0:0", targets=["Linear"], ignore=[IGNORE]), output_dir=out)
-print("lm_head zeros", float((m.lm_head.weight == 0).float().mean()), "embed zeros", float((m.model.embed_tokens.weight == 0).float().mean()),
+            recipe=WandaPruningModifier(sparsity=0.5, mask_structure="0:0", targets=["Linear"], ignore=[IGNORE]),
+            output_dir=out)
+print("lm_head zeros", float((m.lm_head.weight == 0).float().mean()),
+      "embed zeros", float((m.model.embed_tokens.weight == 0).float().mean()),
       "tied", m.lm_head.weight.data_ptr() == m.model.embed_tokens.weight.data_ptr())

@@ -44,7 +44,8 @@ def table(path: Path) -> str:
     def pm(values: list[float]) -> str:
         return f"{100 * mean(values):.2f} ± {100 * pstdev(values):.2f}"
 
-    lines = ["| method, second-budget lr | sparsity | seeds | after the gradual passes % | at the end % | its dense models % |",
+    lines = ["| method, second-budget lr | sparsity | seeds | after the gradual passes % | at the end % "
+             "| its dense models % |",
              "|---|---:|---|---:|---:|---:|"]
     for (method, sparsity), g in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         g.sort(key=lambda r: r["seed"])

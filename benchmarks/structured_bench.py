@@ -7,8 +7,8 @@
 
 ``cnn``: ResNet-20 (widths 16/32/64, 1x1 projection shortcuts) trained on Fashion-MNIST with SGD,
 cosine schedule and shift/flip augmentation (the dense model is cached in --work, outside the
-repo); then for each FLOPs reduction (to 50% and to 70% of the dense MACs) and each method, a pruned copy is fine-tuned for
-the same number of epochs and its test accuracy, MACs and parameters (counted by Torch-Pruning's
+repo); then for each FLOPs reduction (to 50% and to 70% of the dense MACs) and each method, a pruned copy is
+fine-tuned for the same number of epochs and its test accuracy, MACs and parameters (counted by Torch-Pruning's
 ``count_ops_and_params`` for every model alike) and CPU latency at batch 1 and 64 are recorded.
 Our methods plan the FLOPs target with ``relprune.deploy.groups`` (global scope); each
 Torch-Pruning importance gets the pruning ratio (``global_pruning=True``) whose MACs are the
@@ -56,7 +56,8 @@ LLM_METHODS = ["rc", "fluctuation", "l2", "random", "fluctuation+bc", "rc+bc", "
 def _done(out: Path) -> set[tuple]:
     if not out.is_file():
         return set()
-    return {(r["part"], r["method"], r["target"], r.get("seed", 0)) for r in map(json.loads, out.read_text().splitlines())}
+    rows = map(json.loads, out.read_text().splitlines())
+    return {(r["part"], r["method"], r["target"], r.get("seed", 0)) for r in rows}
 
 
 def _write(out: Path, row: dict) -> None:

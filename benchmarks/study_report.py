@@ -133,7 +133,8 @@ def print_calibration(rows: list[dict]) -> None:
 def print_iterative(rows: list[dict]) -> None:
     print("## Iterative (3 rounds) vs one-shot + the same fine-tune once (mean ± std over seeds)\n")
     keys = sorted({(r["model"], r["dataset"], r["method"]) for r in rows if r["regime"] == "iterative"})
-    print("| model | criterion | sparsity | one-shot | one-shot + fine-tune | iterative |\n|---|---|---:|---:|---:|---:|")
+    print("| model | criterion | sparsity | one-shot | one-shot + fine-tune | iterative |\n"
+          "|---|---|---:|---:|---:|---:|")
     for model, dataset, method in keys:
         for sp in sorted({r["sparsity"] for r in rows if r["regime"] == "iterative"}):
             cells = []

@@ -25,8 +25,10 @@ for name, m in model.named_modules():
 before = sum(p.numel() for p in model.parameters())
 pruner = tp.pruner.MetaPruner(model, example_inputs=ids, importance=tp.importance.GroupMagnitudeImportance(p=2),
     pruning_ratio=0.3, ignored_layers=[model.lm_head], num_heads=num_heads, prune_num_heads=True, prune_head_dims=False,
-    head_pruning_ratio=0.3, global_pruning=False, round_to=None, output_transform=lambda out: out.logits if hasattr(out, "logits") else out[0])
+    head_pruning_ratio=0.3, global_pruning=False, round_to=None,
+    output_transform=lambda out: out.logits if hasattr(out, "logits") else out[0])
 pruner.step()
 print(before, sum(p.numel() for p in model.parameters()))
-print(model.model.layers[0].self_attn.q_proj.weight.shape, model.model.layers[0].mlp.gate_proj.weight.shape, model.model.layers[0].input_layernorm.weight.shape)
+first = model.model.layers[0]
+print(first.self_attn.q_proj.weight.shape, first.mlp.gate_proj.weight.shape, first.input_layernorm.weight.shape)
 print(model(ids).logits.shape)

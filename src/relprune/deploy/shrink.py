@@ -117,7 +117,8 @@ def _slice_channelwise(m: nn.Module, keep: Tensor) -> nn.Module:
     return m
 
 
-def shrink(model: nn.Module, example_input: Tensor, *, allow_approximate: bool = False) -> tuple[nn.Sequential, ShrinkReport]:
+def shrink(model: nn.Module, example_input: Tensor, *,
+           allow_approximate: bool = False) -> tuple[nn.Sequential, ShrinkReport]:
     """A smaller dense ``nn.Sequential`` computing what the (masked) ``model`` computes.
 
     ``example_input`` (one batch, any size) gives the shapes at each Flatten.

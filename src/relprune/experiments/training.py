@@ -257,7 +257,8 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
-def calibration_batches(split: Split, samples: int, batch_size: int = 256, seed: int = 0) -> list[tuple[Tensor, Tensor]]:
+def calibration_batches(split: Split, samples: int, batch_size: int = 256,
+                        seed: int = 0) -> list[tuple[Tensor, Tensor]]:
     """``samples`` examples drawn from a split with a fixed seed, as labelled batches."""
     if samples <= 0:
         raise ValueError("calibration samples must be positive")

@@ -121,7 +121,8 @@ def prune_sequential(
     out: dict[str, Tensor] = {}
     try:
         owl = recipe.allocation == "owl"
-        captured = capture_block_inputs(model, modules, batches) if wanted or owl else BlockInputs([[]] * len(named), [])
+        captured = (capture_block_inputs(model, modules, batches) if wanted or owl
+                    else BlockInputs([[]] * len(named), []))
         dense = None if sequential or not wanted else dense_hidden_states(modules, captured)
         per_block = [recipe.sparsity] * len(named)
         if owl:

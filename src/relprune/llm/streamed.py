@@ -172,7 +172,8 @@ def _host_model(transformers: Any, config: Any, checkpoint: Checkpoint, named: l
         host.tie_weights()
     # The host was built for one block; from here on it describes the whole model, so its decoder
     # prepares every block's own arguments (per-layer masks and rotary tables) when they are swapped in.
-    for cfg in {id(c): c for m in host.modules() if hasattr(c := getattr(m, "config", None), "num_hidden_layers")}.values():
+    configs = {id(c): c for m in host.modules() if hasattr(c := getattr(m, "config", None), "num_hidden_layers")}
+    for cfg in configs.values():
         cfg.num_hidden_layers = config.num_hidden_layers
         if isinstance(getattr(config, "layer_types", None), list):
             cfg.layer_types = list(config.layer_types)
