@@ -143,3 +143,25 @@ def test_dense_models_remember_their_recipe_and_unknown_pairs_are_refused(tmp_pa
     with pytest.raises(RelpruneError, match="trained with another recipe \\(epochs differ\\)"):
         run_bench(tiny_config(dense_recipe="converged", regimes=["oneshot"], sparsities=[0.8]), tmp_path / "y",
                   log=lambda *_: None)
+
+
+def test_every_refit_a_recipe_can_take_is_a_bench_method(tmp_path):
+    """reconstruct = [false, true, "exact", "obs"] in a config and in --reconstruct: labels, parse and recipes agree."""
+    from relprune.cli.main import build_parser
+    from relprune.experiments.bench import BenchConfig
+    from relprune.experiments.experiment import Method
+
+    config = tmp_path / "c.toml"
+    config.write_text('criteria = ["wanda"]\nreconstruct = [false, true, "exact", "obs"]\n')
+    cfg = BenchConfig.from_file(config)
+    cfg.validate()
+    methods = cfg.methods()
+    assert [m.label for m in methods] == ["wanda", "wanda +refit", "wanda +obs"]
+    assert [m.recipe(0.5).reconstruct for m in methods] == [None, "exact", "obs"]
+    assert all(Method.parse(m.label) == m for m in methods)
+    assert all("input_gram" in m.statistics() for m in methods[1:])
+    ns = build_parser().parse_args(["bench", "--reconstruct", "false,obs"])
+    assert ns.reconstruct == [False, "obs"]
+    config.write_text('reconstruct = ["sweep"]\n')
+    with pytest.raises(RelpruneError, match="reconstruct takes"):
+        BenchConfig.from_file(config).validate()

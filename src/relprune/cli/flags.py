@@ -15,14 +15,14 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 def strict_bool(text: str) -> bool:
     word = text.strip().lower()
-    if word not in _TRUE + _FALSE:
+    if word not in TRUE + FALSE:
         raise ValueError(f"{text!r} is not a boolean (use true or false)")
-    return word in _TRUE
+    return word in TRUE
 
 
 def comma_list(kind: type):
@@ -30,6 +30,9 @@ def comma_list(kind: type):
         try:
             if kind is bool:
                 return [strict_bool(t) for t in text.split(",") if t.strip()]
+            if set(typing.get_args(kind)) == {bool, str}:  # a switch or a named choice: true, false, obs
+                words = [t.strip() for t in text.split(",") if t.strip()]
+                return [strict_bool(w) if w.lower() in TRUE + FALSE else w for w in words]
             return [kind(t.strip()) for t in text.split(",") if t.strip()]
         except ValueError as err:
             raise argparse.ArgumentTypeError(f"{text!r}: {err}") from None

@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import time
+import types
 import typing
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
@@ -46,6 +47,8 @@ TIMING_FIELDS = ("stats_seconds", "cell_seconds", "finished")
 def _fits(value: Any, hint: Any) -> bool:
     """Whether a TOML value has the type a BenchConfig field declares (an int is a fine float)."""
     args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) not in args:
+        return any(_fits(value, a) for a in args)
     if type(None) in args:
         return value is None or _fits(value, next(a for a in args if a is not type(None)))
     if typing.get_origin(hint) is list:
@@ -72,7 +75,8 @@ class BenchConfig:
     liveness: list[bool] = field(default_factory=lambda: [True])
     bias_compensation: list[bool] = field(default_factory=lambda: [False])
     ucb_k: list[float] = field(default_factory=lambda: [1.0])
-    reconstruct: list[bool] = field(default_factory=lambda: [False])
+    #: Re-fits of the kept weights: false, true (= "exact": least squares) or "obs" (SparseGPT's sweep).
+    reconstruct: list[bool | str] = field(default_factory=lambda: [False])
     #: Methods named by label ('wanda -live [row]', 'rc +refit'), beside the grid of the fields above.
     methods_extra: list[str] = field(default_factory=list)
     sparsities: list[float] = field(default_factory=lambda: [0.5, 0.9, 0.95])
@@ -157,6 +161,9 @@ class BenchConfig:
         for s in self.sparsities:
             if not 0 <= s < 1:
                 raise RelpruneError(f"sparsity {s} is outside [0, 1)")
+        bad_refits = [r for r in self.reconstruct if r not in (False, True, "exact", "obs")]
+        if bad_refits:
+            raise RelpruneError(f"reconstruct takes false, true (exact), 'exact' or 'obs', got {bad_refits}")
         if any(not 0 <= seed < 2**62 for seed in self.seeds):
             raise RelpruneError(f"seeds are whole numbers from 0 to 2^62 - 1, got {self.seeds}")
         if not self.methods():
@@ -178,7 +185,7 @@ class BenchConfig:
         for c in self.criteria:
             for live in self.liveness:
                 for bc in self.bias_compensation:
-                    for rec in self.reconstruct:
+                    for rec in (True if r == "exact" else r for r in self.reconstruct):
                         if bc and rec:
                             continue  # a re-fit already corrects the removed mean
                         for k in (self.ucb_k if c == "rc-ucb" else [1.0]):

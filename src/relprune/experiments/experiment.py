@@ -41,7 +41,8 @@ class Method:
     bias_compensation: bool = DEFAULT_BIAS_COMPENSATION
     n_m: str | None = None
     ucb_k: float = 1.0
-    reconstruct: bool = False
+    #: False, True (the exact least-squares re-fit, as the study ran it) or "obs" (SparseGPT's sweep).
+    reconstruct: bool | str = False
 
     @property
     def label(self) -> str:
@@ -51,7 +52,9 @@ class Method:
             parts.append("-live")
         if self.bias_compensation:
             parts.append("+bc")
-        if self.reconstruct:
+        if self.reconstruct == "obs":
+            parts.append("+obs")
+        elif self.reconstruct:
             parts.append("+refit")
         if self.criterion == "rc-ucb" and self.ucb_k != 1.0:
             parts.append(f"k={self.ucb_k:g}")
@@ -73,7 +76,7 @@ class Method:
         # A joint criterion (SparseGPT) chooses its own comparison group: scope does not apply.
         return Recipe(criterion=self.criterion, sparsity=None if self.n_m else sparsity, n_m=self.n_m,
                       scope=None if crit.joint is not None else self.scope,
-                      reconstruct="exact" if self.reconstruct else None,
+                      reconstruct="obs" if self.reconstruct == "obs" else "exact" if self.reconstruct else None,
                       bias_compensation=self.bias_compensation, options=options)
 
     def statistics(self) -> list[str]:
@@ -94,6 +97,8 @@ class Method:
                 fields["bias_compensation"] = True
             elif w == "+refit":
                 fields["reconstruct"] = True
+            elif w == "+obs":
+                fields["reconstruct"] = "obs"
             elif w.startswith("k="):
                 fields["ucb_k"] = float(w[2:])
             elif w.startswith("[") and w.endswith("]"):
@@ -102,7 +107,7 @@ class Method:
                 parse_n_m(w)
                 fields["n_m"] = w
             else:
-                raise RelpruneError(f"method label {label!r}: unknown part {w!r} (known: -live, +bc, +refit, k=, "
+                raise RelpruneError(f"method label {label!r}: unknown part {w!r} (known: -live, +bc, +refit, +obs, k=, "
                                     "N:M, [scope])")
         if fields.get("bias_compensation") and fields.get("reconstruct"):
             raise RelpruneError(f"method label {label!r}: +refit already corrects the removed mean; drop +bc")
