@@ -387,3 +387,20 @@ def test_shrunk_residual_model_exports_as_a_program_that_loads_without_its_class
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), small(x))
         torch.testing.assert_close(loaded(torch.cat([x, x, x])), small(torch.cat([x, x, x])))
+
+
+def test_a_registered_group_score_is_used_like_the_built_in_ones(monkeypatch):
+    """A new channel score only adds a member function (as a criterion only adds a score function)."""
+    from relprune.deploy import groups
+
+    monkeypatch.setattr(groups, "GROUP_SCORES", dict(groups.GROUP_SCORES))
+
+    @groups.register_group_score("first-channels")
+    def first(module, m, size, stats):  # prefers low channel indices: a plan keeps the first ones
+        return -torch.arange(size, dtype=torch.float64) if m.role == "out" else torch.zeros(size, dtype=torch.float64)
+
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2))
+    result = relprune.prune_groups(model, torch.randn(2, 6), 0.5, criterion="first-channels", budget="params")
+    assert result.model[0].out_features < 8
+    torch.testing.assert_close(result.model[0].weight, model[0].weight[: result.model[0].out_features])
+    assert groups.GROUP_SCORES["l2"].statistics == () and groups.GROUP_SCORES["rc"].statistics == ("relative_mean",)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -26,28 +27,50 @@ from ..core.stats import Stats
 from ..errors import RelpruneError, ShrinkError, StatisticNotCollectedError
 from .graph import NORMS, DependencyGraph, Group, Member
 
-GROUP_CRITERIA = ("rc", "fluctuation", "l1", "l2", "taylor", "random")
-STATISTICS_FOR = {"rc": ("relative_mean",), "fluctuation": ("contribution_std", "contribution_mean"),
-                  "taylor": ("weight_grad",)}
+MemberScore = Callable[[nn.Module, Member, int, Stats | None], Tensor]
+
+
+@dataclass(frozen=True)
+class GroupScore:
+    """A named channel score: per member of a group, one value per channel (summed over members);
+    ``per_group`` scores draw a whole group's values at once instead (``random``)."""
+
+    name: str
+    statistics: tuple[str, ...]
+    member: MemberScore | None = None
+
+
+#: Channel scores by name (larger kept), as ``relprune.CRITERIA`` is for weights.
+GROUP_SCORES: dict[str, GroupScore] = {}
+
+
+def register_group_score(name: str, *, statistics: tuple[str, ...] = ()) -> Callable[[MemberScore], MemberScore]:
+    """Decorator adding a member score function to :data:`GROUP_SCORES`."""
+
+    def wrap(fn: MemberScore) -> MemberScore:
+        GROUP_SCORES[name] = GroupScore(name, statistics, fn)
+        return fn
+
+    return wrap
 
 
 def group_scores(graph: DependencyGraph, stats: Stats | None = None, criterion: str = "l2",
                  seed: int = 0) -> dict[int, Tensor]:
     """Per prunable group (by index in ``graph.groups``), one score per channel (float64)."""
-    if criterion not in GROUP_CRITERIA:
-        raise RelpruneError(f"group criterion must be one of {GROUP_CRITERIA}, got {criterion!r}")
+    if criterion not in GROUP_SCORES:
+        raise RelpruneError(f"group criterion must be one of {tuple(GROUP_SCORES)}, got {criterion!r}")
+    score = GROUP_SCORES[criterion]
     gen = torch.Generator().manual_seed(seed)
     out: dict[int, Tensor] = {}
     for gi, group in enumerate(graph.groups):
         if not group.prunable:
             continue
-        if criterion == "random":
+        if score.member is None:
             out[gi] = torch.rand(group.size, generator=gen, dtype=torch.float64)
             continue
         scores = torch.zeros(group.size, dtype=torch.float64)
         for m in group.members:
-            module = graph.modules[m.module]
-            scores += _member_scores(module, m, group.size, criterion, stats)
+            scores += score.member(graph.modules[m.module], m, group.size, stats)
         out[gi] = scores
     return out
 
@@ -55,8 +78,8 @@ def group_scores(graph: DependencyGraph, stats: Stats | None = None, criterion: 
 def _need(stats: Stats | None, name: str, criterion: str):
     if stats is None or name not in stats:
         raise StatisticNotCollectedError(
-            f"group criterion {criterion!r} needs statistics {list(STATISTICS_FOR[criterion])} of layer {name!r}; "
-            "collect them with collect_stats")
+            f"group criterion {criterion!r} needs statistics {list(GROUP_SCORES[criterion].statistics)} of layer "
+            f"{name!r}; collect them with collect_stats")
     return stats[name]
 
 
@@ -65,35 +88,66 @@ def _in_units(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], t.shape[1], -1).sum(2) if t.dim() > 2 else t
 
 
-def _member_scores(module: nn.Module, m: Member, size: int, criterion: str, stats: Stats | None) -> Tensor:
-    w = module.weight.detach().double()
-    per = torch.zeros(size, dtype=torch.float64)
-    if criterion in ("rc", "fluctuation"):
-        if m.role != "in":
-            return per
-        s = _need(stats, m.module, criterion)
-        value = _in_units(s.relative_mean if criterion == "rc" else s.contribution_std ** 2)
-        value = value.expand(w.shape[0], -1) if value.shape[0] == 1 else value
-        return value.sum(0)[m.index(size)].sum(1)
-    if m.role == "norm":
-        if criterion == "taylor":
-            return per
-        p = 1 if criterion == "l1" else 2
-        entries = w.abs().pow(p)
-        if getattr(module, "bias", None) is not None:
-            entries = entries + module.bias.detach().double().abs().pow(p)
-        return entries[m.index(size)].sum(1)
-    if criterion == "taylor":
-        s = _need(stats, m.module, criterion)
-        a = (s.checked_weight().double() * s.weight_grad).abs()
-    else:
-        a = w.abs().pow(1 if criterion == "l1" else 2)
-    if m.role in ("out", "depthwise"):
+def _reader_score(module: nn.Module, m: Member, size: int, value: Tensor) -> Tensor:
+    """A weight-shaped statistic of the layer that reads the channels, summed per channel (readers only)."""
+    w = module.weight
+    value = _in_units(value)
+    value = value.expand(w.shape[0], -1) if value.shape[0] == 1 else value
+    return value.sum(0)[m.index(size)].sum(1)
+
+
+@register_group_score("rc", statistics=("relative_mean",))
+def _rc(module: nn.Module, m: Member, size: int, stats: Stats | None) -> Tensor:
+    """Ours: the channel's total relative contribution E[r] to the layers that read it."""
+    if m.role != "in":
+        return torch.zeros(size, dtype=torch.float64)
+    return _reader_score(module, m, size, _need(stats, m.module, "rc").relative_mean)
+
+
+@register_group_score("fluctuation", statistics=("contribution_std", "contribution_mean"))
+def _fluctuation(module: nn.Module, m: Member, size: int, stats: Stats | None) -> Tensor:
+    """FLAP's: Var[x_c] ||W[:, c]||^2 over the layers that read the channel."""
+    if m.role != "in":
+        return torch.zeros(size, dtype=torch.float64)
+    return _reader_score(module, m, size, _need(stats, m.module, "fluctuation").contribution_std ** 2)
+
+
+def _entries(module: nn.Module, m: Member, size: int, a: Tensor, bias: Tensor | None) -> Tensor:
+    """Per channel, the sum of ``a`` (weight-shaped) over the channel's rows, columns or norm entries."""
+    if m.role == "norm" or m.role in ("out", "depthwise"):
         rows = a.reshape(a.shape[0], -1).sum(1)
-        if criterion != "taylor" and module.bias is not None:
-            rows = rows + module.bias.detach().double().abs().pow(1 if criterion == "l1" else 2)
+        if bias is not None:
+            rows = rows + bias
         return rows[m.index(size)].sum(1)
     return _in_units(a).sum(0)[m.index(size)].sum(1)
+
+
+def _norm_score(p: int) -> MemberScore:
+    def score(module: nn.Module, m: Member, size: int, stats: Stats | None) -> Tensor:
+        bias = getattr(module, "bias", None)
+        a = module.weight.detach().double().abs().pow(p)
+        b = None if bias is None or m.role == "in" else bias.detach().double().abs().pow(p)
+        return _entries(module, m, size, a, b)
+    score.__doc__ = f"The L{p} norm of every weight (and bias) of the channel."
+    return score
+
+
+register_group_score("l1")(_norm_score(1))
+register_group_score("l2")(_norm_score(2))
+
+
+@register_group_score("taylor", statistics=("weight_grad",))
+def _taylor(module: nn.Module, m: Member, size: int, stats: Stats | None) -> Tensor:
+    """|W * dLoss/dW| summed over the channel's weights (norm layers add nothing)."""
+    if m.role == "norm":
+        return torch.zeros(size, dtype=torch.float64)
+    s = _need(stats, m.module, "taylor")
+    return _entries(module, m, size, (s.checked_weight().double() * s.weight_grad).abs(), None)
+
+
+GROUP_SCORES["random"] = GroupScore("random", ())
+#: The built-in channel scores' names.
+GROUP_CRITERIA = tuple(GROUP_SCORES)
 
 
 @dataclass
@@ -313,5 +367,6 @@ def prune_groups(model: nn.Module, example: Tensor, ratio: float, *, criterion: 
     return StructuredResult(small, p, refused)
 
 
-__all__ = ["GROUP_CRITERIA", "Group", "Plan", "StructuredResult", "compensation_bias", "cost", "group_scores",
-           "plan", "prune_groups", "shrink_groups", "structured_masks"]
+__all__ = ["GROUP_CRITERIA", "GROUP_SCORES", "Group", "GroupScore", "Plan", "StructuredResult", "compensation_bias",
+           "cost", "group_scores", "plan", "prune_groups", "register_group_score", "shrink_groups",
+           "structured_masks"]
