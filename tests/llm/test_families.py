@@ -13,6 +13,7 @@ from torch import Tensor, nn
 transformers = pytest.importorskip("transformers", reason="the llm extra is not installed")
 
 import relprune  # noqa: E402
+from relprune.core.spec import Recipe  # noqa: E402
 from relprune.llm import blocks as llm_blocks  # noqa: E402
 from relprune.llm import decoder_blocks, prune_sequential, prune_streamed  # noqa: E402
 from relprune.llm import sequential as llm_sequential  # noqa: E402
@@ -177,12 +178,21 @@ def test_pruned_family_saves_and_reloads_with_the_same_logits(family, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["gemma3", "qwen2"])
-def test_streamed_pruning_gives_per_layer_families_their_own_arguments(family, tmp_path):
+@pytest.mark.parametrize("allocation", ["uniform", "owl"])
+def test_streamed_pruning_gives_per_layer_families_their_own_arguments(family, allocation, tmp_path):
     model = build(family)
     data = batches()
     model.save_pretrained(tmp_path / "dense")
-    prune_streamed(tmp_path / "dense", tmp_path / "streamed", data, sparsity=0.5)
-    prune_sequential(model, data, sparsity=0.5)
+    recipe = Recipe.build(criterion="obs", sparsity=0.5, reconstruct="exact", allocation=allocation, owl_lambda=0.1)
+    streamed = prune_streamed(tmp_path / "dense", tmp_path / "streamed", data, recipe)
+    in_memory = prune_sequential(model, data, recipe)
+    for name, mask in in_memory.items():
+        assert torch.equal(streamed[name], mask), name
+    if allocation == "owl":  # the blocks really got different sparsities
+        per_block = {n.split(".")[2]: [] for n in in_memory}
+        for n, m in in_memory.items():
+            per_block[n.split(".")[2]].append(1 - m.float().mean().item())
+        assert len({round(sum(v) / len(v), 3) for v in per_block.values()}) > 1
     again = type(model).from_pretrained(tmp_path / "streamed").eval()
     with torch.no_grad():
         assert torch.allclose(model(**data[0]).logits, again(**data[0]).logits, atol=1e-5)

@@ -61,8 +61,8 @@ def add_llm_commands(sub: argparse._SubParsersAction) -> None:
                    help="OWL: block sparsities within sparsity +- lambda (default: 0.08)")
     p.add_argument("--streamed", action="store_true",
                    help="read one block at a time from the model's safetensors and write it pruned: memory "
-                        "about one block, for models larger than RAM (sequential; not with --allocation owl "
-                        "or --bias-compensation)")
+                        "about one block, for models larger than RAM (sequential; OWL reads every block once "
+                        "more; not with --bias-compensation)")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="windows per forward pass (default: 8)")
     p.add_argument("--seed", type=checked(int, seed_value), default=0,
                    help="chooses the calibration windows (default: 0)")

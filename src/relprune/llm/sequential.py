@@ -9,7 +9,7 @@ hidden states. Only one block's activations are held at a time; padding tokens
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -124,11 +124,7 @@ def prune_sequential(
         captured = (capture_block_inputs(model, modules, batches) if wanted or owl
                     else BlockInputs([[]] * len(named), []))
         dense = None if sequential or not wanted else dense_hidden_states(modules, captured)
-        per_block = [recipe.sparsity] * len(named)
-        if owl:
-            assert recipe.sparsity is not None
-            ratios = _block_outlier_ratios(modules, captured, dense, recipe.owl_m)
-            per_block = _allocation.owl_sparsities(ratios, recipe.sparsity, recipe.owl_lambda)
+        per_block = block_sparsities(recipe, modules, captured, dense)
         hidden = captured.hidden
         for i, (name, block) in blocks_with_progress(named, progress):
             own = hidden if dense is None else dense[i]
@@ -174,17 +170,26 @@ def prune_block(block: nn.Module, inputs: list[Batch], recipe: Recipe, *, livene
     return masks, outputs
 
 
-def _block_outlier_ratios(blocks: list[nn.Module], captured: BlockInputs, dense: list[list[Tensor]] | None,
-                          m: float) -> list[float]:
-    """OWL's outlier ratio of each block's Wanda scores, on the dense blocks' activations."""
+def block_sparsities(recipe: Recipe, blocks: Sequence[nn.Module] | Sequence[Callable[[], nn.Module]],
+                     captured: BlockInputs, dense: list[list[Tensor]] | None = None) -> list[float | None]:
+    """Each block's sparsity under ``recipe``: its own, or OWL's from the dense blocks' Wanda scores.
+
+    ``blocks`` are the blocks or, for a model read from disk, functions that load each one (called
+    once, in order, for OWL's pass over the dense blocks).
+    """
+    if recipe.allocation != "owl":
+        return [recipe.sparsity] * len(blocks)
+    assert recipe.sparsity is not None
     wanda = get_criterion("wanda")
     ratios = []
     hidden = captured.hidden
-    for i, block in enumerate(blocks):
+    for i, item in enumerate(blocks):
+        block = item if isinstance(item, nn.Module) else item()
         own = feed(captured.calls[i], hidden if dense is None else dense[i])
         stats = collect_stats(block, own, statistics=sorted(wanda.statistics), liveness=False)
         scores = [wanda.score(ls.weight, ls, {}).reshape(-1) for ls in stats.values()]
-        ratios.append(_allocation.outlier_ratio(torch.cat(scores), m))
+        ratios.append(_allocation.outlier_ratio(torch.cat(scores), recipe.owl_m))
         if dense is None and i + 1 < len(blocks):
             hidden = block_outputs(block, own)
-    return ratios
+        del block
+    return _allocation.owl_sparsities(ratios, recipe.sparsity, recipe.owl_lambda)

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import shutil
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,7 @@ from ..errors import ModelLoadError, RelpruneError
 from .blocks import blocks_with_progress, capture_block_inputs, feed
 from .load import check_checkpoint, require_transformers, resolve_model
 from .save import staged_folder
-from .sequential import block_recipe, decoder_blocks, prune_block
+from .sequential import block_recipe, block_sparsities, decoder_blocks, prune_block
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
@@ -117,12 +119,15 @@ def prune_streamed(
         total_size = 0
         masks: dict[str, Tensor] = {}
         shards = len(named) + 1
+        loaders = [functools.partial(_load_block, meta, name, checkpoint) for name, meta in named]
+        per_block = block_sparsities(recipe, loaders, captured)  # OWL reads every dense block once first
         hidden = captured.hidden
         for i, (name, meta_block) in blocks_with_progress(named, progress):
             block = first if i == 0 else _load_block(meta_block, name, checkpoint)
             first = None
-            block_masks, hidden = prune_block(block, feed(captured.calls[i], hidden), recipe, liveness=False,
-                                              permanent=True, last=i + 1 == len(named))
+            block_masks, hidden = prune_block(block, feed(captured.calls[i], hidden),
+                                              replace(recipe, sparsity=per_block[i], allocation="uniform"),
+                                              liveness=False, permanent=True, last=i + 1 == len(named))
             masks.update({f"{name}.{k}": v for k, v in block_masks.items()})
             tensors = {f"{name}.{k}": v.detach().contiguous() for k, v in block.state_dict().items()}
             total_size += _write_shard(tmp, i + 1, shards, tensors, weight_map)
@@ -139,11 +144,11 @@ def prune_streamed(
 
 
 def streamed_recipe(recipe: Recipe) -> Recipe:
-    """``recipe`` for streamed pruning: a block recipe with one sparsity for every block and no new biases."""
+    """``recipe`` for streamed pruning: a block recipe that adds no biases."""
     recipe = block_recipe(recipe)
-    if recipe.allocation != "uniform" or recipe.bias_compensation:
-        raise RelpruneError("streamed pruning gives every block the same sparsity and saves no new biases: "
-                            "prune the loaded model with prune_sequential for OWL or bias compensation")
+    if recipe.bias_compensation:
+        raise RelpruneError("streamed pruning saves no new biases: prune the loaded model with prune_sequential "
+                            "for bias compensation")
     return recipe
 
 
