@@ -178,14 +178,14 @@ def test_pruned_family_saves_and_reloads_with_the_same_logits(family, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["gemma3", "qwen2"])
-@pytest.mark.parametrize("allocation", ["uniform", "owl"])
-def test_streamed_pruning_gives_per_layer_families_their_own_arguments(family, allocation, tmp_path):
+@pytest.mark.parametrize("allocation, sequential", [("uniform", True), ("owl", True), ("owl", False)])
+def test_streamed_pruning_gives_per_layer_families_their_own_arguments(family, allocation, sequential, tmp_path):
     model = build(family)
     data = batches()
     model.save_pretrained(tmp_path / "dense")
     recipe = Recipe.build(criterion="obs", sparsity=0.5, reconstruct="exact", allocation=allocation, owl_lambda=0.1)
-    streamed = prune_streamed(tmp_path / "dense", tmp_path / "streamed", data, recipe)
-    in_memory = prune_sequential(model, data, recipe)
+    streamed = prune_streamed(tmp_path / "dense", tmp_path / "streamed", data, recipe, sequential=sequential)
+    in_memory = prune_sequential(model, data, recipe, sequential=sequential)
     for name, mask in in_memory.items():
         assert torch.equal(streamed[name], mask), name
     if allocation == "owl":  # the blocks really got different sparsities

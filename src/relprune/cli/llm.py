@@ -61,8 +61,8 @@ def add_llm_commands(sub: argparse._SubParsersAction) -> None:
                    help="OWL: block sparsities within sparsity +- lambda (default: 0.08)")
     p.add_argument("--streamed", action="store_true",
                    help="read one block at a time from the model's safetensors and write it pruned: memory "
-                        "about one block, for models larger than RAM (sequential; OWL reads every block once "
-                        "more; not with --bias-compensation)")
+                        "about one block, for models larger than RAM (OWL and --no-sequential read every block "
+                        "once more first; not with --bias-compensation)")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="windows per forward pass (default: 8)")
     p.add_argument("--seed", type=checked(int, seed_value), default=0,
                    help="chooses the calibration windows (default: 0)")
@@ -162,9 +162,6 @@ def cmd_llm_prune(ns: argparse.Namespace) -> int:
         from ..llm.streamed import streamed_recipe
 
         streamed_recipe(recipe)
-        if not ns.sequential:
-            raise RelpruneError("streamed pruning goes sequentially (it holds one block at a time): drop "
-                                "--no-sequential")
     out = _fresh_out(Path(ns.out))
     if not Path(ns.calibration).is_file():
         raise RelpruneError(f"calibration text {ns.calibration} does not exist")
@@ -217,7 +214,8 @@ def _llm_prune_streamed(ns: argparse.Namespace, out: Path, recipe: Recipe) -> in
                                   ns.seed)
     say(f"calibration: {len(windows)} windows of {ns.seqlen} tokens from {ns.calibration} (seed {ns.seed})")
     start = time.perf_counter()
-    masks = prune_streamed(where, out, batches_of(windows, ns.batch_size), recipe, progress=True)
+    masks = prune_streamed(where, out, batches_of(windows, ns.batch_size), recipe, sequential=ns.sequential,
+                           progress=True)
     _report(ns, masks, time.perf_counter() - start, out, ", block by block from disk")
     return 0
 

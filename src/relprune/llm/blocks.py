@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -147,11 +147,16 @@ def block_outputs(block: nn.Module, inputs: Sequence[Batch]) -> list[Tensor]:
     return out
 
 
-def dense_hidden_states(blocks: Sequence[nn.Module], captured: BlockInputs) -> list[list[Tensor]]:
-    """Every block's input hidden states in the model as it is (all computed before anything changes)."""
+def dense_hidden_states(blocks: Sequence[nn.Module] | Sequence[Callable[[], nn.Module]],
+                        captured: BlockInputs) -> list[list[Tensor]]:
+    """Every block's input hidden states in the model as it is (all computed before anything changes).
+
+    ``blocks`` are the blocks or, for a model read from disk, functions that load each one."""
     per_block = [captured.hidden]
-    for i, block in enumerate(blocks[:-1]):
+    for i, item in enumerate(blocks[:-1]):
+        block = item if isinstance(item, nn.Module) else item()
         per_block.append(block_outputs(block, feed(captured.calls[i], per_block[-1])))
+        del block
     return per_block
 
 

@@ -28,7 +28,7 @@ from ..core.masks import Masks
 from ..core.spec import Recipe
 from ..defaults import DEFAULT_LLM_CRITERION, DEFAULT_LLM_RECONSTRUCT
 from ..errors import ModelLoadError, RelpruneError
-from .blocks import blocks_with_progress, capture_block_inputs, feed
+from .blocks import blocks_with_progress, capture_block_inputs, dense_hidden_states, feed
 from .load import check_checkpoint, require_transformers, resolve_model
 from .save import staged_folder
 from .sequential import block_recipe, block_sparsities, decoder_blocks, prune_block
@@ -84,12 +84,14 @@ def prune_streamed(
     scope: str | None = None,
     reconstruct: bool | str = DEFAULT_LLM_RECONSTRUCT,
     blocks: str | Sequence[str] | None = None,
+    sequential: bool = True,
     progress: bool = False,
 ) -> Masks:
     """Prune the model in folder ``source`` block by block into a new folder ``out``; returns the masks.
 
-    Sequential as in :func:`prune_sequential` (each block calibrates on the pruned blocks'
-    outputs); the same criteria, budgets and re-fits. ``out`` gets one safetensors shard per block
+    As :func:`prune_sequential`: each block calibrates on the pruned blocks' outputs, or with
+    ``sequential=False`` on the dense model's (every block read once more first, and every block's
+    activations held); the same recipes except bias compensation. ``out`` gets one safetensors shard per block
     plus one for the rest, an index, the config and the tokenizer files; it is written to a
     temporary folder first, so nothing half-written is left on failure. Every block gets the
     arguments the model passes it (its own mask and rotary tables where layers differ).
@@ -120,14 +122,16 @@ def prune_streamed(
         masks: dict[str, Tensor] = {}
         shards = len(named) + 1
         loaders = [functools.partial(_load_block, meta, name, checkpoint) for name, meta in named]
-        per_block = block_sparsities(recipe, loaders, captured)  # OWL reads every dense block once first
+        dense = None if sequential else dense_hidden_states(loaders, captured)
+        per_block = block_sparsities(recipe, loaders, captured, dense)  # OWL reads every dense block once first
         hidden = captured.hidden
         for i, (name, meta_block) in blocks_with_progress(named, progress):
             block = first if i == 0 else _load_block(meta_block, name, checkpoint)
             first = None
-            block_masks, hidden = prune_block(block, feed(captured.calls[i], hidden),
+            block_masks, hidden = prune_block(block, feed(captured.calls[i], hidden if dense is None else dense[i]),
                                               replace(recipe, sparsity=per_block[i], allocation="uniform"),
-                                              liveness=False, permanent=True, last=i + 1 == len(named))
+                                              liveness=False, permanent=True,
+                                              last=dense is not None or i + 1 == len(named))
             masks.update({f"{name}.{k}": v for k, v in block_masks.items()})
             tensors = {f"{name}.{k}": v.detach().contiguous() for k, v in block.state_dict().items()}
             total_size += _write_shard(tmp, i + 1, shards, tensors, weight_map)
