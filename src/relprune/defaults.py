@@ -32,6 +32,10 @@ DEFAULT_LLM_RECONSTRUCT = "exact"
 #: Compared within each output row, as the Wanda and SparseGPT reference code do.
 DEFAULT_LLM_SCOPE = "row"
 
+#: Seeds the commands and the bench accept: whole numbers below this (data splits and calibration
+#: draws add small offsets, and torch takes 64 bits).
+MAX_SEED = 2**62
+
 #: Structured language-model pruning (``relprune llm shrink``): FLAP's fluctuation score with its
 #: bias compensation, the best of the structured benchmark on SmolLM2-135M (docs/results.md,
 #: "Structured pruning of real architectures": 57.9 / 84.9 perplexity at 20% / 30% of the decoder's

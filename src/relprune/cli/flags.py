@@ -8,6 +8,8 @@ import typing
 from dataclasses import field
 from typing import Any
 
+from ..defaults import MAX_SEED
+
 
 class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> typing.NoReturn:
@@ -60,10 +62,6 @@ def positive(v: float) -> str | None:
 
 def non_negative(v: float) -> str | None:
     return None if v >= 0 and v != float("inf") else "must be zero or more"
-
-
-#: Seeds are offset by small constants for data splits and calibration draws; torch takes 64 bits.
-MAX_SEED = 2**62
 
 
 def seed_value(v: int) -> str | None:

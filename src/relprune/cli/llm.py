@@ -131,8 +131,9 @@ def _check_seqlen(config, seqlen: int) -> None:
 
 
 def _fresh_out(path: Path) -> Path:
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise RelpruneError(f"--out {path} already exists and is not an empty folder; choose another")
+    from ..llm.save import refuse_occupied
+
+    refuse_occupied(path, "--out")
     try:
         make_folder(path.parent)
         # The output is staged beside it under a longer name: try that name now, not after the work.

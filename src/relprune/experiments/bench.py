@@ -25,6 +25,7 @@ import torch
 from ..core.allocation import parse_n_m
 from ..core.criteria import get_criterion
 from ..core.masks import current_masks
+from ..defaults import MAX_SEED
 from ..errors import RelpruneError
 from .data import Split, load_dataset
 from .experiment import (
@@ -164,7 +165,7 @@ class BenchConfig:
         bad_refits = [r for r in self.reconstruct if r not in (False, True, "exact", "obs")]
         if bad_refits:
             raise RelpruneError(f"reconstruct takes false, true (exact), 'exact' or 'obs', got {bad_refits}")
-        if any(not 0 <= seed < 2**62 for seed in self.seeds):
+        if any(not 0 <= seed < MAX_SEED for seed in self.seeds):
             raise RelpruneError(f"seeds are whole numbers from 0 to 2^62 - 1, got {self.seeds}")
         if not self.methods():
             raise RelpruneError("criteria x scopes (and n_m) and methods_extra give no method: the sweep has no cells")

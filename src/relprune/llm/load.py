@@ -91,7 +91,7 @@ def load_model(spec: str | Path, *, fetch: bool = True, quiet: bool = False) -> 
         raise
     except Exception as err:  # transformers and safetensors raise many kinds for a bad folder
         raise ModelLoadError(f"cannot load {spec}: {type(err).__name__}: {' '.join(str(err).split())[:300]}") from err
-    tied = _tied_names(model)
+    tied = tied_names(model)
     missing = [k for k in info.get("missing_keys", ()) if k not in tied]
     wrong = [*missing, *info.get("unexpected_keys", ()), *(k for k, *_ in info.get("mismatched_keys", ()))]
     if wrong:
@@ -102,7 +102,7 @@ def load_model(spec: str | Path, *, fetch: bool = True, quiet: bool = False) -> 
     return model, tokenizer
 
 
-def _tied_names(model: Any) -> set[str]:
+def tied_names(model: Any) -> set[str]:
     """Parameter names that share storage with another (tied embeddings): absent from checkpoints by design."""
     tied = set(getattr(model, "_tied_weights_keys", None) or ())
     seen: dict[int, str] = {}

@@ -12,7 +12,7 @@ from ..core.spec import Recipe
 from ..defaults import DEFAULT_LLM_CRITERION, DEFAULT_LLM_RECONSTRUCT
 from ..errors import RelpruneError
 from .load import load_model
-from .save import save_pretrained, staged_folder
+from .save import refuse_occupied, save_pretrained, staged_folder
 from .sequential import block_recipe, prune_sequential
 from .text import batches_of, calibration_windows, tokenize_file
 
@@ -49,8 +49,8 @@ def oneshot(model: Any, calibration: str | Path, recipe: Recipe | None = None, *
         raise RelpruneError("give either recipe= or the recipe's keyword arguments, not both")
     recipe = block_recipe(recipe)  # every refusal before anything is loaded or written
     target = None if out is None else Path(out)
-    if target is not None and target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise RelpruneError(f"{target} already exists and is not an empty folder; choose another")
+    if target is not None:
+        refuse_occupied(target)
     if isinstance(model, (str, Path)):
         model, tokenizer = load_model(model, quiet=not progress)
     elif tokenizer is None:

@@ -83,6 +83,13 @@ def save_pretrained(model: nn.Module, tokenizer: Any, folder: str | Path) -> lis
     return switches
 
 
+def refuse_occupied(target: Path, label: str = "") -> None:
+    """Refuse an output folder that exists and holds anything (``label`` names it, e.g. "--out")."""
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise RelpruneError(f"{label + ' ' if label else ''}{target} already exists and is not an empty folder; "
+                            "choose another")
+
+
 @contextmanager
 def staged_folder(target: Path) -> Iterator[Path]:
     """A fresh folder beside ``target`` to write into: it becomes ``target`` (absent or empty) when

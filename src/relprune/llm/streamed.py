@@ -29,8 +29,8 @@ from ..core.spec import Recipe
 from ..defaults import DEFAULT_LLM_CRITERION, DEFAULT_LLM_RECONSTRUCT
 from ..errors import ModelLoadError, RelpruneError
 from .blocks import blocks_with_progress, capture_block_inputs, dense_hidden_states, feed
-from .load import check_checkpoint, require_transformers, resolve_model
-from .save import staged_folder
+from .load import check_checkpoint, require_transformers, resolve_model, tied_names
+from .save import refuse_occupied, staged_folder
 from .sequential import block_recipe, block_sparsities, decoder_blocks, prune_block
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -104,8 +104,7 @@ def prune_streamed(
     if not src.is_dir():
         raise ModelLoadError(f"streamed pruning needs a local folder; {source} is not one")
     target = Path(out)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise RelpruneError(f"{target} already exists and is not an empty folder; choose another")
+    refuse_occupied(target)
     checkpoint = Checkpoint(src)
     config = transformers.AutoConfig.from_pretrained(src)
     check_checkpoint(src, config, exact_names=True)
@@ -172,14 +171,14 @@ def _host_model(transformers: Any, config: Any, checkpoint: Checkpoint, named: l
     state = {n: checkpoint.get(n) for n in checkpoint.names() if not n.startswith(block_prefixes)}
     result = host.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith(block_prefixes[:small.num_hidden_layers])]
-    tied = set(getattr(host, "_tied_weights_keys", None) or ())  # a list, or a dict keyed by name
+    tied = tied_names(host)
     missing = [k for k in missing if k not in tied]
     if missing or result.unexpected_keys:
         raise ModelLoadError(f"the checkpoint does not fit {type(host).__name__}: missing {missing[:3]}, "
                              f"unexpected {result.unexpected_keys[:3]}")
     if getattr(config, "tie_word_embeddings", False):
         host.tie_weights()
-    # The host was built for one block; from here on it describes the whole model, so its decoder
+    # The host was built with one block of each kind; from here on it describes the whole model, so its decoder
     # prepares every block's own arguments (per-layer masks and rotary tables) when they are swapped in.
     configs = {id(c): c for m in host.modules() if hasattr(c := getattr(m, "config", None), "num_hidden_layers")}
     for cfg in configs.values():
