@@ -170,11 +170,15 @@ def test_pruned_family_saves_and_reloads_with_the_same_logits(family, tmp_path):
     masks = prune_sequential(model, data, sparsity=0.5)
     assert masks and all(abs(1 - m.float().mean().item() - 0.5) < 0.05 for m in masks.values())
     relprune.llm.save_pretrained(model, None, tmp_path / "pruned")
-    again = type(model).from_pretrained(tmp_path / "pruned").eval()
+    relprune.llm.save_pretrained(model, None, tmp_path / "dense", save_format="dense")
+    compressed = relprune.llm.load_causal_lm(tmp_path / "pruned")
+    plain = type(model).from_pretrained(tmp_path / "dense").eval()  # the dense layout loads in plain transformers
     with torch.no_grad():
         want = model(**data[0]).logits
-        got = again(**data[0]).logits
-    assert torch.equal(want, got)
+        assert torch.equal(want, compressed(**data[0]).logits)
+        assert torch.equal(want, plain(**data[0]).logits)
+    size = {k: sum(f.stat().st_size for f in (tmp_path / k).glob("*.safetensors")) for k in ("pruned", "dense")}
+    assert size["pruned"] < size["dense"]
 
 
 @pytest.mark.parametrize("family", ["gemma3", "qwen2"])
@@ -193,7 +197,7 @@ def test_streamed_pruning_gives_per_layer_families_their_own_arguments(family, a
         for n, m in in_memory.items():
             per_block[n.split(".")[2]].append(1 - m.float().mean().item())
         assert len({round(sum(v) / len(v), 3) for v in per_block.values()}) > 1
-    again = type(model).from_pretrained(tmp_path / "streamed").eval()
+    again = relprune.llm.load_causal_lm(tmp_path / "streamed")
     with torch.no_grad():
         assert torch.allclose(model(**data[0]).logits, again(**data[0]).logits, atol=1e-5)
 

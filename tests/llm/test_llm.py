@@ -181,13 +181,13 @@ def test_calibration_windows_are_seeded_and_inside_the_text():
         calibration_windows(ids[:10], 1, 32)
 
 
-def test_llm_prune_writes_a_folder_plain_transformers_loads(folder, tmp_path, capsys):
+def test_llm_prune_writes_a_compressed_folder_that_loads_with_the_same_weights(folder, tmp_path, capsys):
     out = tmp_path / "pruned"
     assert main(["llm", "prune", "--model", str(folder), "--criterion", "wanda", "--reconstruct", "none",
                  "--sparsity", "0.5", "--calibration", str(tmp_path / "calib.txt"), "--calibration-samples", "4",
                  "--seqlen", "16", "--out", str(out)]) == 0
     assert "50.00% of the decoder weights removed" in capsys.readouterr().out
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+    reloaded = relprune.llm.load_causal_lm(out)
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     ids = tokenizer("the king and the queen speak", return_tensors="pt")["input_ids"]
     q = reloaded.model.layers[0].self_attn.q_proj.weight
@@ -199,7 +199,7 @@ def test_llm_prune_writes_a_folder_plain_transformers_loads(folder, tmp_path, ca
     assert record["criterion"] == "wanda" and record["achieved_sparsity"] == pytest.approx(0.5)
     # The pruned model's logits are the same when computed again from the saved folder.
     pruned_logits = reloaded(input_ids=ids).logits
-    again = transformers.AutoModelForCausalLM.from_pretrained(out)(input_ids=ids).logits
+    again = relprune.llm.load_causal_lm(out)(input_ids=ids).logits
     assert torch.equal(pruned_logits, again)
     assert main(["llm", "eval", "--model", str(out), "--text", str(tmp_path / "eval.txt"), "--seqlen", "16",
                  "--samples", "4"]) == 0
@@ -216,7 +216,7 @@ def test_llm_prune_saves_exactly_what_was_pruned_in_memory(folder, tmp_path):
     assert main(["llm", "prune", "--model", str(folder), "--sparsity", "0.5",
                  "--calibration", str(tmp_path / "calib.txt"), "--calibration-samples", "4", "--seqlen", "16",
                  "--out", str(out)]) == 0
-    saved = transformers.AutoModelForCausalLM.from_pretrained(out)
+    saved = relprune.llm.load_causal_lm(out)
     with torch.no_grad():
         torch.testing.assert_close(saved(input_ids=windows).logits, model(input_ids=windows).logits)
 
@@ -232,7 +232,7 @@ def test_bias_compensation_saves_a_folder_transformers_loads_with_the_same_logit
 
     switches = save_pretrained(model, tokenizer, tmp_path / "saved")
     assert switches == ["attention_bias", "mlp_bias"]
-    saved = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+    saved = relprune.llm.load_causal_lm(tmp_path / "saved")
     assert saved.config.attention_bias and saved.config.mlp_bias
     with torch.no_grad():
         torch.testing.assert_close(saved(input_ids=windows).logits, model(input_ids=windows).logits)
@@ -444,7 +444,7 @@ def test_streamed_pruning_equals_in_memory_and_holds_one_block_at_a_time(tmp_pat
     assert dict(masks).keys() == dict(expected).keys()
     for n, m in expected.items():
         assert torch.equal(masks[n], m), n
-    saved = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    saved = relprune.llm.load_causal_lm(tmp_path / "out")
     ids = batches[0]["input_ids"]
     with torch.no_grad():
         torch.testing.assert_close(saved(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
@@ -477,7 +477,7 @@ def test_llm_prune_streamed_writes_what_the_in_memory_command_writes(folder, tmp
     assert main(["llm", "prune", *common, "--streamed", "--out", str(tmp_path / "disk")]) == 0
     assert "block by block from disk" in capsys.readouterr().out
     ids = torch.randint(2, len(WORDS) + 2, (2, 10))
-    a = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "mem")
-    b = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "disk")
+    a = relprune.llm.load_causal_lm(tmp_path / "mem")
+    b = relprune.llm.load_causal_lm(tmp_path / "disk")
     with torch.no_grad():
         torch.testing.assert_close(b(input_ids=ids).logits, a(input_ids=ids).logits, rtol=1e-4, atol=1e-5)

@@ -242,8 +242,8 @@ def test_oneshot_is_the_command_in_one_call(folder, tmp_path, capsys):
     assert result.recipe.criterion == "obs" and result.recipe.reconstruct == "exact" and result.recipe.scope == "row"
     assert _run(["llm", "prune", "--model", folder, "--sparsity", "0.5", "--calibration", tmp_path / "calib.txt",
                  "--calibration-samples", "4", "--seqlen", "16", "--out", tmp_path / "cli"], capsys)[0] == 0
-    a = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "api")
-    b = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "cli")
+    a = relprune.llm.load_causal_lm(tmp_path / "api")
+    b = relprune.llm.load_causal_lm(tmp_path / "cli")
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.equal(x, y), name
 

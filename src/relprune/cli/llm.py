@@ -66,6 +66,10 @@ def add_llm_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=8, help="windows per forward pass (default: 8)")
     p.add_argument("--seed", type=checked(int, seed_value), default=0,
                    help="chooses the calibration windows (default: 0)")
+    p.add_argument("--save-format", choices=["compressed", "dense"], default="compressed",
+                   help="pruned weights as a bitmask plus their kept values, in compressed-tensors' sparse "
+                        "format (relprune.llm.load_model and `llm eval` read it), or dense with the zeros "
+                        "stored (plain transformers from_pretrained) (default: compressed)")
     p.add_argument("--out", required=True, help="output folder (must not hold anything yet)")
     p.set_defaults(func=cmd_llm_prune)
 
@@ -178,7 +182,7 @@ def cmd_llm_prune(ns: argparse.Namespace) -> int:
                              progress=True)
     seconds = time.perf_counter() - start
     with staged_folder(out) as tmp:
-        switches = save_pretrained(model, tokenizer, tmp)
+        switches = save_pretrained(model, tokenizer, tmp, save_format=ns.save_format, n_m=recipe.nm)
         if switches:
             say(f"config: {', '.join(switches)} switched on for the compensated biases")
         record = {"model": ns.model, "criterion": recipe.criterion, "scope": recipe.scope, "sparsity": recipe.sparsity,
@@ -187,7 +191,7 @@ def cmd_llm_prune(ns: argparse.Namespace) -> int:
                   "owl_lambda": recipe.owl_lambda if recipe.allocation == "owl" else None,
                   "calibration": str(ns.calibration), "calibration_samples": ns.calibration_samples,
                   "seqlen": ns.seqlen, "seed": ns.seed, "seconds": round(seconds, 1),
-                  "achieved_sparsity": masks.sparsity}
+                  "achieved_sparsity": masks.sparsity, "save_format": ns.save_format}
         (tmp / "relprune.json").write_text(json.dumps(record, indent=2) + "\n")
     _report(ns, masks, seconds, out)
     return 0
@@ -198,7 +202,11 @@ def _report(ns: argparse.Namespace, masks, seconds: float, out: Path, how: str =
     refit = f" + {ns.reconstruct} re-fit" if ns.reconstruct != "none" else ""
     print(f"decoder Linears: {masks.kept:,} of {masks.total:,} weights kept")
     print(f"{ns.criterion}{refit}: {masks.sparsity:.2%} of the decoder weights removed in {seconds:.0f} s"
-          f"{how}; saved to {out}")
+          f"{how}; saved to {out} ({ns.save_format}, {_weight_bytes(out) / 2**20:,.1f} MiB of weights)")
+
+
+def _weight_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
 def _llm_prune_streamed(ns: argparse.Namespace, out: Path, recipe: Recipe) -> int:
@@ -216,7 +224,7 @@ def _llm_prune_streamed(ns: argparse.Namespace, out: Path, recipe: Recipe) -> in
     say(f"calibration: {len(windows)} windows of {ns.seqlen} tokens from {ns.calibration} (seed {ns.seed})")
     start = time.perf_counter()
     masks = prune_streamed(where, out, batches_of(windows, ns.batch_size), recipe, sequential=ns.sequential,
-                           progress=True)
+                           progress=True, save_format=ns.save_format)
     _report(ns, masks, time.perf_counter() - start, out, ", block by block from disk")
     return 0
 

@@ -4,7 +4,7 @@ model and text to a saved pruned folder in one call), perplexity.
 Needs the ``llm`` extra (transformers, gguf, accelerate), imported only when a function here runs.
 """
 
-from .load import SMOLLM2, load_model, resolve_model
+from .load import SMOLLM2, load_causal_lm, load_model, resolve_model
 from .oneshot import OneshotResult, oneshot
 from .perplexity import Perplexity, perplexity
 from .save import save_pretrained
@@ -19,6 +19,7 @@ __all__ = [
     "calibration_windows",
     "decoder_blocks",
     "evaluation_windows",
+    "load_causal_lm",
     "load_model",
     "oneshot",
     "perplexity",

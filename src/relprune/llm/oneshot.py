@@ -11,6 +11,7 @@ from ..core.masks import Masks
 from ..core.spec import Recipe
 from ..defaults import DEFAULT_LLM_CRITERION, DEFAULT_LLM_RECONSTRUCT
 from ..errors import RelpruneError
+from .compressed import SAVE_FORMATS
 from .load import load_model
 from .save import refuse_occupied, save_pretrained, staged_folder
 from .sequential import block_recipe, prune_sequential
@@ -28,7 +29,8 @@ class OneshotResult:
 
 def oneshot(model: Any, calibration: str | Path, recipe: Recipe | None = None, *, out: str | Path | None = None,
             tokenizer: Any = None, samples: int = 32, seqlen: int = 512, seed: int = 0, batch_size: int = 8,
-            sequential: bool = True, progress: bool = False, **recipe_options: Any) -> OneshotResult:
+            sequential: bool = True, progress: bool = False, save_format: str = "compressed",
+            **recipe_options: Any) -> OneshotResult:
     """Prune a causal language model on calibration text in one call, and save it when ``out`` is given.
 
     ``model`` is a loaded Hugging Face causal LM (pass its ``tokenizer``) or anything
@@ -37,7 +39,7 @@ def oneshot(model: Any, calibration: str | Path, recipe: Recipe | None = None, *
     drawn (seeded). The recipe is a :class:`~relprune.core.spec.Recipe` or its keywords
     (``sparsity=0.5``, ``n_m="2:4"``, ``criterion=``, ``reconstruct=``, ``allocation="owl"``, ...),
     with the language-model defaults (``obs`` with the exact re-fit). ``out`` must not hold anything
-    yet; it is written in full or not at all.
+    yet; it is written in full or not at all, its pruned weights compressed unless ``save_format="dense"``.
 
         relprune.llm.oneshot("smollm2-135m", "calib.txt", sparsity=0.5, out="runs/smol-50")
     """
@@ -48,6 +50,8 @@ def oneshot(model: Any, calibration: str | Path, recipe: Recipe | None = None, *
     elif recipe_options:
         raise RelpruneError("give either recipe= or the recipe's keyword arguments, not both")
     recipe = block_recipe(recipe)  # every refusal before anything is loaded or written
+    if save_format not in SAVE_FORMATS:
+        raise RelpruneError(f"unknown save format {save_format!r}; expected one of {list(SAVE_FORMATS)}")
     target = None if out is None else Path(out)
     if target is not None:
         refuse_occupied(target)
@@ -60,9 +64,9 @@ def oneshot(model: Any, calibration: str | Path, recipe: Recipe | None = None, *
                              progress=progress)
     if target is not None:
         with staged_folder(target) as tmp:
-            save_pretrained(model, tokenizer, tmp)
+            save_pretrained(model, tokenizer, tmp, save_format=save_format, n_m=recipe.nm)
             record = {"recipe": {k: v for k, v in recipe.__dict__.items() if k != "options"},
                       "calibration": str(calibration), "samples": samples, "seqlen": seqlen, "seed": seed,
-                      "sequential": sequential, "achieved_sparsity": masks.sparsity}
+                      "sequential": sequential, "achieved_sparsity": masks.sparsity, "save_format": save_format}
             (tmp / "relprune.json").write_text(json.dumps(record, indent=2) + "\n")
     return OneshotResult(masks, recipe, target)

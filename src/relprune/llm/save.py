@@ -20,7 +20,9 @@ import torch
 from torch import nn
 
 from ..core.masks import make_permanent
+from ..deploy.compressed import layout_for, prefix_of
 from ..errors import RelpruneError
+from .compressed import SAVE_FORMATS, compressible, mark_compressed, write_compressed
 from .load import require_transformers
 
 #: Config switches that make transformers build biases on groups of Linear layers.
@@ -61,12 +63,18 @@ def bias_switches(model: nn.Module) -> tuple[list[str], set[str]]:
     return switches, built - have
 
 
-def save_pretrained(model: nn.Module, tokenizer: Any, folder: str | Path) -> list[str]:
-    """Fold masks into weights and write ``model`` and ``tokenizer`` (None: none) to ``folder`` for transformers.
+def save_pretrained(model: nn.Module, tokenizer: Any, folder: str | Path, *, save_format: str = "compressed",
+                    n_m: tuple[int, int] | None = None) -> list[str]:
+    """Fold masks into weights and write ``model`` and ``tokenizer`` (None: none) to ``folder``.
 
-    Returns the bias switches turned on in the saved config (empty unless bias compensation added
-    biases to bias-free projections).
+    ``save_format="compressed"`` (the default) stores every weight that is smaller so as a bitmask
+    plus its kept values (2:4 weights in the 2:4 layout when ``n_m`` is 2:4), in compressed-tensors'
+    sparse format (:mod:`relprune.llm.compressed`; :func:`~relprune.llm.load_model` reads it);
+    ``"dense"`` writes the plain transformers layout, zeros included. Returns the bias switches turned
+    on in the saved config (empty unless bias compensation added biases to bias-free projections).
     """
+    if save_format not in SAVE_FORMATS:
+        raise RelpruneError(f"unknown save format {save_format!r}; expected one of {list(SAVE_FORMATS)}")
     require_transformers()
     switches, zero_bias = bias_switches(model)
     make_permanent(model)
@@ -77,10 +85,36 @@ def save_pretrained(model: nn.Module, tokenizer: Any, folder: str | Path) -> lis
                                               device=layer.weight.device))
     for flag in switches:
         setattr(model.config, flag, True)
-    model.save_pretrained(folder)
+    if save_format == "dense":
+        model.save_pretrained(folder)
+    else:
+        _save_compressed(model, Path(folder), layout_for(n_m))
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     return switches
+
+
+def _save_compressed(model: nn.Module, folder: Path, layout: str) -> None:
+    """The config (marked compressed), the generation config and the weights with the pruned ones compressed;
+    the plain layout when no weight is smaller compressed (a dense or structurally shrunk model)."""
+    state, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        if tensor.numel() and tensor.data_ptr() in seen:  # a tied copy (the head of tied embeddings): stored once
+            continue
+        seen.add(tensor.data_ptr())
+        state[name] = tensor
+    names = compressible(state, layout)
+    if not names:
+        model.save_pretrained(folder)
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None and model.can_generate():
+        model.generation_config.save_pretrained(folder)
+    write_compressed(state, folder, layout, names)
+    zeros = sum(int((state[n] == 0).sum()) for n in names)
+    mark_compressed(folder, layout, [prefix_of(n) for n in names],
+                    zeros / max(sum(t.numel() for t in state.values()), 1))
 
 
 def refuse_occupied(target: Path, label: str = "") -> None:

@@ -27,8 +27,10 @@ from torch import Tensor, nn
 from ..core.masks import Masks
 from ..core.spec import Recipe
 from ..defaults import DEFAULT_LLM_CRITERION, DEFAULT_LLM_RECONSTRUCT
+from ..deploy.compressed import PARTS, compress_state, compressed_prefixes, decompress, layout_for, prefix_of
 from ..errors import ModelLoadError, RelpruneError
-from .blocks import blocks_with_progress, capture_block_inputs, dense_hidden_states, feed
+from .blocks import BlockInputs, blocks_with_progress, capture_block_inputs, dense_hidden_states, feed
+from .compressed import SAVE_FORMATS, compressible, dense_names, folder_layout, mark_compressed
 from .load import check_checkpoint, require_transformers, resolve_model, tied_names
 from .save import refuse_occupied, staged_folder
 from .sequential import block_recipe, block_sparsities, decoder_blocks, prune_block
@@ -59,17 +61,29 @@ class Checkpoint:
         self.folder = folder
         self.weight_map: dict[str, str] = weight_map
         self._open: dict[str, Any] = {}
+        config = folder / "config.json"
+        self.layout = folder_layout(json.loads(config.read_text())) if config.is_file() else None
+        # A compressed source: its weights are named as transformers names them, each decompressed when read.
+        self._dense = sorted(dense_names(weight_map, self.layout)) if self.layout else list(weight_map)
+        self._compressed = set(compressed_prefixes(weight_map)) if self.layout else set()
 
-    def get(self, name: str) -> Tensor:
+    def _read(self, key: str) -> Tensor:
         from safetensors import safe_open
 
-        file = self.weight_map[name]
+        file = self.weight_map[key]
         if file not in self._open:
             self._open[file] = safe_open(self.folder / file, framework="pt")
-        return self._open[file].get_tensor(name)
+        return self._open[file].get_tensor(key)
+
+    def get(self, name: str) -> Tensor:
+        prefix = prefix_of(name)
+        if name.endswith(".weight") and prefix in self._compressed:
+            parts = {p: self._read(f"{prefix}.{p}") for p in PARTS[self.layout] if f"{prefix}.{p}" in self.weight_map}
+            return decompress(parts, self.layout, name)
+        return self._read(name)
 
     def names(self, prefix: str = "") -> list[str]:
-        return [n for n in self.weight_map if n.startswith(prefix)]
+        return [n for n in self._dense if n.startswith(prefix)]
 
 
 def prune_streamed(
@@ -86,19 +100,24 @@ def prune_streamed(
     blocks: str | Sequence[str] | None = None,
     sequential: bool = True,
     progress: bool = False,
+    save_format: str = "compressed",
 ) -> Masks:
     """Prune the model in folder ``source`` block by block into a new folder ``out``; returns the masks.
 
     As :func:`prune_sequential`: each block calibrates on the pruned blocks' outputs, or with
     ``sequential=False`` on the dense model's (every block read once more first, and every block's
     activations held); the same recipes except bias compensation. ``out`` gets one safetensors shard per block
-    plus one for the rest, an index, the config and the tokenizer files; it is written to a
+    (pruned weights compressed unless ``save_format="dense"``, as :func:`~relprune.llm.save_pretrained`
+    writes them) plus one for the rest, an index, the config and the tokenizer files; it is written to a
     temporary folder first, so nothing half-written is left on failure. Every block gets the
     arguments the model passes it (its own mask and rotary tables where layers differ).
     """
     if recipe is None:
         recipe = Recipe.build(criterion=criterion, sparsity=sparsity, n_m=n_m, scope=scope, reconstruct=reconstruct)
     recipe = streamed_recipe(recipe)
+    if save_format not in SAVE_FORMATS:
+        raise RelpruneError(f"unknown save format {save_format!r}; expected one of {list(SAVE_FORMATS)}")
+    layout = layout_for(recipe.nm)
     transformers = require_transformers()
     src = Path(resolve_model(source))
     if not src.is_dir():
@@ -114,14 +133,18 @@ def prune_streamed(
     host = _host_model(transformers, config, checkpoint, named)
     with staged_folder(target) as tmp:
         first = _load_block(named[0][1], named[0][0], checkpoint)
-        with _blocks_in(host, named):
-            captured = capture_block_inputs(host, [b for _, b in named], batches, probe=first)
+        if recipe.statistics() or recipe.allocation == "owl":
+            with _blocks_in(host, named):
+                captured = capture_block_inputs(host, [b for _, b in named], batches, probe=first)
+        else:  # magnitude without a re-fit reads no activations (as prune_sequential)
+            captured = BlockInputs([[]] * len(named), [])
         weight_map: dict[str, str] = {}
-        total_size = 0
+        total_size = zeros = 0
+        compressed_names: list[str] = []
         masks: dict[str, Tensor] = {}
         shards = len(named) + 1
         loaders = [functools.partial(_load_block, meta, name, checkpoint) for name, meta in named]
-        dense = None if sequential else dense_hidden_states(loaders, captured)
+        dense = None if sequential or not recipe.statistics() else dense_hidden_states(loaders, captured)
         per_block = block_sparsities(recipe, loaders, captured, dense)  # OWL reads every dense block once first
         hidden = captured.hidden
         for i, (name, meta_block) in blocks_with_progress(named, progress):
@@ -133,6 +156,11 @@ def prune_streamed(
                                               last=dense is not None or i + 1 == len(named))
             masks.update({f"{name}.{k}": v for k, v in block_masks.items()})
             tensors = {f"{name}.{k}": v.detach().contiguous() for k, v in block.state_dict().items()}
+            if save_format == "compressed":
+                chosen = compressible(tensors, layout)
+                compressed_names += chosen
+                zeros += sum(int((tensors[n] == 0).sum()) for n in chosen)
+                tensors = compress_state(tensors, chosen, layout)
             total_size += _write_shard(tmp, i + 1, shards, tensors, weight_map)
             del block, tensors
         rest = {n: checkpoint.get(n) for n in checkpoint.names() if not any(
@@ -143,6 +171,13 @@ def prune_streamed(
         for f in src.iterdir():
             if f.is_file() and f.name not in WEIGHT_FILES and not f.name.endswith(".safetensors"):
                 shutil.copy2(f, tmp / f.name)
+        plain = json.loads((tmp / "config.json").read_text())
+        plain.pop("quantization_config", None)  # a compressed source's block describes the source's files
+        (tmp / "config.json").write_text(json.dumps(plain, indent=2, sort_keys=True) + "\n")
+        if compressed_names:
+            shapes = skeleton.state_dict()
+            stored = sum(shapes[n].numel() for n in checkpoint.names() if n in shapes)
+            mark_compressed(tmp, layout, [prefix_of(n) for n in compressed_names], zeros / max(stored, 1))
     return Masks(masks)
 
 
