@@ -49,3 +49,33 @@ def test_bad_files(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="expected exactly one"):
         load_exported(tmp_path / "empty")
+
+
+def test_sparse_exports_in_the_layout_before_compressed_tensors_still_load(tmp_path):
+    """Files written by the earlier sparse export (one flat bitmask and the values per weight) load unchanged."""
+    import json
+
+    import numpy as np
+    from safetensors.torch import save_file
+
+    from relprune.deploy.export import architecture
+
+    torch.manual_seed(0)
+    model = build_model("lenet300", (1, 28, 28), 10)
+    x = torch.randn(4, 1, 28, 28)
+    relprune.prune(model, relprune.collect_stats(model, [x], statistics=["relative_mean"]), sparsity=0.8,
+                   criterion="rc")
+    plain = relprune.make_permanent(model).eval()
+    tensors, shapes = {}, {}
+    for key, value in plain.state_dict().items():
+        if key.endswith(".weight") and value.dim() == 2:
+            nz = value != 0
+            tensors[f"{key}.bitmask"] = torch.from_numpy(np.packbits(nz.flatten().numpy()))
+            tensors[f"{key}.values"] = value[nz]
+            shapes[key] = list(value.shape)
+        else:
+            tensors[key] = value
+    meta = {"format": "sparse", "architecture": architecture(plain), "sparse_shapes": shapes}
+    save_file(tensors, str(tmp_path / "sparse.safetensors"), metadata={"relprune": json.dumps(meta)})
+    back, _ = load_exported(tmp_path)
+    assert torch.equal(back(x), plain(x))

@@ -151,7 +151,7 @@ def test_a_sparse_export_whose_bitmask_and_values_disagree_is_refused(trained, t
     with safe_open(str(src), framework="pt") as fh:
         metadata = fh.metadata()
         tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
-    key = next(k for k in tensors if k.endswith(".values"))
+    key = next(k for k in tensors if k.endswith(".compressed"))
     tensors[key] = tensors[key][:-1]
     save_file(tensors, str(tmp_path / "sparse.safetensors"), metadata=metadata)
     with pytest.raises(relprune.CheckpointError, match="marks"):

@@ -5,7 +5,8 @@ Three forms, each a safetensors file plus a small JSON of metadata:
 * ``dense``  - a shrunk (or any) ``nn.Sequential`` as ordinary dense weights;
 * ``masked`` - the model with its masks (``weight_orig`` / ``weight_mask``);
 * ``sparse`` - every prunable weight as a bitmask (1 bit per entry) plus its
-  non-zero values; other tensors stored dense.
+  non-zero values, in compressed-tensors' ``sparse-bitmask`` layout (files written before it, with
+  one flat bitmask per weight, still load); other tensors stored dense.
 
 Architectures of chains (``nn.Sequential``) are stored as a list of layer specs (type and
 constructor arguments), so loading needs no Python code from the writer. Any other model (a
@@ -31,6 +32,7 @@ from torch import Tensor, nn
 from ..core.layers import is_prunable
 from ..core.masks import copy_model, load_state_dict, make_permanent
 from ..errors import CheckpointError, ShrinkError
+from .compressed import BITMASK, compress_state, decompress_state, pays_off, prefix_of
 from .shrink import flatten_chain
 
 FORMATS = ("dense", "masked", "sparse")
@@ -157,20 +159,15 @@ def export_program(model: nn.Module, example: Tensor | tuple[Tensor, ...], folde
 
 
 def export_sparse(model: nn.Module, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """Each prunable weight as a packed bitmask of non-zeros plus the non-zero values."""
+    """Each prunable weight that is smaller so as a bitmask of non-zeros plus the non-zero values, in
+    compressed-tensors' ``sparse-bitmask`` layout (:mod:`relprune.deploy.compressed`)."""
     plain, arch = _as_stored(make_permanent(copy_model(model)))
-    tensors: dict[str, Tensor] = {}
-    shapes: dict[str, list[int]] = {}
+    state = plain.state_dict()
     prunable = {f"{n}.weight" for n, m in plain.named_modules() if n and is_prunable(m)}
-    for key, value in plain.state_dict().items():
-        if key in prunable:
-            nz = value != 0
-            tensors[f"{key}.bitmask"] = torch.from_numpy(np.packbits(nz.flatten().numpy()))
-            tensors[f"{key}.values"] = value[nz]
-            shapes[key] = list(value.shape)
-        else:
-            tensors[key] = value
-    meta = {"format": "sparse", "architecture": arch, "sparse_shapes": shapes, **(extra or {})}
+    names = [k for k in state if k in prunable and pays_off(state[k], BITMASK)]
+    tensors = compress_state(state, names, BITMASK)
+    meta = {"format": "sparse", "architecture": arch, "sparse_layout": BITMASK, "sparse_weights": names,
+            **(extra or {})}
     return _write(tensors, meta, Path(folder), "sparse")
 
 
@@ -224,7 +221,9 @@ def load_exported(path: str | Path, model: nn.Module | None = None) -> tuple[nn.
         # file must never make us allocate more than it holds.
         with torch.device("meta"):
             expected = {k: tuple(v.shape) for k, v in build(meta["architecture"]).state_dict().items()}
-    if meta["format"] == "sparse":
+    if meta["format"] == "sparse" and "sparse_layout" in meta:
+        tensors = _decompressed(path, tensors, meta, expected)
+    elif meta["format"] == "sparse":  # the layout before compressed-tensors': one flat bitmask per weight
         _check_sparse(path, tensors, meta.get("sparse_shapes"), expected)
         for key, shape in meta["sparse_shapes"].items():
             bits = tensors.pop(f"{key}.bitmask").numpy()
@@ -249,6 +248,21 @@ def load_exported(path: str | Path, model: nn.Module | None = None) -> tuple[nn.
             raise CheckpointError(f"{path}: weights do not fit the stored architecture: {err}") from err
     model.eval()
     return model, meta
+
+
+def _decompressed(path: Path, tensors: dict[str, Tensor], meta: dict[str, Any],
+                  expected: dict[str, tuple[int, ...]]) -> dict[str, Tensor]:
+    """The dense tensors of a sparse export, each compressed weight's shape checked against the model first."""
+    layout, names = meta.get("sparse_layout"), meta.get("sparse_weights")
+    if layout != BITMASK or not isinstance(names, list):
+        raise CheckpointError(f"{path}: a sparse export in layout {layout!r} without its weight list")
+    for key in names:
+        stored = tensors.get(f"{prefix_of(key)}.shape")
+        if key not in expected or stored is None or stored.flatten().tolist() != list(expected[key]):
+            raise CheckpointError(f"{path}: sparse weight {key!r} of shape "
+                                  f"{None if stored is None else stored.flatten().tolist()} is not in the model "
+                                  f"(expected {list(expected.get(key, ()))})")
+    return dict(decompress_state(tensors, tensors.__getitem__, BITMASK))
 
 
 def _check_sparse(path: Path, tensors: dict[str, Tensor], shapes: Any, expected: dict[str, tuple[int, ...]]) -> None:
