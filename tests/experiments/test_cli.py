@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 
@@ -82,6 +83,13 @@ def test_train_prune_eval_explain_on_digits(tmp_path, capsys):
         assert main(["load", str(tmp_path / "exp" / form)]) == 0
         assert "test accuracy" in capsys.readouterr().out
     assert main(["export", "--checkpoint", str(model), "--structured", "0.5", "--out", str(tmp_path / "st")]) == 0
+    if importlib.util.find_spec("onnxruntime"):
+        import onnxruntime
+
+        assert main(["export", "--checkpoint", str(pruned), "--onnx", "--out", str(tmp_path / "onnx")]) == 0
+        assert "onnx (shrunk)" in capsys.readouterr().out
+        session = onnxruntime.InferenceSession(str(tmp_path / "onnx" / "onnx" / "model.onnx"))
+        assert session.get_inputs()[0].shape[0] == "batch"
 
 
 def test_prune_refits_by_default_only_when_the_model_is_used_as_pruned(tmp_path, capsys):

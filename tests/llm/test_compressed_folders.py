@@ -42,7 +42,7 @@ def test_compressed_save_gives_back_every_tensor(tmp_path, dtype, budget, tie):
         assert torch.equal(value, want[name].float()), name
     assert (loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()) == tie
     for name in masks:
-        assert name in config["quantization_config"]["sparsity_config"]["targets"]
+        assert name.removesuffix(".weight") in config["quantization_config"]["sparsity_config"]["targets"]
     assert weight_bytes(tmp_path / "c") < weight_bytes(tmp_path / "d")
 
 
@@ -56,17 +56,23 @@ def test_logits_are_the_in_memory_pruned_models(tmp_path):
 
 
 def test_the_pruned_tensors_shrink_as_the_targets_ask(tmp_path):
-    """Bytes of the pruned weights over their dense bytes: <= 0.56 at 50%, 0.36 at 70%, 0.60 at 2:4."""
+    """Bytes of the pruned weights over their dense bytes: <= 0.56 at 50%, 0.36 at 70%, 0.60 at 2:4 (rows of
+    128 entries and more; a row's offset and bitmask bytes weigh more in shorter ones)."""
+    import transformers
+
     for budget, limit in (({"sparsity": 0.5}, 0.56), ({"sparsity": 0.7}, 0.36), ({"n_m": "2:4"}, 0.60)):
-        model = tiny_llama()
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=len(WORDS) + 2, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+            num_attention_heads=4, num_key_value_heads=2)).eval()
         masks = prune_sequential(model, ids_batches(), criterion="wanda", reconstruct=False, **budget)
         out = tmp_path / str(budget)
         save_pretrained(model, None, out, n_m=(2, 4) if "n_m" in budget else None)
         stored = load_file(str(out / "model.safetensors"))
-        prefixes = [n[: -len(".weight")] for n in masks]
+        prefixes = [n.removesuffix(".weight") for n in masks]
         got = sum(t.numel() * t.element_size() for k, t in stored.items() if k.rpartition(".")[0] in prefixes)
         dense = sum(masks[n].numel() * 4 for n in masks)
-        assert got / dense <= limit, budget
+        assert 0.3 * limit < got / dense <= limit, budget
 
 
 def test_a_dense_or_shrunk_model_is_saved_plain(tmp_path):

@@ -286,14 +286,20 @@ def cmd_export(ns: argparse.Namespace) -> int:
     import torch
 
     from .. import collect_stats
-    from ..deploy.export import export_dense, export_masked, export_sparse, file_size
+    from ..deploy.export import export_dense, export_masked, export_onnx, export_sparse, file_size
     from ..deploy.shrink import shrink
     from ..deploy.structured import prune_units
     from ..experiments.experiment import load_model
     from ..experiments.training import calibration_batches
 
     c = from_args(Common, ns)
-    refuse_replacing(Path(c.out), ("dense", "masked", "sparse"), ns.overwrite, "an export")
+    refuse_replacing(Path(c.out), ("dense", "masked", "sparse", "onnx"), ns.overwrite, "an export")
+    if ns.onnx:
+        try:
+            import onnx  # noqa: F401
+            import onnxscript  # noqa: F401
+        except ImportError as err:  # before any work: the extra is missing
+            raise RelpruneError("--onnx needs the onnx extra: pip install 'relprune[onnx]'") from err
     out = writable_folder(c.out)
     model, info = load_model(ns.checkpoint)
     model.eval()
@@ -314,6 +320,8 @@ def cmd_export(ns: argparse.Namespace) -> int:
         "masked": export_masked(model, out / "masked", meta),
         "sparse (bitmask + values)": export_sparse(model, out / "sparse", meta),
     }
+    if ns.onnx:
+        paths["onnx (shrunk)"] = export_onnx(small, example, out / "onnx")
     original = export_dense(load_model(ns.checkpoint)[0], out / ".original", meta)
     base = file_size(original)
     print(report)
@@ -403,6 +411,8 @@ def add_vision_commands(sub: argparse._SubParsersAction) -> None:
                      help="unit score for --structured (default: rc)")
     exp.add_argument("--allow-approximate", action="store_true",
                      help="shrink across modules that may mix channels (default: refuse)")
+    exp.add_argument("--onnx", action="store_true",
+                     help="also write the shrunk model as onnx/model.onnx for ONNX Runtime (needs the onnx extra)")
     exp.set_defaults(func=cmd_export)
 
     ld = command("load", "read an exported model back, print its size and sparsity, and evaluate it",

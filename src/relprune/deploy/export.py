@@ -17,9 +17,13 @@ it into a fresh instance of its class (``load_exported(path, model=...)``), or w
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import math
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +159,46 @@ def export_program(model: nn.Module, example: Tensor | tuple[Tensor, ...], folde
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "program.pt2"
     torch.export.save(program, str(path))
+    return path
+
+
+def export_onnx(model: nn.Module, example: Tensor | tuple[Tensor, ...], folder: str | Path) -> Path:
+    """The model (masks folded in) as ``folder/model.onnx`` for ONNX Runtime, batch dimension dynamic.
+
+    Needs the ``onnx`` extra (onnx and onnxscript, torch's exporter). Raises ``CheckpointError``
+    naming the operation the exporter cannot express when the model holds one.
+    """
+    try:
+        import onnx  # noqa: F401 - torch's exporter needs both
+        import onnxscript  # noqa: F401
+    except ImportError as err:
+        raise CheckpointError("ONNX export needs onnx and onnxscript: pip install 'relprune[onnx]'") from err
+    plain = make_permanent(copy_model(model)).eval()
+    args = (example,) if isinstance(example, Tensor) else tuple(example)
+    args = tuple(a.expand(2, *a.shape[1:]).clone() if isinstance(a, Tensor) and a.dim() and a.shape[0] == 1
+                 else a for a in args)  # as export_program: a batch of one would be fixed at one
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "model.onnx"
+    batch = torch.export.Dim("batch", min=1)
+    quiet = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "onnxscript")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():  # the exporter's own chatter
+            warnings.simplefilter("ignore")
+            torch.onnx.export(plain, args, str(path), dynamo=True, external_data=False,
+                              dynamic_shapes=tuple({0: batch} for _ in args), input_names=["input"])
+    except Exception as err:
+        path.unlink(missing_ok=True)
+        text = " ".join(str(err).split())
+        op = re.search(r"(aten[.:]{1,2}[A-Za-z0-9_.]+)", text)
+        obstacle = f"the operation {op.group(1)} has no ONNX translation" if op else text[:200]
+        raise CheckpointError(f"ONNX export of {type(model).__name__} failed: {obstacle}") from err
+    finally:
+        for q, level in zip(quiet, levels, strict=True):
+            q.setLevel(level)
     return path
 
 
