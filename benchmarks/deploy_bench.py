@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -236,51 +237,57 @@ def run_speed(args) -> None:
 # -- vision ----------------------------------------------------------------------------------------
 def run_cnn(args) -> None:
     import onnxruntime as ort
-    from structured_bench import _cnn_setup, pruned_cnns
 
     from relprune.deploy.export import export_onnx
+    from structured_bench import _cnn_setup, pruned_cnns
 
     out = Path(args.out)
     ns = argparse.Namespace(epochs=args.epochs, dense_seed=0, seed=0, work=args.work, methods=["rc", "tp-l1"],
                             round_to=1)
-    data, dense, dense_acc, example, (macs0, _), calib, stats = _cnn_setup(ns)
+    data, dense, _, example, (macs0, _), calib, stats = _cnn_setup(ns)
     shape = data.input_shape
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
-        sessions = {}
 
         def session(name, model):
             path = export_onnx(model, example, Path(tmp) / name)
-            options = ort.SessionOptions()
-            sessions[name] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            made = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
             x = torch.randn(4, *shape)
-            got = sessions[name].run(None, {sessions[name].get_inputs()[0].name: x.numpy()})[0]
             with torch.no_grad():
-                torch.testing.assert_close(torch.from_numpy(got), model.eval()(x), rtol=1e-3, atol=1e-4)
-            return sessions[name]
+                torch.testing.assert_close(torch.from_numpy(_ort_run(made, x.numpy())), model.eval()(x),
+                                           rtol=1e-3, atol=1e-4)
+            return made
 
         dense_s = session("dense", dense)
-        for target, method, model, macs, params, _, _ in pruned_cnns(ns, dense, example, macs0, calib, stats):
+        for target, method, model, macs, _, _, _ in pruned_cnns(ns, dense, example, macs0, calib, stats):
             if target != 0.5:
                 continue
             pruned_s = session(method, model)
             row = {"part": "cnn-onnx", "method": method, "target": target, "macs_ratio": macs / macs0,
                    "rounds": args.rounds, "onnxruntime": ort.__version__}
             for batch in (1, 64):
-                x = torch.randn(batch, *shape).numpy()
+                x = torch.randn(batch, *shape)
                 calls = 50 if batch == 1 else 10
-                t_dense, t_pruned, e_dense, e_pruned = [], [], [], []
+                timed = {"ort_dense": [], "ort_pruned": [], "eager_dense": [], "eager_pruned": []}
                 for _ in range(args.rounds):
-                    t_dense.append(_median_call(lambda s=dense_s: s.run(None, {s.get_inputs()[0].name: x}), calls))
-                    t_pruned.append(_median_call(lambda s=pruned_s: s.run(None, {s.get_inputs()[0].name: x}), calls))
-                    xt = torch.from_numpy(x)
-                    with torch.no_grad():
-                        e_dense.append(_median_call(lambda: dense(xt), calls))
-                        e_pruned.append(_median_call(lambda m=model: m(xt), calls))
-                row[f"ort_dense_b{batch}_ms"] = statistics.median(t_dense) * 1e3
-                row[f"ort_pruned_b{batch}_ms"] = statistics.median(t_pruned) * 1e3
-                row[f"ort_ratio_b{batch}"] = statistics.median(t_pruned) / statistics.median(t_dense)
-                row[f"eager_ratio_b{batch}"] = statistics.median(e_pruned) / statistics.median(e_dense)
+                    timed["ort_dense"].append(_median_call(functools.partial(_ort_run, dense_s, x.numpy()), calls))
+                    timed["ort_pruned"].append(_median_call(functools.partial(_ort_run, pruned_s, x.numpy()), calls))
+                    timed["eager_dense"].append(_median_call(functools.partial(_eager, dense, x), calls))
+                    timed["eager_pruned"].append(_median_call(functools.partial(_eager, model, x), calls))
+                med = {k: statistics.median(v) for k, v in timed.items()}
+                row[f"ort_dense_b{batch}_ms"] = med["ort_dense"] * 1e3
+                row[f"ort_pruned_b{batch}_ms"] = med["ort_pruned"] * 1e3
+                row[f"ort_ratio_b{batch}"] = med["ort_pruned"] / med["ort_dense"]
+                row[f"eager_ratio_b{batch}"] = med["eager_pruned"] / med["eager_dense"]
             _write(out, row)
+
+
+def _ort_run(session, x):
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def _eager(model, x):
+    with torch.no_grad():
+        return model.eval()(x)
 
 
 def _median_call(step, calls: int) -> float:
@@ -297,8 +304,8 @@ def table(path: Path) -> str:
     if size:
         lines += ["| pattern | dtype | dense MB | compressed MB | ratio (whole checkpoint) | ratio (pruned tensors) |",
                   "|---|---|---:|---:|---:|---:|"]
-        lines += [f"| {r['pattern']} | {r['dtype']} | {r['dense_bytes'] / 1e6:.1f} | {r['compressed_bytes'] / 1e6:.1f} | "
-                  f"{r['ratio']:.3f} | {r['pruned_ratio']:.3f} |" for r in size]
+        lines += [f"| {r['pattern']} | {r['dtype']} | {r['dense_bytes'] / 1e6:.1f} | "
+                  f"{r['compressed_bytes'] / 1e6:.1f} | {r['ratio']:.3f} | {r['pruned_ratio']:.3f} |" for r in size]
         lines.append("")
     for r in (r for r in rows if r["part"] == "lm-load"):
         lines.append(f"Load ({r['pattern']}, {r['dtype']}, median of {r['rounds']}): dense {r['dense_seconds']:.2f} s, "

@@ -66,6 +66,7 @@ def add_llm_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=8, help="windows per forward pass (default: 8)")
     p.add_argument("--seed", type=checked(int, seed_value), default=0,
                    help="chooses the calibration windows (default: 0)")
+    _add_device_flags(p)
     p.add_argument("--save-format", choices=["compressed", "dense"], default="compressed",
                    help="pruned weights as a bitmask plus their kept values, in compressed-tensors' sparse "
                         "format (relprune.llm.load_model and `llm eval` read it), or dense with the zeros "
@@ -92,6 +93,7 @@ def add_llm_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--batch-size", type=_positive_int, default=8, help="windows per forward pass (default: 8)")
     s.add_argument("--seed", type=checked(int, seed_value), default=0,
                    help="chooses the calibration windows (and the random score) (default: 0)")
+    _add_device_flags(s)
     s.add_argument("--out", required=True, help="output folder (must not hold anything yet)")
     s.set_defaults(func=cmd_llm_shrink)
 
@@ -104,7 +106,19 @@ def add_llm_commands(sub: argparse._SubParsersAction) -> None:
                    help="windows per forward pass (default: 1; the logits of a batch dominate memory)")
     e.add_argument("--seed", type=checked(int, seed_value), default=0,
                    help="unused by eval; accepted like every command's")
+    _add_device_flags(e)
     e.set_defaults(func=cmd_llm_eval)
+
+
+def _add_device_flags(parser: argparse.ArgumentParser) -> None:
+    from ..llm.load import DTYPES
+
+    parser.add_argument("--device", default="auto",
+                        help="where the model runs: cpu, cuda, cuda:N, mps, or auto (CUDA when present, else the "
+                             "CPU) (default: auto)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32",
+                        help="the model's dtype; statistics and re-fits accumulate in float32/float64 whatever it "
+                             "is (default: float32; bfloat16 is far slower than float32 on most CPUs)")
 
 
 def block_criteria() -> list[str]:
@@ -159,20 +173,24 @@ def llm_recipe(ns: argparse.Namespace) -> Recipe:
 
 def cmd_llm_prune(ns: argparse.Namespace) -> int:
     from ..llm import calibration_windows, load_model, prune_sequential, tokenize_file
+    from ..llm.load import resolve_device
     from ..llm.save import save_pretrained, staged_folder
     from ..llm.text import batches_of
 
     recipe = llm_recipe(ns)
+    device = resolve_device(ns.device)
     if ns.streamed:
         from ..llm.streamed import streamed_recipe
 
         streamed_recipe(recipe)
+        if device.type != "cpu" or ns.dtype != "float32":
+            raise RelpruneError("--streamed runs on the CPU in float32; drop --device/--dtype, or prune in memory")
     out = _fresh_out(Path(ns.out))
     if not Path(ns.calibration).is_file():
         raise RelpruneError(f"calibration text {ns.calibration} does not exist")
     if ns.streamed:
         return _llm_prune_streamed(ns, out, recipe)
-    model, tokenizer = load_model(ns.model, quiet=True)
+    model, tokenizer = load_model(ns.model, quiet=True, device=ns.device, dtype=ns.dtype)
     _check_seqlen(model.config, ns.seqlen)
     windows = calibration_windows(tokenize_file(tokenizer, ns.calibration), ns.calibration_samples, ns.seqlen,
                                   ns.seed)
@@ -244,7 +262,7 @@ def cmd_llm_shrink(ns: argparse.Namespace) -> int:
     out = _fresh_out(Path(ns.out))
     if not Path(ns.calibration).is_file():
         raise RelpruneError(f"calibration text {ns.calibration} does not exist")
-    model, tokenizer = load_model(ns.model, quiet=True)
+    model, tokenizer = load_model(ns.model, quiet=True, device=ns.device, dtype=ns.dtype)
     _check_seqlen(model.config, ns.seqlen)
     batches = batches_of(calibration_windows(tokenize_file(tokenizer, ns.calibration), ns.calibration_samples,
                                              ns.seqlen, ns.seed), ns.batch_size)
@@ -280,7 +298,7 @@ def cmd_llm_eval(ns: argparse.Namespace) -> int:
 
     if not Path(ns.text).is_file():
         raise RelpruneError(f"text file {ns.text} does not exist")
-    model, tokenizer = load_model(ns.model, quiet=True)
+    model, tokenizer = load_model(ns.model, quiet=True, device=ns.device, dtype=ns.dtype)
     _check_seqlen(model.config, ns.seqlen)
     windows = evaluation_windows(tokenize_file(tokenizer, ns.text), ns.seqlen, ns.samples)
     print(f"{ns.model}: {perplexity(model, windows, batch_size=ns.batch_size, progress=True)}")

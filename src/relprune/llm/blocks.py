@@ -106,6 +106,8 @@ def capture_block_inputs(model: nn.Module, blocks: Sequence[nn.Module], batches:
             return _like(state["template"], h)
         return forward
 
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    device = embeddings.weight.device if embeddings is not None else next(model.parameters()).device
     for i, b in enumerate(blocks):
         b.forward = recorder(i)
     try:
@@ -113,6 +115,7 @@ def capture_block_inputs(model: nn.Module, blocks: Sequence[nn.Module], batches:
             for batch in batches:
                 if not isinstance(batch, dict) or "input_ids" not in batch:
                     raise CalibrationError("language-model batches are dicts with 'input_ids' (and 'attention_mask')")
+                batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
                 mask = batch.get("attention_mask")
                 state["mask"] = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
                 state["next"] = 0

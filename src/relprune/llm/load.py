@@ -68,12 +68,55 @@ def resolve_model(spec: str | Path, *, fetch: bool = True) -> str:
     )
 
 
-def load_model(spec: str | Path, *, fetch: bool = True, quiet: bool = False) -> tuple[Any, Any]:
-    """(model in float32 eval mode, tokenizer) for any spec :func:`resolve_model` accepts.
+#: The dtypes a language model can be loaded in (``--dtype``).
+DTYPES = ("float32", "bfloat16", "float16")
 
-    ``quiet`` turns off transformers' progress bars and warnings (the command line wants one line
-    per event, not a loading bar per file).
+
+def resolve_device(device: Any = None) -> Any:
+    """A ``torch.device``: ``None`` or ``"auto"`` is CUDA when present, else the CPU; refuses one that is absent."""
+    import torch
+
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ModelLoadError(f"unknown device {device!r}; give cpu, cuda, cuda:N, mps or auto") from err
+    present = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(),
+               "meta": False}
+    if not present.get(chosen.type, False):
+        raise ModelLoadError(f"device {device!r} is not available here"
+                             + ("; CUDA needs a CUDA build of torch and a GPU" if chosen.type == "cuda" else ""))
+    if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
+        raise ModelLoadError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return chosen
+
+
+def resolve_dtype(dtype: Any = None) -> Any:
+    """A floating ``torch.dtype`` from its name (``None``: float32)."""
+    import torch
+
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        name = str(dtype).removeprefix("torch.")
+    else:
+        name = str(dtype)
+    if name not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; expected one of {list(DTYPES)}")
+    return getattr(torch, name)
+
+
+def load_model(spec: str | Path, *, fetch: bool = True, quiet: bool = False, device: Any = "auto",
+               dtype: Any = None) -> tuple[Any, Any]:
+    """(model in eval mode, tokenizer) for any spec :func:`resolve_model` accepts.
+
+    The model is loaded in float32 and moved to ``device`` (``"auto"``: CUDA when present) in
+    ``dtype`` (float32, bfloat16 or float16); statistics and re-fits then run where the model is and
+    accumulate in float32/float64 whatever its dtype. ``quiet`` turns off transformers' progress bars
+    and warnings (the command line wants one line per event, not a loading bar per file).
     """
+    target, kind = resolve_device(device), resolve_dtype(dtype)  # refused before anything is read
     transformers = require_transformers()
     if quiet:
         transformers.utils.logging.disable_progress_bar()
@@ -83,7 +126,7 @@ def load_model(spec: str | Path, *, fetch: bool = True, quiet: bool = False) -> 
         tokenizer = transformers.AutoTokenizer.from_pretrained(where)
     except Exception as err:
         raise ModelLoadError(f"cannot load {spec}: {type(err).__name__}: {' '.join(str(err).split())[:300]}") from err
-    return load_causal_lm(where, label=str(spec)), tokenizer
+    return load_causal_lm(where, label=str(spec)).to(device=target, dtype=kind), tokenizer
 
 
 def load_causal_lm(where: str | Path, *, label: str | None = None) -> Any:

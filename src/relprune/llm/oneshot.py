@@ -30,7 +30,7 @@ class OneshotResult:
 def oneshot(model: Any, calibration: str | Path, recipe: Recipe | None = None, *, out: str | Path | None = None,
             tokenizer: Any = None, samples: int = 32, seqlen: int = 512, seed: int = 0, batch_size: int = 8,
             sequential: bool = True, progress: bool = False, save_format: str = "compressed",
-            **recipe_options: Any) -> OneshotResult:
+            device: Any = "auto", dtype: Any = None, **recipe_options: Any) -> OneshotResult:
     """Prune a causal language model on calibration text in one call, and save it when ``out`` is given.
 
     ``model`` is a loaded Hugging Face causal LM (pass its ``tokenizer``) or anything
@@ -40,6 +40,7 @@ def oneshot(model: Any, calibration: str | Path, recipe: Recipe | None = None, *
     (``sparsity=0.5``, ``n_m="2:4"``, ``criterion=``, ``reconstruct=``, ``allocation="owl"``, ...),
     with the language-model defaults (``obs`` with the exact re-fit). ``out`` must not hold anything
     yet; it is written in full or not at all, its pruned weights compressed unless ``save_format="dense"``.
+    A model given by name is loaded on ``device`` (``"auto"``: CUDA when present) in ``dtype``.
 
         relprune.llm.oneshot("smollm2-135m", "calib.txt", sparsity=0.5, out="runs/smol-50")
     """
@@ -56,7 +57,7 @@ def oneshot(model: Any, calibration: str | Path, recipe: Recipe | None = None, *
     if target is not None:
         refuse_occupied(target)
     if isinstance(model, (str, Path)):
-        model, tokenizer = load_model(model, quiet=not progress)
+        model, tokenizer = load_model(model, quiet=not progress, device=device, dtype=dtype)
     elif tokenizer is None:
         raise RelpruneError("pass the model's tokenizer= along with a loaded model")
     windows = calibration_windows(tokenize_file(tokenizer, calibration), samples, seqlen, seed)

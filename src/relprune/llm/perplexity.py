@@ -37,8 +37,10 @@ def perplexity(model: Any, windows: Tensor, *, batch_size: int = 1, progress: bo
 
         iterator = tqdm(iterator, desc="perplexity", unit="batch", disable=None, leave=False)
     total, count = 0.0, 0
+    device = model.get_input_embeddings().weight.device if hasattr(model, "get_input_embeddings") else None
     with torch.no_grad():
         for ids in iterator:
+            ids = ids.to(device) if device is not None else ids
             logits = model(input_ids=ids, use_cache=False).logits
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                                    ids[:, 1:].reshape(-1), reduction="sum")
