@@ -139,36 +139,44 @@ def run_size_and_load(args) -> None:
                              "pruned_compressed_bytes": _pruned_bytes(comp, prefixes),
                              "pruned_ratio": _pruned_bytes(comp, prefixes) / _pruned_bytes(dense, prefixes),
                              "achieved_sparsity": masks.sparsity})
-            if label == "50%":
+            if label == "50%" and args.loads:
                 _measure_loads(out, label, folders[(torch.float32, "dense")], folders[(torch.float32, "compressed")],
                                args.rounds)
             del model
 
 
 LOADER = r"""
-import resource, sys, time
+import sys, time
+import torch
+def hwm():  # this process's own peak resident memory in KiB (ru_maxrss can carry the parent's across exec)
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
 t = time.perf_counter()
 from relprune.llm import load_causal_lm
 model = load_causal_lm(sys.argv[1])
-print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+seconds, loaded = time.perf_counter() - t, hwm()
+with torch.no_grad():
+    model(input_ids=torch.ones(1, 16, dtype=torch.long))
+print(seconds, loaded, hwm())
 """
 
 
 def _measure_loads(out: Path, label: str, dense: Path, compressed: Path, rounds: int) -> None:
     """Each folder loaded in a fresh process, alternately; median seconds and peak resident memory."""
-    seen: dict[str, list[tuple[float, int]]] = {"dense": [], "compressed": []}
+    seen: dict[str, list[tuple[float, int, int]]] = {"dense": [], "compressed": []}
     for _ in range(rounds):
         for kind, folder in (("dense", dense), ("compressed", compressed)):
             done = subprocess.run([sys.executable, "-c", LOADER, str(folder)], capture_output=True, text=True,
                                   check=True)
-            seconds, rss_kib = done.stdout.split()
-            seen[kind].append((float(seconds), int(rss_kib)))
+            seconds, loaded_kib, used_kib = done.stdout.split()[-3:]
+            seen[kind].append((float(seconds), int(loaded_kib), int(used_kib)))
     row = {"part": "lm-load", "pattern": label, "dtype": "float32", "rounds": rounds}
     for kind, values in seen.items():
         row[f"{kind}_seconds"] = statistics.median(v[0] for v in values)
         row[f"{kind}_peak_mib"] = statistics.median(v[1] for v in values) / 1024
+        row[f"{kind}_peak_after_forward_mib"] = statistics.median(v[2] for v in values) / 1024
     row["seconds_ratio"] = row["compressed_seconds"] / row["dense_seconds"]
     row["peak_ratio"] = row["compressed_peak_mib"] / row["dense_peak_mib"]
+    row["peak_after_forward_ratio"] = row["compressed_peak_after_forward_mib"] / row["dense_peak_after_forward_mib"]
     _write(out, row)
 
 
@@ -309,9 +317,10 @@ def table(path: Path) -> str:
         lines.append("")
     for r in (r for r in rows if r["part"] == "lm-load"):
         lines.append(f"Load ({r['pattern']}, {r['dtype']}, median of {r['rounds']}): dense {r['dense_seconds']:.2f} s, "
-                     f"{r['dense_peak_mib']:.0f} MiB peak; compressed {r['compressed_seconds']:.2f} s, "
-                     f"{r['compressed_peak_mib']:.0f} MiB peak (ratios {r['seconds_ratio']:.2f} and "
-                     f"{r['peak_ratio']:.2f}).")
+                     f"{r['dense_peak_mib']:.0f} MiB peak ({r['dense_peak_after_forward_mib']:.0f} after a forward); "
+                     f"compressed {r['compressed_seconds']:.2f} s, {r['compressed_peak_mib']:.0f} MiB peak "
+                     f"({r['compressed_peak_after_forward_mib']:.0f}) (ratios {r['seconds_ratio']:.2f}, "
+                     f"{r['peak_ratio']:.2f} and {r['peak_after_forward_ratio']:.2f}).")
         lines.append("")
     speed = [r for r in rows if r["part"] == "lm-speed"]
     if speed:
@@ -338,6 +347,7 @@ def main() -> None:
     parser.add_argument("--out", default="docs/data/deploy_results.jsonl")
     parser.add_argument("--work", default=str(Path.home() / ".cache" / "relprune" / "structured_bench"))
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-loads", dest="loads", action="store_false", help="skip the load measurements")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--structured", type=float, nargs="*", default=[0.2, 0.3, 0.5])
     parser.add_argument("--epochs", type=int, default=15, help="the dense ResNet-20's training epochs (cnn)")

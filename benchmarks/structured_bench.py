@@ -50,7 +50,12 @@ PEER = ["tp-l1", "tp-l2", "tp-taylor", "tp-bn-scale", "tp-lamp", "tp-random"]
 DEFAULT_METHODS = ["rc", "fluctuation", "l2", "taylor", "random", "tp-l1", "tp-l2", "tp-taylor", "tp-random"]
 TARGETS = [0.5, 0.3]  # the pruned nets keep 50% and 70% of the dense MACs
 # SmolLM2: "+bc" adds FLAP's bias compensation to o_proj and down_proj (FLAP as published is fluctuation+bc).
-LLM_METHODS = ["rc", "fluctuation", "l2", "random", "fluctuation+bc", "rc+bc", "share", "share+bc"]
+LLM_METHODS = ["rc", "fluctuation", "l2", "random", "fluctuation+bc", "rc+bc", "share", "share+bc",
+               "fluctuation+refit", "share+refit", "rc+refit", "depth-influence", "depth-relative",
+               "depth-relative+refit"]
+#: The methods of the issue-21 comparison: FLAP as published, ours with the re-fit, ShortGPT and our depth score.
+LLM_DEFAULT_METHODS = ["fluctuation+bc", "fluctuation+refit", "share+refit", "rc+refit", "depth-influence",
+                       "depth-relative"]
 
 
 def _done(out: Path) -> set[tuple]:
@@ -251,6 +256,10 @@ def run_latency(args) -> None:
 
 # -- the language model ------------------------------------------------------------
 def run_llm(args) -> None:
+    """Width: units scored, planned with uniform sizes, then shrunk with FLAP's bias compensation (+bc),
+    with the least-squares re-fit of the readers (+refit, sequential), or as they are. Depth: whole
+    blocks removed by ShortGPT's block influence or by our relative contribution, as many as remove
+    the same share of the decoder projections' parameters (rounded to whole blocks, at least that share)."""
     from relprune.llm import (
         calibration_windows,
         evaluation_windows,
@@ -258,33 +267,56 @@ def run_llm(args) -> None:
         perplexity,
         tokenize_file,
     )
-    from relprune.llm.structured import plan_units, shrink_units, unit_compensation, unit_scores
+    from relprune.llm.depth import block_scores, plan_blocks, remove_blocks
+    from relprune.llm.structured import (
+        layer_sizes,
+        plan_units,
+        shrink_refit,
+        shrink_units,
+        unit_compensation,
+        unit_scores,
+    )
     from relprune.llm.text import batches_of
 
     out = Path(args.out)
     done = _done(out)
     data = ROOT.parent / "shared" / "data" / "shakespeare"
-    for target in (0.2, 0.3):
-        for method in LLM_METHODS:
+    for target in args.llm_targets:
+        for method in args.llm_methods:
             if ("llm", method, target, args.seed) in done:
                 continue
-            model, tok = load_model("smollm2-135m", fetch=False, quiet=True)
+            model, tok = load_model("smollm2-135m", fetch=False, quiet=True, device="cpu")
             proj = sum(p.numel() for n, p in model.model.layers.named_parameters() if "proj" in n)
             calib = calibration_windows(tokenize_file(tok, data / "calib.txt"), args.calibration_samples, 512,
                                         args.seed)
             start = time.perf_counter()
-            criterion, compensate = method.removesuffix("+bc"), method.endswith("+bc")
             batches = batches_of(calib, 8)
-            keep = plan_units(model, unit_scores(model, batches, criterion, seed=args.seed), target, scope="uniform")
-            delta = unit_compensation(model, batches, keep) if compensate else None
-            sizes = shrink_units(model, keep, bias_delta=delta)
+            base, _, fix = method.partition("+")
+            if base.startswith("depth-"):
+                per_block = proj / len(model.model.layers)
+                count = int(-(-target * proj // per_block))
+                drop = plan_blocks(block_scores(model, batches, base.removeprefix("depth-")), count)
+                remove_blocks(model, drop)
+                extra = {"removed_blocks": drop}
+                if fix == "refit":
+                    raise SystemExit("depth-...+refit is not implemented")
+            else:
+                keep = plan_units(model, unit_scores(model, batches, base, seed=args.seed), target, scope="uniform")
+                if fix == "refit":
+                    shrink_refit(model, batches, keep)
+                else:
+                    delta = unit_compensation(model, batches, keep) if fix == "bc" else None
+                    shrink_units(model, keep, bias_delta=delta)
+                extra = {}
             seconds = time.perf_counter() - start
-            after = sum(p.numel() for n, p in model.model.layers.named_parameters() if "proj" in n)
+            after = sum(p.numel() for n, p in model.model.layers.named_parameters() if "proj" in n and "weight" in n)
             windows = evaluation_windows(tokenize_file(tok, data / "eval.txt"), 512, 16)
-            ppl = perplexity(model, windows)
+            ppl = perplexity(model, windows, batch_size=4)
             _write(out, {"part": "llm", "method": method, "target": target, "seed": args.seed,
-                         "perplexity": ppl.value, "params_ratio": after / proj, "sizes": sizes["layers"][0],
-                         "prune_seconds": round(seconds, 1), "calibration_samples": args.calibration_samples})
+                         "perplexity": ppl.value, "params_ratio": after / proj,
+                         "sizes": layer_sizes(model)["layers"][0], "layers": len(model.model.layers),
+                         "prune_seconds": round(seconds, 1), "calibration_samples": args.calibration_samples,
+                         **extra})
 
 
 def table(path: Path) -> str:
@@ -320,16 +352,17 @@ def table(path: Path) -> str:
                              f"{statistics.fmean(r['params_ratio'] for r in c):.3f} | {b1} | {b64} | {f1} | {f64} |")
     llm = [r for r in rows if r["part"] == "llm"]
     if llm:
-        lines.append("\n| params cut | method | perplexity | kept heads / kv heads / MLP width |")
-        lines.append("|---|---|---:|---|")
+        lines.append("\n| params cut | method | perplexity | projections kept | kept heads / kv heads / MLP width |")
+        lines.append("|---|---|---:|---:|---|")
         order = {m: i for i, m in enumerate(LLM_METHODS)}
         best = {t: min(r["perplexity"] for r in llm if r["target"] == t) for t in {r["target"] for r in llm}}
         for r in sorted(llm, key=lambda r: (r["target"], order.get(r["method"], len(order)))):
             s = r["sizes"]
             ppl = f"{r['perplexity']:.2f}"
             ppl = f"**{ppl}**" if r["perplexity"] == best[r["target"]] else ppl
-            lines.append(f"| {r['target']:.0%} | {r['method']} | {ppl} | "
-                         f"{s['num_attention_heads']} / {s['num_key_value_heads']} / {s['intermediate_size']} |")
+            shape = (f"{s['num_attention_heads']} / {s['num_key_value_heads']} / {s['intermediate_size']}"
+                     f"{' x ' + str(r['layers']) + ' layers' if r.get('layers', 30) != 30 else ''}")
+            lines.append(f"| {r['target']:.0%} | {r['method']} | {ppl} | {r.get('params_ratio', 0):.3f} | {shape} |")
     return "\n".join(lines)
 
 
@@ -342,6 +375,8 @@ def main() -> None:
     p.add_argument("--finetune-epochs", type=int, default=1, help="fine-tune epochs per pruned model (default: 1)")
     p.add_argument("--methods", nargs="+", choices=OURS + PEER, default=DEFAULT_METHODS)
     p.add_argument("--calibration-samples", type=int, default=16)
+    p.add_argument("--llm-methods", nargs="+", choices=LLM_METHODS, default=LLM_DEFAULT_METHODS)
+    p.add_argument("--llm-targets", nargs="+", type=float, default=[0.2, 0.3, 0.5])
     p.add_argument("--seed", type=int, default=0,
                    help="calibration draw, random scores and fine-tune order (default: 0)")
     p.add_argument("--dense-seed", type=int, default=0, help="the dense ResNet-20's training seed (default: 0)")

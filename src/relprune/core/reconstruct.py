@@ -210,3 +210,39 @@ def _least_squares(weight: Tensor, hessian: Tensor, keep: Tensor, percdamp: floa
         p = z + rz_next / rz.clamp_min(torch.finfo(dtype).tiny) * p
         rz = rz_next
     return (x * m).to(weight.dtype)
+
+
+def refit_columns(weight: Tensor, second_moment: Tensor, mean: Tensor, keep: Tensor, *,
+                  bias: Tensor | None = None, percdamp: float = PERCDAMP) -> tuple[Tensor, Tensor]:
+    """(weight on the kept columns, bias) fitted to the dense layer's outputs once input columns are removed.
+
+    Structured pruning removes whole input columns of a layer (the outputs of pruned heads or
+    channels), the same columns for every row, so one damped least squares with an intercept serves
+    all rows: with C = E[x x^T] - mu mu^T the input covariance on the calibration tokens (from
+    ``second_moment`` E[x x^T] and ``mean`` mu), the kept columns S get
+    W'_S = W C_{:,S} (C_SS + lambda I)^-1 and the bias b' = b + W mu - W'_S mu_S, minimising
+    E||W x + b - W'_S x_S - b'||^2. Keeping W_S and adding W_{~S} mu_{~S} to the bias (FLAP's bias
+    compensation) is the same fit with the covariance between kept and removed columns ignored.
+    ``keep`` is a boolean over the input columns; damping adds ``percdamp`` times C_SS's mean diagonal.
+    """
+    keep = keep.bool()
+    if keep.dim() != 1 or keep.numel() != weight.shape[1]:
+        raise SparsityError(f"keep must be a boolean over the {weight.shape[1]} input columns")
+    if not keep.any():
+        raise SparsityError("refit_columns needs at least one kept column")
+    dtype = torch.float64
+    w = weight.detach().to(dtype)
+    mu = mean.detach().to(dtype).reshape(-1)
+    cov = second_moment.detach().to(dtype) - torch.outer(mu, mu)
+    c_ss = cov[keep][:, keep].clone()
+    damp = percdamp * c_ss.diagonal().mean().clamp_min(torch.finfo(dtype).tiny)
+    c_ss.diagonal().add_(damp)
+    rhs = w @ cov[:, keep]  # O x |S|
+    chol, info = torch.linalg.cholesky_ex(c_ss)
+    if int(info) != 0:  # not positive definite even damped: fall back to a least-squares solve
+        new = torch.linalg.lstsq(c_ss, rhs.T).solution.T
+    else:
+        new = torch.cholesky_solve(rhs.T, chol).T
+    b = torch.zeros(w.shape[0], dtype=dtype, device=w.device) if bias is None else bias.detach().to(dtype)
+    new_bias = b + w @ mu - new @ mu[keep]
+    return new.to(weight.dtype), new_bias.to(weight.dtype)

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.collect import collect_stats
+from ..core.reconstruct import PERCDAMP, refit_columns
 from ..core.stats import LayerStats
 from ..errors import RelpruneError
 from .blocks import block_outputs, capture_block_inputs, feed
@@ -220,6 +221,62 @@ def unit_compensation(model: nn.Module, batches: Sequence[dict[str, Tensor]], ke
     return out
 
 
+def shrink_refit(model: nn.Module, batches: Sequence[dict[str, Tensor]], keep: dict[tuple[int, str], Tensor], *,
+                 blocks: str | Sequence[str] | None = None, sequential: bool = True,
+                 percdamp: float = PERCDAMP) -> dict[str, Any]:
+    """Remove the units not kept, in place, re-fitting what reads them; returns the per-layer sizes.
+
+    Block by block, the kept columns of each ``o_proj`` and ``down_proj`` (and a bias) are fitted by
+    least squares to the layer's dense output on the calibration tokens
+    (:func:`~relprune.core.reconstruct.refit_columns`; FLAP's bias compensation is its special case
+    that ignores how kept and removed columns covary). The attention units go first, so the MLP's
+    fit sees the attention it will run with; with ``sequential`` (default) each block is calibrated
+    on the outputs of the blocks already shrunk, else on the dense model's.
+    """
+    named = decoder_blocks(model, blocks)
+    unknown = sorted(k for k in keep if not (0 <= k[0] < len(named)) or k[1] not in ("heads", "mlp"))
+    if unknown:
+        raise RelpruneError(f"keep names units the model does not have: {unknown[:3]}")
+    model.eval()
+    captured = capture_block_inputs(model, [b for _, b in named], batches)
+    hidden = captured.hidden
+    for i, (_, block) in enumerate(named):
+        inputs = feed(captured.calls[i], hidden)
+        dense_out = None if sequential or i + 1 == len(named) else block_outputs(block, inputs)
+        for kind in ("heads", "mlp"):
+            if (i, kind) not in keep:
+                continue
+            reader = _attn(block)[0].o_proj if kind == "heads" else _mlp(block).down_proj
+            cols = next(idx for p, dim, idx in _index_sets(block, kind, keep[i, kind]) if p is reader and dim == 1)
+            kept = torch.zeros(reader.in_features, dtype=torch.bool)
+            kept[cols] = True
+            name = _name_in(block, reader)
+            s = collect_stats(block, inputs, layers=[name], statistics=["input_gram", "contribution_mean"],
+                              liveness=False)[name]
+            weight, bias = refit_columns(reader.weight, s.input_gram, s.input_mean.reshape(-1, reader.in_features)[0],
+                                         kept.to(reader.weight.device), bias=reader.bias, percdamp=percdamp)
+            with torch.no_grad():
+                full = torch.zeros_like(reader.weight)
+                full[:, kept] = weight
+                reader.weight = nn.Parameter(full)
+                reader.bias = nn.Parameter(bias)
+            _shrink_block(block, kind, keep[i, kind])
+        if i + 1 < len(named):
+            hidden = dense_out if dense_out is not None else block_outputs(block, inputs)
+    return layer_sizes(model, blocks=blocks)
+
+
+def _shrink_block(block: nn.Module, kind: str, kept: Tensor) -> None:
+    """Remove the units of ``kind`` not in ``kept`` from one block, in place."""
+    with torch.no_grad():
+        for proj, dim, idx in _index_sets(block, kind, kept):
+            idx = idx.to(proj.weight.device)
+            proj.weight = nn.Parameter(proj.weight.detach().index_select(dim, idx).clone())
+            if dim == 0 and proj.bias is not None:
+                proj.bias = nn.Parameter(proj.bias.detach()[idx].clone())
+            proj.out_features, proj.in_features = proj.weight.shape
+
+
 def _index_sets(block: nn.Module, kind: str, kept: Tensor) -> list[tuple[nn.Linear, int, Tensor]]:
     """(projection, dimension, kept indices along it) for each projection a unit kind spans."""
     if kind == "mlp":
@@ -250,12 +307,7 @@ def shrink_units(model: nn.Module, keep: dict[tuple[int, str], Tensor], *,
                 proj.bias = nn.Parameter(torch.zeros(proj.out_features, dtype=proj.weight.dtype))
             proj.bias.add_(delta.to(proj.bias.dtype))
         for (i, kind), kept in keep.items():
-            block = named[i][1]
-            for proj, dim, idx in _index_sets(block, kind, kept):
-                proj.weight = nn.Parameter(proj.weight.detach().index_select(dim, idx).clone())
-                if dim == 0 and proj.bias is not None:
-                    proj.bias = nn.Parameter(proj.bias.detach()[idx].clone())
-                proj.out_features, proj.in_features = proj.weight.shape
+            _shrink_block(named[i][1], kind, kept)
     return layer_sizes(model, blocks=blocks)
 
 
