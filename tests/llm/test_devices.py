@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_llm import WORDS, tiny_llama
 
 import relprune
 from relprune.cli import main
 from relprune.llm import load_causal_lm, prune_sequential
 from relprune.llm.load import resolve_device, resolve_dtype
-from test_llm import WORDS, tiny_llama
 
 
 def ids_batches(n=2, seqlen=12):
