@@ -183,11 +183,12 @@ def test_calibration_windows_are_bounded_by_the_text():
     assert calibration_windows(torch.arange(100), 85, 16).shape == (85, 16)
 
 
-@pytest.mark.parametrize("scope", ["uniform", "global"])
-def test_llm_shrink_writes_a_smaller_folder_with_the_in_memory_logits(folder, tmp_path, capsys, scope):
+@pytest.mark.parametrize("scope, compensation", [("uniform", "refit"), ("global", "refit"), ("uniform", "bias")])
+def test_llm_shrink_writes_a_smaller_folder_with_the_in_memory_logits(folder, tmp_path, capsys, scope, compensation):
     from relprune.llm.structured import (
         load_shrunk,
         plan_units,
+        shrink_refit,
         shrink_units,
         unit_compensation,
         unit_scores,
@@ -196,7 +197,7 @@ def test_llm_shrink_writes_a_smaller_folder_with_the_in_memory_logits(folder, tm
 
     code, err = _run(["llm", "shrink", "--model", folder, "--ratio", "0.3", "--scope", scope, "--calibration",
                       tmp_path / "calib.txt", "--calibration-samples", "4", "--seqlen", "16", "--out",
-                      tmp_path / "small"], capsys)
+                      tmp_path / "small", "--compensation", compensation], capsys)
     assert code == 0, err
     record = json.loads((tmp_path / "small" / "relprune.json").read_text())
     assert record["parameters"] < record["dense_parameters"]
@@ -205,12 +206,28 @@ def test_llm_shrink_writes_a_smaller_folder_with_the_in_memory_logits(folder, tm
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     batches = batches_of(calibration_windows(tokenize_file(tokenizer, tmp_path / "calib.txt"), 4, 16, 0), 8)
     keep = plan_units(model, unit_scores(model, batches, "fluctuation"), 0.3, scope=scope)
-    shrink_units(model, keep, bias_delta=unit_compensation(model, batches, keep))
+    if compensation == "refit":
+        shrink_refit(model, batches, keep)
+    else:
+        shrink_units(model, keep, bias_delta=unit_compensation(model, batches, keep))
     saved = load_shrunk(tmp_path / "small")
     ids = batches[0]["input_ids"]
     with torch.no_grad():
         torch.testing.assert_close(saved(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
     assert sum(p.numel() for p in saved.parameters()) == record["parameters"]
+
+
+def test_llm_shrink_depth_removes_whole_blocks(folder, tmp_path, capsys):
+    code, err = _run(["llm", "shrink", "--model", folder, "--ratio", "0.4", "--depth", "--calibration",
+                      tmp_path / "calib.txt", "--calibration-samples", "4", "--seqlen", "16", "--out",
+                      tmp_path / "d"], capsys)
+    assert code == 0, err
+    record = json.loads((tmp_path / "d" / "relprune.json").read_text())
+    assert record["sizes"]["num_hidden_layers"] == 1 and len(record["sizes"]["removed"]) == 1
+    assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "d").config.num_hidden_layers == 1
+    code, err = _run(["llm", "shrink", "--model", folder, "--ratio", "0.9", "--depth", "--calibration",
+                      tmp_path / "calib.txt", "--seqlen", "16", "--out", tmp_path / "all"], capsys)
+    assert code == 1 and "would remove all 2" in err and not (tmp_path / "all").exists()
 
 
 def test_recorded_sizes_that_ask_for_more_than_the_weights_are_refused(folder, tmp_path, capsys):

@@ -82,8 +82,16 @@ def add_llm_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--score", choices=LLM_GROUP_CRITERIA, default=DEFAULT_LLM_UNIT_SCORE,
                    help=f"unit score (default: {DEFAULT_LLM_UNIT_SCORE}, FLAP's, the best of the structured "
                         "benchmark; share and rc are ours)")
-    s.add_argument("--bias-compensation", action=argparse.BooleanOptionalAction, default=True,
-                   help="FLAP's bias compensation: each o_proj/down_proj keeps its mean output (default: True)")
+    s.add_argument("--compensation", choices=["refit", "bias", "none"], default="refit",
+                   help="what reads the removed units is corrected: 'refit' fits each o_proj/down_proj's kept "
+                        "columns and bias to its dense output by least squares, block by block (ours); 'bias' "
+                        "is FLAP's bias compensation (the mean output kept); 'none' (default: refit)")
+    s.add_argument("--depth", action="store_true",
+                   help="remove whole decoder blocks instead of heads and channels: as many as make up --ratio "
+                        "of the decoder's projection parameters, lowest --block-score first")
+    s.add_argument("--block-score", choices=["influence", "relative"], default="influence",
+                   help="with --depth: ShortGPT's block influence (1 - cos of a block's input and output) or our "
+                        "relative contribution to the residual stream (default: influence)")
     s.add_argument("--scope", choices=["uniform", "global"], default="uniform",
                    help="the same sizes in every layer (a plain transformers folder), or per-layer sizes "
                         "(loaded with relprune.llm.structured.load_shrunk) (default: uniform)")
@@ -249,16 +257,20 @@ def _llm_prune_streamed(ns: argparse.Namespace, out: Path, recipe: Recipe) -> in
 
 def cmd_llm_shrink(ns: argparse.Namespace) -> int:
     from ..llm import calibration_windows, load_model, tokenize_file
-    from ..llm.save import staged_folder
+    from ..llm.depth import block_scores, plan_blocks, remove_blocks
+    from ..llm.save import save_pretrained, staged_folder
     from ..llm.structured import (
         plan_units,
         save_shrunk,
+        shrink_refit,
         shrink_units,
         unit_compensation,
         unit_scores,
     )
     from ..llm.text import batches_of
 
+    if ns.depth and ns.scope != "uniform":
+        raise RelpruneError("--depth removes whole blocks; --scope applies to heads and channels only")
     out = _fresh_out(Path(ns.out))
     if not Path(ns.calibration).is_file():
         raise RelpruneError(f"calibration text {ns.calibration} does not exist")
@@ -267,29 +279,54 @@ def cmd_llm_shrink(ns: argparse.Namespace) -> int:
     batches = batches_of(calibration_windows(tokenize_file(tokenizer, ns.calibration), ns.calibration_samples,
                                              ns.seqlen, ns.seed), ns.batch_size)
     say(f"calibration: {ns.calibration_samples} windows of {ns.seqlen} tokens from {ns.calibration} "
-         f"(seed {ns.seed})")
+        f"(seed {ns.seed})")
     start = time.perf_counter()
     before = sum(p.numel() for p in model.parameters())
-    keep = plan_units(model, unit_scores(model, batches, ns.score, seed=ns.seed), ns.ratio, scope=ns.scope)
-    delta = unit_compensation(model, batches, keep) if ns.bias_compensation else None
-    sizes = shrink_units(model, keep, bias_delta=delta)
+    if ns.depth:
+        from ..llm.sequential import decoder_blocks
+
+        named = decoder_blocks(model)
+        per_block = sum(p.numel() for p in named[0][1].parameters())
+        count = int(-(-ns.ratio * per_block * len(named) // per_block))
+        if count >= len(named):
+            raise RelpruneError(f"--ratio {ns.ratio} would remove all {len(named)} decoder blocks")
+        drop = plan_blocks(block_scores(model, batches, ns.block_score), count)
+        sizes = remove_blocks(model, drop)
+    else:
+        keep = plan_units(model, unit_scores(model, batches, ns.score, seed=ns.seed), ns.ratio, scope=ns.scope)
+        if ns.compensation == "refit":
+            sizes = shrink_refit(model, batches, keep)
+        else:
+            delta = unit_compensation(model, batches, keep) if ns.compensation == "bias" else None
+            sizes = shrink_units(model, keep, bias_delta=delta)
     seconds = time.perf_counter() - start
     with staged_folder(out) as tmp:
-        plain = save_shrunk(model, tokenizer, tmp)
+        if ns.depth:
+            save_pretrained(model, tokenizer, tmp)
+            plain = True
+        else:
+            plain = save_shrunk(model, tokenizer, tmp)
         after = sum(p.numel() for p in model.parameters())  # as saved (bias switches add zero biases)
-        record = {"model": ns.model, "ratio": ns.ratio, "score": ns.score, "bias_compensation": ns.bias_compensation,
-                  "scope": ns.scope, "calibration": str(ns.calibration), "calibration_samples": ns.calibration_samples,
+        record = {"model": ns.model, "ratio": ns.ratio, "depth": ns.depth,
+                  "score": ns.block_score if ns.depth else ns.score,
+                  "compensation": None if ns.depth else ns.compensation, "scope": ns.scope,
+                  "calibration": str(ns.calibration), "calibration_samples": ns.calibration_samples,
                   "seqlen": ns.seqlen, "seed": ns.seed, "seconds": round(seconds, 1), "parameters": after,
                   "dense_parameters": before, "sizes": sizes}
         (tmp / "relprune.json").write_text(json.dumps(record, indent=2) + "\n")
-    first = sizes["layers"][0]
-    print(f"parameters: {after:,} of {before:,} ({1 - after / before:.2%} removed, embeddings included); "
-          + (f"every layer: {first['num_attention_heads']} heads, {first['num_key_value_heads']} key/value heads, "
-             f"MLP width {first['intermediate_size']}" if plain else "sizes differ per layer"))
+    if ns.depth:
+        shape = f"blocks {sizes['removed']} removed, {sizes['num_hidden_layers']} left"
+    elif plain:
+        first = sizes["layers"][0]
+        shape = (f"every layer: {first['num_attention_heads']} heads, {first['num_key_value_heads']} key/value "
+                 f"heads, MLP width {first['intermediate_size']}")
+    else:
+        shape = "sizes differ per layer"
+    print(f"parameters: {after:,} of {before:,} ({1 - after / before:.2%} removed, embeddings included); {shape}")
     loader = ("transformers.AutoModelForCausalLM.from_pretrained" if plain
               else "relprune.llm.structured.load_shrunk")
-    print(f"{ns.score}{' + bias compensation' if ns.bias_compensation else ''}: shrunk in {seconds:.0f} s; "
-          f"saved to {out} (load with {loader})")
+    how = ns.block_score if ns.depth else f"{ns.score} + {ns.compensation}"
+    print(f"{how}: shrunk in {seconds:.0f} s; saved to {out} (load with {loader})")
     return 0
 
 
