@@ -283,7 +283,8 @@ def run_llm(args) -> None:
     data = ROOT.parent / "shared" / "data" / "shakespeare"
     for target in args.llm_targets:
         for method in args.llm_methods:
-            if ("llm", method, target, args.seed) in done:
+            label = f"{method}+distill{args.recover_steps}" if args.recover_steps else method
+            if ("llm", label, target, args.seed) in done:
                 continue
             model, tok = load_model("smollm2-135m", fetch=False, quiet=True, device="cpu")
             proj = sum(p.numel() for n, p in model.model.layers.named_parameters() if "proj" in n)
@@ -309,6 +310,19 @@ def run_llm(args) -> None:
                     shrink_units(model, keep, bias_delta=delta)
                 extra = {}
             seconds = time.perf_counter() - start
+            if args.recover_steps:
+                from relprune.llm.distill import distill
+
+                teacher, _ = load_model("smollm2-135m", fetch=False, quiet=True, device="cpu")
+                windows = calibration_windows(tokenize_file(tok, data / "calib.txt"), args.recover_samples,
+                                              args.recover_seqlen, args.seed + 1)
+                report = distill(model, teacher, batches_of(windows, args.recover_batch), steps=args.recover_steps,
+                                 lr=args.recover_lr)
+                del teacher
+                method = f"{method}+distill{args.recover_steps}"
+                extra = {**extra, "recover_steps": report.steps, "recover_tokens": report.tokens,
+                         "recover_seconds": round(report.seconds, 1), "recover_lr": args.recover_lr,
+                         "recover_loss": [round(report.first_loss, 4), round(report.last_loss, 4)]}
             after = sum(p.numel() for n, p in model.model.layers.named_parameters() if "proj" in n and "weight" in n)
             windows = evaluation_windows(tokenize_file(tok, data / "eval.txt"), 512, 16)
             ppl = perplexity(model, windows, batch_size=4)
@@ -377,6 +391,11 @@ def main() -> None:
     p.add_argument("--calibration-samples", type=int, default=16)
     p.add_argument("--llm-methods", nargs="+", choices=LLM_METHODS, default=LLM_DEFAULT_METHODS)
     p.add_argument("--llm-targets", nargs="+", type=float, default=[0.2, 0.3, 0.5])
+    p.add_argument("--recover-steps", type=int, default=0, help="distillation steps after shrinking (default: 0)")
+    p.add_argument("--recover-lr", type=float, default=5e-5)
+    p.add_argument("--recover-samples", type=int, default=64, help="recovery windows drawn from calib.txt")
+    p.add_argument("--recover-seqlen", type=int, default=256)
+    p.add_argument("--recover-batch", type=int, default=4)
     p.add_argument("--seed", type=int, default=0,
                    help="calibration draw, random scores and fine-tune order (default: 0)")
     p.add_argument("--dense-seed", type=int, default=0, help="the dense ResNet-20's training seed (default: 0)")

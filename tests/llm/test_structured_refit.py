@@ -145,3 +145,30 @@ def test_removing_every_block_or_an_unknown_one_is_refused_before_anything_chang
     with pytest.raises(relprune.RelpruneError, match="at least one must stay"):
         plan_blocks(torch.zeros(3), 3)
     assert [id(b) for b in model.model.layers] == before and model.config.num_hidden_layers == 3
+
+
+def test_distillation_brings_a_shrunk_model_towards_the_dense_one_and_leaves_the_teacher_alone():
+    from relprune.llm.distill import distill
+
+    dense = tiny(layers=2)
+    batches = ids_batches(3)
+    student = copy.deepcopy(dense)
+    keep = plan_units(student, unit_scores(student, batches, "fluctuation"), 0.5)
+    shrink_units(student, keep)
+    teacher_state = {k: v.clone() for k, v in dense.state_dict().items()}
+    embeddings = student.model.embed_tokens.weight.detach().clone()
+
+    def kl():
+        with torch.no_grad():
+            return sum(float(torch.nn.functional.kl_div(student(**b).logits.log_softmax(-1),
+                                                          dense(**b).logits.log_softmax(-1), log_target=True,
+                                                          reduction="batchmean")) for b in batches)
+
+    before = kl()
+    report = distill(student, dense, batches, steps=30, lr=1e-3)
+    assert kl() < 0.7 * before and report.last_loss < report.first_loss
+    assert report.steps == 30 and report.tokens == 30 * 3 * 12
+    assert all(torch.equal(v, dense.state_dict()[k]) for k, v in teacher_state.items())
+    assert torch.equal(student.model.embed_tokens.weight, embeddings)
+    with pytest.raises(relprune.RelpruneError, match="at least 1"):
+        distill(student, dense, batches, steps=0)
