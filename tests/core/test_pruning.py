@@ -19,6 +19,7 @@ from relprune import (
     SparsityError,
     StatsMismatchError,
 )
+from relprune.core.masks import mask_of, original_weight
 
 
 def mlp():
@@ -316,7 +317,7 @@ def test_multihead_attention_projection_is_left_out_by_name_and_training_works()
         opt.step()
     model(torch.randn(4, 5, 8))
     head = model.head
-    assert torch.equal(head.weight, head.weight_orig * head.weight_mask)
+    assert torch.equal(head.weight, original_weight(head) * mask_of(head))
 
 
 def test_nan_weights_are_refused_and_model_unchanged():

@@ -11,6 +11,7 @@ import torch
 from cli_run import run as _run
 
 from relprune.cli import main
+from relprune.core.masks import is_masked, mask_of, original_weight
 from relprune.experiments.data import load_dataset
 from relprune.experiments.experiment import load_model
 from relprune.experiments.models import build_model
@@ -146,8 +147,8 @@ def test_pruned_checkpoint_is_not_twice_the_dense_size(trained):
     pruned = (trained / "pruned" / "model.safetensors").stat().st_size
     assert pruned < 1.3 * dense  # float32 weights + one byte of mask per weight, not weight_orig + a float mask
     model, _ = load_model(trained / "pruned")
-    masked = [m for m in model.modules() if hasattr(m, "weight_mask")]
-    assert masked and all(torch.equal(m.weight, m.weight_orig * m.weight_mask) for m in masked)
+    masked = [m for m in model.modules() if is_masked(m)]
+    assert masked and all(torch.equal(m.weight, original_weight(m) * mask_of(m)) for m in masked)
 
 
 def test_n_m_names_layers_left_dense_and_reports_whole_model_sparsity(trained, tmp_path, capsys):

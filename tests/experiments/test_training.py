@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import relprune
+from relprune.core.masks import mask_of
 from relprune.errors import CheckpointError, RelpruneError
 from relprune.experiments.data import load_dataset
 from relprune.experiments.experiment import (
@@ -149,7 +150,7 @@ def test_early_stopping_keeps_the_best_epoch_as_a_shorter_run_would_end(digits):
     for k, v in _state(ref).items():
         assert torch.equal(m.state_dict()[k], v), k
     layer = m.get_submodule("1")
-    assert torch.all(layer.weight[~layer.weight_mask.bool()] == 0)
+    assert torch.all(layer.weight[~mask_of(layer).bool()] == 0)
 
 
 def test_early_stopping_ends_when_validation_stops_improving(digits):

@@ -11,6 +11,7 @@ transformers = pytest.importorskip("transformers", reason="the llm extra is not 
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 import relprune  # noqa: E402
+from relprune.core.masks import mask_of  # noqa: E402
 from relprune.llm import prune_sequential  # noqa: E402
 from relprune.train.regularizers import ContributionEntropy  # noqa: E402
 
@@ -68,7 +69,7 @@ def test_conv1d_prunes_like_the_linear_twin(criterion, budget, reconstruct, dtyp
     for i in (0, 2):
         assert conv.masks[str(i)].shape == conv[i].weight.shape  # masks come in the parameter's layout
         assert torch.equal(conv.masks[str(i)].t(), lin.masks[str(i)])
-        assert torch.equal(conv[i].weight_mask.t(), lin[i].weight_mask)
+        assert torch.equal(mask_of(conv[i]).t(), mask_of(lin[i]))
     x = data(dtype)[0][0]
     tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {}
     torch.testing.assert_close(conv(x), lin(x), **tol)

@@ -28,12 +28,20 @@ _CONV_WEIGHT_GRAD = {
 _CONV_FORWARD = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
+def module_type(module: nn.Module) -> type[nn.Module]:
+    """The module's own class: a masked layer is an instance of the subclass ``torch.nn.utils.parametrize``
+    injects (``ParametrizedLinear``), whose base is the class the user built."""
+    cls = type(module)
+    return cls.__bases__[0] if getattr(module, "parametrizations", None) is not None and cls.__name__.startswith(
+        "Parametrized") else cls
+
+
 def is_transposed(module: nn.Module) -> bool:
     """True for transformers' ``Conv1D`` (GPT-2 family): a Linear whose weight is stored I x O.
 
     Detected by name and shape attributes, so core needs no transformers import.
     """
-    return (type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(
+    return (module_type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(
         getattr(module, "weight", None), Tensor) and module.weight.dim() == 2)
 
 

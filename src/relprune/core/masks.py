@@ -1,9 +1,11 @@
 """Masks as a first-class type: applying them, holding them through training, making them permanent.
 
-Masks are applied with ``torch.nn.utils.prune`` (``weight_orig`` parameter,
-``weight_mask`` buffer, a forward pre-hook), so pruned weights stay zero
-through optimiser steps and a ``state_dict`` carries the masks; any tool that
-understands torch's pruning understands ours.
+Masks are parametrisations (``torch.nn.utils.parametrize``, as ``torch.ao.pruning`` applies
+its own): the weight is ``original * mask`` on every read, by the layer's forward or by any module
+that reads the attribute directly, so pruned weights stay zero through optimiser steps and a
+``state_dict`` carries the masks (``*.parametrizations.weight.original`` and ``...0.mask``).
+Checkpoints in ``torch.nn.utils.prune``'s layout (``weight_orig`` / ``weight_mask``, what relprune
+wrote before) load into the same masks.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import prune as torch_prune
+from torch.nn.utils import parametrize
 
 from ..errors import CheckpointError, StatsMismatchError
 from .layers import prunable_layers
@@ -88,35 +90,85 @@ def format_report(rows: list[LayerReport]) -> str:
     return "\n".join(out)
 
 
+class KeepMask(nn.Module):
+    """The parametrisation that holds a layer's weight to its mask: ``weight = original * mask``.
+
+    Registered with ``torch.nn.utils.parametrize`` (as ``torch.ao.pruning``'s ``FakeSparsity``), so
+    the mask applies on every read of the attribute, by the layer's own forward or by any module
+    that reads the weight directly (``nn.MultiheadAttention`` reads ``out_proj.weight``). The mask is
+    a buffer of the weight's dtype; gradients reach only the kept entries of the original.
+    """
+
+    def __init__(self, mask: Tensor):
+        super().__init__()
+        self.register_buffer("mask", mask)
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return weight * self.mask
+
+
+#: Version counters moved by mask registration, per weight storage: (before, after). torch re-seats
+#: the original with ``set_`` when a parametrisation is registered, which bumps the version counter
+#: without changing a value; statistics gathered on the unmasked weight (which ``LayerStats``
+#: checks by that counter) stay valid across it.
+_REGISTRATION_BUMPS: dict[tuple[int, int], tuple[int, int]] = {}
+
+
+def _register(layer: nn.Module, mask: Tensor) -> None:
+    """Put ``layer.weight`` under ``mask`` (the parameter object stays the same)."""
+    weight = layer.weight
+    before = weight._version
+    parametrize.register_parametrization(layer, "weight", KeepMask(mask), unsafe=True)
+    original = layer.parametrizations.weight.original
+    _REGISTRATION_BUMPS[(original.data_ptr(), original.numel())] = (before, original._version)
+
+
+def unchanged_since(weight: Tensor, version: int) -> bool:
+    """True when ``weight`` (or an alias of its storage) holds the values it held at ``version``:
+    the same version, or the bump of a mask's registration right after it."""
+    now = weight._version
+    if now == version:
+        return True
+    return _REGISTRATION_BUMPS.get((weight.data_ptr(), weight.numel())) == (version, now)
+
+
+def _keep_mask(layer: nn.Module, name: str = "weight") -> KeepMask | None:
+    if not parametrize.is_parametrized(layer, name):
+        return None
+    return next((p for p in layer.parametrizations[name] if isinstance(p, KeepMask)), None)
+
+
 def is_masked(layer: nn.Module) -> bool:
-    """True when the layer's weight is held by a mask (torch.nn.utils.prune)."""
-    return torch_prune.is_pruned(layer) and hasattr(layer, "weight_mask")
+    """True when the layer's weight is held by a relprune mask."""
+    return _keep_mask(layer) is not None
+
+
+def mask_of(layer: nn.Module) -> Tensor | None:
+    """The mask buffer (the weight's dtype, in the parameter's layout) of a masked layer, else None."""
+    keep = _keep_mask(layer)
+    return None if keep is None else keep.mask
+
+
+def original_weight(layer: nn.Module) -> Tensor:
+    """The trained parameter under the mask (the weight itself for an unmasked layer)."""
+    return layer.parametrizations.weight.original if is_masked(layer) else layer.weight
 
 
 def current_masks(model: nn.Module) -> Masks:
     """The masks currently applied, with all-ones masks for unmasked prunable layers."""
     out = {}
     for name, layer in prunable_layers(model).items():
-        out[name] = layer.weight_mask.bool() if is_masked(layer) else torch.ones_like(layer.weight, dtype=torch.bool)
+        out[name] = mask_of(layer).bool() if is_masked(layer) else torch.ones_like(layer.weight, dtype=torch.bool)
     return Masks(out)
 
 
 def effective_weight(layer: nn.Module) -> Tensor:
-    """The weight the next forward pass will use: ``weight_orig * weight_mask`` for a masked layer.
-
-    torch's pruning refreshes ``layer.weight`` only in a forward pre-hook, so after loading or
-    editing ``weight_orig`` the attribute can be stale; this never is.
-    """
-    if is_masked(layer):
-        return (layer.weight_orig * layer.weight_mask).detach()
+    """The weight the next forward pass will use (``original * mask`` for a masked layer), detached."""
     return layer.weight.detach()
 
 
 def refresh_masked_weights(model: nn.Module) -> None:
-    """Recompute ``weight`` of every masked layer from ``weight_orig`` and ``weight_mask``."""
-    for layer in model.modules():
-        if is_masked(layer):
-            layer.weight = layer.weight_orig * layer.weight_mask
+    """Kept for callers of the hook-based masks: a parametrised weight is computed on every read."""
 
 
 def sparsity_report(model: nn.Module) -> list[LayerReport]:
@@ -139,53 +191,74 @@ def apply_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
         layer = modules[name]
         mask = mask.to(device=layer.weight.device, dtype=layer.weight.dtype)
         if is_masked(layer):
-            layer.weight_mask.mul_(mask)
-            with torch.no_grad():
-                layer.weight = layer.weight_orig * layer.weight_mask
+            mask_of(layer).mul_(mask)
         else:
-            torch_prune.custom_from_mask(layer, "weight", mask)
+            _register(layer, mask)
 
 
 def copy_model(model: nn.Module) -> nn.Module:
-    """``copy.deepcopy`` that also works on masked models.
-
-    torch's pruning keeps ``weight`` as a computed, non-leaf tensor, which
-    deepcopy refuses; it is set aside during the copy and recomputed after.
-    """
+    """A deep copy of ``model``, masks included."""
     import copy
 
-    masked = [m for m in model.modules() if is_masked(m) and "weight" in m.__dict__]
-    saved = [m.__dict__.pop("weight") for m in masked]
-    try:
-        clone = copy.deepcopy(model)
-    finally:
-        for m, w in zip(masked, saved, strict=True):
-            m.__dict__["weight"] = w
-    for m in clone.modules():
-        if is_masked(m) and "weight" not in m.__dict__:
-            m.weight = m.weight_orig * m.weight_mask
-    return clone
+    return copy.deepcopy(model)
+
+
+def _own_class(layer: nn.Module) -> None:
+    """Give a parametrised layer a class of its own before its parametrisation is removed.
+
+    torch injects one ``Parametrized<Cls>`` class per registration, and a deep copy shares it with
+    the original; removing the parametrisation deletes the weight property from that class, which
+    would strip it from the other copy too.
+    """
+    cls = type(layer)
+    layer.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
+
+
+def unmask(layer: nn.Module, *, keep_zeros: bool = True) -> None:
+    """Remove a layer's mask: the weight becomes ``original * mask`` (``keep_zeros``) or the original."""
+    _own_class(layer)
+    parametrize.remove_parametrizations(layer, "weight", leave_parametrized=keep_zeros)
 
 
 def make_permanent(model: nn.Module) -> nn.Module:
     """Fold every mask into its weight (zeros stay) and drop the masking machinery."""
     for layer in model.modules():
         if is_masked(layer):
-            torch_prune.remove(layer, "weight")
+            unmask(layer)
     return model
 
 
-def load_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], strict: bool = True) -> None:
-    """Load a state_dict that may hold masks (``*.weight_orig`` / ``*.weight_mask``).
+#: Key suffixes of a masked weight: torch.nn.utils.prune's (relprune's files and checkpoints before the
+#: masks became parametrisations) and torch.nn.utils.parametrize's (a masked model's own state_dict).
+LEGACY_ORIGINAL, LEGACY_MASK = ".weight_orig", ".weight_mask"
+ORIGINAL, MASK = ".parametrizations.weight.original", ".parametrizations.weight.0.mask"
 
-    Layers with a mask in the checkpoint get one before loading; a checkpoint
-    from another model raises :class:`CheckpointError` naming the keys and
-    shapes that differ, and leaves the model unchanged.
+
+def _as_parametrized_keys(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A state dict with torch.nn.utils.prune's mask keys renamed to the parametrisation's."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.endswith(LEGACY_ORIGINAL):
+            key = key[: -len(LEGACY_ORIGINAL)] + ORIGINAL
+        elif key.endswith(LEGACY_MASK):
+            key = key[: -len(LEGACY_MASK)] + MASK
+        out[key] = value
+    return out
+
+
+def load_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], strict: bool = True) -> None:
+    """Load a state_dict that may hold masks (``*.parametrizations.weight.original`` / ``...0.mask``, or
+    the ``*.weight_orig`` / ``*.weight_mask`` of checkpoints written before masks were parametrisations).
+
+    Layers with a mask in the checkpoint get one before loading; a checkpoint from another model
+    raises :class:`CheckpointError` naming the keys and shapes that differ, and leaves the model
+    unchanged.
     """
     if not isinstance(state_dict, Mapping) or not all(isinstance(v, Tensor) for v in state_dict.values()):
         raise CheckpointError(f"expected a state_dict (a mapping of names to tensors), got {type(state_dict).__name__}")
+    state_dict = _as_parametrized_keys(state_dict)
     modules = dict(model.named_modules())
-    masked = [k[: -len(".weight_mask")] for k in state_dict if k.endswith(".weight_mask")]
+    masked = [k[: -len(MASK)] for k in state_dict if k.endswith(MASK)]
     unknown = [n for n in masked if n not in modules or not hasattr(modules[n], "weight")]
     if unknown:
         raise CheckpointError(f"checkpoint has masks for layers the model lacks: {unknown}")
@@ -195,8 +268,8 @@ def load_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], strict: 
     for n in masked:
         if not is_masked(modules[n]):
             shape = expected.pop(f"{n}.weight")
-            expected[f"{n}.weight_orig"] = shape
-            expected[f"{n}.weight_mask"] = shape
+            expected[f"{n}{ORIGINAL}"] = shape
+            expected[f"{n}{MASK}"] = shape
     got = {k: tuple(v.shape) for k, v in state_dict.items()}
     missing = sorted(set(expected) - set(got))
     extra = sorted(set(got) - set(expected))
@@ -213,7 +286,6 @@ def load_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], strict: 
         raise CheckpointError("checkpoint does not fit the model: " + ", ".join(parts))
     for n in masked:
         if not is_masked(modules[n]):
-            torch_prune.identity(modules[n], "weight")
+            layer = modules[n]
+            _register(layer, torch.ones_like(layer.weight))
     model.load_state_dict(dict(state_dict), strict=strict)
-    # load_state_dict fills weight_orig and weight_mask in place; weight would stay stale until a forward.
-    refresh_masked_weights(model)

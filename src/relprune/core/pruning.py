@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
@@ -23,7 +22,7 @@ from ..errors import (
 from . import allocation
 from .criteria import Criterion
 from .layers import oriented, prunable_layers, warn_left_out, weight_matrix
-from .masks import Masks, apply_masks, effective_weight, is_masked
+from .masks import Masks, apply_masks, effective_weight, is_masked, mask_of, original_weight, unmask
 from .spec import Recipe
 from .stats import INPUT_MOMENT_STATISTICS, LayerStats, Stats
 
@@ -95,7 +94,7 @@ def prune(
         )
 
     # Everything below is in relprune's O x I layout (a transformers Conv1D stores its weight I x O).
-    old = {n: oriented(layer, layer.weight_mask.bool() if is_masked(layer)
+    old = {n: oriented(layer, mask_of(layer).bool() if is_masked(layer)
                        else torch.ones_like(layer.weight, dtype=torch.bool)) for n, layer in chosen.items()}
     weights = {n: oriented(layer, effective_weight(layer)) for n, layer in chosen.items()}
     bad = [n for n, w in weights.items() if not torch.isfinite(w).all()]
@@ -237,13 +236,11 @@ def _apply_atomically(chosen: dict[str, nn.Module], keep: dict[str, Tensor],
     new_weights = new_weights or {}
     saved = {}
     for name, layer in chosen.items():
-        raw = layer.weight_orig if is_masked(layer) else layer.weight
+        raw = original_weight(layer)
         saved[name] = (
-            OrderedDict(layer._parameters), OrderedDict(layer._buffers),
-            OrderedDict(layer._forward_pre_hooks), layer.__dict__.get("weight"),
-            None if layer.bias is None else layer.bias.detach().clone(),
-            layer.weight_mask.clone() if is_masked(layer) else None,
-            (raw, raw.detach().clone()) if name in new_weights else None,
+            is_masked(layer), raw, raw.detach().clone() if name in new_weights else None,
+            None if not is_masked(layer) else mask_of(layer).clone(),
+            layer.bias, None if layer.bias is None else layer.bias.detach().clone(),
         )
     try:
         with torch.no_grad():
@@ -256,26 +253,21 @@ def _apply_atomically(chosen: dict[str, nn.Module], keep: dict[str, Tensor],
         apply_masks(model, keep)
         with torch.no_grad():
             for name, w in new_weights.items():
-                layer = chosen[name]
-                layer.weight_orig.copy_(w.to(layer.weight_orig.dtype))
-                layer.weight = layer.weight_orig * layer.weight_mask
+                raw = original_weight(chosen[name])
+                raw.copy_(w.to(raw.dtype))
     except BaseException:
         for name, layer in chosen.items():
-            params, buffers, hooks, weight_attr, bias, mask, raw = saved[name]
-            layer._parameters.clear()
-            layer._parameters.update(params)
-            layer._buffers.clear()
-            layer._buffers.update(buffers)
-            layer._forward_pre_hooks.clear()
-            layer._forward_pre_hooks.update(hooks)
-            layer.__dict__.pop("weight", None)
-            if weight_attr is not None:
-                layer.__dict__["weight"] = weight_attr
+            was_masked, raw, raw_data, mask, bias, bias_data = saved[name]
             with torch.no_grad():
-                if bias is not None:
-                    layer.bias.copy_(bias)
-                if mask is not None:
-                    layer.weight_mask.copy_(mask)
-                if raw is not None:
-                    raw[0].copy_(raw[1])
+                if is_masked(layer) and not was_masked:
+                    unmask(layer, keep_zeros=False)
+                elif was_masked:
+                    mask_of(layer).copy_(mask)
+                if raw_data is not None:
+                    raw.copy_(raw_data)
+                if bias is None:
+                    layer.bias = None
+                else:
+                    layer.bias = bias
+                    bias.copy_(bias_data)
         raise

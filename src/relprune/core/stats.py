@@ -26,6 +26,7 @@ from ..errors import (
     StatsMismatchError,
 )
 from . import layers as L
+from .masks import unchanged_since
 
 EPS = 1e-12
 
@@ -92,7 +93,7 @@ class LayerStats:
 
     def weight_changed(self) -> bool:
         """True when the layer's weights were changed in place since the statistics were gathered."""
-        return self.weight_version is not None and self.weight._version != self.weight_version
+        return self.weight_version is not None and not unchanged_since(self.weight, self.weight_version)
 
     def checked_weight(self) -> Tensor:
         """The weights the statistics were gathered with (raises if they have changed since)."""
@@ -342,7 +343,7 @@ def new_layer_stats(layer: nn.Module, x: Tensor | None, liveness: str | None, st
     sums = {k: torch.zeros(_sum_shape(layer, k, liveness, w.shape), dtype=torch.float64, device=w.device)
             for k in need}
     return LayerStats(
-        kind=type(layer).__name__, weight=w, weight_version=w._version,
+        kind=L.module_type(layer).__name__, weight=w, weight_version=w._version,
         bias=None if layer.bias is None else layer.bias.detach().clone(),
         groups=getattr(layer, "groups", 1), statistics=statistics, liveness=liveness,
         shift=shift, live_count=torch.zeros(w.shape[0], dtype=torch.float64, device=w.device),

@@ -33,10 +33,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ..core.layers import is_prunable
+from ..core.compressed import BITMASK, compress_state, decompress_state, pays_off, prefix_of
+from ..core.layers import is_prunable, module_type
 from ..core.masks import copy_model, load_state_dict, make_permanent
 from ..errors import CheckpointError, ShrinkError
-from .compressed import BITMASK, compress_state, decompress_state, pays_off, prefix_of
 from .shrink import flatten_chain
 
 FORMATS = ("dense", "masked", "sparse")
@@ -77,9 +77,10 @@ def architecture(model: nn.Module) -> list[dict[str, Any]]:
     """The layer specs of a chain model (nested Sequentials flattened)."""
     out = []
     for name, m in flatten_chain(model):
-        if type(m) not in _SPEC:
-            raise CheckpointError(f"cannot describe module {name!r} ({type(m).__name__}) for export")
-        out.append({"type": type(m).__name__, "args": _SPEC[type(m)](m)})
+        kind = module_type(m)
+        if kind not in _SPEC:
+            raise CheckpointError(f"cannot describe module {name!r} ({kind.__name__}) for export")
+        out.append({"type": kind.__name__, "args": _SPEC[kind](m)})
     return out
 
 
@@ -204,7 +205,7 @@ def export_onnx(model: nn.Module, example: Tensor | tuple[Tensor, ...], folder: 
 
 def export_sparse(model: nn.Module, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """Each prunable weight that is smaller so as a bitmask of non-zeros plus the non-zero values, in
-    compressed-tensors' ``sparse-bitmask`` layout (:mod:`relprune.deploy.compressed`)."""
+    compressed-tensors' ``sparse-bitmask`` layout (:mod:`relprune.core.compressed`)."""
     plain, arch = _as_stored(make_permanent(copy_model(model)))
     state = plain.state_dict()
     prunable = {f"{n}.weight" for n, m in plain.named_modules() if n and is_prunable(m)}

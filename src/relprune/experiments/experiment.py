@@ -21,7 +21,7 @@ from ..core.allocation import nm_fits, parse_n_m
 from ..core.checkpoint import check_fits, meta_numel, stored_numel
 from ..core.criteria import get_criterion
 from ..core.layers import prunable_layers
-from ..core.masks import Masks, copy_model
+from ..core.masks import MASK, ORIGINAL, Masks, copy_model
 from ..core.spec import Recipe
 from ..core.stats import Stats
 from ..defaults import DEFAULT_BIAS_COMPENSATION, DEFAULT_CRITERION, DEFAULT_LIVENESS, DEFAULT_SCOPE
@@ -218,17 +218,18 @@ _MASK = ".weight_mask"
 def compact_state(model: nn.Module) -> dict[str, Tensor]:
     """The state dict with each mask stored once, as booleans, beside the masked weight itself.
 
-    torch's pruning keeps ``weight_orig`` and a mask of the weight's dtype: twice the dense size.
-    Masked-out entries of ``weight_orig`` never reach the output while the mask holds, so
-    ``weight = weight_orig * mask`` plus a 1-byte mask restores the same model (see
-    :func:`expand_state`).
+    A masked layer holds its original weight and a mask of the weight's dtype: twice the dense size.
+    Masked-out entries of the original never reach the output while the mask holds, so
+    ``weight = original * mask`` plus a 1-byte mask restores the same model (see
+    :func:`expand_state`). The file keys are ``X.weight`` and ``X.weight_mask`` (as before masks
+    became parametrisations, so older files read the same way).
     """
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    for key in [k for k in state if k.endswith(_MASK)]:
-        prefix = key[: -len(_MASK)]
+    for key in [k for k in state if k.endswith(MASK)]:
+        prefix = key[: -len(MASK)]
         mask = state.pop(key)
-        state[f"{prefix}.weight"] = (state.pop(f"{prefix}.weight_orig") * mask).contiguous()
-        state[key] = mask.bool().contiguous()
+        state[f"{prefix}.weight"] = (state.pop(f"{prefix}{ORIGINAL}") * mask).contiguous()
+        state[f"{prefix}{_MASK}"] = mask.bool().contiguous()
     return state
 
 

@@ -3,7 +3,7 @@
 The folder is a transformers folder whose ``config.json`` carries a compressed-tensors
 ``quantization_config`` with a ``sparsity_config`` (format ``sparse-bitmask`` or
 ``sparse-24-bitmask``) and whose safetensors hold each pruned weight in that layout
-(:mod:`relprune.deploy.compressed`), as LLM Compressor writes it.
+(:mod:`relprune.core.compressed`), as LLM Compressor writes it.
 
 Why we load it ourselves: transformers 5 needs compressed-tensors >= 0.15, and compressed-tensors
 0.15 removed the sparse compressors (its ``ModelCompressor`` writes ``"sparsity_config": {}`` and
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..deploy.compressed import (
+from ..core.compressed import (
     BITMASK_24,
     LAYOUTS,
     PARTS,

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.compressed import layout_for, prefix_of
 from ..core.masks import make_permanent
-from ..deploy.compressed import layout_for, prefix_of
 from ..errors import RelpruneError
 from .compressed import SAVE_FORMATS, compressible, mark_compressed, write_compressed
 from .load import require_transformers

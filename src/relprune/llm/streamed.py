@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..core.compressed import PARTS, compress_state, compressed_prefixes, decompress, layout_for, prefix_of
 from ..core.masks import Masks
 from ..core.spec import Recipe
 from ..defaults import DEFAULT_LLM_CRITERION, DEFAULT_LLM_RECONSTRUCT
-from ..deploy.compressed import PARTS, compress_state, compressed_prefixes, decompress, layout_for, prefix_of
 from ..errors import ModelLoadError, RelpruneError
 from .blocks import BlockInputs, blocks_with_progress, capture_block_inputs, dense_hidden_states, feed
 from .compressed import SAVE_FORMATS, compressible, dense_names, folder_layout, mark_compressed

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relprune.deploy.compressed import (
+from relprune.core.compressed import (
     BITMASK,
     BITMASK_24,
     compress,
