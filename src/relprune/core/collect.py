@@ -272,6 +272,8 @@ def collect_stats(
     need: frozenset[str] = frozenset()
     traced = False
     error: Exception | None = None
+    observed = L.observable_attention(model)
+    observed.__enter__()
     try:
         model.eval()
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -343,6 +345,7 @@ def collect_stats(
             raise
         error = err  # the other ranks are waiting in the merge: tell them, then raise everywhere
     finally:
+        observed.__exit__(None, None, None)
         for h in handles:
             h.remove()
         stashed.clear()

@@ -8,7 +8,9 @@ padding, dilation and groups without ever building im2col rows.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -69,8 +71,6 @@ def weight_shape(layer: nn.Module) -> torch.Size:
 def left_out_layers(model: nn.Module) -> dict[str, str]:
     """Layers of a supported kind that relprune leaves out by default, with the reason.
 
-    - ``nn.MultiheadAttention`` reads its ``out_proj.weight`` directly instead of calling
-      ``out_proj``, so a mask's forward hook never runs (refused when named);
     - a weight tied to another module's parameter (e.g. ``lm_head`` and the input embedding):
       masking it would change the other module too (refused when named);
     - a language model's output embedding (``get_output_embeddings()``, usually ``lm_head``):
@@ -83,13 +83,6 @@ def left_out_layers(model: nn.Module) -> dict[str, str]:
     for name, module in model.named_modules(remove_duplicate=False):
         for pname, p in module.named_parameters(recurse=False, remove_duplicate=False):
             owners.setdefault(id(p), []).append(f"{name}.{pname}" if name else pname)
-    for parent_name, parent in model.named_modules():
-        if isinstance(parent, nn.MultiheadAttention):
-            for child_name, child in parent.named_children():
-                if is_prunable(child):
-                    name = f"{parent_name}.{child_name}" if parent_name else child_name
-                    out[name] = ("nn.MultiheadAttention uses its weight without calling it, so a mask "
-                                 "would not hold; replace it with explicit Linear projections to prune it")
     for name, module in model.named_modules():
         if name and is_prunable(module) and name not in out:
             tied = [o for o in owners.get(id(module.weight), []) if o != f"{name}.weight"]
@@ -124,6 +117,53 @@ def warn_left_out(model: nn.Module) -> None:
 
         reasons = "; ".join(f"{n}: {r}" for n, r in skipped.items())
         warnings.warn(f"relprune leaves out {sorted(skipped)} ({reasons})", stacklevel=3)
+
+
+class _StandIn(nn.Module):
+    """An identity projection of width ``n`` standing in for an attention's ``out_proj``."""
+
+    def __init__(self, like: nn.Linear):
+        super().__init__()
+        self.weight = torch.eye(like.in_features, dtype=like.weight.dtype, device=like.weight.device)
+        self.bias = None if like.bias is None else torch.zeros_like(like.bias)
+
+
+@contextlib.contextmanager
+def observable_attention(model: nn.Module) -> Iterator[None]:
+    """Every ``nn.MultiheadAttention`` calls its ``out_proj`` as a module while the block runs.
+
+    The attention modules read ``out_proj.weight`` inside one fused function, so hooks on
+    ``out_proj`` see nothing: here each computes its heads with an identity projection and then
+    calls the real ``out_proj`` on them (the same numbers: multiplying by the identity is exact).
+    torch's fused fast paths of ``MultiheadAttention`` and ``TransformerEncoderLayer`` (which
+    bypass every Linear's forward) are switched off meanwhile.
+    """
+    attentions = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    for mha in attentions:
+        mha.forward = _observed_forward(mha)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
+        for mha in attentions:
+            mha.__dict__.pop("forward", None)
+
+
+def _observed_forward(mha: nn.MultiheadAttention):
+    own = type(mha).forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        real = mha._modules["out_proj"]
+        mha._modules["out_proj"] = _StandIn(real)
+        try:
+            heads, weights = own(mha, *args, **kwargs)
+        finally:
+            mha._modules["out_proj"] = real
+        return real(heads), weights
+
+    return forward
 
 
 def prunable_layers(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, nn.Module]:

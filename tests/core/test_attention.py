@@ -1,0 +1,101 @@
+"""nn.MultiheadAttention and nn.TransformerEncoderLayer are pruned like any layer: their out_proj's statistics
+match a hand-written attention, masks hold on torch's fused paths too, through training and checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import relprune
+from relprune.core.masks import load_state_dict, mask_of
+
+
+class Attention(nn.Module):
+    def __init__(self, batch_first: bool = True):
+        super().__init__()
+        self.batch_first = batch_first
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=batch_first)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = x if self.batch_first else x.transpose(0, 1)
+        out = self.mha(x, x, x)[0]
+        out = out if self.batch_first else out.transpose(0, 1)
+        return self.head(out.mean(1))
+
+
+def heads_by_hand(mha: nn.MultiheadAttention, x: torch.Tensor) -> torch.Tensor:
+    """The input of out_proj (batch-first x), written out: projections, per-head softmax attention, concat."""
+    b, t, e = x.shape
+    q, k, v = F.linear(x, mha.in_proj_weight, mha.in_proj_bias).chunk(3, dim=-1)
+    h = mha.num_heads
+
+    def split(z):
+        return z.reshape(b, t, h, e // h).transpose(1, 2)
+
+    att = torch.softmax(split(q) @ split(k).transpose(-1, -2) / (e // h) ** 0.5, dim=-1)
+    return (att @ split(v)).transpose(1, 2).reshape(b * t, e)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_out_proj_statistics_are_those_of_the_heads_it_reads(batch_first):
+    torch.manual_seed(0)
+    model = Attention(batch_first).eval()
+    xs = [torch.randn(4, 5, 8) for _ in range(2)]
+    stats = relprune.collect_stats(model, xs, statistics=["input_gram", "contribution_mean"], liveness=False)
+    with torch.no_grad():
+        heads = torch.cat([heads_by_hand(model.mha, x) for x in xs]).double()
+    s = stats["mha.out_proj"]
+    torch.testing.assert_close(s.input_gram, heads.T @ heads / len(heads), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(s.input_mean.reshape(-1, 8)[0], heads.mean(0), rtol=1e-5, atol=1e-7)
+    with torch.no_grad():  # the model's own forward is untouched after collection
+        torch.testing.assert_close(model(xs[0]), Attention.forward(model, xs[0]))
+
+
+def test_an_attention_model_prunes_trains_and_round_trips_with_its_zeros():
+    torch.manual_seed(0)
+    model = Attention()
+    x = torch.randn(16, 5, 8)
+    masks = relprune.prune(model, relprune.collect_stats(model, [x]), sparsity=0.5)
+    assert set(masks) == {"mha.out_proj", "head"}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).pow(2).sum().backward()
+        opt.step()
+    out_proj = model.mha.out_proj
+    assert torch.all(out_proj.weight[~masks["mha.out_proj"]] == 0)
+    model.eval()
+    with torch.no_grad():
+        fused = model(x)  # eval and no grad: torch's fused attention, which reads out_proj.weight directly
+        plain = relprune.make_permanent(relprune.copy_model(model))
+        torch.testing.assert_close(fused, plain(x))
+    fresh = Attention()
+    load_state_dict(fresh, model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(x), fused)
+    assert torch.equal(mask_of(fresh.mha.out_proj).bool(), masks["mha.out_proj"])
+
+
+def test_a_transformer_encoder_layer_is_pruned_on_its_fused_path_too():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d_model=16, nhead=4, dim_feedforward=32, dropout=0.0, batch_first=True)
+    x = torch.randn(8, 6, 16)
+    stats = relprune.collect_stats(layer, [x])
+    masks = relprune.prune(layer, stats, sparsity=0.6)
+    assert set(masks) == {"self_attn.out_proj", "linear1", "linear2"}
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        layer(x).pow(2).mean().backward()
+        opt.step()
+    for name in masks:
+        w = layer.get_submodule(name).weight
+        assert torch.all(w[~masks[name]] == 0), name
+    layer.eval()
+    with torch.no_grad():
+        fused = layer(x)  # torch's fused encoder-layer kernel reads every weight directly
+        torch.testing.assert_close(fused, relprune.make_permanent(relprune.copy_model(layer))(x),
+                                   rtol=1e-4, atol=1e-5)
