@@ -27,8 +27,9 @@ from relprune.deploy.export import (
     file_size,
     load_exported,
 )
+from relprune.deploy.graph import DependencyGraph
+from relprune.deploy.groups import group_scores, structured_masks
 from relprune.deploy.shrink import shrink
-from relprune.deploy.structured import prune_units
 from relprune.experiments.data import load_dataset
 from relprune.experiments.experiment import load_model
 from relprune.experiments.training import TrainConfig, calibration_batches, evaluate, train
@@ -71,7 +72,10 @@ def rows_for(folder: Path, data_dir: str, repeats: int) -> list[tuple]:
     for crit in ("rc", "l1"):
         m = relprune.copy_model(dense)
         s = relprune.collect_stats(m, calib, statistics=["relative_mean"]) if crit == "rc" else None
-        prune_units(m, s, 0.5, criterion=crit)
+        graph = DependencyGraph(m, example)  # half the units of every hidden layer, by the channel score
+        keep = {gi: torch.argsort(v, stable=True)[round(0.5 * v.numel()):]
+                for gi, v in group_scores(graph, s, crit).items()}
+        relprune.apply_masks(m, structured_masks(graph, keep))
         finetune(m, data, info.seed)
         structured[crit] = shrink(m, example)[0]
 
@@ -87,7 +91,7 @@ def rows_for(folder: Path, data_dir: str, repeats: int) -> list[tuple]:
     }
     entries = [
         ("dense original", dense, sizes["dense"]),
-        ("masked 90% (torch prune hooks)", masked, sizes["masked"]),
+        ("masked 90% (parametrised masks)", masked, sizes["masked"]),
         ("masked 90%, read back from the sparse file", from_sparse, sizes["sparse"]),
         ("shrunk from masked 90%", shrunk, sizes["shrunk"]),
         ("structured 50% units, rc", structured["rc"], sizes["rc"]),

@@ -42,7 +42,7 @@ _SUBMODULES = {
     "allocation": "core.allocation", "criteria": "core.criteria", "layers": "core.layers",
     "liveness": "core.liveness", "masks": "core.masks", "pruning": "core.pruning", "stats": "core.stats",
     "export": "deploy.export", "graph": "deploy.graph", "groups": "deploy.groups", "shrink": "deploy.shrink",
-    "structured": "deploy.structured", "regularizers": "train.regularizers", "llm": "llm",
+    "regularizers": "train.regularizers", "llm": "llm",
 }
 
 
@@ -79,7 +79,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
     )
     from .core.pruning import prune
     from .core.stats import STATISTICS, LayerStats, Stats
-    from .deploy import export, graph, groups, shrink, structured
+    from .deploy import export, graph, groups, shrink
     from .deploy.graph import DependencyGraph
     from .deploy.groups import prune_groups
     from .deploy.importance import output_importance
@@ -138,5 +138,4 @@ __all__ = [
     "shrink",
     "sparsity_report",
     "stats",
-    "structured",
 ]

@@ -49,7 +49,7 @@ CASES = {
     "missing stats file": (lambda m: relprune.Stats.load("/nonexistent/stats.safetensors"), StatsMismatchError,
                            "does not exist"),
     "shrink example misfit": (lambda m: relprune.shrink.shrink(m, torch.randn(2, 5)), ShrinkError,
-                              r"shape \(2, 5\) does not fit"),
+                              r"fails on the example: mat1 and mat2"),
     "regulariser example misfit": (lambda m: relprune.regularizers.ContributionEntropy(m, torch.randn(2, 3)),
                                    CalibrationError, r"shape \(2, 3\)\) does not fit"),
 }

@@ -8,7 +8,6 @@ from torch import nn
 
 import relprune
 from relprune.deploy.shrink import shrink
-from relprune.errors import ShrinkError
 from relprune.experiments.models import build_model
 
 
@@ -86,17 +85,71 @@ class Residual(nn.Module):
         return x + self.fc(x)
 
 
-def test_refuses_what_is_not_exact():
-    chain = nn.Sequential()
-    chain.add_module("fc", nn.Linear(4, 4))
-    chain.add_module("block", Residual())
-    with pytest.raises(ShrinkError, match=r"block \(Residual\)"):
-        shrink(chain, torch.randn(2, 4))
+class ResBlock(nn.Module):
+    """A residual conv block with a 1x1 projection shortcut read by a grouped convolution, a concatenation,
+    and a depthwise convolution before a classifier: every coupling the graph follows."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv1 = nn.Conv2d(8, 8, 3, padding=1)
+        self.proj = nn.Conv2d(8, 8, 1)
+        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.side = nn.Conv2d(8, 4, 1)
+        self.mix = nn.Conv2d(12, 10, 1)
+        self.depthwise = nn.Conv2d(10, 10, 3, padding=1, groups=10)
+        self.head = nn.Linear(10 * 4 * 4, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.stem(x)))
+        r = torch.relu(self.conv1(h) + self.proj(h))
+        c = torch.cat([torch.relu(self.grouped(r)), self.side(h)], dim=1)
+        d = torch.relu(self.depthwise(torch.relu(self.mix(c))))
+        return self.head(torch.flatten(d, 1))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_masked_residual_concat_grouped_and_depthwise_nets_shrink_to_the_same_outputs(seed):
+    torch.manual_seed(seed)
+    model = ResBlock().double()
+    _randomise_bn(model)
+    _kill_units(model, fraction=0.4, seed=seed)
+    model.eval()
+    x = torch.randn(4, 3, 4, 4, dtype=torch.float64)
+    small, report = shrink(model, x)
+    torch.testing.assert_close(small(x), model(x), rtol=1e-10, atol=1e-10)
+    assert report.params_after < report.params_before
+    grouped = small.grouped
+    assert grouped.in_channels % grouped.groups == 0 and grouped.out_channels % grouped.groups == 0
+    assert small.depthwise.groups == small.depthwise.in_channels == small.depthwise.out_channels
+    inner = [r for r in report.refused if "output" not in r[1] and "input" not in r[1]]
+    assert not inner, inner  # every inner group can shrink
+
+
+def test_a_residual_channel_goes_only_when_every_layer_of_its_group_lets_it():
+    model = nn.Sequential(nn.Linear(3, 4))
+    model.add_module("block", Residual())
+    model.add_module("out", nn.Linear(4, 2))
+    with torch.no_grad():
+        model.out.weight[:, 1] = 0  # channel 1 of the residual stream feeds nothing downstream...
+        model.block.fc.weight[:, 1] = 0  # ...nor the block's own layer: it can go from all of them
+        model.out.weight[:, 2] = 0  # channel 2 still feeds block.fc: it stays
+    x = torch.randn(6, 3)
+    small, report = shrink(model, x)
+    torch.testing.assert_close(small(x), model(x))
+    assert report.kept_units["0"] == (3, 4) and report.kept_units["block.fc"] == (3, 4)
+
+
+def test_channels_behind_a_layer_norm_are_left_whole_and_listed():
     mixed = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
-    with pytest.raises(ShrinkError, match="LayerNorm"):
-        shrink(mixed, torch.randn(2, 4))
-    small, _ = shrink(mixed, torch.randn(2, 4), allow_approximate=True)
-    assert isinstance(small, nn.Sequential)
+    with torch.no_grad():
+        mixed[2].weight[:, 0] = 0
+    x = torch.randn(3, 4)
+    small, report = shrink(mixed, x)
+    assert report.kept_units["0"] == (4, 4)
+    assert any("LayerNorm" in reason for _, reason in report.refused)
+    torch.testing.assert_close(small(x), mixed(x))
 
 
 def test_model_is_left_unchanged():
@@ -110,33 +163,19 @@ def test_model_is_left_unchanged():
 
 @pytest.mark.parametrize("criterion", ["rc", "l1"])
 @pytest.mark.parametrize("name", ["lenet300", "lenet5", "vgg-small"])
-def test_structured_pruning_removes_exactly_the_requested_count(name, criterion):
-    from relprune.deploy.structured import prune_units, unit_pairs
+def test_structured_masks_over_the_graph_shrink_to_the_planned_sizes(name, criterion):
+    from relprune.deploy.graph import DependencyGraph
+    from relprune.deploy.groups import group_scores, structured_masks
 
     torch.manual_seed(0)
-    model = build_model(name, (1, 28, 28), 10)
+    model = build_model(name, (1, 28, 28), 10).eval()
     x = torch.randn(32, 1, 28, 28)
     stats = relprune.collect_stats(model, [x], statistics=["relative_mean"]) if criterion == "rc" else None
-    kept = prune_units(model, stats, 0.5, criterion=criterion)
+    graph = DependencyGraph(model, x)
+    keep = {gi: torch.argsort(v)[v.numel() // 2:] for gi, v in group_scores(graph, stats, criterion).items()}
+    relprune.apply_masks(model, structured_masks(graph, keep))
     small, report = shrink(model, x)
-    for layer, _ in unit_pairs(model):
-        total = kept[layer].numel()
-        assert int(kept[layer].sum()) == total - round(0.5 * total)
-        assert report.kept_units[layer] == (int(kept[layer].sum()), total)
-    model.eval()
-    small.eval()
-    torch.testing.assert_close(small(x), model(x), rtol=1e-5, atol=1e-5)
-
-
-def test_structured_rc_keeps_the_unit_that_carries_the_signal():
-    from relprune.deploy.structured import unit_scores
-
-    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 1))
-    with torch.no_grad():
-        model[0].weight.copy_(torch.eye(3))
-        model[0].bias.zero_()
-        model[2].weight.copy_(torch.tensor([[1.0, 0.01, 0.5]]))
-        model[2].bias.zero_()
-    stats = relprune.collect_stats(model, [torch.rand(64, 3)], statistics=["relative_mean"])
-    scores = unit_scores(model, stats)["0"]
-    assert scores.argmax() == 0 and scores.argmin() == 1
+    for gi, kept in keep.items():
+        producer = next(m.module for m in graph.groups[gi].members if m.role == "out")
+        assert report.kept_units[producer][0] == len(kept)
+    torch.testing.assert_close(small.eval()(x), model(x), rtol=1e-5, atol=1e-5)

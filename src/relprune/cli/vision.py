@@ -286,9 +286,11 @@ def cmd_export(ns: argparse.Namespace) -> int:
     import torch
 
     from .. import collect_stats
+    from ..core.masks import apply_masks
     from ..deploy.export import export_dense, export_masked, export_onnx, export_sparse, file_size
+    from ..deploy.graph import DependencyGraph
+    from ..deploy.groups import GROUP_SCORES, group_scores, structured_masks
     from ..deploy.shrink import shrink
-    from ..deploy.structured import prune_units
     from ..experiments.experiment import load_model
     from ..experiments.training import calibration_batches
 
@@ -306,13 +308,17 @@ def cmd_export(ns: argparse.Namespace) -> int:
     example = torch.zeros(2, *info.input_shape)
     if ns.structured:
         d = from_args(DataArgs, ns)
+        needed = GROUP_SCORES[ns.structured_criterion].statistics
         stats = None
-        if ns.structured_criterion == "rc":
+        if needed:
             data = _load_data(dataclasses.replace(d, dataset=d.dataset or info.dataset), c.seed)
-            stats = collect_stats(model, calibration_batches(data.train, 1024, seed=c.seed),
-                                  statistics=["relative_mean"])
-        prune_units(model, stats, ns.structured, criterion=ns.structured_criterion)
-    small, report = shrink(model, example, allow_approximate=ns.allow_approximate)
+            stats = collect_stats(model, calibration_batches(data.train, 1024, seed=c.seed), statistics=list(needed))
+        graph = DependencyGraph(model, example)
+        keep = {gi: torch.sort(torch.argsort(v, stable=True)[min(round(ns.structured * v.numel()),
+                                                                  v.numel() - 1):]).values
+                for gi, v in group_scores(graph, stats, ns.structured_criterion, c.seed).items()}
+        apply_masks(model, structured_masks(graph, keep))
+    small, report = shrink(model, example)
     meta = {"model": info.model, "dataset": info.dataset, "input_shape": info.input_shape,
             "num_classes": info.num_classes}
     paths = {
@@ -406,11 +412,10 @@ def add_vision_commands(sub: argparse._SubParsersAction) -> None:
                   Common, Overwrite, DataArgs, out="runs/export")
     exp.add_argument("--checkpoint", default="runs/pruned", help="model folder (default: runs/pruned)")
     exp.add_argument("--structured", type=checked(float, sparsity_value), default=0.0,
-                     help="first remove this fraction of units per layer (default: 0, none)")
-    exp.add_argument("--structured-criterion", choices=["rc", "l1"], default="rc",
-                     help="unit score for --structured (default: rc)")
-    exp.add_argument("--allow-approximate", action="store_true",
-                     help="shrink across modules that may mix channels (default: refuse)")
+                     help="first remove this fraction of the channels of every prunable group (a layer's units "
+                          "with everything coupled to them) (default: 0, none)")
+    exp.add_argument("--structured-criterion", choices=["rc", "l1", "l2", "fluctuation"], default="rc",
+                     help="channel score for --structured, over the dependency graph (default: rc)")
     exp.add_argument("--onnx", action="store_true",
                      help="also write the shrunk model as onnx/model.onnx for ONNX Runtime (needs the onnx extra)")
     exp.set_defaults(func=cmd_export)
