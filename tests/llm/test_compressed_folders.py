@@ -168,3 +168,29 @@ def test_streamed_pruning_writes_compressed_and_reads_a_compressed_source(folder
                            reconstruct=False, save_format="dense")
     assert all(torch.equal(twice[n] | ~m, torch.ones_like(m)) for n, m in in_memory.items())
     assert folder_layout(json.loads((tmp_path / "s2" / "config.json").read_text())) is None
+
+
+def test_streamed_bias_compensation_equals_the_in_memory_pruning(folder, tmp_path):
+    data = ids_batches()
+    recipe = dict(sparsity=0.5, criterion="contrib-std", reconstruct=False, bias_compensation=True)
+    model, _ = relprune.llm.load_model(folder)
+    in_memory = prune_sequential(model, data, **recipe)
+    streamed = prune_streamed(folder, tmp_path / "s", data, **recipe)
+    assert all(torch.equal(streamed[n], m) for n, m in in_memory.items())
+    config = json.loads((tmp_path / "s" / "config.json").read_text())
+    assert config["attention_bias"] and config["mlp_bias"]
+    again = load_causal_lm(tmp_path / "s")
+    ids = data[0]["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_streamed_bias_compensation_a_config_cannot_hold_is_refused_before_any_block(tmp_path):
+    from test_families import batches, build
+
+    model = build("mistral")  # no attention_bias / mlp_bias switch: a folder cannot declare the new biases
+    model.save_pretrained(tmp_path / "dense")
+    with pytest.raises(relprune.RelpruneError, match="no switch for biases"):
+        prune_streamed(tmp_path / "dense", tmp_path / "s", batches(), sparsity=0.5, criterion="contrib-std",
+                       reconstruct=False, bias_compensation=True)
+    assert not (tmp_path / "s").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

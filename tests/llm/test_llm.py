@@ -319,8 +319,6 @@ BAD = [
       "--calibration", "{calib}", "--out", "{out}"], 1, "correct it twice"),
     (["llm", "prune", "--model", "{folder}", "--sparsity", "0.5", "--allocation", "owl", "--owl-lambda", "0.7",
       "--calibration", "{calib}", "--out", "{out}"], 2, "owl-lambda"),
-    (["llm", "prune", "--model", "{folder}", "--sparsity", "0.5", "--streamed", "--bias-compensation",
-      "--reconstruct", "none", "--calibration", "{calib}", "--out", "{out}"], 1, "saves no new biases"),
     (["llm", "prune", "--model", "{folder}", "--sparsity", "0.5", "--streamed", "--seqlen", "100",
       "--calibration", "{calib}", "--out", "{out}"], 1, "beyond the model's 64 positions"),
     (["llm", "eval", "--model", "{calib}", "--text", "{calib}"], 1, "neither a model folder nor a .gguf"),

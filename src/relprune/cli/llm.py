@@ -62,7 +62,7 @@ def add_llm_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--streamed", action="store_true",
                    help="read one block at a time from the model's safetensors and write it pruned: memory "
                         "about one block, for models larger than RAM (OWL and --no-sequential read every block "
-                        "once more first; not with --bias-compensation)")
+                        "once more first)")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="windows per forward pass (default: 8)")
     p.add_argument("--seed", type=checked(int, seed_value), default=0,
                    help="chooses the calibration windows (default: 0)")

@@ -42,25 +42,34 @@ def bias_switches(model: nn.Module) -> tuple[list[str], set[str]]:
     Raises ``RelpruneError`` naming the layers whose bias no switch of the config can express.
     """
     have = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.bias is not None}
-    config = copy.deepcopy(model.config)
-    built = _biased_linears(type(model), config)
+    switches, built = switches_for(type(model), model.config, have)
+    return switches, built - have
+
+
+def switches_for(model_type: type, config: Any, wanted: set[str]) -> tuple[list[str], set[str]]:
+    """(config switches to turn on, every Linear then built with a bias) so that each of ``wanted`` has one.
+
+    Raises ``RelpruneError`` naming the layers whose bias no switch of the config can express.
+    """
+    config = copy.deepcopy(config)
+    built = _biased_linears(model_type, config)
     switches = []
     for flag in BIAS_SWITCHES:
-        if not (have - built):
+        if not (wanted - built):
             break
         if getattr(config, flag, None) is False:
             trial = copy.deepcopy(config)
             setattr(trial, flag, True)
-            gained = _biased_linears(type(model), trial) - built
-            if gained & (have - built):
+            gained = _biased_linears(model_type, trial) - built
+            if gained & (wanted - built):
                 config, built, switches = trial, built | gained, [*switches, flag]
-    unexpressed = sorted(have - built)
+    unexpressed = sorted(wanted - built)
     if unexpressed:
         raise RelpruneError(
-            f"{type(model).__name__}'s config has no switch for biases on {unexpressed[:3]}"
+            f"{model_type.__name__}'s config has no switch for biases on {unexpressed[:3]}"
             f"{' ...' if len(unexpressed) > 3 else ''}, so a transformers folder cannot hold the compensated "
             "biases; prune without bias compensation")
-    return switches, built - have
+    return switches, built
 
 
 def save_pretrained(model: nn.Module, tokenizer: Any, folder: str | Path, *, save_format: str = "compressed",

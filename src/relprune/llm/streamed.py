@@ -32,7 +32,7 @@ from ..errors import ModelLoadError, RelpruneError
 from .blocks import BlockInputs, blocks_with_progress, capture_block_inputs, dense_hidden_states, feed
 from .compressed import SAVE_FORMATS, compressible, dense_names, folder_layout, mark_compressed
 from .load import check_checkpoint, require_transformers, resolve_model, tied_names
-from .save import refuse_occupied, staged_folder
+from .save import refuse_occupied, staged_folder, switches_for
 from .sequential import block_recipe, block_sparsities, decoder_blocks, prune_block
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -101,19 +101,28 @@ def prune_streamed(
     sequential: bool = True,
     progress: bool = False,
     save_format: str = "compressed",
+    allocation: str = "uniform",
+    owl_m: float = 5.0,
+    owl_lambda: float = 0.08,
+    bias_compensation: bool = False,
+    **criterion_options: Any,
 ) -> Masks:
     """Prune the model in folder ``source`` block by block into a new folder ``out``; returns the masks.
 
     As :func:`prune_sequential`: each block calibrates on the pruned blocks' outputs, or with
     ``sequential=False`` on the dense model's (every block read once more first, and every block's
-    activations held); the same recipes except bias compensation. ``out`` gets one safetensors shard per block
+    activations held); the same recipes, bias compensation included (the config's bias switches are
+    decided before the first block, and the projections they govern get zero biases where they have
+    none, as :func:`~relprune.llm.save_pretrained` does). ``out`` gets one safetensors shard per block
     (pruned weights compressed unless ``save_format="dense"``, as :func:`~relprune.llm.save_pretrained`
     writes them) plus one for the rest, an index, the config and the tokenizer files; it is written to a
     temporary folder first, so nothing half-written is left on failure. Every block gets the
     arguments the model passes it (its own mask and rotary tables where layers differ).
     """
     if recipe is None:
-        recipe = Recipe.build(criterion=criterion, sparsity=sparsity, n_m=n_m, scope=scope, reconstruct=reconstruct)
+        recipe = Recipe.build(criterion=criterion, sparsity=sparsity, n_m=n_m, scope=scope, reconstruct=reconstruct,
+                              bias_compensation=bias_compensation, allocation=allocation, owl_lambda=owl_lambda,
+                              owl_m=owl_m, options=criterion_options)
     recipe = streamed_recipe(recipe)
     if save_format not in SAVE_FORMATS:
         raise RelpruneError(f"unknown save format {save_format!r}; expected one of {list(SAVE_FORMATS)}")
@@ -130,6 +139,10 @@ def prune_streamed(
     with torch.device("meta"):
         skeleton = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     named = decoder_blocks(skeleton, blocks)
+    switches, biased = [], set()
+    if recipe.bias_compensation:  # refused here, before any block is read, when the config cannot hold them
+        pruned = {f"{name}.{n}" for name, block in named for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+        switches, biased = switches_for(type(skeleton), config, pruned)
     host = _host_model(transformers, config, checkpoint, named)
     with staged_folder(target) as tmp:
         first = _load_block(named[0][1], named[0][0], checkpoint)
@@ -155,6 +168,7 @@ def prune_streamed(
                                               liveness=False, permanent=True,
                                               last=dense is not None or i + 1 == len(named))
             masks.update({f"{name}.{k}": v for k, v in block_masks.items()})
+            _zero_biases(block, name, biased)
             tensors = {f"{name}.{k}": v.detach().contiguous() for k, v in block.state_dict().items()}
             if save_format == "compressed":
                 chosen = compressible(tensors, layout)
@@ -173,6 +187,7 @@ def prune_streamed(
                 shutil.copy2(f, tmp / f.name)
         plain = json.loads((tmp / "config.json").read_text())
         plain.pop("quantization_config", None)  # a compressed source's block describes the source's files
+        plain.update(dict.fromkeys(switches, True))
         (tmp / "config.json").write_text(json.dumps(plain, indent=2, sort_keys=True) + "\n")
         if compressed_names:
             shapes = skeleton.state_dict()
@@ -182,12 +197,15 @@ def prune_streamed(
 
 
 def streamed_recipe(recipe: Recipe) -> Recipe:
-    """``recipe`` for streamed pruning: a block recipe that adds no biases."""
-    recipe = block_recipe(recipe)
-    if recipe.bias_compensation:
-        raise RelpruneError("streamed pruning saves no new biases: prune the loaded model with prune_sequential "
-                            "for bias compensation")
-    return recipe
+    """``recipe`` for streamed pruning: a block recipe (the same ones :func:`prune_sequential` takes)."""
+    return block_recipe(recipe)
+
+
+def _zero_biases(block: nn.Module, name: str, biased: set[str]) -> None:
+    """Zero biases on the block's Linears the saved config will build with one (they change no output)."""
+    for n, m in block.named_modules():
+        if isinstance(m, nn.Linear) and m.bias is None and f"{name}.{n}" in biased:
+            m.bias = nn.Parameter(torch.zeros(m.out_features, dtype=m.weight.dtype, device=m.weight.device))
 
 
 def _host_model(transformers: Any, config: Any, checkpoint: Checkpoint, named: list[tuple[str, nn.Module]]):
