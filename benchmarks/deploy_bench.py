@@ -26,7 +26,8 @@
 cached in --work) shrunk to half its MACs over our graph (``rc``) and by Torch-Pruning's MetaPruner
 (group L1) at the same or fewer MACs, exported to ONNX (``relprune.export.export_onnx``) and run in
 ONNX Runtime (CPU, default threads) at batch 1 and 64, dense and pruned alternately; also PyTorch
-eager for reference.
+eager for reference. ``--round-to 8`` keeps every layer's channel count a multiple of 8 (both
+libraries), the widths ONNX Runtime's blocked convolution kernels need.
 
 One JSON line per measurement; the machine, torch version and date are recorded in each.
 """
@@ -253,6 +254,10 @@ def run_cnn(args) -> None:
     ns = argparse.Namespace(epochs=args.epochs, dense_seed=0, seed=0, work=args.work, methods=["rc", "tp-l1"],
                             round_to=1)
     data, dense, _, example, (macs0, _), calib, stats = _cnn_setup(ns)
+    cells = []
+    for round_to in args.round_to:  # ONNX Runtime's fast convolutions want channel counts in multiples of 8
+        ns.round_to = round_to
+        cells += [c for c in pruned_cnns(ns, dense, example, macs0, calib, stats) if c[0] == 0.5]
     shape = data.input_shape
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
 
@@ -266,10 +271,8 @@ def run_cnn(args) -> None:
             return made
 
         dense_s = session("dense", dense)
-        for target, method, model, macs, _, _, _ in pruned_cnns(ns, dense, example, macs0, calib, stats):
-            if target != 0.5:
-                continue
-            pruned_s = session(method, model)
+        for target, method, model, macs, _, _, _ in cells:
+            pruned_s = session(method.replace(" ", "-"), model)
             row = {"part": "cnn-onnx", "method": method, "target": target, "macs_ratio": macs / macs0,
                    "rounds": args.rounds, "onnxruntime": ort.__version__}
             for batch in (1, 64):
@@ -351,6 +354,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--structured", type=float, nargs="*", default=[0.2, 0.3, 0.5])
     parser.add_argument("--epochs", type=int, default=15, help="the dense ResNet-20's training epochs (cnn)")
+    parser.add_argument("--round-to", type=int, nargs="+", default=[1, 8],
+                        help="channel counts kept in multiples of these (cnn; 1: any)")
     args = parser.parse_args()
     Path(args.work).mkdir(parents=True, exist_ok=True)
     if args.part in ("lm", "lm-size"):

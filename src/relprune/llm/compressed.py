@@ -155,15 +155,14 @@ class _Stored:
         except (SafetensorError, OSError, KeyError, ValueError) as err:
             raise ModelLoadError(f"{folder}: cannot read its safetensors checkpoint: {err}") from err
         self.folder, self.weight_map = folder, weight_map
-        self._open: dict[str, Any] = {}
 
     def read(self, key: str) -> Tensor:
+        """One stored tensor, copied out of its file; the file is mapped only while it is read, so pages of
+        the compressed checkpoint do not stay resident beside the model being filled."""
         from safetensors import safe_open
 
-        file = self.weight_map[key]
-        if file not in self._open:
-            self._open[file] = safe_open(str(self.folder / file), framework="pt")
-        return self._open[file].get_tensor(key)
+        with safe_open(str(self.folder / self.weight_map[key]), framework="pt") as fh:
+            return fh.get_tensor(key)
 
     def dense_numel(self, layout: str) -> int:
         """Values the checkpoint describes once decompressed (compressed weights counted by their shape)."""
