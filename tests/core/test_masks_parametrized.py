@@ -63,3 +63,15 @@ def test_statistics_stay_valid_when_masks_are_applied_and_go_stale_when_weights_
         original_weight(model[0]).add_(1.0)
     with pytest.raises(relprune.StatsMismatchError, match=r"other weights|changed in place"):
         relprune.prune(model, stats, sparsity=0.6, reconstruct=False)
+
+
+def test_loss_gradients_of_a_masked_model_are_those_of_its_effective_weights():
+    model = mlp()
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    relprune.prune(model, relprune.collect_stats(model, [x]), sparsity=0.5, reconstruct=False)
+    plain = make_permanent(copy.deepcopy(model))
+    masked = relprune.collect_stats(model, [(x, y)], statistics=["weight_grad"])
+    dense = relprune.collect_stats(plain, [(x, y)], statistics=["weight_grad"])
+    for name in ("0", "2"):
+        assert masked[name].weight_grad.abs().sum() > 0
+        torch.testing.assert_close(masked[name].weight_grad, dense[name].weight_grad)

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from ..defaults import DEFAULT_LIVENESS
 from ..errors import (
@@ -402,7 +403,7 @@ def _accumulate_grads(model: nn.Module, chosen: dict[str, nn.Module], result: di
     captured: dict[str, Tensor] = {}
 
     def grab(module: nn.Module, args: tuple) -> None:
-        # The weight used by this forward: after any masking pre-hook has run.
+        # The weight used by this forward (a masked layer's is computed from its mask on this read).
         for n, m in chosen.items():
             if m is module:
                 captured[n] = m.weight
@@ -411,8 +412,9 @@ def _accumulate_grads(model: nn.Module, chosen: dict[str, nn.Module], result: di
     try:
         for p, _ in flags:
             p.requires_grad_(True)
-        # Pre-hooks registered after a masking hook run after it, so the mask is applied.
-        with torch.enable_grad():
+        # parametrize.cached: a masked layer's weight is computed once per pass, so the tensor grabbed
+        # above is the one the forward uses (else each read would make a new one, outside the graph).
+        with torch.enable_grad(), parametrize.cached():
             output = run_model(model, b, None)
             target = b.target if b.target is not None else b.kwargs.get("input_ids")
             logits = getattr(output, "logits", None)

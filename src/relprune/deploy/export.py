@@ -1,9 +1,9 @@
 """Writing pruned models for deployment, and reading them back.
 
-Three forms, each a safetensors file plus a small JSON of metadata:
+Three forms, each a safetensors file plus a small JSON of metadata (and ONNX and torch.export programs):
 
 * ``dense``  - a shrunk (or any) ``nn.Sequential`` as ordinary dense weights;
-* ``masked`` - the model with its masks (``weight_orig`` / ``weight_mask``);
+* ``masked`` - the model with its masks (the parametrisations' ``original`` and ``mask`` tensors);
 * ``sparse`` - every prunable weight as a bitmask (1 bit per entry) plus its
   non-zero values, in compressed-tensors' ``sparse-bitmask`` layout (files written before it, with
   one flat bitmask per weight, still load); other tensors stored dense.

@@ -3,7 +3,7 @@
 Determinism: every epoch re-seeds its own shuffling and dropout from
 (seed, epoch), so a run resumed from an epoch checkpoint continues exactly
 as an uninterrupted one would. Masks applied by ``relprune.prune`` live in
-the forward pass (weight = weight_orig * mask), so training through them
+every read of the weight (weight = original * mask), so training through them
 keeps pruned weights at zero without any extra step.
 """
 
