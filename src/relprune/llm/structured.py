@@ -11,9 +11,11 @@ Unit scores, larger kept: ``rc`` (ours) - the unit's total relative contribution
 ``o_proj``/``down_proj``; ``fluctuation`` - FLAP's Var[x_c] ||W[:, c]||^2 over the same columns;
 ``share`` (ours) - the unit's share of each output's contribution variance, Var[c_rc] / sum_k Var[c_rk],
 summed over the outputs (FLAP's fluctuation made relative per output, as ``contrib-share`` is);
-``l2`` - the squared norm of every weight of the unit; ``random``. FLAP's bias compensation
-(:func:`unit_compensation`) adds the mean contribution of the removed columns to ``o_proj`` and
-``down_proj`` biases, which :func:`save_shrunk` expresses with the config's bias switches.
+``l2`` - the squared norm of every weight of the unit; ``random``. What reads the removed units is
+corrected in one of two ways, both as biases :func:`save_shrunk` expresses with the config's bias
+switches: FLAP's bias compensation (:func:`unit_compensation`) adds the mean contribution of the
+removed columns to ``o_proj`` and ``down_proj``; our re-fit (:func:`shrink_refit`, the command's
+default) fits their kept columns and bias to the dense output by least squares, block by block.
 """
 
 from __future__ import annotations
