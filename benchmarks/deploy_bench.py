@@ -22,6 +22,11 @@
   parameters. ``macs_ratio`` is dense over pruned multiply-accumulates per token of every Linear,
   the output head included (attention over the context left out: at most 4% here).
 
+``llamacpp``: the dense and the 30%-shrunk SmolLM2 converted to float32 GGUF files with llama.cpp's
+``convert_hf_to_gguf.py`` and timed by its ``llama-bench`` (prompt of 512 tokens, 128 generated, interleaved,
+``--rounds`` repetitions each); needs a llama.cpp tree built with ``cmake --build build --target llama-bench``
+(the one vendored in the ``llama-cpp-python`` sdist builds here in about 8 minutes on two cores).
+
 ``cnn``: ResNet-20 on Fashion-MNIST (the structured benchmark's dense net; ``--epochs`` of training,
 cached in --work) shrunk to half its MACs over our graph (``rc``) and by Torch-Pruning's MetaPruner
 (group L1) at the same or fewer MACs, exported to ONNX (``relprune.export.export_onnx``) and run in
@@ -195,14 +200,15 @@ def _decode(model, prompt, new_tokens: int) -> float:
         return time.perf_counter() - t
 
 
-def shrunk(ratio: float, seed: int = 0):
-    """SmolLM2 shrunk by ``relprune llm shrink``'s defaults (FLAP's score and compensation, uniform sizes)."""
+def shrunk(ratio: float, seed: int = 0, compensation: bool = True):
+    """SmolLM2 shrunk with FLAP's score, uniform sizes (the shapes ``relprune llm shrink`` gives), with FLAP's
+    compensation or none; the speed depends on the shapes only."""
     from relprune.llm.structured import plan_units, shrink_units, unit_compensation, unit_scores
 
     model, tokenizer = _smollm2()
     batches = _calibration(tokenizer, 16, seed)
     keep = plan_units(model, unit_scores(model, batches, "fluctuation", seed=seed), ratio, scope="uniform")
-    shrink_units(model, keep, bias_delta=unit_compensation(model, batches, keep))
+    shrink_units(model, keep, bias_delta=unit_compensation(model, batches, keep) if compensation else None)
     return model.eval()
 
 
@@ -241,6 +247,40 @@ def run_speed(args) -> None:
                      "pruned_decode_tok_s": args.new_tokens / med["pruned_decode"],
                      "decode_speedup": med["dense_decode"] / med["pruned_decode"],
                      "params": sum(p.numel() for p in model.parameters())})
+
+
+def run_llamacpp(args) -> None:
+    """Dense and 30%-shrunk SmolLM2 as float32 GGUF files, timed by llama.cpp's own llama-bench, interleaved."""
+    from relprune.llm import load_model
+    from relprune.llm.load import resolve_model
+    from relprune.llm.structured import save_shrunk
+
+    source = Path(args.llama_cpp)
+    bench, convert = source / "build" / "bin" / "llama-bench", source / "convert_hf_to_gguf.py"
+    if not bench.is_file() or not convert.is_file():
+        raise SystemExit(f"--llama-cpp {source}: needs build/bin/llama-bench (cmake --build build --target "
+                         "llama-bench) and convert_hf_to_gguf.py")
+    out = Path(args.out)
+    with tempfile.TemporaryDirectory(dir=args.work) as tmp:
+        model = shrunk(0.3, compensation=False)  # the shapes decide the speed; no biases llama.cpp's Llama lacks
+        _, tokenizer = load_model("smollm2-135m", quiet=True, device="cpu")
+        save_shrunk(model, tokenizer, Path(tmp) / "shrunk")
+        files = {}
+        for label, folder in (("dense", Path(resolve_model("smollm2-135m"))), ("structured 30%", Path(tmp) / "shrunk")):
+            files[label] = Path(tmp) / f"{label.split()[0]}.gguf"
+            subprocess.run([sys.executable, str(convert), str(folder), "--outfile", str(files[label]), "--outtype",
+                            "f32"], check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(
+                                source / "gguf-py")})
+        models = [str(files["dense"]), str(files["structured 30%"])] * 2
+        done = subprocess.run([str(bench), *(a for m in models for a in ("-m", m)), "-p", "512", "-n", "128", "-r",
+                               str(args.rounds), "-t", str(torch.get_num_threads()), "-o", "jsonl"],
+                              check=True, capture_output=True, text=True)
+        rows = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+        for r in rows:
+            label = "dense" if r["model_filename"] == str(files["dense"]) else "structured 30%"
+            _write(out, {"part": "llamacpp", "model": label, "n_prompt": r["n_prompt"], "n_gen": r["n_gen"],
+                         "tokens_per_s": r["avg_ts"], "stddev": r["stddev_ts"], "params": r["model_n_params"],
+                         "bytes": r["model_size"], "llama_cpp": r.get("build_commit"), "threads": r.get("n_threads")})
 
 
 # -- vision ----------------------------------------------------------------------------------------
@@ -334,6 +374,13 @@ def table(path: Path) -> str:
                   f"{r['dense_decode_tok_s']:.1f} | {r['pruned_decode_tok_s']:.1f} | {r['decode_speedup']:.2f} | "
                   f"{r['decode_speedup'] / r['macs_ratio']:.2f} |" for r in speed]
         lines.append("")
+    cpp = [r for r in rows if r["part"] == "llamacpp"]
+    if cpp:
+        lines += ["| llama.cpp | prompt | generated | tokens/s (mean +- sd over runs) |", "|---|---:|---:|---|"]
+        for r in cpp:
+            lines.append(f"| {r['model']} | {r['n_prompt']} | {r['n_gen']} | "
+                         f"{r['tokens_per_s']:.1f} +- {r['stddev']:.1f} |")
+        lines.append("")
     cnn = [r for r in rows if r["part"] == "cnn-onnx"]
     if cnn:
         lines += ["| method | MACs ratio | ORT b1 ratio | ORT b64 ratio | eager b1 ratio | eager b64 ratio | "
@@ -346,7 +393,8 @@ def table(path: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=["lm", "lm-size", "lm-speed", "cnn", "table"])
+    parser.add_argument("part", choices=["lm", "lm-size", "lm-speed", "llamacpp", "cnn", "table"])
+    parser.add_argument("--llama-cpp", help="a llama.cpp source tree with build/bin/llama-bench (llamacpp)")
     parser.add_argument("--out", default="docs/data/deploy_results.jsonl")
     parser.add_argument("--work", default=str(Path.home() / ".cache" / "relprune" / "structured_bench"))
     parser.add_argument("--rounds", type=int, default=3)
@@ -364,6 +412,8 @@ def main() -> None:
         run_speed(args)
     if args.part == "cnn":
         run_cnn(args)
+    if args.part == "llamacpp":
+        run_llamacpp(args)
     if args.part == "table":
         print(table(Path(args.out)))
 
