@@ -172,3 +172,19 @@ def test_distillation_brings_a_shrunk_model_towards_the_dense_one_and_leaves_the
     assert torch.equal(student.model.embed_tokens.weight, embeddings)
     with pytest.raises(relprune.RelpruneError, match="at least 1"):
         distill(student, dense, batches, steps=0)
+
+
+@pytest.mark.parametrize("keep, message", [
+    ({(0, "mlp"): torch.tensor([], dtype=torch.long)}, "removes every MLP channel of layer 0"),
+    ({(1, "heads"): torch.tensor([], dtype=torch.long)}, "removes every key/value head group"),
+    ({(0, "mlp"): torch.tensor([0, 99])}, r"distinct indices in \[0, 48\)"),
+    ({(0, "heads"): torch.tensor([1, 1])}, "distinct"),
+    ({(9, "mlp"): torch.tensor([0])}, "does not have"),
+])
+def test_plans_that_empty_a_layer_or_name_missing_units_are_refused_before_any_change(keep, message):
+    for shrinker in (shrink_units, lambda m, k: shrink_refit(m, ids_batches(), k)):
+        model = tiny()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(relprune.RelpruneError, match=message):
+            shrinker(model, keep)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -236,9 +236,7 @@ def shrink_refit(model: nn.Module, batches: Sequence[dict[str, Tensor]], keep: d
     on the outputs of the blocks already shrunk, else on the dense model's.
     """
     named = decoder_blocks(model, blocks)
-    unknown = sorted(k for k in keep if not (0 <= k[0] < len(named)) or k[1] not in ("heads", "mlp"))
-    if unknown:
-        raise RelpruneError(f"keep names units the model does not have: {unknown[:3]}")
+    _check_keep(named, keep)
     model.eval()
     captured = capture_block_inputs(model, [b for _, b in named], batches)
     hidden = captured.hidden
@@ -279,6 +277,22 @@ def _shrink_block(block: nn.Module, kind: str, kept: Tensor) -> None:
             proj.out_features, proj.in_features = proj.weight.shape
 
 
+def _check_keep(named: list[tuple[str, nn.Module]], keep: dict[tuple[int, str], Tensor]) -> None:
+    """Refuse, before anything changes, a plan naming units a layer lacks, or one that empties a layer."""
+    for (i, kind), kept in keep.items():
+        if not (0 <= i < len(named)) or kind not in ("heads", "mlp"):
+            raise RelpruneError(f"keep names units the model does not have: {(i, kind)}")
+        block = named[i][1]
+        total = _attn(block)[2] if kind == "heads" else _mlp(block).down_proj.in_features
+        idx = torch.as_tensor(kept).flatten()
+        if idx.numel() == 0:
+            unit = "key/value head group" if kind == "heads" else "MLP channel"
+            raise RelpruneError(f"the plan removes every {unit} of layer {i}; keep at least one")
+        if idx.dtype not in (torch.int32, torch.int64) or int(idx.min()) < 0 or int(idx.max()) >= total or len(
+                set(idx.tolist())) != idx.numel():
+            raise RelpruneError(f"layer {i} {kind}: keep must be distinct indices in [0, {total})")
+
+
 def _index_sets(block: nn.Module, kind: str, kept: Tensor) -> list[tuple[nn.Linear, int, Tensor]]:
     """(projection, dimension, kept indices along it) for each projection a unit kind spans."""
     if kind == "mlp":
@@ -298,6 +312,7 @@ def shrink_units(model: nn.Module, keep: dict[tuple[int, str], Tensor], *,
     ``bias_delta`` (from :func:`unit_compensation`) is added to the named projections' biases, a
     bias being created where there is none."""
     named = decoder_blocks(model, blocks)
+    _check_keep(named, keep)
     modules = dict(model.named_modules())
     unknown = sorted(set(bias_delta or {}) - set(modules))
     if unknown:
