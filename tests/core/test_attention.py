@@ -99,3 +99,17 @@ def test_a_transformer_encoder_layer_is_pruned_on_its_fused_path_too():
         fused = layer(x)  # torch's fused encoder-layer kernel reads every weight directly
         torch.testing.assert_close(fused, relprune.make_permanent(relprune.copy_model(layer))(x),
                                    rtol=1e-4, atol=1e-5)
+
+
+def test_the_built_in_vit_prunes_every_projection_and_runs_its_fused_path_masked():
+    from relprune.experiments.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("vit", (1, 28, 28), 10)
+    x = torch.randn(8, 1, 28, 28)
+    masks = relprune.prune(model, relprune.collect_stats(model, [x]), sparsity=0.5)
+    assert {"patch", "head", "encoder.layers.0.self_attn.out_proj", "encoder.layers.1.linear2"} <= set(masks)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), relprune.make_permanent(relprune.copy_model(model))(x),
+                                   rtol=1e-4, atol=1e-5)

@@ -108,8 +108,37 @@ def resnet20(input_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10) 
     return ResNet(20, input_shape[0], num_classes)
 
 
+class ViT(nn.Module):
+    """A small vision transformer: patch embedding, learned positions, ``nn.TransformerEncoder`` (pre-norm,
+    GELU), mean-pooled tokens, a linear head. Its attention is ``nn.MultiheadAttention``: relprune prunes each
+    layer's ``out_proj`` and feed-forward Linears like any layer (``in_proj_weight`` stays dense)."""
+
+    def __init__(self, input_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10, dim: int = 64,
+                 depth: int = 2, heads: int = 4, mlp: int = 128, grid: int = 4):
+        super().__init__()
+        c, h, w = input_shape
+        ph, pw = max(h // grid, 1), max(w // grid, 1)
+        self.patch = nn.Conv2d(c, dim, (ph, pw), stride=(ph, pw))
+        self.pos = nn.Parameter(torch.zeros(1, (h // ph) * (w // pw), dim))
+        nn.init.trunc_normal_(self.pos, std=0.02)
+        layer = nn.TransformerEncoderLayer(dim, heads, mlp, dropout=0.0, activation="gelu", batch_first=True,
+                                           norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.patch(x).flatten(2).transpose(1, 2) + self.pos
+        return self.head(self.norm(self.encoder(tokens)).mean(1))
+
+
+def vit(input_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10) -> nn.Module:
+    """A 2-layer vision transformer (dim 64, 4 heads, 16 patches; 0.08 M parameters at 28x28)."""
+    return ViT(tuple(input_shape), num_classes)
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {"lenet300": lenet300, "lenet5": lenet5, "vgg-small": vgg_small,
-                                               "resnet20": resnet20}
+                                               "resnet20": resnet20, "vit": vit}
 
 
 def check_model_name(name: str) -> Callable[..., nn.Module]:

@@ -18,6 +18,7 @@ USUAL_ACCURACY: dict[tuple[str, str], float] = {
     ("lenet5", "mnist"): 0.990,
     ("lenet5", "fashion-mnist"): 0.900,
     ("vgg-small", "fashion-mnist"): 0.930,
+    ("vit", "fashion-mnist"): 0.870,  # what the recipe below reached (87.67%, seed 0); tiny ViTs reach 87-89%
 }
 
 # Adam with a cosine schedule for the LeNets; random shifts keep the long runs from over-fitting
@@ -29,6 +30,8 @@ CONVERGED: dict[tuple[str, str], TrainConfig] = {
     ("lenet5", "fashion-mnist"): TrainConfig(epochs=40, lr=1e-3, augment="crop"),
     ("vgg-small", "fashion-mnist"): TrainConfig(epochs=30, lr=0.05, optimizer="sgd", weight_decay=5e-4,
                                                 augment="crop-flip"),
+    # The small ViT (issue 20): Adam and random shifts; 8 epochs gave 87.3%, these 20 gave 87.7%.
+    ("vit", "fashion-mnist"): TrainConfig(epochs=20, lr=1e-3, augment="crop"),
 }
 
 
