@@ -32,8 +32,10 @@ from ..core.compressed import (
     PARTS,
     compress_state,
     compressed_prefixes,
+    decompress,
     decompress_state,
     pays_off,
+    prefix_of,
 )
 from ..errors import CheckpointError, ModelLoadError
 
@@ -139,8 +141,13 @@ def plain_config(config: Any) -> Any:
     return config
 
 
-class _Stored:
-    """The tensors of a folder's safetensors files (one file or an index), each read on demand."""
+class StoredCheckpoint:
+    """The tensors of a folder's safetensors checkpoint (one file or an index of shards), read one at a time.
+
+    ``read(key)`` gives a stored tensor as it is; ``get(name)`` and ``names()`` see the checkpoint as
+    transformers names it, a compressed weight decompressed when read. Each read maps its file only
+    while it reads, so pages of the checkpoint do not stay resident beside what is being built.
+    """
 
     def __init__(self, folder: Path):
         from safetensors import SafetensorError, safe_open
@@ -149,20 +156,37 @@ class _Stored:
         try:
             if index.is_file():
                 weight_map = json.loads(index.read_text())["weight_map"]
-            else:
+            elif (folder / "model.safetensors").is_file():
                 with safe_open(str(folder / "model.safetensors"), framework="pt") as fh:
                     weight_map = dict.fromkeys(fh.keys(), "model.safetensors")
+            else:
+                raise ModelLoadError(f"{folder} holds no safetensors checkpoint (model.safetensors or its index)")
         except (SafetensorError, OSError, KeyError, ValueError) as err:
             raise ModelLoadError(f"{folder}: cannot read its safetensors checkpoint: {err}") from err
         self.folder, self.weight_map = folder, weight_map
+        config = folder / "config.json"
+        self.layout = folder_layout(json.loads(config.read_text())) if config.is_file() else None
+        self._compressed = set(compressed_prefixes(weight_map)) if self.layout else set()
+        self._names = sorted(dense_names(weight_map, self.layout)) if self.layout else list(weight_map)
 
     def read(self, key: str) -> Tensor:
-        """One stored tensor, copied out of its file; the file is mapped only while it is read, so pages of
-        the compressed checkpoint do not stay resident beside the model being filled."""
+        """One stored tensor (a compressed weight's part, or any other tensor), copied out of its file."""
         from safetensors import safe_open
 
         with safe_open(str(self.folder / self.weight_map[key]), framework="pt") as fh:
             return fh.get_tensor(key)
+
+    def get(self, name: str) -> Tensor:
+        """The tensor transformers calls ``name``: a compressed weight comes back dense."""
+        prefix = prefix_of(name)
+        if name.endswith(".weight") and prefix in self._compressed:
+            parts = {p: self.read(f"{prefix}.{p}") for p in PARTS[self.layout] if f"{prefix}.{p}" in self.weight_map}
+            return decompress(parts, self.layout, name)
+        return self.read(name)
+
+    def names(self, prefix: str = "") -> list[str]:
+        """The tensor names transformers sees (compressed weights under their own names)."""
+        return [n for n in self._names if n.startswith(prefix)]
 
     def dense_numel(self, layout: str) -> int:
         """Values the checkpoint describes once decompressed (compressed weights counted by their shape)."""
@@ -185,7 +209,7 @@ def load_compressed(folder: Path, config: Any, transformers: Any, dtype: torch.d
     from accelerate.utils import set_module_tensor_to_device
 
     layout = folder_layout(config)
-    stored = _Stored(folder)
+    stored = StoredCheckpoint(folder)
     plain = plain_config(config)
     with init_empty_weights():  # parameters on the meta device; buffers (rotary tables) real
         model = transformers.AutoModelForCausalLM.from_config(plain, dtype=dtype)
@@ -217,5 +241,5 @@ def dense_names(keys: Iterable[str], layout: str) -> set[str]:
 
 def stored_layout_numel(folder: Path, layout: str) -> int:
     """Values a compressed folder describes once decompressed (for checking it against its config)."""
-    return _Stored(folder).dense_numel(layout)
+    return StoredCheckpoint(folder).dense_numel(layout)
 

@@ -24,66 +24,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..core.compressed import PARTS, compress_state, compressed_prefixes, decompress, layout_for, prefix_of
+from ..core.compressed import compress_state, layout_for, prefix_of
 from ..core.masks import Masks
 from ..core.spec import Recipe
 from ..defaults import DEFAULT_LLM_CRITERION, DEFAULT_LLM_RECONSTRUCT
 from ..errors import ModelLoadError, RelpruneError
 from .blocks import BlockInputs, blocks_with_progress, capture_block_inputs, dense_hidden_states, feed
-from .compressed import SAVE_FORMATS, compressible, dense_names, folder_layout, mark_compressed
+from .compressed import SAVE_FORMATS, StoredCheckpoint, compressible, mark_compressed
 from .load import check_checkpoint, require_transformers, resolve_model, tied_names
 from .save import refuse_occupied, staged_folder, switches_for
 from .sequential import block_recipe, block_sparsities, decoder_blocks, prune_block
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
-
-
-class Checkpoint:
-    """Tensors of a safetensors checkpoint (one file or an index of shards), read one at a time."""
-
-    def __init__(self, folder: Path):
-        from safetensors import SafetensorError, safe_open
-
-        index = folder / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-        elif (folder / "model.safetensors").is_file():
-            try:
-                with safe_open(folder / "model.safetensors", framework="pt") as fh:
-                    weight_map = {k: "model.safetensors" for k in fh.keys()}  # noqa: SIM118 - not a dict
-            except SafetensorError as err:
-                raise ModelLoadError(f"{folder / 'model.safetensors'} is not a readable safetensors file: "
-                                     f"{err}") from err
-        else:
-            raise ModelLoadError(f"{folder} holds no safetensors checkpoint (model.safetensors or its index); "
-                                 "streamed pruning reads safetensors only")
-        self.folder = folder
-        self.weight_map: dict[str, str] = weight_map
-        self._open: dict[str, Any] = {}
-        config = folder / "config.json"
-        self.layout = folder_layout(json.loads(config.read_text())) if config.is_file() else None
-        # A compressed source: its weights are named as transformers names them, each decompressed when read.
-        self._dense = sorted(dense_names(weight_map, self.layout)) if self.layout else list(weight_map)
-        self._compressed = set(compressed_prefixes(weight_map)) if self.layout else set()
-
-    def _read(self, key: str) -> Tensor:
-        from safetensors import safe_open
-
-        file = self.weight_map[key]
-        if file not in self._open:
-            self._open[file] = safe_open(self.folder / file, framework="pt")
-        return self._open[file].get_tensor(key)
-
-    def get(self, name: str) -> Tensor:
-        prefix = prefix_of(name)
-        if name.endswith(".weight") and prefix in self._compressed:
-            parts = {p: self._read(f"{prefix}.{p}") for p in PARTS[self.layout] if f"{prefix}.{p}" in self.weight_map}
-            return decompress(parts, self.layout, name)
-        return self._read(name)
-
-    def names(self, prefix: str = "") -> list[str]:
-        return [n for n in self._dense if n.startswith(prefix)]
 
 
 def prune_streamed(
@@ -133,7 +86,7 @@ def prune_streamed(
         raise ModelLoadError(f"streamed pruning needs a local folder; {source} is not one")
     target = Path(out)
     refuse_occupied(target)
-    checkpoint = Checkpoint(src)
+    checkpoint = StoredCheckpoint(src)
     config = transformers.AutoConfig.from_pretrained(src)
     check_checkpoint(src, config, exact_names=True)
     with torch.device("meta"):
@@ -208,7 +161,7 @@ def _zero_biases(block: nn.Module, name: str, biased: set[str]) -> None:
             m.bias = nn.Parameter(torch.zeros(m.out_features, dtype=m.weight.dtype, device=m.weight.device))
 
 
-def _host_model(transformers: Any, config: Any, checkpoint: Checkpoint, named: list[tuple[str, nn.Module]]):
+def _host_model(transformers: Any, config: Any, checkpoint: StoredCheckpoint, named: list[tuple[str, nn.Module]]):
     """The model with one decoder block of each kind: the real embeddings, norm, head and position encodings."""
     if not hasattr(config, "num_hidden_layers"):
         raise RelpruneError(f"{type(config).__name__} has no num_hidden_layers; streamed pruning needs a "
@@ -257,7 +210,7 @@ def _blocks_in(host: nn.Module, named: list[tuple[str, nn.Module]]) -> Iterator[
         setattr(owner, attr, own)
 
 
-def _load_block(meta_block: nn.Module, name: str, checkpoint: Checkpoint) -> nn.Module:
+def _load_block(meta_block: nn.Module, name: str, checkpoint: StoredCheckpoint) -> nn.Module:
     """Block ``name`` made real on the CPU with its tensors from the checkpoint."""
     block = copy.deepcopy(meta_block).to_empty(device="cpu")
     prefix = f"{name}."
