@@ -4,9 +4,15 @@
 
 Each cell: load the model (float32), draw calibration windows from ../shared/data/shakespeare/calib.txt
 (seeded), prune every decoder Linear block by block with ``relprune.llm.prune_sequential``, then
-perplexity on the first ``--eval-samples`` non-overlapping windows of eval.txt. One JSON line per
-finished cell; cells already in --out are skipped, so the run resumes. ``--table`` prints the
-markdown table of a results file.
+perplexity on the first ``--eval-samples`` non-overlapping windows of eval.txt and, with
+``--second-domain botchan`` (the ``frontier`` plan's protocol), of a text of another domain
+(``relprune.llm.known_text``: 20th-century English prose). One JSON line per finished cell; cells
+already in --out are skipped, so the run resumes. ``--table`` prints the markdown table of a
+results file (``--column perplexity_botchan`` for the second domain).
+
+``alps-reference`` is ALPS as its authors run it (``benchmarks/alps_port.py``, a port of their code);
+the variant ``zero-anchor`` runs the exact re-fit with its damping pulling toward zero (the re-fit
+before 2026-12-01) instead of toward the dense weights.
 """
 
 from __future__ import annotations
@@ -41,7 +47,11 @@ BUDGETS = {"50%": {"sparsity": 0.5}, "60%": {"sparsity": 0.6}, "70%": {"sparsity
 # Variants of a recipe: "bc" bias compensation (bias-free projections get a bias), "owl" OWL's
 # outlier-weighted per-block sparsities (Yin et al. 2024, M=5, lambda=0.08 as published).
 VARIANTS = {"": {}, "bc": {"bias_compensation": True}, "owl": {"allocation": "owl"},
-            "owl+bc": {"allocation": "owl", "bias_compensation": True}}
+            "owl+bc": {"allocation": "owl", "bias_compensation": True}, "zero-anchor": {}}
+# Issue 22's frontier: the baselines as published, the peer (ALPS), our joint solvers, our best
+# criterion-then-re-fit recipe under both re-fit anchors.
+FRONTIER = [("wanda", None, ""), ("sparsegpt", None, ""), ("obs", "exact", ""), ("admm", None, ""),
+            ("alps-reference", None, ""), ("gradual", None, ""), ("obs", "exact", "zero-anchor")]
 PLANS = {
     # The cells that decide the default, first; then the rest of the grid.
     "headline": [("dense", None, None)] + [(c, r, b) for b in ("50%", "2:4") for c, r in RECIPES],
@@ -55,12 +65,15 @@ PLANS = {
     + [(c, r, b, v) for b in ("50%", "60%", "70%") for c, r, v in
        [("wanda", None, "owl"), ("sparsegpt", None, "owl"), ("obs", "exact", "owl"), ("sparsegpt", "exact", "owl"),
         ("contrib-share", None, "owl+bc")]],
+    "frontier": [("dense", None, None)] + [(c, r, b, v) for b in ("50%", "2:4", "70%", "60%") for c, r, v in FRONTIER],
+    "frontier-key": [(c, r, b, v) for b in ("50%", "2:4", "70%", "60%") for c, r, v in FRONTIER[:4]],
 }
 
 
 def cell_key(c: dict) -> tuple:
-    return (c["criterion"], c["reconstruct"], c.get("variant", ""), c["budget"], c["seed"],
-            c["calibration_samples"], c["seqlen"], c["eval_samples"], c["sequential"])
+    return (c.get("model", "smollm2-135m"), c["criterion"], c["reconstruct"], c.get("variant", ""), c["budget"],
+            c["seed"], c["calibration_samples"], c["seqlen"], c["eval_samples"], c["sequential"],
+            c.get("second_domain"))
 
 
 def run_cell(cell: dict) -> dict:
@@ -78,10 +91,25 @@ def run_cell(cell: dict) -> dict:
     )
     from relprune.llm.text import batches_of
 
+    if cell["criterion"] == "alps-reference":
+        sys.path.insert(0, str(Path(__file__).parent))
+        from alps_port import register
+
+        register()
+    if cell.get("variant") == "zero-anchor":
+        import relprune.core.reconstruct as reconstruct
+
+        reconstruct.refit.__kwdefaults__ = {**reconstruct.refit.__kwdefaults__, "anchor": "zero"}
     torch.manual_seed(0)
     model, tokenizer = load_model(cell["model"], fetch=False, quiet=True)
     model_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     windows = evaluation_windows(tokenize_file(tokenizer, DATA / "eval.txt"), cell["seqlen"], cell["eval_samples"])
+    second = None
+    if cell.get("second_domain"):
+        from relprune.llm import known_text
+
+        second = evaluation_windows(tokenize_file(tokenizer, known_text(cell["second_domain"], fetch=False)),
+                                    cell["seqlen"], cell["eval_samples"])
     seconds = 0.0
     sparsity = 0.0
     if cell["criterion"] != "dense":
@@ -95,7 +123,10 @@ def run_cell(cell: dict) -> dict:
         sparsity = masks.sparsity
         relprune.make_permanent(model)
     ppl = perplexity(model, windows, batch_size=1)
-    return {**cell, "perplexity": ppl.value, "eval_windows": ppl.windows, "eval_tokens": ppl.tokens,
+    extra = {}
+    if second is not None:
+        extra[f"perplexity_{cell['second_domain']}"] = perplexity(model, second, batch_size=1).value
+    return {**cell, **extra, "perplexity": ppl.value, "eval_windows": ppl.windows, "eval_tokens": ppl.tokens,
             "achieved_sparsity": sparsity, "prune_seconds": round(seconds, 1),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "model_mb": round(model_mb), "torch_threads": torch.get_num_threads(),
@@ -114,6 +145,8 @@ def drive(args: argparse.Namespace) -> None:
                     "variant": variant[0] if variant else "", "budget": budget or "dense", "seed": seed,
                     "calibration_samples": args.calibration_samples,
                     "seqlen": args.seqlen, "eval_samples": args.eval_samples, "sequential": True}
+            if args.second_domain:
+                cell["second_domain"] = args.second_domain
             if criterion == "dense" and seed != args.seeds[0]:
                 continue
             if cell_key(cell) in done:
@@ -129,19 +162,20 @@ def drive(args: argparse.Namespace) -> None:
                 fh.write(json.dumps(result) + "\n")
             print(f"{criterion:>13} {reconstruct or '':>5} {cell['variant']:>6} {budget or 'dense':>5} seed {seed}: "
                   f"perplexity "
-                  f"{result['perplexity']:8.2f}  prune {result['prune_seconds']:6.0f} s  peak RSS "
+                  f"{result['perplexity']:8.2f} {result.get('perplexity_' + str(args.second_domain), float('nan')):8.2f}  prune {result['prune_seconds']:6.0f} s  peak RSS "
                   f"{result['peak_rss_mb']} MB  ({time.perf_counter() - t:.0f} s)", flush=True)
 
 
-def table(path: Path) -> str:
-    """Markdown: one row per recipe, one column per budget; mean (± std over seeds when several)."""
+def table(path: Path, column: str = "perplexity", model: str | None = None) -> str:
+    """Markdown: one row per recipe, one column per budget; mean (± std over seeds when several) of ``column``."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if column in r and (model is None or r.get("model", "smollm2-135m") == model)]
     cells: dict[tuple, list[float]] = defaultdict(list)
     secs: dict[tuple, list[float]] = defaultdict(list)
     rss: dict[tuple, list[float]] = defaultdict(list)
     for r in rows:
         key = (r["criterion"], r["reconstruct"] or "", r.get("variant", ""))
-        cells[key, r["budget"]].append(r["perplexity"])
+        cells[key, r["budget"]].append(r[column])
         secs[key, r["budget"]].append(r["prune_seconds"])
         rss[key, r["budget"]].append(r["peak_rss_mb"])
     budgets = [b for b in BUDGETS if any(k[1] == b for k in cells)]
@@ -181,12 +215,14 @@ def main() -> None:
     parser.add_argument("--calibration-samples", type=int, default=16)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--eval-samples", type=int, default=16)
+    parser.add_argument("--second-domain", choices=["botchan"], help="also report perplexity on this text")
     parser.add_argument("--table", action="store_true", help="print the table of --out and stop")
+    parser.add_argument("--column", default="perplexity", help="the result the table shows (e.g. perplexity_botchan)")
     args = parser.parse_args()
     if args.cell:
         print(json.dumps(run_cell(json.loads(args.cell))))
     elif args.table:
-        print(table(Path(args.out)))
+        print(table(Path(args.out), args.column, args.model))
     else:
         drive(args)
 

@@ -181,23 +181,50 @@ def obs_saliency(weight: Tensor, stats: LayerStats | None, opts: dict[str, Any])
     return (weight_matrix(weight.double()) ** 2 / inv_diag.reshape(1, -1)).reshape(weight.shape)
 
 
-def _sparsegpt_joint(weight: Tensor, stats: LayerStats | None, sparsity: float | None,
-                     n_m: tuple[int, int] | None) -> tuple[Tensor, Tensor]:
+def _linear_joint(solver: Callable[..., tuple[Tensor, Tensor]], name: str) -> Callable[..., tuple[Tensor, Tensor]]:
+    def joint(weight: Tensor, stats: LayerStats | None, sparsity: float | None,
+              n_m: tuple[int, int] | None) -> tuple[Tensor, Tensor]:
+        shape = weight.shape
+        if n_m is not None and weight.dim() > 2:
+            # Its N:M groups would run along (channel, kernel) columns; sparse kernels want channels.
+            raise RelpruneError(f"{name} with n_m supports Linear layers; leave convolutions out with layers=")
+        new, keep = solver(weight_matrix(weight), _stats(stats).input_gram, sparsity=sparsity, n_m=n_m)
+        return new.reshape(shape), keep.reshape(shape)
+    return joint
+
+
+def _sparsegpt(weight: Tensor, hessian: Tensor, **budget: Any) -> tuple[Tensor, Tensor]:
     from .reconstruct import sparsegpt
 
-    shape = weight.shape
-    if n_m is not None and weight.dim() > 2:
-        # Its N:M groups would run along (channel, kernel) columns; sparse kernels want channels.
-        raise RelpruneError("sparsegpt with n_m supports Linear layers; leave convolutions out with layers=")
-    new, keep = sparsegpt(weight_matrix(weight), _stats(stats).input_gram, sparsity=sparsity, n_m=n_m)
-    return new.reshape(shape), keep.reshape(shape)
+    return sparsegpt(weight, hessian, **budget)
+
+
+def _admm(weight: Tensor, hessian: Tensor, **budget: Any) -> tuple[Tensor, Tensor]:
+    from .admm import admm_prune
+
+    return admm_prune(weight, hessian, **budget)
+
+
+def _gradual(weight: Tensor, hessian: Tensor, **budget: Any) -> tuple[Tensor, Tensor]:
+    from .admm import gradual_prune
+
+    return gradual_prune(weight, hessian, **budget)
 
 
 def _no_score(weight: Tensor, stats: LayerStats | None, opts: dict[str, Any]) -> Tensor:
-    raise RelpruneError("sparsegpt has no per-weight score: it chooses masks and weights together in prune()")
+    raise RelpruneError("this criterion has no per-weight score: it chooses masks and weights together in prune()")
 
 
 CRITERIA["sparsegpt"] = Criterion(
     "sparsegpt", _no_score, frozenset({"input_gram"}), False,
     "SparseGPT (Frantar & Alistarh 2023): mask and weight update together, per block of 128 columns",
-    joint=_sparsegpt_joint)
+    joint=_linear_joint(_sparsegpt, "sparsegpt"))
+CRITERIA["admm"] = Criterion(
+    "admm", _no_score, frozenset({"input_gram"}), False,
+    "ADMM on the layer's L0-constrained least squares with ALPS's penalty schedule (Meng et al. 2024), "
+    "the same count per row, then the exact re-fit on the support",
+    joint=_linear_joint(_admm, "admm"))
+CRITERIA["gradual"] = Criterion(
+    "gradual", _no_score, frozenset({"input_gram"}), False,
+    "sparsity raised in 4 steps per row, each mask chosen by the OBS saliency of the re-fitted weights",
+    joint=_linear_joint(_gradual, "gradual"))

@@ -146,22 +146,30 @@ def sparsegpt(weight: Tensor, hessian: Tensor, *, sparsity: float | None = None,
 
 
 REFIT_METHODS = ("exact", "obs")
+#: What the damping pulls the re-fitted weights toward: the dense weights (as SparseGPT's and ALPS's
+#: updates do: the damped error (w - w0)^T (H + lambda I) (w - w0)) or zero (a ridge penalty on the
+#: kept weights). On a 256 x 512 layer with outlier inputs "dense" had 16% less output error at 50%.
+ANCHORS = ("dense", "zero")
 
 
 def refit(weight: Tensor, hessian: Tensor, keep: Tensor, *, method: str = "exact", blocksize: int = BLOCKSIZE,
-          percdamp: float = PERCDAMP, tol: float = 1e-4, max_iter: int = 25) -> Tensor:
+          percdamp: float = PERCDAMP, tol: float = 1e-4, max_iter: int = 25, anchor: str = "dense") -> Tensor:
     """The kept weights re-fitted to the dense layer's outputs on the calibration inputs (mask fixed).
 
     ``hessian`` is X^T X up to a positive factor; damping adds ``percdamp`` times its mean diagonal.
     ``"exact"`` solves to a relative residual of ``tol``, or stops after ``max_iter`` iterations: on
     SmolLM2's layers 25 iterations come within 0.1% of the converged output error (100+ to converge).
-    A row that keeps every weight is its own exact fit and comes back unchanged (damping would
-    otherwise move it), so a layer with nothing removed is not rewritten.
+    A row that keeps every weight is its own exact fit and comes back unchanged, so a layer with
+    nothing removed is not rewritten. ``anchor`` (exact re-fit only): the damping pulls the kept
+    weights toward the dense ones (``"dense"``, minimising (w - w0)^T (H + lambda I) (w - w0)) or
+    toward zero (``"zero"``, the least squares plus lambda ||w||^2).
     """
     if keep.shape != weight.shape:
         raise SparsityError(f"mask shape {tuple(keep.shape)} does not match weight {tuple(weight.shape)}")
     if method not in REFIT_METHODS:
         raise RelpruneError(f"refit method must be one of {REFIT_METHODS}, got {method!r}")
+    if anchor not in ANCHORS:
+        raise RelpruneError(f"refit anchor must be one of {ANCHORS}, got {anchor!r}")
     keep = keep.bool()
     whole = keep.all(1)
     if whole.all():
@@ -169,14 +177,15 @@ def refit(weight: Tensor, hessian: Tensor, keep: Tensor, *, method: str = "exact
     if method == "obs":
         new, _ = _obs(weight, hessian, _Given(keep), blocksize, percdamp)
     else:
-        new = _least_squares(weight, hessian, keep, percdamp, tol, max_iter)
+        new = _least_squares(weight, hessian, keep, percdamp, tol, max_iter, anchor)
     new[whole] = weight.detach()[whole].to(new.dtype)
     return new
 
 
 def _least_squares(weight: Tensor, hessian: Tensor, keep: Tensor, percdamp: float, tol: float,
-                   max_iter: int) -> Tensor:
-    """Per row r: w_S = (H_SS + lambda I)^-1 (H w_r)_S on its kept columns S, zeros elsewhere.
+                   max_iter: int, anchor: str = "dense") -> Tensor:
+    """Per row r: w_S = (H_SS + lambda I)^-1 (H' w_r)_S on its kept columns S, zeros elsewhere, with
+    H' = H + lambda I (``anchor="dense"``) or H (``"zero"``).
 
     All rows at once by conjugate gradients restricted to each row's kept columns, with a
     diagonal (Jacobi) preconditioner: one (O x I) @ (I x I) product per iteration instead of a
@@ -190,7 +199,8 @@ def _least_squares(weight: Tensor, hessian: Tensor, keep: Tensor, percdamp: floa
     damp = percdamp * torch.mean(torch.diag(h))
     h.diagonal().add_(damp)
     m = (keep & ~dead).to(dtype)
-    target = w @ hessian.to(dtype)  # row r: H w_r, the dense row's fit on every column
+    # Row r: H' w_r, the dense row's fit on every column.
+    target = w @ (h if anchor == "dense" else hessian.to(dtype))
     x = w * m
     r = (target - x @ h) * m
     inv_diag = 1 / torch.diag(h)

