@@ -162,7 +162,8 @@ def drive(args: argparse.Namespace) -> None:
                 fh.write(json.dumps(result) + "\n")
             print(f"{criterion:>13} {reconstruct or '':>5} {cell['variant']:>6} {budget or 'dense':>5} seed {seed}: "
                   f"perplexity "
-                  f"{result['perplexity']:8.2f} {result.get('perplexity_' + str(args.second_domain), float('nan')):8.2f}  prune {result['prune_seconds']:6.0f} s  peak RSS "
+                  f"{result['perplexity']:8.2f} {result.get(f'perplexity_{args.second_domain}', float('nan')):8.2f}  "
+                  f"prune {result['prune_seconds']:6.0f} s  peak RSS "
                   f"{result['peak_rss_mb']} MB  ({time.perf_counter() - t:.0f} s)", flush=True)
 
 

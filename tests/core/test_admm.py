@@ -17,7 +17,7 @@ from relprune.core.reconstruct import damped_inverse_diagonal, refit
 from relprune.errors import RelpruneError, SparsityError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from alps_port import alps_admm  # noqa: E402  (the benchmark's port of the ALPS reference code)
+from alps_port import alps_admm
 
 
 def problem(o: int, i: int, tokens: int, seed: int, outliers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
