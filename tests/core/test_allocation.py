@@ -105,3 +105,32 @@ def test_half_budgets_round_up_for_every_group_size(count, removed):
     scores = {"a": torch.arange(count, dtype=torch.float64).reshape(1, count)}
     for scope in ("row", "layer", "global"):
         assert int((~allocate(scores, 0.5, scope)["a"]).sum()) == removed
+
+
+def test_effective_share_is_exp_entropy_over_fan_in():
+    from relprune.core.allocation import effective_share
+
+    uniform = torch.ones(3, 8)
+    assert effective_share(uniform) == pytest.approx(1.0)
+    one_hot = torch.zeros(3, 8)
+    one_hot[:, 2] = 5.0
+    assert effective_share(one_hot) == pytest.approx(1 / 8)
+    half = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    assert effective_share(half) == pytest.approx(0.5)
+    p = torch.tensor([[0.7, 0.2, 0.1]])
+    h = -(p * p.log()).sum()
+    assert effective_share(p) == pytest.approx(float(h.exp() / 3))
+    with pytest.raises(SparsityError):
+        effective_share(torch.zeros(2, 4))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_entropy_allocation_averages_to_the_target_and_gives_concentrated_blocks_more(seed):
+    from relprune.core.allocation import owl_sparsities
+
+    shares = torch.rand(6, generator=torch.Generator().manual_seed(seed)).tolist()
+    out = owl_sparsities(shares, 0.6, 0.08)
+    assert sum(out) / len(out) == pytest.approx(0.6)
+    assert max(out) - min(out) == pytest.approx(0.16)  # OWL's rescaling: the blocks span 2 lambda
+    order = sorted(range(6), key=lambda i: shares[i])
+    assert [out[i] for i in order] == sorted(out, reverse=True)

@@ -296,6 +296,26 @@ def test_owl_gives_each_block_its_own_sparsity_around_the_target():
         prune_sequential(tiny_llama(), ids_batches(), n_m="2:4", allocation="owl")
 
 
+def test_entropy_allocation_prunes_the_block_whose_outputs_rest_on_fewest_weights_most():
+    model = tiny_llama(layers=3)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # 5% of block 1's weights become 50x larger: its outputs rest on few weights
+        for layer in model.model.layers[1].modules():
+            if isinstance(layer, nn.Linear):
+                layer.weight[torch.rand(layer.weight.shape, generator=g) < 0.05] *= 50
+    masks = prune_sequential(model, ids_batches(), sparsity=0.5, criterion="wanda", reconstruct=False,
+                             allocation="entropy", owl_lambda=0.1)
+    per_block = []
+    for i in range(3):
+        block = {n: m for n, m in masks.items() if n.startswith(f"model.layers.{i}.")}
+        per_block.append(1 - sum(int(m.sum()) for m in block.values()) / sum(m.numel() for m in block.values()))
+    assert sum(per_block) / 3 == pytest.approx(0.5, abs=0.01)
+    assert max(per_block) - min(per_block) == pytest.approx(0.2, abs=0.03)
+    assert per_block[1] == max(per_block)
+    with pytest.raises(relprune.SparsityError, match="entropy allocation"):
+        prune_sequential(tiny_llama(), ids_batches(), n_m="2:4", allocation="entropy")
+
+
 BAD = [
     (["llm", "prune", "--model", "no/such/thing/here", "--sparsity", "0.5", "--calibration", "{calib}",
       "--out", "{out}"], 1, "unknown model"),

@@ -54,11 +54,15 @@ def add_llm_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bias-compensation", action="store_true",
                    help="add each row's removed mean contribution to its bias (bias-free projections get "
                         "one; the saved config switches attention_bias/mlp_bias on); not with --reconstruct")
-    p.add_argument("--allocation", choices=["uniform", "owl"], default="uniform",
-                   help="one sparsity for every block, or OWL's outlier-weighted per-block sparsities "
+    p.add_argument("--refine", action="store_true",
+                   help="swap pruned and kept weights within rows while the layer's output error falls "
+                        "(after the criterion's mask, before the re-fit; not with sparsegpt/admm/gradual)")
+    p.add_argument("--allocation", choices=["uniform", "owl", "entropy"], default="uniform",
+                   help="one sparsity for every block, OWL's outlier-weighted per-block sparsities, or "
+                        "sparsities from the contribution entropy (fewer effective weights, more removed) "
                         "(with --sparsity only) (default: uniform)")
     p.add_argument("--owl-lambda", type=checked(float, _owl_lambda), default=0.08,
-                   help="OWL: block sparsities within sparsity +- lambda (default: 0.08)")
+                   help="owl/entropy: block sparsities within sparsity +- lambda (default: 0.08)")
     p.add_argument("--streamed", action="store_true",
                    help="read one block at a time from the model's safetensors and write it pruned: memory "
                         "about one block, for models larger than RAM (OWL and --no-sequential read every block "
@@ -176,7 +180,7 @@ def llm_recipe(ns: argparse.Namespace) -> Recipe:
     return block_recipe(Recipe.build(
         criterion=ns.criterion, sparsity=ns.sparsity, n_m=ns.n_m, scope=ns.scope,
         reconstruct=None if ns.reconstruct == "none" else ns.reconstruct, bias_compensation=ns.bias_compensation,
-        allocation=ns.allocation, owl_lambda=ns.owl_lambda))
+        refine=ns.refine, allocation=ns.allocation, owl_lambda=ns.owl_lambda))
 
 
 def cmd_llm_prune(ns: argparse.Namespace) -> int:
@@ -213,8 +217,9 @@ def cmd_llm_prune(ns: argparse.Namespace) -> int:
             say(f"config: {', '.join(switches)} switched on for the compensated biases")
         record = {"model": ns.model, "criterion": recipe.criterion, "scope": recipe.scope, "sparsity": recipe.sparsity,
                   "n_m": recipe.n_m, "reconstruct": ns.reconstruct, "sequential": ns.sequential,
-                  "bias_compensation": recipe.bias_compensation, "allocation": recipe.allocation,
-                  "owl_lambda": recipe.owl_lambda if recipe.allocation == "owl" else None,
+                  "bias_compensation": recipe.bias_compensation, "refine": recipe.refine,
+                  "allocation": recipe.allocation,
+                  "owl_lambda": recipe.owl_lambda if recipe.allocation != "uniform" else None,
                   "calibration": str(ns.calibration), "calibration_samples": ns.calibration_samples,
                   "seqlen": ns.seqlen, "seed": ns.seed, "seconds": round(seconds, 1),
                   "achieved_sparsity": masks.sparsity, "save_format": ns.save_format}

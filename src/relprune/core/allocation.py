@@ -152,6 +152,9 @@ def outlier_ratio(scores: Tensor, m: float) -> float:
 def owl_sparsities(ratios: list[float], sparsity: float, lam: float) -> list[float]:
     """OWL's non-uniform sparsities: more outliers, fewer weights removed; the mean stays ``sparsity``.
 
+    Any per-block measure where larger means "keep more" can stand for the outlier ratios (the
+    ``entropy`` allocation passes each block's effective share of weights).
+
     The outlier ratios are rescaled to [0, 2 * lam] and shifted so the densities average
     ``1 - sparsity``, as in the OWL reference code. Where that would put a block outside [0, 1)
     (the reference clips, and the mean is then no longer ``sparsity``) it is refused, with the
@@ -176,3 +179,19 @@ def owl_sparsities(ratios: list[float], sparsity: float, lam: float) -> list[flo
         raise SparsityError(f"OWL with lambda {lam} gives block {i} a sparsity of {float(out[i]):.3f}, outside [0, 1) "
                             f"at a mean of {sparsity}; use lambda at most {max(fits, 0.0):.3f}")
     return [float(v) for v in out]
+
+
+def effective_share(shares: Tensor) -> float:
+    """Mean over a layer's outputs of exp(H_i) / I: the effective share of its inputs that carry output i.
+
+    ``shares`` holds each output's mean relative contributions E[r_ij] (rows are normalised to sum
+    to 1 here); H_i = -sum_j p_ij log p_ij, so exp(H_i) is the effective number of weights output i
+    rests on (../METHOD.md, "Allocation from the contribution distribution").
+    """
+    rows = weight_matrix(shares).double().clamp_min(0)
+    total = rows.sum(1, keepdim=True)
+    if not bool((total > 0).all()) or not bool(torch.isfinite(rows).all()):
+        raise SparsityError("effective_share needs finite, non-negative shares with a positive sum in every row")
+    p = rows / total
+    entropy = -(p * torch.log(p.clamp_min(1e-300))).sum(1)
+    return float((entropy.exp() / rows.shape[1]).mean())

@@ -40,6 +40,7 @@ def prune(
     threshold: float | None = None,
     layers: Iterable[str] | None = None,
     reconstruct: bool | str = False,
+    refine: bool = False,
     seed: int = 0,
     **criterion_options: Any,
 ) -> Masks:
@@ -59,17 +60,19 @@ def prune(
     ``reconstruct=True`` (or ``"exact"``) re-fits each row's kept weights to the dense layer's
     outputs on the calibration inputs by damped least squares; ``"obs"`` uses SparseGPT's column
     sweep with the mask fixed instead. Both need the ``input_gram`` statistic.
+    ``refine=True`` then swaps pruned and kept weights within each row while the layer's output error
+    on the calibration inputs falls (:func:`relprune.core.refine.refine_mask`; needs ``input_gram``).
     ``criterion="sparsegpt"`` chooses mask and weights together, per block of 128 columns of each
     layer as published (``scope`` does not apply); with ``reconstruct=True`` its mask is kept and
     the kept weights are re-fitted exactly from the dense ones.
     """
     if recipe is None:
         recipe = Recipe.build(criterion=criterion, sparsity=sparsity, n_m=n_m, threshold=threshold, scope=scope,
-                              reconstruct=reconstruct, bias_compensation=bias_compensation,
+                              reconstruct=reconstruct, bias_compensation=bias_compensation, refine=refine,
                               options=criterion_options)
     elif not isinstance(recipe, Recipe):
         raise RelpruneError(f"recipe must be a relprune Recipe, got {type(recipe).__name__}")
-    elif sparsity is not None or n_m is not None or threshold is not None or criterion_options:
+    elif sparsity is not None or n_m is not None or threshold is not None or refine or criterion_options:
         raise RelpruneError("give either recipe= or the recipe's keyword arguments, not both")
     else:
         recipe.validate()
@@ -84,10 +87,11 @@ def prune(
     criterion_options = dict(recipe.options)
 
     chosen = _layers_for(model, stats, crit, layers)
-    if (reconstruct or crit.joint is not None) and (stats is None or "input_gram" not in stats.statistics):
+    if (reconstruct or recipe.refine or crit.joint is not None) and (
+            stats is None or "input_gram" not in stats.statistics):
         raise StatisticNotCollectedError(
-            "reconstruction and sparsegpt need the 'input_gram' statistic; pass statistics=[..., 'input_gram'] "
-            "to collect_stats")
+            "reconstruction, refine and joint criteria (sparsegpt, admm, gradual) need the 'input_gram' "
+            "statistic; pass statistics=[..., 'input_gram'] to collect_stats")
     if bias_compensation and (stats is None or "contribution_mean" not in stats.statistics):
         raise StatisticNotCollectedError(
             "bias_compensation needs the 'contribution_mean' statistic; collect it with collect_stats"
@@ -119,6 +123,8 @@ def prune(
     else:
         keep = _keep_by_scores(crit, chosen, weights, layer_stats, old, nm, threshold, sparsity, scope, seed,
                                criterion_options)
+        if recipe.refine:
+            keep = _refined(chosen, weights, layer_stats, keep, old, nm)
     if reconstruct and (crit.joint is None or reconstruct == "exact"):
         # After a joint method (SparseGPT) only the exact re-fit changes anything: its own weights
         # already are the fixed-mask sweep's, so the exact one starts again from the dense weights.
@@ -140,6 +146,22 @@ def prune(
     new_weights = {n: oriented(chosen[n], w) for n, w in new_weights.items()}
     _apply_atomically(chosen, keep, bias_delta, model, new_weights)
     return Masks(keep, threshold=threshold)
+
+
+def _refined(chosen: dict[str, nn.Module], weights: dict[str, Tensor], layer_stats: dict[str, LayerStats],
+             keep: dict[str, Tensor], old: dict[str, Tensor], nm: tuple[int, int] | None) -> dict[str, Tensor]:
+    """Each layer's mask after error-lowering swaps within rows (weights pruned before stay out)."""
+    from .refine import refine_mask
+
+    out = {}
+    for name in chosen:
+        w = weights[name]
+        if nm is not None and w.dim() > 2:
+            raise RelpruneError(f"refine with n_m supports Linear layers; {name!r} is a convolution")
+        new = refine_mask(weight_matrix(w), layer_stats[name].input_gram, weight_matrix(keep[name]), n_m=nm,
+                          fixed=~weight_matrix(old[name]))
+        out[name] = new.reshape(w.shape).to(keep[name].device)
+    return out
 
 
 def _keep_by_scores(crit: Criterion, chosen: dict[str, nn.Module], weights: dict[str, Tensor],

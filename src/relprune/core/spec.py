@@ -20,7 +20,7 @@ from .criteria import Criterion, get_criterion
 #: The re-fits of the kept weights: none, exact least squares, SparseGPT's sweep with the mask fixed.
 REFITS = (None, "exact", "obs")
 #: How a block-by-block driver spreads a sparsity over the blocks.
-ALLOCATIONS = ("uniform", "owl")
+ALLOCATIONS = ("uniform", "owl", "entropy")
 
 
 @dataclass(frozen=True)
@@ -32,8 +32,12 @@ class Recipe:
     is the entry point's default (global; row in block-by-block pruning) and the only value a
     criterion that chooses its own mask (SparseGPT) takes. ``reconstruct`` re-fits the kept weights
     (``"exact"`` or ``"obs"``); ``bias_compensation`` folds the removed mean into the bias instead.
+    ``refine`` swaps pruned and kept weights within rows while the output error falls
+    (:mod:`relprune.core.refine`), after a criterion's mask and before any re-fit.
     ``allocation="owl"`` gives each block of a block-by-block driver its own sparsity within
-    ``sparsity +- owl_lambda``. ``options`` are the criterion's own (``ucb_k``, ``importance``).
+    ``sparsity +- owl_lambda`` by its outlier ratio; ``"entropy"`` by the effective share of weights
+    its outputs rest on (the contribution entropy; fewer, more removed), within the same bounds.
+    ``options`` are the criterion's own (``ucb_k``, ``importance``).
     """
 
     criterion: str = DEFAULT_CRITERION
@@ -43,6 +47,7 @@ class Recipe:
     scope: str | None = None
     reconstruct: str | None = None
     bias_compensation: bool = False
+    refine: bool = False
     allocation: str = "uniform"
     owl_lambda: float = 0.08
     owl_m: float = 5.0
@@ -51,7 +56,8 @@ class Recipe:
     @classmethod
     def build(cls, *, criterion: str | Criterion = DEFAULT_CRITERION, sparsity: float | None = None,
               n_m: str | tuple[int, int] | None = None, threshold: float | None = None, scope: str | None = None,
-              reconstruct: bool | str | None = None, bias_compensation: bool = False, allocation: str = "uniform",
+              reconstruct: bool | str | None = None, bias_compensation: bool = False, refine: bool = False,
+              allocation: str = "uniform",
               owl_lambda: float = 0.08, owl_m: float = 5.0, options: Mapping[str, Any] | None = None) -> Recipe:
         """A validated recipe from the spelled-out arguments (``reconstruct=True`` means ``"exact"``)."""
         if reconstruct not in (False, True, None, "exact", "obs"):
@@ -62,7 +68,8 @@ class Recipe:
             n, m = parse_n_m(n_m)
             n_m = f"{n}:{m}"
         recipe = cls(criterion=name, sparsity=sparsity, n_m=n_m, threshold=threshold, scope=scope,
-                     reconstruct=refit, bias_compensation=bool(bias_compensation), allocation=allocation,
+                     reconstruct=refit, bias_compensation=bool(bias_compensation), refine=bool(refine),
+                     allocation=allocation,
                      owl_lambda=owl_lambda, owl_m=owl_m, options=dict(options or {}))
         return recipe.validate()
 
@@ -104,11 +111,17 @@ class Recipe:
         if self.reconstruct and self.bias_compensation:
             raise RelpruneError("the re-fit already restores the removed mean, so bias compensation would "
                                 "correct it twice: use one of them")
+        if self.refine and crit.joint is not None:
+            raise SparsityError(f"criterion {crit.name!r} chooses its mask with the weights; refine= applies to "
+                                "masks chosen by a score")
+        if self.refine and self.threshold is not None:
+            raise SparsityError("refine= swaps weights within rows at a fixed count; give a sparsity or an N:M "
+                                "pattern, not a threshold")
         if self.allocation not in ALLOCATIONS:
             raise SparsityError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
-        if self.allocation == "owl" and self.sparsity is None:
-            raise SparsityError("OWL allocation sets unstructured sparsities per block: give a sparsity, "
-                                "not an N:M pattern or a threshold")
+        if self.allocation != "uniform" and self.sparsity is None:
+            raise SparsityError(f"{self.allocation} allocation sets unstructured sparsities per block: give a "
+                                "sparsity, not an N:M pattern or a threshold")
         if not 0.0 <= self.owl_lambda < 0.5:
             raise SparsityError(f"OWL's lambda must be in [0, 0.5), got {self.owl_lambda}")
         if not self.owl_m > 0:
@@ -118,7 +131,7 @@ class Recipe:
     def statistics(self) -> frozenset[str]:
         """The statistics ``collect_stats`` must gather for this recipe."""
         wanted = set(self.crit.statistics)
-        if self.reconstruct or self.crit.joint is not None:
+        if self.reconstruct or self.refine or self.crit.joint is not None:
             wanted.add("input_gram")
         if self.bias_compensation:
             wanted.add("contribution_mean")

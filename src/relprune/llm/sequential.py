@@ -87,6 +87,7 @@ def prune_sequential(
     permanent: bool = True,
     progress: bool = False,
     bias_compensation: bool = False,
+    refine: bool = False,
     **criterion_options: Any,
 ) -> Masks:
     """Prune every Linear inside the decoder blocks; returns the masks under the model's own names.
@@ -106,11 +107,15 @@ def prune_sequential(
     (OWL, Yin et al. 2024): blocks whose Wanda scores ``|W| ||x||`` hold more outliers (above
     ``owl_m`` times the block's mean score, on the dense model's activations) lose fewer weights,
     within ``sparsity +- owl_lambda``, the mean staying ``sparsity``; any criterion then prunes each
-    block to its sparsity. It costs one more pass through the dense blocks.
+    block to its sparsity. It costs one more pass through the dense blocks. ``allocation="entropy"``
+    does the same with each block's effective share of weights (exp of the entropy of its outputs'
+    mean relative contributions, :func:`relprune.core.allocation.effective_share`) in place of the
+    outlier ratio: blocks whose outputs rest on fewer weights lose more.
     """
     if recipe is None:
         recipe = Recipe.build(criterion=criterion, sparsity=sparsity, n_m=n_m, scope=scope, reconstruct=reconstruct,
-                              bias_compensation=bias_compensation, allocation=allocation, owl_lambda=owl_lambda,
+                              bias_compensation=bias_compensation, refine=refine, allocation=allocation,
+                              owl_lambda=owl_lambda,
                               owl_m=owl_m, options=criterion_options)
     recipe = block_recipe(recipe)
     wanted = set(recipe.statistics())
@@ -120,7 +125,7 @@ def prune_sequential(
     model.eval()
     out: dict[str, Tensor] = {}
     try:
-        owl = recipe.allocation == "owl"
+        owl = recipe.allocation != "uniform"
         captured = (capture_block_inputs(model, modules, batches) if wanted or owl
                     else BlockInputs([[]] * len(named), []))
         dense = None if sequential or not wanted else dense_hidden_states(modules, captured)
@@ -172,23 +177,30 @@ def prune_block(block: nn.Module, inputs: list[Batch], recipe: Recipe, *, livene
 
 def block_sparsities(recipe: Recipe, blocks: Sequence[nn.Module] | Sequence[Callable[[], nn.Module]],
                      captured: BlockInputs, dense: list[list[Tensor]] | None = None) -> list[float | None]:
-    """Each block's sparsity under ``recipe``: its own, or OWL's from the dense blocks' Wanda scores.
+    """Each block's sparsity under ``recipe``: its own, OWL's from the dense blocks' Wanda scores, or
+    the contribution entropy's from their mean relative contributions.
 
     ``blocks`` are the blocks or, for a model read from disk, functions that load each one (called
     once, in order, for OWL's pass over the dense blocks).
     """
-    if recipe.allocation != "owl":
+    if recipe.allocation == "uniform":
         return [recipe.sparsity] * len(blocks)
     assert recipe.sparsity is not None
     wanda = get_criterion("wanda")
+    statistics = ["relative_mean"] if recipe.allocation == "entropy" else sorted(wanda.statistics)
     ratios = []
     hidden = captured.hidden
     for i, item in enumerate(blocks):
         block = item if isinstance(item, nn.Module) else item()
         own = feed(captured.calls[i], hidden if dense is None else dense[i])
-        stats = collect_stats(block, own, statistics=sorted(wanda.statistics), liveness=False)
-        scores = [wanda.score(ls.weight, ls, {}).reshape(-1) for ls in stats.values()]
-        ratios.append(_allocation.outlier_ratio(torch.cat(scores), recipe.owl_m))
+        stats = collect_stats(block, own, statistics=statistics, liveness=False)
+        if recipe.allocation == "entropy":
+            sizes = [ls.weight.numel() for ls in stats.values()]
+            shares = [_allocation.effective_share(ls.relative_mean) for ls in stats.values()]
+            ratios.append(sum(s * n for s, n in zip(shares, sizes, strict=True)) / sum(sizes))
+        else:
+            scores = [wanda.score(ls.weight, ls, {}).reshape(-1) for ls in stats.values()]
+            ratios.append(_allocation.outlier_ratio(torch.cat(scores), recipe.owl_m))
         if dense is None and i + 1 < len(blocks):
             hidden = block_outputs(block, own)
         del block

@@ -58,6 +58,7 @@ def prune_streamed(
     owl_m: float = 5.0,
     owl_lambda: float = 0.08,
     bias_compensation: bool = False,
+    refine: bool = False,
     **criterion_options: Any,
 ) -> Masks:
     """Prune the model in folder ``source`` block by block into a new folder ``out``; returns the masks.
@@ -74,7 +75,8 @@ def prune_streamed(
     """
     if recipe is None:
         recipe = Recipe.build(criterion=criterion, sparsity=sparsity, n_m=n_m, scope=scope, reconstruct=reconstruct,
-                              bias_compensation=bias_compensation, allocation=allocation, owl_lambda=owl_lambda,
+                              bias_compensation=bias_compensation, refine=refine, allocation=allocation,
+                              owl_lambda=owl_lambda,
                               owl_m=owl_m, options=criterion_options)
     recipe = streamed_recipe(recipe)
     if save_format not in SAVE_FORMATS:
@@ -99,7 +101,7 @@ def prune_streamed(
     host = _host_model(transformers, config, checkpoint, named)
     with staged_folder(target) as tmp:
         first = _load_block(named[0][1], named[0][0], checkpoint)
-        if recipe.statistics() or recipe.allocation == "owl":
+        if recipe.statistics() or recipe.allocation != "uniform":
             with _blocks_in(host, named):
                 captured = capture_block_inputs(host, [b for _, b in named], batches, probe=first)
         else:  # magnitude without a re-fit reads no activations (as prune_sequential)
