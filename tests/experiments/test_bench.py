@@ -8,6 +8,7 @@ import pytest
 
 from relprune.errors import RelpruneError
 from relprune.experiments.bench import TIMING_FIELDS, BenchConfig, cells, run_bench
+from relprune.experiments.experiment import Method
 from relprune.experiments.report import load_results, markdown_tables
 
 
@@ -165,3 +166,71 @@ def test_every_refit_a_recipe_can_take_is_a_bench_method(tmp_path):
     config.write_text('reconstruct = ["sweep"]\n')
     with pytest.raises(RelpruneError, match="reconstruct takes"):
         BenchConfig.from_file(config).validate()
+
+
+ROUND_TRIP = [
+    # (label, the recipe it must name at a sweep sparsity of 0.5)
+    ("rc", dict(criterion="rc", sparsity=0.5, scope="global")),
+    ("rc t=0.5", dict(criterion="rc", threshold=0.5, scope="global")),
+    ("contrib-share +refit t=0.25", dict(criterion="contrib-share", threshold=0.25, scope="global",
+                                         reconstruct="exact")),
+    ("wanda +refine [row]", dict(criterion="wanda", sparsity=0.5, scope="row", refine=True)),
+    ("wanda +refine +refit 2:4", dict(criterion="wanda", n_m="2:4", scope="global", refine=True,
+                                      reconstruct="exact")),
+    ("obs +obs [layer]", dict(criterion="obs", sparsity=0.5, scope="layer", reconstruct="obs")),
+    ("rc-ucb -live +bc k=2 [row]", dict(criterion="rc-ucb", sparsity=0.5, scope="row", bias_compensation=True,
+                                        options={"ucb_k": 2.0})),
+    ("admm", dict(criterion="admm", sparsity=0.5)),
+    ("sparsegpt +refit 2:4", dict(criterion="sparsegpt", n_m="2:4", reconstruct="exact")),
+]
+
+
+@pytest.mark.parametrize("label,recipe", ROUND_TRIP)
+def test_every_recipe_round_trips_through_a_bench_label_its_cells_and_the_prune_flags(label, recipe):
+    """A recipe the Python API can build is a bench method: its label parses back to it, a sweep's cell
+    rebuilds the same method, and `relprune prune`'s flags spell the same method."""
+    from relprune.cli.flags import from_args
+    from relprune.cli.main import build_parser
+    from relprune.cli.vision import MethodArgs, PruneArgs, method_of
+    from relprune.core.spec import Recipe
+    from relprune.experiments.experiment import Method
+
+    method = Method.parse(label)
+    assert method.label == label
+    assert method.recipe(0.5) == Recipe.build(**recipe)
+    cfg = tiny_config(criteria=[], methods_extra=[label], regimes=["oneshot"])
+    cfg.validate()
+    (cell,) = [c for c in cells(cfg) if c["sparsity"] in (0.5, None) or method.n_m]
+    assert Method(**{k[2:]: v for k, v in cell.items() if k.startswith("m_")}) == method
+    flags = ["prune", "--criterion", method.criterion, "--scope", method.scope]
+    flags += [] if method.liveness else ["--no-liveness"]
+    flags += ["--bias-compensation"] if method.bias_compensation else []
+    flags += ["--refine"] if method.refine else []
+    flags += ["--ucb-k", str(method.ucb_k)]
+    flags += ["--reconstruct", {True: "exact", "obs": "obs", False: "none"}[method.reconstruct]]
+    if method.n_m:
+        flags += ["--n-m", method.n_m]
+    elif method.threshold is not None:
+        flags += ["--threshold", str(method.threshold)]
+    else:
+        flags += ["--sparsity", "0.5"]
+    ns = build_parser().parse_args(flags)
+    p = from_args(PruneArgs, ns)
+    assert method_of(from_args(MethodArgs, ns), p, {"exact": True, "none": False, "obs": "obs"}[p.reconstruct]) \
+        == method
+
+
+def test_a_threshold_method_runs_in_a_sweep_and_reports_the_sparsity_it_reached(tmp_path):
+    cfg = tiny_config(criteria=[], methods_extra=["rc t=0.5"], regimes=["oneshot"], sparsities=[0.5])
+    run_bench(cfg, tmp_path / "t", log=lambda *_: None)
+    (row,) = load_results(tmp_path / "t" / "results.jsonl")
+    assert row["sparsity"] == pytest.approx(row["achieved_sparsity"], abs=1e-6) and 0 < row["sparsity"] < 1
+    assert json.loads(row["key"])["sparsity"] is None
+    run_bench(cfg, tmp_path / "t", log=lambda *_: None)  # resumes: nothing to run again
+    assert len(load_results(tmp_path / "t" / "results.jsonl")) == 1
+    with pytest.raises(RelpruneError, match="no sparsity schedule"):
+        tiny_config(criteria=[], methods_extra=["rc t=0.5"], regimes=["gradual"]).validate()
+    with pytest.raises(RelpruneError, match="one budget"):
+        Method.parse("rc t=0.5 2:4")
+    with pytest.raises(RelpruneError, match="needs a number"):
+        Method.parse("rc t=half")

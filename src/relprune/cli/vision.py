@@ -7,6 +7,7 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..defaults import (
     DEFAULT_BIAS_COMPENSATION,
@@ -33,6 +34,9 @@ from .flags import (
     sparsity_value,
 )
 from .outputs import refuse_replacing, say, writable_folder
+
+if TYPE_CHECKING:
+    from ..experiments.experiment import Method
 
 
 @dataclass
@@ -82,6 +86,8 @@ class MethodArgs:
     liveness: bool = option("condition statistics on the next activation's live range", DEFAULT_LIVENESS)
     bias_compensation: bool = option("fold removed weights' mean contribution into the bias", DEFAULT_BIAS_COMPENSATION)
     ucb_k: float = option("k in rc-ucb's E[r] + k Std[r]", 1.0, check=non_negative)
+    refine: bool = option("swap pruned and kept weights within rows while each layer's output error on the "
+                          "calibration inputs falls (after the criterion's mask, before any re-fit)", False)
 
 
 @dataclass
@@ -95,9 +101,10 @@ class PruneArgs:
     calib_samples: int = option("calibration samples from the training split", 1024, check=positive)
     finetune_epochs: int = option("masked fine-tuning epochs after pruning", 0, check=non_negative)
     finetune_lr: float = option("fine-tuning learning rate", 3e-4, check=positive)
-    reconstruct: str = option("least-squares re-fit of the kept weights on the calibration inputs: exact, none, or "
-                          "auto (exact unless fine-tuning or compensating biases, as the study found best)",
-                          DEFAULT_RECONSTRUCT, check=one_of("auto", "exact", "none"))
+    reconstruct: str = option("re-fit of the kept weights on the calibration inputs: exact (least squares), obs "
+                          "(SparseGPT's sweep with the mask fixed), none, or auto (exact unless fine-tuning or "
+                          "compensating biases, as the study found best)",
+                          DEFAULT_RECONSTRUCT, check=one_of("auto", "exact", "obs", "none"))
 
 
 
@@ -152,32 +159,26 @@ def cmd_prune(ns: argparse.Namespace) -> int:
     from ..core.criteria import get_criterion
     from ..core.masks import format_report, sparsity_report
     from ..core.spec import Recipe
-    from ..experiments.experiment import Method, ModelInfo, apply_method, gather, save_model
+    from ..experiments.experiment import ModelInfo, apply_method, gather, save_model
     from ..experiments.training import TrainConfig, calibration_batches, evaluate, save_json, train
 
     c, d, m, p = from_args(Common, ns), from_args(DataArgs, ns), from_args(MethodArgs, ns), from_args(PruneArgs, ns)
     # The recipe's one validation, before any work ("auto" re-fits are decided once the model is known).
     crit = get_criterion(m.criterion)
-    recipe = Recipe.build(
+    Recipe.build(
         criterion=m.criterion, sparsity=p.sparsity, n_m=p.n_m, threshold=p.threshold,
         scope=m.scope if "scope" in ns.overrides or crit.joint is None else None,
-        reconstruct="exact" if p.reconstruct == "exact" else None, bias_compensation=m.bias_compensation,
+        reconstruct=p.reconstruct if p.reconstruct in ("exact", "obs") else None,
+        bias_compensation=m.bias_compensation, refine=m.refine,
         options={"ucb_k": m.ucb_k} if "ucb_k" in crit.options else {})
     refuse_replacing(Path(c.out), ("model.safetensors", "model.json"), ns.overwrite, "a model")
     out = writable_folder(c.out)
     model, info, data = _prepare_model(p.checkpoint, d, c.seed)
-    refit = _refit(p, m, model)
-    method = Method(m.criterion, m.scope, m.liveness, m.bias_compensation, p.n_m, m.ucb_k, refit)
+    method = method_of(m, p, _refit(p, m, model))
     calib = calibration_batches(data.train, p.calib_samples, seed=c.seed)
     dense_acc = evaluate(model, data.test)
     stats, seconds = gather(model, calib, [method], method.liveness)
-    if p.threshold is not None:
-        from .. import prune
-
-        masks = prune(model, stats, dataclasses.replace(recipe, reconstruct="exact" if refit else None))
-    else:
-        masks = apply_method(model, stats, method, p.sparsity if p.sparsity is not None else 0.0, c.seed,
-                             calib[0][0])
+    masks = apply_method(model, stats, method, p.sparsity if p.sparsity is not None else 0.0, c.seed, calib[0][0])
     dense_layers = [r.name for r in sparsity_report(model) if r.name not in masks]
     pruned_acc = evaluate(model, data.test)
     sparsity = _model_sparsity(model)
@@ -202,11 +203,21 @@ def cmd_prune(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _refit(p: PruneArgs, m: MethodArgs, model) -> bool:
-    """Whether to re-fit: --reconstruct exact, or auto when the pruned model is used as it is
+def method_of(m: MethodArgs, p: PruneArgs, refit: bool | str) -> Method:
+    """The bench :class:`Method` that ``relprune prune``'s flags spell (its label names the same recipe)."""
+    from ..experiments.experiment import Method
+
+    return Method(m.criterion, m.scope, m.liveness, m.bias_compensation, p.n_m, m.ucb_k, refit,
+                  threshold=p.threshold, refine=m.refine)
+
+
+def _refit(p: PruneArgs, m: MethodArgs, model) -> bool | str:
+    """The re-fit: --reconstruct exact or obs, or auto (exact) when the pruned model is used as it is
     (no fine-tune, no bias compensation) and every prunable layer has an input Gram."""
     from ..core.layers import gram_supported, prunable_layers
 
+    if p.reconstruct == "obs":
+        return "obs"
     if p.reconstruct != "auto":
         return p.reconstruct == "exact"
     return (not p.finetune_epochs and not m.bias_compensation

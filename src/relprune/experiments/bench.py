@@ -169,6 +169,11 @@ class BenchConfig:
             raise RelpruneError(f"seeds are whole numbers from 0 to 2^62 - 1, got {self.seeds}")
         if not self.methods():
             raise RelpruneError("criteria x scopes (and n_m) and methods_extra give no method: the sweep has no cells")
+        schedules = sorted(set(self.regimes) & {"iterative", "gradual"})
+        by_threshold = [m.label for m in self.methods() if m.threshold is not None]
+        if schedules and by_threshold:
+            raise RelpruneError(f"threshold methods {by_threshold} have no sparsity schedule for the {schedules} "
+                                "regimes; run them in oneshot/finetune, or give them a sparsity")
 
     def settings(self) -> dict[str, Any]:
         """What every cell's number depends on beyond its own key."""
@@ -286,16 +291,27 @@ def cells(cfg: BenchConfig) -> Iterator[dict[str, Any]]:
                     for method in cfg.methods():
                         if method.n_m:
                             n, m = parse_n_m(method.n_m)
-                            sparsities = [round(1 - n / m, 6)]
+                            sparsities: list[float | None] = [round(1 - n / m, 6)]
+                        elif method.threshold is not None:
+                            sparsities = [None]  # the threshold decides; the row records what it reached
                         else:
-                            sparsities = cfg.sparsities
+                            sparsities = list(cfg.sparsities)
                         for s in sparsities:
                             for regime in cfg.regimes:
                                 yield {"model": model_name, "dataset": dataset, "seed": seed, "pat": pat,
                                        "pat_alpha": alpha, "calib_samples": calib, "method": method.label,
+                                       # Fields at their defaults stay out, so keys from before they existed stay.
                                        **{f"m_{k}": v for k, v in asdict(method).items()
-                                          if k != "reconstruct" or v},  # keys from before re-fits stay
+                                          if k not in _OPTIONAL_FIELDS or v != _OPTIONAL_FIELDS[k]},
                                        "sparsity": s, "regime": regime}
+
+
+#: Method fields added after results were first written, with the value that leaves them out of a key.
+_OPTIONAL_FIELDS = {"reconstruct": False, "threshold": None, "refine": False}
+
+
+def _budget(c: dict[str, Any], method: Method) -> str:
+    return f"t={method.threshold:g}" if c["sparsity"] is None else f"{c['sparsity']:.2f}"
 
 
 def key_of(cell: dict[str, Any]) -> str:
@@ -352,7 +368,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, log=print) -> Path:
                     masks = iterative_prune(model, ft_data, calib, method, c["sparsity"], cfg.iterative_rounds, ft)
                 elif c["regime"] == "gradual":
                     masks = gradual_prune(model, ft_data, calib, method, c["sparsity"], cfg.gradual_steps, ft)
-                    train(model, ft_data, ft, desc=f"finetune {method.label} {c['sparsity']:g}")
+                    train(model, ft_data, ft, desc=f"finetune {method.label} {_budget(c, method)}")
                 else:
                     skey = (c["calib_samples"], method.liveness)
                     if skey not in stats_cache:
@@ -363,20 +379,23 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, log=print) -> Path:
                     stats, stats_seconds = stats_cache[skey]
                     masks = apply_method(model, stats, method, c["sparsity"], seed, calib[0][0])
                     if c["regime"] == "finetune":
-                        train(model, ft_data, ft, desc=f"finetune {method.label} {c['sparsity']:g}")
+                        train(model, ft_data, ft, desc=f"finetune {method.label} {_budget(c, method)}")
             except RelpruneError as err:
                 # One impossible cell (e.g. an N:M pattern no layer admits) must not end the sweep;
                 # it is not recorded, so a rerun tries it again.
-                log(f"skipped {method.label} {c['sparsity']:g} {c['regime']}: {err}")
+                log(f"skipped {method.label} {_budget(c, method)} {c['regime']}: {err}")
                 continue
             acc = evaluate(model, data.test)
+            achieved = current_masks(model).sparsity
             row = {**c, "key": key_of(c), "accuracy": acc, "dense_accuracy": dense_acc,
-                   "achieved_sparsity": current_masks(model).sparsity, "pruned_layers": len(masks),
+                   # A threshold cell is reported at the sparsity it reached.
+                   **({"sparsity": round(achieved, 6)} if c["sparsity"] is None else {}),
+                   "achieved_sparsity": achieved, "pruned_layers": len(masks),
                    "settings": settings_id,
                    "stats_seconds": stats_seconds, "cell_seconds": time.perf_counter() - t0,
                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
             _append(results, row)
-            log(f"{model_name}/{dataset} s{seed} {method.label:24} {c['sparsity']:.2f} {c['regime']:9} "
+            log(f"{model_name}/{dataset} s{seed} {method.label:24} {_budget(c, method)} {c['regime']:9} "
                 f"acc {acc:.4f}")
     rows = load_results(results)
     wall = time.perf_counter() - start

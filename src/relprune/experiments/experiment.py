@@ -43,21 +43,29 @@ class Method:
     ucb_k: float = 1.0
     #: False, True (the exact least-squares re-fit, as the study ran it) or "obs" (SparseGPT's sweep).
     reconstruct: bool | str = False
+    #: A threshold budget (remove relative scores below threshold / fan-in) instead of a sparsity.
+    threshold: float | None = None
+    #: Error-lowering swaps within rows after the criterion's mask (relprune.core.refine).
+    refine: bool = False
 
     @property
     def label(self) -> str:
-        """A short readable name, e.g. 'rc', 'rc -live +bc [layer]', 'wanda 2:4', 'obs +refit'."""
+        """A short readable name, e.g. 'rc', 'rc -live +bc [layer]', 'wanda 2:4', 'obs +refit', 'rc t=0.5'."""
         parts = [self.criterion]
         if self.uses_activations and not self.liveness:
             parts.append("-live")
         if self.bias_compensation:
             parts.append("+bc")
+        if self.refine:
+            parts.append("+refine")
         if self.reconstruct == "obs":
             parts.append("+obs")
         elif self.reconstruct:
             parts.append("+refit")
         if self.criterion == "rc-ucb" and self.ucb_k != 1.0:
             parts.append(f"k={self.ucb_k:g}")
+        if self.threshold is not None:
+            parts.append(f"t={self.threshold:g}")
         if self.n_m:
             parts.append(self.n_m)
         elif self.scope != "global":
@@ -70,21 +78,23 @@ class Method:
         return bool(set(self.statistics()) - {"weight_grad", "input_gram"})
 
     def recipe(self, sparsity: float | None = None) -> Recipe:
-        """The recipe this method applies at ``sparsity`` (N:M methods take their pattern instead)."""
+        """The recipe this method applies at ``sparsity`` (N:M and threshold methods take their own budget)."""
         crit = get_criterion(self.criterion)
         options = {"ucb_k": self.ucb_k} if "ucb_k" in crit.options else {}
         # A joint criterion (SparseGPT) chooses its own comparison group: scope does not apply.
-        return Recipe(criterion=self.criterion, sparsity=None if self.n_m else sparsity, n_m=self.n_m,
-                      scope=None if crit.joint is not None else self.scope,
+        own_budget = self.n_m is not None or self.threshold is not None
+        return Recipe(criterion=self.criterion, sparsity=None if own_budget else sparsity, n_m=self.n_m,
+                      threshold=self.threshold, scope=None if crit.joint is not None else self.scope,
                       reconstruct="obs" if self.reconstruct == "obs" else "exact" if self.reconstruct else None,
-                      bias_compensation=self.bias_compensation, options=options)
+                      bias_compensation=self.bias_compensation, refine=self.refine, options=options)
 
     def statistics(self) -> list[str]:
         return sorted(self.recipe().statistics())
 
     @classmethod
     def parse(cls, label: str) -> Method:
-        """The method a :attr:`label` names: 'wanda -live [row]', 'rc +refit', 'magnitude [layer]', 'obs 2:4'."""
+        """The method a :attr:`label` names: 'wanda -live [row]', 'rc +refit', 'magnitude [layer]', 'obs 2:4',
+        'rc t=0.5', 'wanda +refine'."""
         words = label.split()
         if not words:
             raise RelpruneError("a method label needs a criterion, e.g. 'wanda -live [row]'")
@@ -99,19 +109,29 @@ class Method:
                 fields["reconstruct"] = True
             elif w == "+obs":
                 fields["reconstruct"] = "obs"
-            elif w.startswith("k="):
-                fields["ucb_k"] = float(w[2:])
+            elif w == "+refine":
+                fields["refine"] = True
+            elif w.startswith("k=") or w.startswith("t="):
+                try:
+                    value = float(w[2:])
+                except ValueError:
+                    raise RelpruneError(f"method label {label!r}: {w!r} needs a number after '='") from None
+                fields["ucb_k" if w[0] == "k" else "threshold"] = value
             elif w.startswith("[") and w.endswith("]"):
                 fields["scope"] = w[1:-1]
             elif ":" in w:
                 parse_n_m(w)
                 fields["n_m"] = w
             else:
-                raise RelpruneError(f"method label {label!r}: unknown part {w!r} (known: -live, +bc, +refit, +obs, k=, "
-                                    "N:M, [scope])")
-        if fields.get("bias_compensation") and fields.get("reconstruct"):
-            raise RelpruneError(f"method label {label!r}: +refit already corrects the removed mean; drop +bc")
-        return cls(**fields)
+                raise RelpruneError(f"method label {label!r}: unknown part {w!r} (known: -live, +bc, +refine, +refit, "
+                                    "+obs, k=, t=, N:M, [scope])")
+        method = cls(**fields)
+        # The recipe's one validation (a budget of 0.5 stands in for the sweep's sparsities).
+        try:
+            method.recipe(0.5).validate()
+        except RelpruneError as err:
+            raise RelpruneError(f"method label {label!r}: {err}") from None
+        return method
 
 
 def gather(model: nn.Module, calib: list[tuple[Tensor, Tensor]], methods: list[Method],
