@@ -47,7 +47,8 @@ BUDGETS = {"50%": {"sparsity": 0.5}, "60%": {"sparsity": 0.6}, "70%": {"sparsity
 # Variants of a recipe: "bc" bias compensation (bias-free projections get a bias), "owl" OWL's
 # outlier-weighted per-block sparsities (Yin et al. 2024, M=5, lambda=0.08 as published).
 VARIANTS = {"": {}, "bc": {"bias_compensation": True}, "owl": {"allocation": "owl"},
-            "owl+bc": {"allocation": "owl", "bias_compensation": True}, "zero-anchor": {}}
+            "owl+bc": {"allocation": "owl", "bias_compensation": True}, "zero-anchor": {},
+            "refine": {"refine": True}, "entropy": {"allocation": "entropy"}}
 # Issue 22's frontier: the baselines as published, the peer (ALPS), our joint solvers, our best
 # criterion-then-re-fit recipe under both re-fit anchors.
 FRONTIER = [("wanda", None, ""), ("sparsegpt", None, ""), ("obs", "exact", ""), ("admm", None, ""),
@@ -67,6 +68,16 @@ PLANS = {
         ("contrib-share", None, "owl+bc")]],
     "frontier": [("dense", None, None)] + [(c, r, b, v) for b in ("50%", "2:4", "70%", "60%") for c, r, v in FRONTIER],
     "frontier-key": [(c, r, b, v) for b in ("50%", "2:4", "70%", "60%") for c, r, v in FRONTIER[:4]],
+    # The second family (Gemma 3 270M): the baselines, our default before and after, the joint solver.
+    "frontier-family": [("dense", None, None)] + [(c, r, b, v) for b in ("50%", "2:4") for c, r, v in
+                                                 [FRONTIER[0], FRONTIER[1], FRONTIER[2], FRONTIER[3], FRONTIER[6]]],
+    "frontier-70": [(c, r, "70%", v) for c, r, v in FRONTIER[:5]],
+    # The levers of the contribution statistics: refinement of a mask-only criterion and before the re-fit,
+    # per-block sparsities from the contribution entropy against OWL's.
+    "frontier-levers": [(c, r, b, v) for b in ("50%", "2:4", "70%") for c, r, v in
+                        [("wanda", None, "refine"), ("obs", "exact", "refine")]]
+    + [(c, r, b, v) for b in ("70%", "50%") for c, r, v in [("admm", None, "entropy"), ("admm", None, "owl"),
+                                                             ("wanda", None, "entropy"), ("wanda", None, "owl")]],
 }
 
 

@@ -34,6 +34,8 @@ class Criterion:
     #: For methods that choose the mask and new weights together (SparseGPT): a function
     #: (weight, layer stats, sparsity or None, (N, M) or None) -> (new weight, keep-mask).
     joint: Callable[..., tuple[Tensor, Tensor]] | None = None
+    #: A joint method whose weights already are the exact re-fit of its mask (reconstruct="exact" adds nothing).
+    refitted: bool = False
 
     @property
     def data_driven(self) -> bool:
@@ -223,8 +225,8 @@ CRITERIA["admm"] = Criterion(
     "admm", _no_score, frozenset({"input_gram"}), False,
     "ADMM on the layer's L0-constrained least squares with ALPS's penalty schedule (Meng et al. 2024), "
     "the same count per row, then the exact re-fit on the support",
-    joint=_linear_joint(_admm, "admm"))
+    joint=_linear_joint(_admm, "admm"), refitted=True)
 CRITERIA["gradual"] = Criterion(
     "gradual", _no_score, frozenset({"input_gram"}), False,
     "sparsity raised in 4 steps per row, each mask chosen by the OBS saliency of the re-fitted weights",
-    joint=_linear_joint(_gradual, "gradual"))
+    joint=_linear_joint(_gradual, "gradual"), refitted=True)

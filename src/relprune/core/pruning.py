@@ -125,9 +125,10 @@ def prune(
                                criterion_options)
         if recipe.refine:
             keep = _refined(chosen, weights, layer_stats, keep, old, nm)
-    if reconstruct and (crit.joint is None or reconstruct == "exact"):
+    if reconstruct and (crit.joint is None or (reconstruct == "exact" and not crit.refitted)):
         # After a joint method (SparseGPT) only the exact re-fit changes anything: its own weights
-        # already are the fixed-mask sweep's, so the exact one starts again from the dense weights.
+        # already are the fixed-mask sweep's, so the exact one starts again from the dense weights
+        # (ADMM's and the gradual schedule's already are the exact re-fit of their masks).
         from .reconstruct import refit
 
         for name in chosen:
