@@ -56,3 +56,12 @@ class ShrinkError(RelpruneError, ValueError):
 
 class ModelLoadError(RelpruneError, ValueError):
     """A model spec cannot be resolved, or its files cannot be loaded (or a needed extra is missing)."""
+
+
+class SingularGramError(RelpruneError, ValueError):
+    """A layer's input second moment is not positive definite even with the damping; ``needed`` is the
+    damping (as a share of its mean diagonal) that would make it so, or None when no damping can."""
+
+    def __init__(self, message: str, needed: float | None = None):
+        super().__init__(message)
+        self.needed = needed

@@ -167,3 +167,25 @@ def test_prune_with_a_joint_solver_lowers_the_error_of_sparsegpt_on_average(crit
         assert masks.sparsity == pytest.approx(0.5, abs=0.01)
         errors[crit] = float(((x @ (dense - model[0].weight.detach()).T) ** 2).sum())
     assert errors[criterion] <= errors["sparsegpt"] * 1.05
+
+
+def test_a_gram_singular_even_with_damping_is_named_with_the_damping_that_fixes_it():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3))
+    x = torch.randn(64, 6)
+    stats = relprune.collect_stats(model, [x], statistics=["input_gram"])
+    gram = stats["0"].input_gram
+    # A second moment no data can give (an eigenvalue far below zero), as a corrupt statistics file would hold.
+    v = torch.zeros(6, dtype=gram.dtype)
+    v[0] = 1.0
+    sums = stats["0"].sums["gram"]
+    sums.copy_(sums - 3 * float(sums.diagonal().mean()) * torch.outer(v, v).to(sums.dtype))
+    before = [p.detach().clone() for p in model.parameters()]
+    for criterion, kw in (("sparsegpt", {}), ("obs", {}), ("magnitude", {"reconstruct": "obs"})):
+        with pytest.raises(relprune.SingularGramError, match=r"layer '0'.*a damping of") as info:
+            relprune.prune(model, stats, criterion=criterion, sparsity=0.5, **kw)
+        assert info.value.needed is not None
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    from relprune.core.reconstruct import damped_cholesky
+
+    damped_cholesky(stats["0"].input_gram, info.value.needed)  # the damping it names does fix it

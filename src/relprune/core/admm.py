@@ -28,7 +28,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..errors import RelpruneError, SparsityError
+from ..errors import RelpruneError, SingularGramError, SparsityError
 from .allocation import removal_count
 from .reconstruct import PERCDAMP, damped_inverse_diagonal, refit
 
@@ -81,6 +81,9 @@ def project(values: Tensor, *, sparsity: float | None = None, n_m: tuple[int, in
 def _damped(hessian: Tensor, percdamp: float) -> tuple[Tensor, Tensor]:
     """(H + lambda I) in float64 with never-firing inputs given a unit diagonal, and those inputs."""
     h = hessian.detach().double().clone()
+    if not bool(torch.isfinite(h).all()):
+        raise SingularGramError("the input second moment holds NaN or Inf; collect the statistics again from "
+                                "finite activations")
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     h.diagonal().add_(percdamp * torch.mean(torch.diag(h)))

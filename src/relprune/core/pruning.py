@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -15,6 +16,7 @@ from ..defaults import DEFAULT_BIAS_COMPENSATION, DEFAULT_CRITERION
 from ..errors import (
     MissingLabelsError,
     RelpruneError,
+    SingularGramError,
     SparsityError,
     StatisticNotCollectedError,
     StatsMismatchError,
@@ -118,7 +120,9 @@ def prune(
     if crit.joint is not None:
         keep = {}
         for name in chosen:
-            new_weights[name], k = crit.joint(weights[name], layer_stats[name], sparsity if nm is None else None, nm)
+            with _named(name):
+                new_weights[name], k = crit.joint(weights[name], layer_stats[name], sparsity if nm is None else None,
+                                                  nm)
             keep[name] = k.to(old[name].device) & old[name]
     else:
         keep = _keep_by_scores(crit, chosen, weights, layer_stats, old, nm, threshold, sparsity, scope, seed,
@@ -132,8 +136,9 @@ def prune(
         from .reconstruct import refit
 
         for name in chosen:
-            new_weights[name] = refit(weight_matrix(weights[name]), layer_stats[name].input_gram,
-                                      weight_matrix(keep[name]), method=reconstruct).reshape(weights[name].shape)
+            with _named(name):
+                new_weights[name] = refit(weight_matrix(weights[name]), layer_stats[name].input_gram,
+                                          weight_matrix(keep[name]), method=reconstruct).reshape(weights[name].shape)
 
     bias_delta: dict[str, Tensor] = {}
     if bias_compensation:
@@ -147,6 +152,15 @@ def prune(
     new_weights = {n: oriented(chosen[n], w) for n, w in new_weights.items()}
     _apply_atomically(chosen, keep, bias_delta, model, new_weights)
     return Masks(keep, threshold=threshold)
+
+
+@contextmanager
+def _named(layer: str) -> Iterator[None]:
+    """A singular input second moment raised with the layer's name."""
+    try:
+        yield
+    except SingularGramError as err:
+        raise SingularGramError(f"layer {layer!r}: {err}", err.needed) from None
 
 
 def _refined(chosen: dict[str, nn.Module], weights: dict[str, Tensor], layer_stats: dict[str, LayerStats],
@@ -174,7 +188,8 @@ def _keep_by_scores(crit: Criterion, chosen: dict[str, nn.Module], weights: dict
     options = {"generator": gen, **criterion_options}
     scores = {}
     for name in chosen:
-        s = crit.score(weights[name], layer_stats.get(name), {**options, "layer": name})
+        with _named(name):
+            s = crit.score(weights[name], layer_stats.get(name), {**options, "layer": name})
         if tuple(s.shape) != tuple(weights[name].shape):
             raise RelpruneError(f"criterion {crit.name!r} returned shape {tuple(s.shape)} for {name!r}")
         if not torch.isfinite(s).all():

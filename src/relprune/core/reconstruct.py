@@ -21,37 +21,47 @@ import math
 import torch
 from torch import Tensor
 
-from ..errors import RelpruneError, SparsityError
+from ..errors import RelpruneError, SingularGramError, SparsityError
 
 BLOCKSIZE = 128
 PERCDAMP = 0.01
 
 
-def _upper_inverse_cholesky(hessian: Tensor, percdamp: float) -> tuple[Tensor, Tensor]:
-    """Upper Cholesky factor of (H + damp I)^-1 and the inputs that never fire (zero diagonal)."""
-    h = hessian.clone().float()
+def damped_cholesky(hessian: Tensor, percdamp: float, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
+    """(lower Cholesky factor of H + lambda I, the inputs that never fire), lambda = ``percdamp`` x mean
+    diagonal, never-firing inputs (zero diagonal) given a unit one.
+
+    Raises :class:`SingularGramError` with the damping that would fix it (from H's smallest
+    eigenvalue) when the damped matrix is still not positive definite.
+    """
+    h = hessian.detach().to(dtype).clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
-    damp = percdamp * torch.mean(torch.diag(h))
-    idx = torch.arange(h.shape[0], device=h.device)
-    h[idx, idx] += damp
-    try:
-        factor = torch.linalg.cholesky(h)
-    except torch.linalg.LinAlgError as err:
-        raise RelpruneError(
-            f"the input second moment is not positive definite even with {percdamp:.0%} damping; "
-            "use more calibration tokens or a larger damping"
-        ) from err
+    mean = torch.mean(torch.diag(h))
+    h.diagonal().add_(percdamp * mean)
+    factor, info = torch.linalg.cholesky_ex(h)
+    if int(info) == 0 and bool(torch.isfinite(factor).all()):
+        return factor, dead
+    if not bool(torch.isfinite(h).all()) or not float(mean) > 0:
+        raise SingularGramError("the input second moment holds NaN, Inf or no positive diagonal; no damping "
+                                "fixes it: collect the statistics again from finite activations")
+    smallest = float(torch.linalg.eigvalsh(h.double()).min()) - percdamp * float(mean)
+    needed = (-smallest / float(mean)) * 1.01 + 1e-6
+    raise SingularGramError(
+        f"the input second moment is not positive definite even with {percdamp:g} x its mean diagonal of "
+        f"damping; a damping of {needed:.3g} would make it so (or use more calibration tokens)", needed)
+
+
+def _upper_inverse_cholesky(hessian: Tensor, percdamp: float) -> tuple[Tensor, Tensor]:
+    """Upper Cholesky factor of (H + damp I)^-1 and the inputs that never fire (zero diagonal)."""
+    factor, dead = damped_cholesky(hessian, percdamp, torch.float32)
     return torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True), dead
 
 
 def damped_inverse_diagonal(hessian: Tensor, percdamp: float) -> Tensor:
     """diag((H + lambda I)^-1) in float64, lambda = ``percdamp`` x mean diagonal (never-firing inputs: 1)."""
-    h = hessian.double().clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1
-    h.diagonal().add_(percdamp * torch.mean(torch.diag(h)))
-    return torch.cholesky_inverse(torch.linalg.cholesky(h)).diagonal()
+    factor, _ = damped_cholesky(hessian, percdamp)
+    return torch.cholesky_inverse(factor).diagonal()
 
 
 def _obs(weight: Tensor, hessian: Tensor, choose, blocksize: int, percdamp: float) -> tuple[Tensor, Tensor]:
