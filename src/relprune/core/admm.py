@@ -115,8 +115,9 @@ def admm_prune(weight: Tensor, hessian: Tensor, *, sparsity: float | None = None
     h, dead = _damped(hessian, percdamp)
     scale = h.diagonal().sqrt()
     hn = (h / scale.reshape(-1, 1) / scale.reshape(1, -1))
-    evals, evecs = torch.linalg.eigh(hn)
-    evecs32 = evecs.float()
+    # float32 is enough for the ridge steps (4e-6 relative on a 1536-input layer) and 2x faster than float64.
+    evals, evecs32 = torch.linalg.eigh(hn.float())
+    evals = evals.double()
     w = weight.detach().double().clone()
     w[:, dead] = 0
     b0 = (w * scale).float()  # rows of W in the unit-diagonal coordinates
