@@ -458,6 +458,31 @@ def test_sequential_pruning_over_two_ranks_equals_one_process(tmp_path, shares):
             torch.testing.assert_close(got["state"][n], v, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("recipe", [
+    {"criterion": "admm", "reconstruct": False, "sparsity": 0.5},
+    {"criterion": "gradual", "reconstruct": False, "n_m": "2:4"},
+    {"criterion": "wanda", "reconstruct": "exact", "refine": True, "sparsity": 0.5},
+    {"criterion": "wanda", "reconstruct": False, "allocation": "entropy", "owl_lambda": 0.1, "sparsity": 0.5},
+])
+def test_streamed_pruning_equals_in_memory_for_the_frontier_recipes(tmp_path, recipe):
+    from relprune.llm import prune_streamed
+
+    source = tmp_path / "src"
+    model = tiny_llama(layers=3)
+    model.save_pretrained(source)
+    tiny_tokenizer().save_pretrained(source)
+    batches = ids_batches(pad_last=3)
+    masks = prune_streamed(source, tmp_path / "out", batches, **recipe)
+    expected = prune_sequential(model, batches, **recipe)
+    assert dict(masks).keys() == dict(expected).keys()
+    for n, m in expected.items():
+        assert torch.equal(masks[n], m), n
+    saved = relprune.llm.load_causal_lm(tmp_path / "out")
+    ids = batches[0]["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(saved(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("criterion, reconstruct, shard", [("wanda", False, None), ("obs", "obs", "20KB"),
                                                            ("sparsegpt", False, None)])
 def test_streamed_pruning_equals_in_memory_and_holds_one_block_at_a_time(tmp_path, monkeypatch, criterion,
