@@ -60,19 +60,25 @@ def project(values: Tensor, *, sparsity: float | None = None, n_m: tuple[int, in
     Unstructured: ``removal_count(sparsity, ...)`` removed per row (``group="row"``) or over the
     whole matrix (``"layer"``); N:M: N kept of every M consecutive entries of a row.
     """
-    mag = values.abs()
-    keep = torch.ones_like(values, dtype=torch.bool)
+    return keep_largest(values.abs(), sparsity=sparsity, n_m=n_m, group=group)
+
+
+def keep_largest(scores: Tensor, *, sparsity: float | None = None, n_m: tuple[int, int] | None = None,
+                 group: str = "row") -> Tensor:
+    """Keep-mask of the largest ``scores`` under the pattern (see :func:`project`; -inf goes first)."""
+    mag = scores
+    keep = torch.ones_like(scores, dtype=torch.bool)
     if n_m is not None:
         n, m = n_m
         groups = mag.reshape(-1, m)
         drop = torch.topk(groups, m - n, dim=1, largest=False).indices
-        return keep.reshape(-1, m).scatter_(1, drop, False).reshape(values.shape)
+        return keep.reshape(-1, m).scatter_(1, drop, False).reshape(scores.shape)
     if group == "row":
-        count = removal_count(sparsity, values.shape[1])
+        count = removal_count(sparsity, scores.shape[1])
         if count:
             keep.scatter_(1, torch.topk(mag, count, dim=1, largest=False).indices, False)
         return keep
-    count = removal_count(sparsity, values.numel())
+    count = removal_count(sparsity, scores.numel())
     if count:
         keep.view(-1)[torch.topk(mag.reshape(-1), count, largest=False).indices] = False
     return keep
@@ -186,9 +192,9 @@ def gradual_prune(weight: Tensor, hessian: Tensor, *, sparsity: float | None = N
     else:
         schedule = [("s", sparsity * (k + 1) / steps) for k in range(steps)]
     for kind, target in schedule:
-        # Removed weights score 0, below every kept one, so they are never revived.
-        score = torch.where(keep, (current**2 / inv_diag).sqrt() + 1, torch.zeros_like(current))
-        chosen = project(score, n_m=target) if kind == "nm" else project(score, sparsity=target)
+        # Removed weights score -inf, below every kept one, so they are never revived.
+        score = torch.where(keep, current**2 / inv_diag, torch.full_like(current, -math.inf))
+        chosen = keep_largest(score, n_m=target) if kind == "nm" else keep_largest(score, sparsity=target)
         keep = chosen & keep
-        current = refit(dense.double(), hessian, keep, method="exact", percdamp=percdamp)
+        current = refit(dense, hessian, keep, method="exact", percdamp=percdamp).double()
     return current.to(weight.dtype), keep
