@@ -275,15 +275,18 @@ def test_owl_outlier_ratio_and_sparsities_by_hand():
         owl_sparsities([0.0, 1.0], 0.05, 0.08)
 
 
-def test_owl_gives_each_block_its_own_sparsity_around_the_target():
+@pytest.mark.parametrize("allocation, block_one", [("owl", min), ("entropy", max)])
+def test_per_block_allocations_spread_around_the_target(allocation, block_one):
+    """5% of block 1's weights become 50x larger: outliers for OWL (pruned less), outputs resting on few
+    weights for the contribution entropy (pruned more)."""
     model = tiny_llama(layers=3)
     g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # 5% of block 1's weights become 50x larger: outliers, so it is pruned less
+    with torch.no_grad():
         for layer in model.model.layers[1].modules():
             if isinstance(layer, nn.Linear):
                 layer.weight[torch.rand(layer.weight.shape, generator=g) < 0.05] *= 50
     masks = prune_sequential(model, ids_batches(), sparsity=0.5, criterion="wanda", reconstruct=False,
-                             allocation="owl", owl_lambda=0.1)
+                             allocation=allocation, owl_lambda=0.1)
     per_block = []
     for i in range(3):
         block = {n: m for n, m in masks.items() if n.startswith(f"model.layers.{i}.")}
@@ -291,29 +294,9 @@ def test_owl_gives_each_block_its_own_sparsity_around_the_target():
     assert sum(per_block) / 3 == pytest.approx(0.5, abs=0.01)
     # The block sparsities span 2 lambda (up to rounding the budget of each small row).
     assert max(per_block) - min(per_block) == pytest.approx(0.2, abs=0.03)
-    assert per_block[1] == min(per_block)
-    with pytest.raises(relprune.SparsityError, match="give a sparsity, not an N:M pattern"):
-        prune_sequential(tiny_llama(), ids_batches(), n_m="2:4", allocation="owl")
-
-
-def test_entropy_allocation_prunes_the_block_whose_outputs_rest_on_fewest_weights_most():
-    model = tiny_llama(layers=3)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # 5% of block 1's weights become 50x larger: its outputs rest on few weights
-        for layer in model.model.layers[1].modules():
-            if isinstance(layer, nn.Linear):
-                layer.weight[torch.rand(layer.weight.shape, generator=g) < 0.05] *= 50
-    masks = prune_sequential(model, ids_batches(), sparsity=0.5, criterion="wanda", reconstruct=False,
-                             allocation="entropy", owl_lambda=0.1)
-    per_block = []
-    for i in range(3):
-        block = {n: m for n, m in masks.items() if n.startswith(f"model.layers.{i}.")}
-        per_block.append(1 - sum(int(m.sum()) for m in block.values()) / sum(m.numel() for m in block.values()))
-    assert sum(per_block) / 3 == pytest.approx(0.5, abs=0.01)
-    assert max(per_block) - min(per_block) == pytest.approx(0.2, abs=0.03)
-    assert per_block[1] == max(per_block)
-    with pytest.raises(relprune.SparsityError, match="entropy allocation"):
-        prune_sequential(tiny_llama(), ids_batches(), n_m="2:4", allocation="entropy")
+    assert per_block[1] == block_one(per_block)
+    with pytest.raises(relprune.SparsityError, match=f"{allocation} allocation.*give a sparsity, not an N:M"):
+        prune_sequential(tiny_llama(), ids_batches(), n_m="2:4", allocation=allocation)
 
 
 BAD = [
