@@ -69,9 +69,11 @@ PLANS = {
     "frontier": [("dense", None, None)] + [(c, r, b, v) for b in ("50%", "2:4", "70%", "60%") for c, r, v in FRONTIER],
     "frontier-key": [(c, r, b, v) for b in ("50%", "2:4", "70%", "60%") for c, r, v in FRONTIER[:4]],
     # The second family (Gemma 3 270M): the baselines, our default before and after, the joint solver.
-    "frontier-family": [("dense", None, None)] + [(c, r, b, v) for b in ("50%", "2:4") for c, r, v in
-                                                 [FRONTIER[0], FRONTIER[1], FRONTIER[2], FRONTIER[3], FRONTIER[6]]],
-    "frontier-70": [(c, r, "70%", v) for c, r, v in FRONTIER[:5]],
+    "frontier-family": [("dense", None, None)] + [(c, r, "50%", v) for c, r, v in [*FRONTIER[:4], FRONTIER[6]]]
+    + [(c, r, "2:4", v) for c, r, v in FRONTIER[:4]],
+    # The mask-only contribution recipe (Wanda's mask refined by the contributions' second moments), then 70%.
+    "frontier-70": [("wanda", None, b, "refine") for b in ("50%", "2:4")]
+    + [(c, r, "70%", v) for c, r, v in FRONTIER[:5]],
     # The levers of the contribution statistics: refinement of a mask-only criterion and before the re-fit,
     # per-block sparsities from the contribution entropy against OWL's.
     "frontier-levers": [(c, r, b, v) for b in ("50%", "2:4", "70%") for c, r, v in
