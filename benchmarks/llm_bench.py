@@ -180,7 +180,7 @@ def drive(args: argparse.Namespace) -> None:
                   f"{result['peak_rss_mb']} MB  ({time.perf_counter() - t:.0f} s)", flush=True)
 
 
-def table(path: Path, column: str = "perplexity", model: str | None = None) -> str:
+def table(path: Path, column: str = "perplexity", model: str | None = None, cost_budget: str = "50%") -> str:
     """Markdown: one row per recipe, one column per budget; mean (± std over seeds when several) of ``column``."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     rows = [r for r in rows if column in r and (model is None or r.get("model", "smollm2-135m") == model)]
@@ -199,8 +199,8 @@ def table(path: Path, column: str = "perplexity", model: str | None = None) -> s
     lines = []
     if dense:
         lines.append(f"Dense perplexity {mean(dense):.2f}.\n")
-    # Cost columns: the last cell run at 50% (later runs are of newer code; see docs/results.md).
-    lines.append("| recipe | " + " | ".join(budgets) + " | prune s (50%) | peak RSS MB (50%) |")
+    # Cost columns: the last cell run at cost_budget (later runs are of newer code; see docs/results.md).
+    lines.append("| recipe | " + " | ".join(budgets) + f" | prune s ({cost_budget}) | peak RSS MB ({cost_budget}) |")
     lines.append("|---|" + "---:|" * (len(budgets) + 2))
     for rec in recipes:
         label = rec[0] + (f" + {rec[1]} refit" if rec[1] else "") + (f" [{rec[2]}]" if rec[2] else "")
@@ -212,8 +212,8 @@ def table(path: Path, column: str = "perplexity", model: str | None = None) -> s
                 continue
             text = f"{mean(v):.2f}" + (f" ± {pstdev(v):.2f}" if len(v) > 1 else "")
             vals.append(f"**{text}**" if best[b] is not None and abs(mean(v) - best[b]) < 1e-9 else text)
-        s = secs.get((rec, "50%"))
-        m = rss.get((rec, "50%"))
+        s = secs.get((rec, cost_budget))
+        m = rss.get((rec, cost_budget))
         lines.append(f"| {label} | " + " | ".join(vals) + f" | {s[-1]:.0f} | {m[-1]:.0f} |" if s and m
                      else f"| {label} | " + " | ".join(vals) + " | | |")
     return "\n".join(lines)
@@ -232,11 +232,12 @@ def main() -> None:
     parser.add_argument("--second-domain", choices=["botchan"], help="also report perplexity on this text")
     parser.add_argument("--table", action="store_true", help="print the table of --out and stop")
     parser.add_argument("--column", default="perplexity", help="the result the table shows (e.g. perplexity_botchan)")
+    parser.add_argument("--cost-budget", default="50%", help="the budget whose prune time and memory the table shows")
     args = parser.parse_args()
     if args.cell:
         print(json.dumps(run_cell(json.loads(args.cell))))
     elif args.table:
-        print(table(Path(args.out), args.column, args.model))
+        print(table(Path(args.out), args.column, args.model, args.cost_budget))
     else:
         drive(args)
 
