@@ -256,7 +256,8 @@ def test_llm_shrink_bad_ratio_is_one_line(folder, tmp_path, capsys):
 def test_oneshot_is_the_command_in_one_call(folder, tmp_path, capsys):
     result = relprune.llm.oneshot(folder, tmp_path / "calib.txt", sparsity=0.5, samples=4, seqlen=16,
                                   out=tmp_path / "api")
-    assert result.recipe.criterion == "obs" and result.recipe.reconstruct == "exact" and result.recipe.scope == "row"
+    assert result.recipe.criterion == relprune.defaults.DEFAULT_LLM_CRITERION == "admm"
+    assert result.recipe.reconstruct == "exact" and result.recipe.scope is None
     assert _run(["llm", "prune", "--model", folder, "--sparsity", "0.5", "--calibration", tmp_path / "calib.txt",
                  "--calibration-samples", "4", "--seqlen", "16", "--out", tmp_path / "cli"], capsys)[0] == 0
     a = relprune.llm.load_causal_lm(tmp_path / "api")

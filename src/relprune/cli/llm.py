@@ -38,7 +38,7 @@ def add_llm_commands(sub: argparse._SubParsersAction) -> None:
                         "the LLM benchmark)")
     p.add_argument("--scope", choices=["row", "layer"], default=None,
                    help=f"comparison group within each layer (default: {DEFAULT_LLM_SCOPE}; not with sparsegpt, "
-                        "which chooses per row in blocks of columns)")
+                        "admm or gradual, which choose their masks with the weights)")
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--sparsity", type=checked(float, sparsity_value), help="fraction of weights to remove")
     budget.add_argument("--n-m", type=checked(str, n_m_value), help="N:M pattern, e.g. 2:4")

@@ -97,7 +97,7 @@ class Recipe:
         if self.threshold is not None and not (self.threshold > 0 and math.isfinite(self.threshold)):
             raise SparsityError(f"the threshold must be a positive number, got {self.threshold!r}")
         if self.scope is not None and crit.joint is not None:
-            raise SparsityError(f"criterion {crit.name!r} chooses its mask per row within blocks of columns; "
+            raise SparsityError(f"criterion {crit.name!r} chooses its mask together with the weights; "
                                 "a scope does not apply to it: leave it out")
         if self.scope is not None and self.scope not in SCOPES:
             raise SparsityError(f"scope must be one of {SCOPES}, got {self.scope!r}")
