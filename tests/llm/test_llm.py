@@ -441,6 +441,18 @@ def test_sequential_pruning_over_two_ranks_equals_one_process(tmp_path, shares):
             torch.testing.assert_close(got["state"][n], v, rtol=1e-4, atol=1e-6)
 
 
+def _same_masks_and_logits(masks, expected, model, out, batches):
+    """Streamed masks equal the in-memory ones, and the written folder gives the in-memory logits."""
+    assert dict(masks).keys() == dict(expected).keys()
+    for n, m in expected.items():
+        assert torch.equal(masks[n], m), n
+    saved = relprune.llm.load_causal_lm(out)
+    ids = batches[0]["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(saved(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+    return saved
+
+
 @pytest.mark.parametrize("recipe", [
     {"criterion": "admm", "reconstruct": False, "sparsity": 0.5},
     {"criterion": "gradual", "reconstruct": False, "n_m": "2:4"},
@@ -457,13 +469,7 @@ def test_streamed_pruning_equals_in_memory_for_the_frontier_recipes(tmp_path, re
     batches = ids_batches(pad_last=3)
     masks = prune_streamed(source, tmp_path / "out", batches, **recipe)
     expected = prune_sequential(model, batches, **recipe)
-    assert dict(masks).keys() == dict(expected).keys()
-    for n, m in expected.items():
-        assert torch.equal(masks[n], m), n
-    saved = relprune.llm.load_causal_lm(tmp_path / "out")
-    ids = batches[0]["input_ids"]
-    with torch.no_grad():
-        torch.testing.assert_close(saved(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+    _same_masks_and_logits(masks, expected, model, tmp_path / "out", batches)
 
 
 @pytest.mark.parametrize("criterion, reconstruct, shard", [("wanda", False, None), ("obs", "obs", "20KB"),
@@ -497,13 +503,7 @@ def test_streamed_pruning_equals_in_memory_and_holds_one_block_at_a_time(tmp_pat
                            reconstruct=reconstruct)
     assert most == [0, 0, 0]  # no earlier block is alive when the next one is read
     expected = prune_sequential(model, batches, sparsity=0.5, criterion=criterion, reconstruct=reconstruct)
-    assert dict(masks).keys() == dict(expected).keys()
-    for n, m in expected.items():
-        assert torch.equal(masks[n], m), n
-    saved = relprune.llm.load_causal_lm(tmp_path / "out")
-    ids = batches[0]["input_ids"]
-    with torch.no_grad():
-        torch.testing.assert_close(saved(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+    saved = _same_masks_and_logits(masks, expected, model, tmp_path / "out", batches)
     assert saved.lm_head.weight.data_ptr() == saved.model.embed_tokens.weight.data_ptr()
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "out") is not None
 
