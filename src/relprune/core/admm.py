@@ -29,8 +29,8 @@ import torch
 from torch import Tensor
 
 from ..errors import RelpruneError, SingularGramError, SparsityError
-from .allocation import removal_count
-from .reconstruct import PERCDAMP, damped_inverse_diagonal, refit
+from .allocation import check_sparsity, parse_n_m, removal_count
+from .reconstruct import PERCDAMP, damped_gram, damped_inverse_diagonal, refit
 
 #: ALPS's published settings (its reference code's defaults for LLaMA and OPT).
 RHO = 0.1
@@ -44,18 +44,17 @@ def _check_budget(weight: Tensor, sparsity: float | None, n_m: tuple[int, int] |
     if (sparsity is None) == (n_m is None):
         raise SparsityError("give exactly one of sparsity= and n_m=")
     if n_m is not None:
-        n, m = n_m
-        if not 0 < n < m:
-            raise SparsityError(f"N:M pattern needs 0 < N < M, got {n}:{m}")
+        _, m = parse_n_m(n_m)
         if weight.shape[1] % m:
             raise SparsityError(f"N:M with M={m} needs the input size {weight.shape[1]} to be a multiple of M")
-    elif not 0 <= sparsity < 1 or math.isnan(sparsity):
-        raise SparsityError(f"sparsity must be in [0, 1), got {sparsity}")
+    else:
+        check_sparsity(sparsity)
 
 
 def project(values: Tensor, *, sparsity: float | None = None, n_m: tuple[int, int] | None = None,
             group: str = "row") -> Tensor:
-    """Keep-mask of the largest ``|values|`` under the pattern (ties broken by position).
+    """Keep-mask of the largest ``|values|`` under the pattern (ties in any order: ``torch.topk``, which
+    ADMM calls every step, is faster than the stable sort :mod:`.allocation` uses).
 
     Unstructured: ``removal_count(sparsity, ...)`` removed per row (``group="row"``) or over the
     whole matrix (``"layer"``); N:M: N kept of every M consecutive entries of a row.
@@ -66,34 +65,21 @@ def project(values: Tensor, *, sparsity: float | None = None, n_m: tuple[int, in
 def keep_largest(scores: Tensor, *, sparsity: float | None = None, n_m: tuple[int, int] | None = None,
                  group: str = "row") -> Tensor:
     """Keep-mask of the largest ``scores`` under the pattern (see :func:`project`; -inf goes first)."""
-    mag = scores
     keep = torch.ones_like(scores, dtype=torch.bool)
     if n_m is not None:
         n, m = n_m
-        groups = mag.reshape(-1, m)
+        groups = scores.reshape(-1, m)
         drop = torch.topk(groups, m - n, dim=1, largest=False).indices
         return keep.reshape(-1, m).scatter_(1, drop, False).reshape(scores.shape)
     if group == "row":
         count = removal_count(sparsity, scores.shape[1])
         if count:
-            keep.scatter_(1, torch.topk(mag, count, dim=1, largest=False).indices, False)
+            keep.scatter_(1, torch.topk(scores, count, dim=1, largest=False).indices, False)
         return keep
     count = removal_count(sparsity, scores.numel())
     if count:
-        keep.view(-1)[torch.topk(mag.reshape(-1), count, largest=False).indices] = False
+        keep.view(-1)[torch.topk(scores.reshape(-1), count, largest=False).indices] = False
     return keep
-
-
-def _damped(hessian: Tensor, percdamp: float) -> tuple[Tensor, Tensor]:
-    """(H + lambda I) in float64 with never-firing inputs given a unit diagonal, and those inputs."""
-    h = hessian.detach().double().clone()
-    if not bool(torch.isfinite(h).all()):
-        raise SingularGramError("the input second moment holds NaN or Inf; collect the statistics again from "
-                                "finite activations")
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1
-    h.diagonal().add_(percdamp * torch.mean(torch.diag(h)))
-    return h, dead
 
 
 def layer_error(weight: Tensor, new: Tensor, hessian: Tensor) -> float:
@@ -118,7 +104,10 @@ def admm_prune(weight: Tensor, hessian: Tensor, *, sparsity: float | None = None
     if not (isinstance(switch_iter, int) and switch_iter >= 0):
         raise RelpruneError(f"switch_iter must be a whole number >= 0, got {switch_iter!r}")
     budget = {"sparsity": sparsity, "n_m": n_m, "group": group}
-    h, dead = _damped(hessian, percdamp)
+    if not bool(torch.isfinite(hessian).all()):
+        raise SingularGramError("the input second moment holds NaN or Inf; collect the statistics again from "
+                                "finite activations")
+    h, dead, _ = damped_gram(hessian, percdamp)
     scale = h.diagonal().sqrt()
     hn = (h / scale.reshape(-1, 1) / scale.reshape(1, -1))
     # float32 is enough for the ridge steps (4e-6 relative on a 1536-input layer) and 2x faster than float64.
@@ -128,13 +117,13 @@ def admm_prune(weight: Tensor, hessian: Tensor, *, sparsity: float | None = None
     w[:, dead] = 0
     b0 = (w * scale).float()  # rows of W in the unit-diagonal coordinates
     target = (b0.double() @ hn).float()
-    kept_total = (project(b0, **budget)).sum().item()
 
     def ridge(rhs: Tensor, penalty: float) -> Tensor:
         inv = (1 / (evals + penalty)).float()
         return ((rhs @ evecs32) * inv) @ evecs32.T
 
     keep = project(b0, **budget)
+    kept_total = int(keep.sum())
     d = b0 * keep
     d_init = d.clone()
     v = torch.zeros_like(b0)

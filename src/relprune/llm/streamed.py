@@ -101,7 +101,7 @@ def prune_streamed(
     host = _host_model(transformers, config, checkpoint, named)
     with staged_folder(target) as tmp:
         first = _load_block(named[0][1], named[0][0], checkpoint)
-        if recipe.statistics() or recipe.allocation != "uniform":
+        if recipe.reads_activations:
             with _blocks_in(host, named):
                 captured = capture_block_inputs(host, [b for _, b in named], batches, probe=first)
         else:  # magnitude without a re-fit reads no activations (as prune_sequential)
