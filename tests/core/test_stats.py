@@ -272,3 +272,36 @@ def test_liveness_tracing_stops_after_one_batch_when_nothing_has_a_blind_range(m
     model = nn.Sequential(nn.Linear(4, 8), act(), nn.Linear(8, 2))
     relprune.collect_stats(model, [torch.randn(5, 4) for _ in range(3)], statistics=["contribution_std"])
     assert len(entered) == traced_batches
+
+
+@pytest.mark.parametrize("kind", ["linear", "linear-tokens", "conv2d", "conv2d-groups", "conv1d-depthwise-same"])
+@pytest.mark.parametrize("liveness", [True, False])
+@pytest.mark.parametrize("signed_batch", [None, 0, 2, 20])
+def test_non_negative_inputs_match_the_reference_also_when_a_signed_batch_comes_later(kind, liveness,
+                                                                                    signed_batch):
+    # Non-negative inputs take a shorter path (sum |x| from sum x, no |x| copy) until the first
+    # signed batch; after FLUSH_EVERY batches the pending sums have been flushed once.
+    from relprune.core.collect import FLUSH_EVERY
+
+    torch.manual_seed(1)
+    factory, shape = LAYERS[kind]
+    layer = factory().double()
+    count = FLUSH_EVERY + 6
+    xs = [torch.rand(shape, dtype=torch.float64) + 0.1 * (i % 3) for i in range(count)]
+    if signed_batch is not None:
+        xs[signed_batch] = xs[signed_batch] - 0.5
+    stats = relprune.collect_stats(nn.Sequential(layer, nn.ReLU()), xs, liveness=liveness)
+    _assert_matches(stats["0"], reference_stats(layer, xs, (lambda z: z > 0) if liveness else None))
+
+
+@pytest.mark.parametrize("size, batches", [(5, 1), (7, 3), (13, 18), (1, 2)])
+@pytest.mark.parametrize("signed", [True, False])
+def test_input_gram_is_the_full_symmetric_sum_of_every_batch(size, batches, signed):
+    # Only the upper block triangle is added per batch and mirrored on flush: the result must be
+    # the whole x^T x, across sizes that do not divide into the slabs and across flushes.
+    torch.manual_seed(2)
+    xs = [torch.randn(4, size, dtype=torch.float64) + (0 if signed else 3) for _ in range(batches)]
+    stats = relprune.collect_stats(nn.Sequential(nn.Linear(size, 3).double()), xs,
+                                   statistics=["input_gram", "contribution_std", "relative_mean"])
+    x = torch.cat(xs)
+    torch.testing.assert_close(stats["0"].input_gram, x.t() @ x / len(x))

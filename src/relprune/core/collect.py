@@ -50,6 +50,9 @@ ROW_SLICES = 4
 #: sums, where it adds a sixth or less to the memory and saves an |W| per batch; with fewer (``rc``
 #: alone: its sum and one pending buffer) it would be a third more.
 CACHE_ABS_FROM = 3
+#: The input Gram matrix is symmetric: each batch adds only its upper block triangle, in this many
+#: slabs of rows (10/16 of the full product), and a flush mirrors it.
+GRAM_SLABS = 4
 _WEIGHT_SHAPED = frozenset({"s1", "s2", "sa", "r1", "r2"})
 
 
@@ -64,12 +67,17 @@ class _Scratch:
     Every batch product lands in a compute-dtype buffer in place (``addmm_``: no temporary) and
     moves into the float64 sums every ``FLUSH_EVERY`` batches, so the float64 conversion and add
     are paid rarely while rounding stays that of a short sum.
+
+    While every input so far was non-negative (after a ReLU, or an image), sum |x| = sum x, so the
+    ``sa`` sum is not gathered but follows from ``s1`` (see :meth:`derive_abs_sum`); the first
+    batch with a negative input turns that off for the rest of the collection.
     """
 
     def __init__(self) -> None:
         self.abs_weight: Tensor | None = None
         self.pending: dict[str | tuple[str, ...], Tensor] = {}
         self.batches = 0
+        self.abs_from_s1 = True
 
     def add(self, layer: nn.Module, key: str | tuple[str, ...], x: Tensor, g: Tensor, ls: LayerStats) -> None:
         buf = self.pending.get(key)
@@ -84,16 +92,21 @@ class _Scratch:
             buf.add_(L.weighted_input_sum(layer, x, g))
 
     def add_gram(self, x_counted: Tensor, x: Tensor) -> None:
+        """Add x_counted^T x, upper block triangle only (:meth:`flush` mirrors it)."""
         buf = self.pending.get("gram")
-        if buf is None:
-            self.pending["gram"] = x_counted.t() @ x
-        else:
-            buf.addmm_(x_counted.t(), x)
+        first = buf is None
+        if first:
+            buf = self.pending["gram"] = x.new_empty(x.shape[1], x.shape[1])
+        for rows in _gram_slabs(x.shape[1]):
+            # beta=0 on the first batch: the empty buffer's contents are ignored, NaN included.
+            buf[rows, rows.start:].addmm_(x_counted[:, rows].t(), x[:, rows.start:], beta=0 if first else 1)
 
     def flush(self, ls: LayerStats, force: bool = False) -> None:
         self.batches += 1
         if force or self.batches % FLUSH_EVERY == 0:
             for key, buf in self.pending.items():
+                if key == "gram":
+                    _mirror_upper_blocks(buf)
                 # Row slices: adding a compute-dtype buffer into float64 converts it first, and a
                 # whole weight-sized conversion would be the collection's largest temporary.
                 keys = key if isinstance(key, tuple) else (key,)
@@ -102,6 +115,27 @@ class _Scratch:
                     for rows in _row_slices(target.shape[0]):
                         target[rows].add_(flat[rows])
             self.pending.clear()
+        if force:
+            self.derive_abs_sum(ls)
+
+    def derive_abs_sum(self, ls: LayerStats) -> None:
+        """Set ``sa`` from ``s1`` if it was left to follow from it (every input so far >= 0): with the
+        shift k, sum_live |x| = sum_live x = s1 + n k. Needs the pending sums flushed."""
+        if self.abs_from_s1 and "sa" in ls.sums and "s1" in ls.sums:
+            ls.sums["sa"].copy_(ls.input_sum())
+        self.abs_from_s1 = False
+
+
+def _gram_slabs(size: int) -> list[slice]:
+    step = max(1, -(-size // GRAM_SLABS))
+    return [slice(r, r + step) for r in range(0, size, step)]
+
+
+def _mirror_upper_blocks(buf: Tensor) -> None:
+    """Fill the lower block triangle of a symmetric matrix from its upper one, in place."""
+    for rows in _gram_slabs(buf.shape[0]):
+        if rows.stop < buf.shape[0]:
+            buf[rows.stop:, rows].copy_(buf[rows, rows.stop:].t())
 
 
 def _accumulate(layer: nn.Module, ls: LayerStats, scratch: _Scratch, x: Tensor, out_shape: torch.Size,
@@ -111,13 +145,27 @@ def _accumulate(layer: nn.Module, ls: LayerStats, scratch: _Scratch, x: Tensor, 
     cd = _compute_dtype(x)
     x = x.to(cd)
     xp = L.input_rows(layer, x)
+    cache_abs = len(need & _WEIGHT_SHAPED) >= CACHE_ABS_FROM
+    nonneg = bool(xp.min() >= 0) if need & {"sa", "r1", "r2"} else False
+    if {"s1", "sa"} <= need and scratch.abs_from_s1:
+        if nonneg:
+            need = need - {"sa"}
+        else:
+            # The first signed input: sa so far follows from s1 so far; gathered from here on.
+            scratch.flush(ls, force=True)
+            scratch.batches -= 1
+    else:
+        scratch.abs_from_s1 = False
     if live is None:
         # Without liveness every output sees the same samples: one column of ones serves them all,
         # and the input moments come out as (1, I) rows (see _new_layer_stats).
         shape = (xp.shape[0], 1) if L.is_linear(layer) else out_shape
         g = torch.ones(shape, dtype=cd, device=x.device)
     else:
-        g = L.output_rows(layer, live).to(cd)
+        # Kept boolean where only element-wise steps read it (g / D): the moments' products need floats.
+        g = L.output_rows(layer, live)
+        if need & {"s1", "s2", "sa"}:
+            g = g.to(cd)
     if rows is not None:
         g = g * rows.to(cd).unsqueeze(1)
     if "gram" in need:
@@ -127,14 +175,24 @@ def _accumulate(layer: nn.Module, ls: LayerStats, scratch: _Scratch, x: Tensor, 
         scratch.add_gram(kept, patches)
     ls.live_count.add_(L.per_output_count(layer, g))
     ls.total_count += L.samples_in(layer, g) if rows is None else int(rows.sum())
-    a = xp.abs() if need & {"sa", "r1", "r2"} else None
+    # |x| is x itself for a non-negative input: no copy.
+    a = (xp if nonneg else xp.abs()) if need & {"sa", "r1", "r2"} else None
     shared = sorted(need & {"s1", "s2", "sa"})
     if L.is_linear(layer) and g.shape[1] > 1 and len(shared) > 1:
         # The moments that share g (live samples) as their left factor: one product against their
-        # inputs side by side, which runs faster than one product each.
-        xs = xp - ls.shift.to(cd).reshape(1, -1)
-        parts = {"s1": xs, "s2": xs * xs, "sa": a}
-        scratch.add(layer, tuple(shared), torch.cat([parts[k] for k in shared], dim=1), g, ls)
+        # inputs side by side, which runs faster than one product each; written straight into one
+        # buffer (no concatenation copy).
+        width = xp.shape[1]
+        side = xp.new_empty(xp.shape[0], width * len(shared))
+        part = {k: side[:, i * width:(i + 1) * width] for i, k in enumerate(shared)}
+        xs = part.get("s1", part.get("s2"))
+        if xs is not None:
+            torch.sub(xp, ls.shift.to(cd).reshape(1, -1), out=xs)
+            if "s2" in part:
+                torch.mul(xs, xs, out=part["s2"])
+        if "sa" in part:
+            part["sa"].copy_(a)
+        scratch.add(layer, tuple(shared), side, g, ls)
         need = need - set(shared)
     if need & {"s1", "s2"}:
         view = (1, -1) if L.is_linear(layer) else (1, -1, *([1] * L.conv_dims(layer)))
@@ -146,7 +204,7 @@ def _accumulate(layer: nn.Module, ls: LayerStats, scratch: _Scratch, x: Tensor, 
     if "sa" in need:
         scratch.add(layer, "sa", a, g, ls)
     if need & {"r1", "r2"}:
-        if L.is_linear(layer) and len(need & _WEIGHT_SHAPED) < CACHE_ABS_FROM:
+        if L.is_linear(layer) and not cache_abs:
             # D^T = |W| |x|^T (outputs x rows), |W| taken a slice of rows at a time: no weight-sized
             # copy of |W| exists, and each slice's product lands in place.
             w = ls.weight.detach()
@@ -173,7 +231,7 @@ def _accumulate(layer: nn.Module, ls: LayerStats, scratch: _Scratch, x: Tensor, 
         if "r1" in need:
             scratch.add(layer, "r1", a, gd, ls)
         if "r2" in need:
-            scratch.add(layer, "r2", a * a, gd / d, ls)
+            scratch.add(layer, "r2", a * a, gd.div_(d), ls)
 
 
 

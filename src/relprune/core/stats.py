@@ -212,6 +212,14 @@ class LayerStats:
             sums["s1"] = sums["s1"] + n * d
         return sums
 
+    def input_sum(self) -> Tensor:
+        """sum_live x_j per weight: the shifted sum ``s1`` with its shift k undone (s1 + n k); for a
+        non-negative input this is also the ``sa`` sum, sum_live |x_j|."""
+        k, n = self._shift_as_weight(), self._n()
+        if self.sums["s1"].shape[0] == 1 < k.shape[0]:
+            k, n = k[:1], n[:1]  # lean (1, I) input moments
+        return self.sums["s1"] + n * k
+
 
 class Stats(Mapping[str, LayerStats]):
     """Layer name -> LayerStats for one model. Add two to merge disjoint calibration sets."""
