@@ -205,29 +205,21 @@ def _accumulate(layer: nn.Module, ls: LayerStats, scratch: _Scratch, x: Tensor, 
         scratch.add(layer, "sa", a, g, ls)
     if need & {"r1", "r2"}:
         if L.is_linear(layer) and not cache_abs:
-            # D^T = |W| |x|^T (outputs x rows), |W| taken a slice of rows at a time: no weight-sized
-            # copy of |W| exists, and each slice's product lands in place.
+            # D = |x| |W|^T with |W| taken a slice of output rows at a time: no weight-sized copy
+            # of |W| exists, and each slice's product lands in place in D's columns.
             w = ls.weight.detach()
-            dt = torch.empty(w.shape[0], a.shape[0], dtype=cd, device=a.device)
-            for rows in _row_slices(w.shape[0]):
-                torch.mm(w[rows].to(cd).abs(), a.t(), out=dt[rows])
-            if ls.bias is not None:
-                dt.add_(ls.bias.to(cd).abs().unsqueeze(1))
-            dt.add_(EPS)
-            if "r2" not in need:
-                # g / D in place, in D^T's own (contiguous) layout: the one (outputs x rows) temporary.
-                gdt = dt.reciprocal_().mul_(g.t())
-                scratch.add(layer, "r1", a, gdt.t(), ls)
-                return
-            d = dt.t()
+            d = torch.empty(a.shape[0], w.shape[0], dtype=cd, device=a.device)
+            for chunk in _row_slices(w.shape[0]):
+                torch.mm(a, w[chunk].to(cd).abs().t(), out=d[:, chunk])
         else:
             if scratch.abs_weight is None or scratch.abs_weight.dtype != cd:
                 scratch.abs_weight = ls.weight.detach().to(cd).abs()
             d = L.forward_with(layer, a, scratch.abs_weight)
-            if ls.bias is not None:
-                d.add_(L.bias_view(layer, ls.bias.to(cd).abs()))
-            d.add_(EPS)
-        gd = g / d
+        if ls.bias is not None:
+            d.add_(L.bias_view(layer, ls.bias.to(cd).abs()))
+        d.add_(EPS)
+        # g / D in place when only r1 needs it: D is then the one (rows x outputs) temporary.
+        gd = g / d if "r2" in need else d.reciprocal_().mul_(g)
         if "r1" in need:
             scratch.add(layer, "r1", a, gd, ls)
         if "r2" in need:
