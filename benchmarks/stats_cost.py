@@ -161,6 +161,8 @@ def main() -> None:
                 print(f"{kind:5} {samples:7d} {job:>13} {ratio:10.2f} {target:>6} {mem:9.2f}")
         if args.criteria:
             for job in (j for j in STAT_SETS if j.startswith("crit:")):
+                if kind == "cnn" and set(STAT_SETS[job] or []) <= {"input_gram"}:
+                    continue  # a Gram-only criterion (sparsegpt, admm, ...) has nothing to gather on convs
                 ratio, mem = measure(job, sizes[-1])
                 print(f"{kind:5} {sizes[-1]:7d} {job[5:]:>13} {ratio:10.2f} {'':>6} {mem:9.2f}")
 
