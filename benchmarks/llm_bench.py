@@ -74,6 +74,12 @@ PLANS = {
     # The mask-only contribution recipe (Wanda's mask refined by the contributions' second moments), then 70%.
     "frontier-70": [("wanda", None, b, "refine") for b in ("50%", "2:4")]
     + [(c, r, "70%", v) for c, r, v in FRONTIER[:5]],
+    # What the first frontier runs left out: the 60% column, Gemma 3 at 70% (with --model gemma3-270m),
+    # the calibration-seed spread of the headline pair, per-block sparsities at 70%.
+    "frontier-60": [(c, r, "60%", v) for c, r, v in FRONTIER[:4]],
+    "frontier-family-70": [(c, r, "70%", v) for c, r, v in FRONTIER[:4]],
+    "frontier-seeds": [(c, None, b, "") for b in ("50%", "2:4") for c in ("sparsegpt", "admm")],
+    "frontier-allocation": [("admm", None, "70%", v) for v in ("entropy", "owl")],
     # The levers of the contribution statistics: refinement of a mask-only criterion and before the re-fit,
     # per-block sparsities from the contribution entropy against OWL's.
     "frontier-levers": [(c, r, b, v) for b in ("50%", "2:4", "70%") for c, r, v in
