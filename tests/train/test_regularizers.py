@@ -110,14 +110,45 @@ def test_neuron_entropy_hand_cases():
     assert h[0] == pytest.approx(1.0) and h[1] == pytest.approx(0.0) and torch.isnan(h[2])
 
 
-def test_normalised_entropy_equals_the_definition():
+def _entropy_by_definition(weight, sums, counts):
+    # The plain formula, differentiated by autograd: the reference for the written-out gradient.
+    share = weight.abs() * sums
+    total = share.sum(1)
+    safe = total.clamp_min(1e-30)
+    h = (safe.log() - (share * share.clamp_min(1e-30).log()).sum(1) / safe) / math.log(share.shape[1])
+    h = torch.where(total > 0, h, torch.zeros_like(h))
+    return h[counts > 0].mean()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_normalised_entropy_equals_the_definition_with_its_gradient(dtype):
     from relprune.train.regularizers import _normalised_entropy
 
     g = torch.Generator().manual_seed(0)
-    share = torch.rand(6, 9, generator=g, dtype=torch.float64)
-    share[1, :4] = 0.0  # some zero shares
-    share[2] = 0.0  # a neuron whose shares are all zero counts as entropy 0
-    counts = torch.tensor([3.0, 1.0, 2.0, 0.0, 5.0, 1.0], dtype=torch.float64)
-    q = share / share.sum(1, keepdim=True).clamp_min(1e-300)
+    weight = torch.randn(6, 9, generator=g, dtype=dtype)
+    sums = torch.rand(6, 9, generator=g, dtype=dtype)
+    sums[1, :4] = 0.0  # some zero shares
+    sums[2] = 0.0  # a neuron whose shares are all zero counts as entropy 0
+    weight[4, 3] = 0.0  # a weight at zero: |w| has no slope there
+    counts = torch.tensor([3.0, 1.0, 2.0, 0.0, 5.0, 1.0], dtype=dtype)
+    q = (weight.abs() * sums) / (weight.abs() * sums).sum(1, keepdim=True).clamp_min(1e-30)
     h = -(torch.special.xlogy(q, q)).sum(1) / math.log(9)
-    torch.testing.assert_close(_normalised_entropy(share, counts), h[counts > 0].mean())
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {}
+    w1, s1 = weight.clone().requires_grad_(), sums.clone().requires_grad_()
+    w2, s2 = weight.clone().requires_grad_(), sums.clone().requires_grad_()
+    ours, ref = _normalised_entropy(w1, s1, counts), _entropy_by_definition(w2, s2, counts)
+    torch.testing.assert_close(ours, h[counts > 0].mean(), **tol)
+    torch.testing.assert_close(ours, ref, **tol)
+    ours.backward()
+    ref.backward()
+    torch.testing.assert_close(w1.grad, w2.grad, **tol)
+    torch.testing.assert_close(s1.grad, s2.grad, **tol)
+
+
+def test_share_entropy_passes_gradcheck():
+    from relprune.train.regularizers import _ShareEntropy
+
+    g = torch.Generator().manual_seed(3)
+    weight = torch.randn(4, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    sums = (torch.rand(4, 7, generator=g, dtype=torch.float64) + 0.1).requires_grad_()
+    assert torch.autograd.gradcheck(_ShareEntropy.apply, (weight, sums))
