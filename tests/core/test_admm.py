@@ -4,6 +4,7 @@ the properties they must hold; the re-fit's damping anchor against the closed fo
 from __future__ import annotations
 
 import itertools
+import math
 import sys
 from pathlib import Path
 
@@ -189,3 +190,32 @@ def test_a_gram_singular_even_with_damping_is_named_with_the_damping_that_fixes_
     from relprune.core.reconstruct import damped_cholesky
 
     damped_cholesky(stats["0"].input_gram, info.value.needed)  # the damping it names does fix it
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("budget", [{"sparsity": 0.5}, {"sparsity": 0.3, "group": "layer"}, {"sparsity": 0.9},
+                                    {"n_m": (2, 4)}, {"n_m": (1, 4)}, {"n_m": (3, 8)}, {"n_m": (4, 16)}])
+@pytest.mark.parametrize("ties", [False, True])
+def test_keep_largest_keeps_the_budget_and_never_drops_a_larger_score(seed, budget, ties):
+    # The property topk gives: the exact count per row (group, layer), and within it no dropped
+    # score above a kept one; with many ties (small integers) and -inf entries too.
+    from relprune.core.admm import keep_largest
+    from relprune.core.allocation import removal_count
+
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, 3, (12, 32), generator=g).double() if ties else torch.randn(12, 32, generator=g)
+    scores[0, :5] = -math.inf
+    keep = keep_largest(scores, **budget)
+    if "n_m" in budget:
+        n, m = budget["n_m"]
+        units, kept = scores.reshape(-1, m), keep.reshape(-1, m)
+        assert bool((kept.sum(1) == n).all())
+    elif budget.get("group") == "layer":
+        units, kept = scores.reshape(1, -1), keep.reshape(1, -1)
+        assert int(kept.sum()) == scores.numel() - removal_count(budget["sparsity"], scores.numel())
+    else:
+        units, kept = scores, keep
+        assert bool((kept.sum(1) == 32 - removal_count(budget["sparsity"], 32)).all())
+    lowest_kept = torch.where(kept, units, torch.full_like(units, math.inf)).min(1).values
+    highest_dropped = torch.where(~kept, units, torch.full_like(units, -math.inf)).max(1).values
+    assert bool((highest_dropped <= lowest_kept).all())

@@ -53,8 +53,8 @@ def _check_budget(weight: Tensor, sparsity: float | None, n_m: tuple[int, int] |
 
 def project(values: Tensor, *, sparsity: float | None = None, n_m: tuple[int, int] | None = None,
             group: str = "row") -> Tensor:
-    """Keep-mask of the largest ``|values|`` under the pattern (ties in any order: ``torch.topk``, which
-    ADMM calls every step, is faster than the stable sort :mod:`.allocation` uses).
+    """Keep-mask of the largest ``|values|`` under the pattern (ties in any order: a selection, which
+    ADMM needs every step, is faster than the stable sort :mod:`.allocation` uses).
 
     Unstructured: ``removal_count(sparsity, ...)`` removed per row (``group="row"``) or over the
     whole matrix (``"layer"``); N:M: N kept of every M consecutive entries of a row.
@@ -64,21 +64,36 @@ def project(values: Tensor, *, sparsity: float | None = None, n_m: tuple[int, in
 
 def keep_largest(scores: Tensor, *, sparsity: float | None = None, n_m: tuple[int, int] | None = None,
                  group: str = "row") -> Tensor:
-    """Keep-mask of the largest ``scores`` under the pattern (see :func:`project`; -inf goes first)."""
-    keep = torch.ones_like(scores, dtype=torch.bool)
+    """Keep-mask of the largest ``scores`` under the pattern (see :func:`project`; -inf goes first).
+
+    A row (or layer) budget thresholds at the k-th smallest value (a quickselect: half the time of
+    ``topk`` on SmolLM2's layer shapes, and ADMM projects every step), with ``topk`` only where ties
+    straddle the threshold; N:M groups use ``topk``.
+    """
     if n_m is not None:
         n, m = n_m
         groups = scores.reshape(-1, m)
+        keep = torch.ones_like(groups, dtype=torch.bool)
         drop = torch.topk(groups, m - n, dim=1, largest=False).indices
-        return keep.reshape(-1, m).scatter_(1, drop, False).reshape(scores.shape)
+        return keep.scatter_(1, drop, False).reshape(scores.shape)
     if group == "row":
-        count = removal_count(sparsity, scores.shape[1])
-        if count:
-            keep.scatter_(1, torch.topk(scores, count, dim=1, largest=False).indices, False)
+        return _keep_above_kth(scores, removal_count(sparsity, scores.shape[1]))
+    return _keep_above_kth(scores.reshape(1, -1), removal_count(sparsity, scores.numel())).reshape(scores.shape)
+
+
+def _keep_above_kth(scores: Tensor, count: int) -> Tensor:
+    """Per row, False for the ``count`` smallest scores (ties in any order), True elsewhere."""
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    if not count:
         return keep
-    count = removal_count(sparsity, scores.numel())
-    if count:
-        keep.view(-1)[torch.topk(scores.reshape(-1), count, largest=False).indices] = False
+    threshold = torch.kthvalue(scores, count, dim=1, keepdim=True).values
+    keep = scores > threshold
+    tied = (keep.sum(1) != scores.shape[1] - count).nonzero().flatten()
+    if len(tied):
+        # Entries equal to the threshold straddle it: choose among them as topk does.
+        rows = torch.ones_like(scores[tied], dtype=torch.bool)
+        rows.scatter_(1, torch.topk(scores[tied], count, dim=1, largest=False).indices, False)
+        keep[tied] = rows
     return keep
 
 
