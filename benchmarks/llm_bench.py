@@ -81,6 +81,8 @@ PLANS = {
     "frontier-seeds": [(c, None, b, "") for b in ("50%", "2:4") for c in ("sparsegpt", "admm")],
     "frontier-allocation": [("admm", None, "70%", v) for v in ("entropy", "owl")],
     "frontier-mask-only": [("wanda", None, b, "refine") for b in ("60%", "70%")],
+    # Prune time of the default beside SparseGPT's, in one run (the 3 x target).
+    "frontier-time": [(c, None, "50%", "") for c in ("sparsegpt", "admm")],
     # The levers of the contribution statistics: refinement of a mask-only criterion and before the re-fit,
     # per-block sparsities from the contribution entropy against OWL's.
     "frontier-levers": [(c, r, b, v) for b in ("50%", "2:4", "70%") for c, r, v in
