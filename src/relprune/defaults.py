@@ -22,14 +22,15 @@ DEFAULT_BIAS_COMPENSATION = False
 #: pruned model is used as it is ("auto": not before a fine-tune, which undoes the re-fit's gain).
 DEFAULT_RECONSTRUCT = "auto"
 #: Language models (``relprune llm``, ``relprune.llm.prune_sequential``): the best recipe of the
-#: one-shot frontier benchmark (docs/results.md, "The one-shot frontier on two families", seed 0,
+#: one-shot frontier benchmark (docs/results.md, "The one-shot frontier on two families",
 #: 16 x 512 Shakespeare calibration tokens, held-out Shakespeare / Botchan perplexity):
 #: ADMM with ALPS's penalty schedule, the same count per row, then the exact re-fit on its support.
-#: SmolLM2-135M: 52.3 / 56.5 at 50% against SparseGPT's 61.6 / 61.0 and the previous default's
-#: (OBS saliency + exact re-fit) 55.2 / 57.9; 65.1 / 96.3 at 2:4 against 82.7 / 127.1 and 71.8 / 106.2.
-#: Gemma 3 270M: 157.9 / 150.9 at 50% against SparseGPT's 197.3 / 176.1, Wanda's 227.4 / 220.1 and
-#: the previous default's 169.4 / 168.7. One default for both families and both patterns; it costs
-#: about 3x SparseGPT's prune time (210 s against 72 s on SmolLM2 at 2:4).
+#: SmolLM2-135M (3 calibration seeds): 52.8 / 56.0 at 50% against SparseGPT's 62.6 / 62.3; 66.5 / 95.9
+#: at 2:4 against 84.3 / 123.8; seed 0: 63.8 / 90.2 at 60% and 87.6 / 163.7 at 70% against 86.9 / 122.5
+#: and 152.6 / 240.1; the previous default (OBS saliency + exact re-fit) 55.2 / 57.9 at 50%.
+#: Gemma 3 270M (seed 0): 157.9 / 150.9 at 50% against SparseGPT's 197.3 / 176.1 and Wanda's
+#: 227.4 / 220.1; 214.7 / 304.7 at 70% against 366.3 / 430.8. One default for both families and all
+#: patterns; it costs 2.3-2.9x SparseGPT's prune time (183 s against 79 s on SmolLM2 at 50%).
 DEFAULT_LLM_CRITERION = "admm"
 #: The exact least-squares re-fit, with its damping pulling toward the dense weights: what every
 #: mask-first criterion gets by default (ADMM's weights already are it, so it adds nothing there).

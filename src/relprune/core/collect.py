@@ -56,9 +56,10 @@ GRAM_SLABS = 4
 _WEIGHT_SHAPED = frozenset({"s1", "s2", "sa", "r1", "r2"})
 
 
-def _row_slices(rows: int) -> list[slice]:
-    step = max(1, -(-rows // ROW_SLICES))
-    return [slice(r, r + step) for r in range(0, rows, step)]
+def _slices(size: int, parts: int = ROW_SLICES) -> list[slice]:
+    """``range(size)`` in ``parts`` contiguous slices (fewer when ``size`` is smaller)."""
+    step = max(1, -(-size // parts))
+    return [slice(r, r + step) for r in range(0, size, step)]
 
 
 class _Scratch:
@@ -97,26 +98,31 @@ class _Scratch:
         first = buf is None
         if first:
             buf = self.pending["gram"] = x.new_empty(x.shape[1], x.shape[1])
-        for rows in _gram_slabs(x.shape[1]):
+        for rows in _slices(x.shape[1], GRAM_SLABS):
             # beta=0 on the first batch: the empty buffer's contents are ignored, NaN included.
             buf[rows, rows.start:].addmm_(x_counted[:, rows].t(), x[:, rows.start:], beta=0 if first else 1)
 
     def flush(self, ls: LayerStats, force: bool = False) -> None:
+        """Count a batch; every ``FLUSH_EVERY`` batches (or when forced, at the end) move the pending sums."""
         self.batches += 1
         if force or self.batches % FLUSH_EVERY == 0:
-            for key, buf in self.pending.items():
-                if key == "gram":
-                    _mirror_upper_blocks(buf)
-                # Row slices: adding a compute-dtype buffer into float64 converts it first, and a
-                # whole weight-sized conversion would be the collection's largest temporary.
-                keys = key if isinstance(key, tuple) else (key,)
-                for k, part in zip(keys, buf.chunk(len(keys), dim=1) if len(keys) > 1 else (buf,), strict=True):
-                    target, flat = ls.sums[k], part.reshape(ls.sums[k].shape)
-                    for rows in _row_slices(target.shape[0]):
-                        target[rows].add_(flat[rows])
-            self.pending.clear()
+            self.move_pending(ls)
         if force:
             self.derive_abs_sum(ls)
+
+    def move_pending(self, ls: LayerStats) -> None:
+        """Add the compute-dtype buffers into the float64 sums and empty them."""
+        for key, buf in self.pending.items():
+            if key == "gram":
+                _mirror_upper_blocks(buf)
+            # Row slices: adding a compute-dtype buffer into float64 converts it first, and a
+            # whole weight-sized conversion would be the collection's largest temporary.
+            keys = key if isinstance(key, tuple) else (key,)
+            for k, part in zip(keys, buf.chunk(len(keys), dim=1) if len(keys) > 1 else (buf,), strict=True):
+                target, flat = ls.sums[k], part.reshape(ls.sums[k].shape)
+                for rows in _slices(target.shape[0]):
+                    target[rows].add_(flat[rows])
+        self.pending.clear()
 
     def derive_abs_sum(self, ls: LayerStats) -> None:
         """Set ``sa`` from ``s1`` if it was left to follow from it (every input so far >= 0): with the
@@ -126,14 +132,9 @@ class _Scratch:
         self.abs_from_s1 = False
 
 
-def _gram_slabs(size: int) -> list[slice]:
-    step = max(1, -(-size // GRAM_SLABS))
-    return [slice(r, r + step) for r in range(0, size, step)]
-
-
 def _mirror_upper_blocks(buf: Tensor) -> None:
     """Fill the lower block triangle of a symmetric matrix from its upper one, in place."""
-    for rows in _gram_slabs(buf.shape[0]):
+    for rows in _slices(buf.shape[0], GRAM_SLABS):
         if rows.stop < buf.shape[0]:
             buf[rows.stop:, rows].copy_(buf[rows, rows.stop:].t())
 
@@ -152,8 +153,8 @@ def _accumulate(layer: nn.Module, ls: LayerStats, scratch: _Scratch, x: Tensor, 
             need = need - {"sa"}
         else:
             # The first signed input: sa so far follows from s1 so far; gathered from here on.
-            scratch.flush(ls, force=True)
-            scratch.batches -= 1
+            scratch.move_pending(ls)
+            scratch.derive_abs_sum(ls)
     else:
         scratch.abs_from_s1 = False
     if live is None:
@@ -209,7 +210,7 @@ def _accumulate(layer: nn.Module, ls: LayerStats, scratch: _Scratch, x: Tensor, 
             # of |W| exists, and each slice's product lands in place in D's columns.
             w = ls.weight.detach()
             d = torch.empty(a.shape[0], w.shape[0], dtype=cd, device=a.device)
-            for chunk in _row_slices(w.shape[0]):
+            for chunk in _slices(w.shape[0]):
                 torch.mm(a, w[chunk].to(cd).abs().t(), out=d[:, chunk])
         else:
             if scratch.abs_weight is None or scratch.abs_weight.dtype != cd:

@@ -203,10 +203,8 @@ class LayerStats:
         """This layer's sums re-expressed around another input shift."""
         sums = dict(self.sums)
         if "s1" in sums and not torch.equal(shift, self.shift):
-            d = self._shift_as_weight() - _shift_as_weight(shift, self.weight.shape, self.groups)
-            n = self._n()
-            if sums["s1"].shape[0] == 1 < d.shape[0]:
-                d, n = d[:1], n[:1]  # lean (1, I) input moments: every row saw the same samples
+            d, n = self._as_input_moment(self._shift_as_weight()
+                                         - _shift_as_weight(shift, self.weight.shape, self.groups))
             if "s2" in sums:
                 sums["s2"] = sums["s2"] + 2 * d * sums["s1"] + n * d * d
             sums["s1"] = sums["s1"] + n * d
@@ -215,10 +213,16 @@ class LayerStats:
     def input_sum(self) -> Tensor:
         """sum_live x_j per weight: the shifted sum ``s1`` with its shift k undone (s1 + n k); for a
         non-negative input this is also the ``sa`` sum, sum_live |x_j|."""
-        k, n = self._shift_as_weight(), self._n()
-        if self.sums["s1"].shape[0] == 1 < k.shape[0]:
-            k, n = k[:1], n[:1]  # lean (1, I) input moments
+        k, n = self._as_input_moment(self._shift_as_weight())
         return self.sums["s1"] + n * k
+
+    def _as_input_moment(self, per_weight: Tensor) -> tuple[Tensor, Tensor]:
+        """A weight-shaped per-input tensor and the live counts, shaped like the input-moment sums:
+        one row for lean (1, I) sums (every row saw the same samples), weight-shaped otherwise."""
+        n = self._n()
+        if self.sums["s1"].shape[0] == 1 < per_weight.shape[0]:
+            return per_weight[:1], n[:1]
+        return per_weight, n
 
 
 class Stats(Mapping[str, LayerStats]):
