@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ..errors import RelpruneError, SingularGramError, SparsityError
+from .threads import bounded_threads
 
 BLOCKSIZE = 128
 PERCDAMP = 0.01
@@ -52,7 +53,8 @@ def damped_cholesky(hessian: Tensor, percdamp: float, dtype: torch.dtype = torch
     if not bool(torch.isfinite(h).all()) or not float(mean) > 0:
         raise SingularGramError("the input second moment holds NaN, Inf or no positive diagonal; no damping "
                                 "fixes it: collect the statistics again from finite activations")
-    smallest = float(torch.linalg.eigvalsh(h.double()).min()) - percdamp * float(mean)
+    with bounded_threads():
+        smallest = float(torch.linalg.eigvalsh(h.double()).min()) - percdamp * float(mean)
     needed = (-smallest / float(mean)) * 1.01 + 1e-6
     raise SingularGramError(
         f"the input second moment is not positive definite even with {percdamp:g} x its mean diagonal of "
