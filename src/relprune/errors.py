@@ -50,6 +50,10 @@ class CheckpointError(RelpruneError, ValueError):
     """A checkpoint does not fit the model it is loaded into."""
 
 
+class IntegrityError(CheckpointError):
+    """A file relprune wrote has changed since (its SHA-256 differs from the folder's manifest)."""
+
+
 class ShrinkError(RelpruneError, ValueError):
     """A structural shrink would not be exact for this model."""
 

@@ -169,8 +169,8 @@ def test_pruned_family_saves_and_reloads_with_the_same_logits(family, tmp_path):
     data = batches()
     masks = prune_sequential(model, data, sparsity=0.5)
     assert masks and all(abs(1 - m.float().mean().item() - 0.5) < 0.05 for m in masks.values())
-    relprune.llm.save_pretrained(model, None, tmp_path / "pruned")
-    relprune.llm.save_pretrained(model, None, tmp_path / "dense", save_format="dense")
+    relprune.llm.save_pretrained(model, None, tmp_path / "pruned", save_format="compressed")
+    relprune.llm.save_pretrained(model, None, tmp_path / "dense")
     compressed = relprune.llm.load_causal_lm(tmp_path / "pruned")
     plain = type(model).from_pretrained(tmp_path / "dense").eval()  # the dense layout loads in plain transformers
     with torch.no_grad():

@@ -76,6 +76,10 @@ def sparsity_value(v: float) -> str | None:
     return None if 0 <= v < 1 else "sparsity must lie in [0, 1): 1 would remove every weight"
 
 
+def ratio_value(v: float) -> str | None:
+    return None if 0 < v < 1 else "the ratio must lie in (0, 1): 0 removes nothing, 1 everything"
+
+
 def n_m_value(text: str) -> str | None:
     from ..core.allocation import parse_n_m
     from ..errors import SparsityError

@@ -16,7 +16,7 @@ from ..defaults import (
     DEFAULT_LLM_UNIT_SCORE,
 )
 from ..errors import RelpruneError
-from .flags import checked, criterion_name, n_m_value, positive, seed_value, sparsity_value
+from .flags import checked, criterion_name, n_m_value, positive, ratio_value, seed_value, sparsity_value
 from .outputs import make_folder, say
 
 _positive_int = checked(int, positive)
@@ -24,6 +24,7 @@ _positive_int = checked(int, positive)
 
 def add_llm_commands(sub: argparse._SubParsersAction) -> None:
     """Register ``llm prune``, ``llm shrink`` and ``llm eval`` under the ``relprune`` parser."""
+    from ..llm.compressed import SAVE_FORMATS
     from ..llm.structured import LLM_GROUP_CRITERIA
 
     llm = sub.add_parser("llm", help="prune a causal language model block by block, or measure its perplexity",
@@ -71,17 +72,18 @@ def add_llm_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=checked(int, seed_value), default=0,
                    help="chooses the calibration windows (default: 0)")
     _add_device_flags(p)
-    p.add_argument("--save-format", choices=["compressed", "dense"], default="compressed",
-                   help="pruned weights as a bitmask plus their kept values, in compressed-tensors' sparse "
-                        "format (relprune.llm.load_model and `llm eval` read it), or dense with the zeros "
-                        "stored (plain transformers from_pretrained) (default: compressed)")
+    p.add_argument("--save-format", choices=list(SAVE_FORMATS), default=SAVE_FORMATS[0],
+                   help="dense: every weight stored as it is, zeros included, in the model's dtype (any "
+                        "transformers loads it); compressed: pruned weights as a bitmask plus their kept values "
+                        "(about 0.53 of their bytes at 50%%), read by relprune.llm.load_model and `llm eval`, "
+                        f"refused by other readers (default: {SAVE_FORMATS[0]})")
     p.add_argument("--out", required=True, help="output folder (must not hold anything yet)")
     p.set_defaults(func=cmd_llm_prune)
 
     s = llm_sub.add_parser("shrink", help="remove whole attention head groups and MLP channels; write a smaller "
                                           "folder transformers loads")
     s.add_argument("--model", required=True, help="folder, .gguf file, hub id or smollm2-135m")
-    s.add_argument("--ratio", required=True, type=checked(float, sparsity_value),
+    s.add_argument("--ratio", required=True, type=checked(float, ratio_value),
                    help="fraction of the decoder layers' attention and MLP parameters to remove")
     s.add_argument("--score", choices=LLM_GROUP_CRITERIA, default=DEFAULT_LLM_UNIT_SCORE,
                    help=f"unit score (default: {DEFAULT_LLM_UNIT_SCORE}, FLAP's, the best of the structured "
@@ -125,6 +127,9 @@ def add_llm_commands(sub: argparse._SubParsersAction) -> None:
 def _add_device_flags(parser: argparse.ArgumentParser) -> None:
     from ..llm.load import DTYPES
 
+    parser.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                        help="check a folder relprune wrote against its manifest of SHA-256s before reading it "
+                             "(default: True)")
     parser.add_argument("--device", default="auto",
                         help="where the model runs: cpu, cuda, cuda:N, mps, or auto (CUDA when present, else the "
                              "CPU) (default: auto)")
@@ -184,9 +189,10 @@ def llm_recipe(ns: argparse.Namespace) -> Recipe:
 
 
 def cmd_llm_prune(ns: argparse.Namespace) -> int:
+    from ..core.files import staged_folder
     from ..llm import calibration_windows, load_model, prune_sequential, tokenize_file
     from ..llm.load import resolve_device
-    from ..llm.save import save_pretrained, staged_folder
+    from ..llm.save import write_pretrained
     from ..llm.text import batches_of
 
     recipe = llm_recipe(ns)
@@ -202,7 +208,7 @@ def cmd_llm_prune(ns: argparse.Namespace) -> int:
         raise RelpruneError(f"calibration text {ns.calibration} does not exist")
     if ns.streamed:
         return _llm_prune_streamed(ns, out, recipe)
-    model, tokenizer = load_model(ns.model, quiet=True, device=ns.device, dtype=ns.dtype)
+    model, tokenizer = load_model(ns.model, quiet=True, device=ns.device, dtype=ns.dtype, verify=ns.verify)
     _check_seqlen(model.config, ns.seqlen)
     windows = calibration_windows(tokenize_file(tokenizer, ns.calibration), ns.calibration_samples, ns.seqlen,
                                   ns.seed)
@@ -212,7 +218,7 @@ def cmd_llm_prune(ns: argparse.Namespace) -> int:
                              progress=True)
     seconds = time.perf_counter() - start
     with staged_folder(out) as tmp:
-        switches = save_pretrained(model, tokenizer, tmp, save_format=ns.save_format, n_m=recipe.nm)
+        switches = write_pretrained(model, tokenizer, tmp, save_format=ns.save_format, n_m=recipe.nm)
         if switches:
             say(f"config: {', '.join(switches)} switched on for the compensated biases")
         record = {"model": ns.model, "criterion": recipe.criterion, "scope": recipe.scope, "sparsity": recipe.sparsity,
@@ -255,15 +261,16 @@ def _llm_prune_streamed(ns: argparse.Namespace, out: Path, recipe: Recipe) -> in
     say(f"calibration: {len(windows)} windows of {ns.seqlen} tokens from {ns.calibration} (seed {ns.seed})")
     start = time.perf_counter()
     masks = prune_streamed(where, out, batches_of(windows, ns.batch_size), recipe, sequential=ns.sequential,
-                           progress=True, save_format=ns.save_format)
+                           progress=True, save_format=ns.save_format, verify=ns.verify)
     _report(ns, masks, time.perf_counter() - start, out, ", block by block from disk")
     return 0
 
 
 def cmd_llm_shrink(ns: argparse.Namespace) -> int:
+    from ..core.files import staged_folder
     from ..llm import calibration_windows, load_model, tokenize_file
     from ..llm.depth import block_scores, plan_blocks, remove_blocks
-    from ..llm.save import save_pretrained, staged_folder
+    from ..llm.save import write_pretrained
     from ..llm.structured import (
         plan_units,
         save_shrunk,
@@ -279,7 +286,7 @@ def cmd_llm_shrink(ns: argparse.Namespace) -> int:
     out = _fresh_out(Path(ns.out))
     if not Path(ns.calibration).is_file():
         raise RelpruneError(f"calibration text {ns.calibration} does not exist")
-    model, tokenizer = load_model(ns.model, quiet=True, device=ns.device, dtype=ns.dtype)
+    model, tokenizer = load_model(ns.model, quiet=True, device=ns.device, dtype=ns.dtype, verify=ns.verify)
     _check_seqlen(model.config, ns.seqlen)
     batches = batches_of(calibration_windows(tokenize_file(tokenizer, ns.calibration), ns.calibration_samples,
                                              ns.seqlen, ns.seed), ns.batch_size)
@@ -307,7 +314,7 @@ def cmd_llm_shrink(ns: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     with staged_folder(out) as tmp:
         if ns.depth:
-            save_pretrained(model, tokenizer, tmp)
+            write_pretrained(model, tokenizer, tmp)
             plain = True
         else:
             plain = save_shrunk(model, tokenizer, tmp)
@@ -340,7 +347,7 @@ def cmd_llm_eval(ns: argparse.Namespace) -> int:
 
     if not Path(ns.text).is_file():
         raise RelpruneError(f"text file {ns.text} does not exist")
-    model, tokenizer = load_model(ns.model, quiet=True, device=ns.device, dtype=ns.dtype)
+    model, tokenizer = load_model(ns.model, quiet=True, device=ns.device, dtype=ns.dtype, verify=ns.verify)
     _check_seqlen(model.config, ns.seqlen)
     windows = evaluation_windows(tokenize_file(tokenizer, ns.text), ns.seqlen, ns.samples)
     print(f"{ns.model}: {perplexity(model, windows, batch_size=ns.batch_size, progress=True)}")

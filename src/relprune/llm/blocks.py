@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ..core import distributed as _dist
 from ..core.batches import Batch
-from ..errors import CalibrationError, LayerError
+from ..errors import CalibrationError, CheckpointError, LayerError
 
 
 @dataclass
@@ -115,6 +115,7 @@ def capture_block_inputs(model: nn.Module, blocks: Sequence[nn.Module], batches:
             for batch in batches:
                 if not isinstance(batch, dict) or "input_ids" not in batch:
                     raise CalibrationError("language-model batches are dicts with 'input_ids' (and 'attention_mask')")
+                _checked_ids(batch, getattr(embeddings, "num_embeddings", None))
                 batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
                 mask = batch.get("attention_mask")
                 state["mask"] = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
@@ -133,6 +134,31 @@ def capture_block_inputs(model: nn.Module, blocks: Sequence[nn.Module], batches:
     if not hidden and not _dist.active(None):
         raise CalibrationError("the calibration batches are empty")
     return BlockInputs(calls, hidden)
+
+
+def refuse_non_finite(module: nn.Module, where: str = "the model") -> None:
+    """Refuse a module any of whose parameters or buffers holds NaN or Inf (an embedding row or a norm
+    included, not only the weights being pruned): its outputs could not be trusted, nor a re-fit on them."""
+    bad = [n for n, t in (*module.named_parameters(), *module.named_buffers())
+           if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise CheckpointError(f"{where} holds NaN or Inf in {bad[:3]}{' ...' if len(bad) > 3 else ''}; restore a "
+                              "finite checkpoint before pruning")
+
+
+def _checked_ids(batch: dict[str, Any], vocab: int | None) -> None:
+    """Refuse token ids that are not whole numbers in the vocabulary, and a mask that does not fit them."""
+    ids = batch["input_ids"]
+    if not isinstance(ids, Tensor) or ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.dim() != 2:
+        got = f"{ids.dtype} of shape {tuple(ids.shape)}" if isinstance(ids, Tensor) else type(ids).__name__
+        raise CalibrationError(f"input_ids must be a 2-D tensor of whole-number token ids (batch x tokens), got {got}")
+    if ids.numel() and (int(ids.min()) < 0 or (vocab is not None and int(ids.max()) >= vocab)):
+        raise CalibrationError(f"input_ids hold token ids from {int(ids.min())} to {int(ids.max())}, outside the "
+                               f"model's vocabulary of {vocab} ids; tokenize with the model's own tokenizer")
+    mask = batch.get("attention_mask")
+    if mask is not None and (not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(ids.shape)):
+        raise CalibrationError(f"attention_mask must be a tensor shaped as input_ids {tuple(ids.shape)}, got "
+                               f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}")
 
 
 def feed(calls: Sequence[Batch], hidden: Sequence[Tensor]) -> list[Batch]:

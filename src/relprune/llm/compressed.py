@@ -1,17 +1,26 @@
 """Language-model folders whose pruned weights are stored compressed, and loading them.
 
-The folder is a transformers folder whose ``config.json`` carries a compressed-tensors
-``quantization_config`` with a ``sparsity_config`` (format ``sparse-bitmask`` or
-``sparse-24-bitmask``) and whose safetensors hold each pruned weight in that layout
-(:mod:`relprune.core.compressed`), as LLM Compressor writes it.
+Each pruned weight is stored in compressed-tensors' sparse layout (``sparse-bitmask`` or
+``sparse-24-bitmask``: a bitmask plus the kept values, :mod:`relprune.core.compressed`), but the
+folder is marked so that no other reader can mistake it for a plain model:
 
-Why we load it ourselves: transformers 5 needs compressed-tensors >= 0.15, and compressed-tensors
-0.15 removed the sparse compressors (its ``ModelCompressor`` writes ``"sparsity_config": {}`` and
-reads none), so in that stack ``from_pretrained`` leaves the compressed weights newly initialised
-(its MISSING table) instead of decompressing them. Stacks with compressed-tensors <= 0.14
-(transformers 4.x) decompress these folders themselves; ``benchmarks/compressed_interop.py`` checks
-that. :func:`load_compressed` builds the model with empty parameters and fills them one tensor at
-a time, so a dense and a compressed copy of the whole model are never in memory together.
+* ``config.json``'s ``model_type`` is :data:`COMPRESSED_MODEL_TYPE`, a sentence naming the reader,
+  and the real type sits in its ``relprune_compression`` block (with the layout and the pruned
+  layers). ``AutoConfig`` / ``AutoModelForCausalLM.from_pretrained`` refuse the folder with that
+  sentence in their error, with or without compressed-tensors installed.
+* The weights are ``relprune-compressed*.safetensors``, not ``model.safetensors``: a class-specific
+  ``LlamaForCausalLM.from_pretrained(folder)`` (which only warns about the model type) finds no
+  weights and refuses too, instead of initialising the compressed projections at random.
+
+Why not compressed-tensors' own marking (a ``quantization_config`` with a ``sparsity_config``, which
+this module wrote until issue 29): transformers 5 needs compressed-tensors >= 0.15, and 0.15 removed
+the sparse compressors, so that stack loaded such a folder *without an error* as a different model
+(every compressed projection newly initialised, announced only by its MISSING table). A dense folder
+(the default, :func:`relprune.llm.save_pretrained`) is what every reader loads exactly; this layout
+is for when the bytes matter, read by :func:`relprune.llm.load_model`. Folders in the earlier
+layout are still read. :func:`load_compressed` builds the model with empty parameters and fills them
+one tensor at a time, so a dense and a compressed copy of the whole model are never in memory
+together.
 """
 
 from __future__ import annotations
@@ -39,10 +48,18 @@ from ..core.compressed import (
 )
 from ..errors import CheckpointError, ModelLoadError
 
-#: The ``save_format`` values: pruned weights compressed (the default) or stored dense.
-SAVE_FORMATS = ("compressed", "dense")
+#: The ``save_format`` values: every weight stored as it is (the default), or pruned weights compressed.
+SAVE_FORMATS = ("dense", "compressed")
 #: The compressed-tensors version whose sparse formats these folders follow.
 FORMAT_VERSION = "0.14.0.1"
+#: ``model_type`` of a compressed folder: transformers puts it in the error by which it refuses the folder.
+COMPRESSED_MODEL_TYPE = ("relprune-compressed: read this folder with relprune.llm.load_model, or write it "
+                         "with save_format='dense' (--save-format dense) for other readers")
+#: The config block that holds the real model type, the layout and the compressed layers.
+COMPRESSION_KEY = "relprune_compression"
+#: The weights file of a compressed folder (``relprune-compressed-00001-of-00003.safetensors`` when sharded).
+COMPRESSED_WEIGHTS = "relprune-compressed.safetensors"
+COMPRESSED_INDEX = COMPRESSED_WEIGHTS + ".index.json"
 
 
 def sparsity_config(layout: str, targets: Iterable[str], global_sparsity: float) -> dict[str, Any]:
@@ -63,13 +80,26 @@ def sparsity_config(layout: str, targets: Iterable[str], global_sparsity: float)
     }
 
 
+def _as_dict(config: Any) -> Mapping[str, Any]:
+    return config if isinstance(config, Mapping) else getattr(config, "to_dict", lambda: vars(config))()
+
+
 def folder_layout(config: Any) -> str | None:
-    """The sparse layout a config declares (``None``: a dense folder); refuses a layout we cannot read."""
-    qc = getattr(config, "quantization_config", None) if not isinstance(config, Mapping) else config.get(
-        "quantization_config")
+    """The sparse layout a config declares (``None``: a dense folder); refuses a layout we cannot read.
+
+    Reads relprune's own marking (:data:`COMPRESSION_KEY`) and the compressed-tensors
+    ``quantization_config`` that earlier relprune versions and LLM Compressor write.
+    """
+    block = _as_dict(config).get(COMPRESSION_KEY)
+    if block is not None:
+        layout = block.get("format") if isinstance(block, Mapping) else None
+        if layout not in LAYOUTS:
+            raise ModelLoadError(f"the folder is compressed as {layout!r}; relprune reads {' and '.join(LAYOUTS)}")
+        return layout
+    qc = _as_dict(config).get("quantization_config")
     if qc is None:
         return None
-    qc = qc if isinstance(qc, Mapping) else getattr(qc, "to_dict", lambda: vars(qc))()
+    qc = _as_dict(qc)
     sparsity = qc.get("sparsity_config") or {}
     if qc.get("quant_method") != "compressed-tensors" or not sparsity:
         return None
@@ -79,6 +109,18 @@ def folder_layout(config: Any) -> str | None:
                              f"{' with quantisation' if qc.get('config_groups') else ''}; relprune reads "
                              f"{' and '.join(LAYOUTS)} without quantisation")
     return layout
+
+
+def unmarked_config(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """``config.json``'s content as transformers should read it: a compressed folder's real model type back."""
+    raw = dict(raw)
+    block = raw.get(COMPRESSION_KEY)
+    if raw.get("model_type") == COMPRESSED_MODEL_TYPE:
+        if not isinstance(block, Mapping) or not isinstance(block.get("model_type"), str):
+            raise ModelLoadError(f"config.json is marked {COMPRESSED_MODEL_TYPE.split(':')[0]} but its "
+                                 f"{COMPRESSION_KEY} block names no model type")
+        raw["model_type"] = block["model_type"]
+    return raw
 
 
 def compressible(state: Mapping[str, Tensor], layout: str, skip: Iterable[str] = ()) -> list[str]:
@@ -113,31 +155,52 @@ def write_compressed(state: Mapping[str, Tensor], folder: Path, layout: str, nam
         shards[-1][key] = value
         size += nbytes
     if len(shards) == 1:
-        save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
+        save_file(shards[0], str(folder / COMPRESSED_WEIGHTS), metadata={"format": "pt"})
         return
     weight_map = {}
     for i, shard in enumerate(shards, 1):
-        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        file = shard_name(i, len(shards), compressed=True)
         save_file(shard, str(folder / file), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, file))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    (folder / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+    write_index(folder, weight_map, sum(t.numel() * t.element_size() for t in tensors.values()), compressed=True)
+
+
+def shard_name(index: int, count: int, *, compressed: bool) -> str:
+    """The file name of shard ``index`` of ``count`` (transformers' pattern, or the compressed folder's)."""
+    stem = COMPRESSED_WEIGHTS.removesuffix(".safetensors") if compressed else "model"
+    return f"{stem}-{index:05d}-of-{count:05d}.safetensors"
+
+
+def write_index(folder: Path, weight_map: Mapping[str, str], total_size: int, *, compressed: bool) -> None:
+    """The shard index (transformers' ``model.safetensors.index.json``, or the compressed folder's)."""
+    name = COMPRESSED_INDEX if compressed else "model.safetensors.index.json"
+    (folder / name).write_text(json.dumps(
+        {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
 
 
 def mark_compressed(folder: Path, layout: str, targets: Iterable[str], global_sparsity: float) -> None:
-    """Add the sparsity block to ``folder/config.json``."""
+    """Mark ``folder/config.json`` as a compressed folder (see the module's docstring)."""
     path = folder / "config.json"
     config = json.loads(path.read_text())
-    config["quantization_config"] = sparsity_config(layout, targets, global_sparsity)
+    config.pop("quantization_config", None)
+    config[COMPRESSION_KEY] = {
+        "model_type": config["model_type"],
+        "format": layout,
+        "compressed_tensors_layout_version": FORMAT_VERSION,
+        "global_sparsity": round(float(global_sparsity), 6),
+        "sparsity_structure": "2:4" if layout == BITMASK_24 else "unstructured",
+        "targets": sorted(targets),
+    }
+    config["model_type"] = COMPRESSED_MODEL_TYPE
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def plain_config(config: Any) -> Any:
-    """A copy of ``config`` without its quantization block (the model it describes is the dense one)."""
+    """A copy of ``config`` without its compression blocks (the model it describes is the dense one)."""
     config = copy.deepcopy(config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
+    for key in ("quantization_config", COMPRESSION_KEY):
+        if hasattr(config, key):
+            delattr(config, key)
     return config
 
 
@@ -152,13 +215,16 @@ class StoredCheckpoint:
     def __init__(self, folder: Path):
         from safetensors import SafetensorError, safe_open
 
-        index = folder / "model.safetensors.index.json"
         try:
-            if index.is_file():
-                weight_map = json.loads(index.read_text())["weight_map"]
-            elif (folder / "model.safetensors").is_file():
-                with safe_open(str(folder / "model.safetensors"), framework="pt") as fh:
-                    weight_map = dict.fromkeys(fh.keys(), "model.safetensors")
+            for index, single in ((COMPRESSED_INDEX, COMPRESSED_WEIGHTS),
+                                  ("model.safetensors.index.json", "model.safetensors")):
+                if (folder / index).is_file():
+                    weight_map = json.loads((folder / index).read_text())["weight_map"]
+                    break
+                if (folder / single).is_file():
+                    with safe_open(str(folder / single), framework="pt") as fh:
+                        weight_map = dict.fromkeys(fh.keys(), single)
+                    break
             else:
                 raise ModelLoadError(f"{folder} holds no safetensors checkpoint (model.safetensors or its index)")
         except (SafetensorError, OSError, KeyError, ValueError) as err:

@@ -8,14 +8,22 @@ plain folder loads.
 from __future__ import annotations
 
 import hashlib
-import shutil
-import tempfile
+import json
 from pathlib import Path
 from typing import Any
 
 from ..core.checkpoint import stored_numel
-from ..errors import CheckpointError, ModelLoadError
-from .compressed import dense_names, folder_layout, load_compressed, plain_config, stored_layout_numel
+from ..core.files import staged_folder, verify_manifest
+from ..errors import CheckpointError, IntegrityError, ModelLoadError, RelpruneError
+from .compressed import (
+    COMPRESSED_MODEL_TYPE,
+    dense_names,
+    folder_layout,
+    load_compressed,
+    plain_config,
+    stored_layout_numel,
+    unmarked_config,
+)
 from .known import KNOWN, cache_dir, known_gguf
 
 
@@ -95,14 +103,37 @@ def resolve_dtype(dtype: Any = None) -> Any:
     return getattr(torch, name)
 
 
+#: The sizes record of a structurally shrunk folder whose layers differ (:func:`relprune.llm.structured.save_shrunk`).
+SIZES_FILE = "relprune_sizes.json"
+
+
+def load_config(where: str | Path) -> Any:
+    """The transformers config of a resolved folder or hub id; a compressed folder's (whose ``model_type``
+    marks it for relprune alone, :mod:`relprune.llm.compressed`) with its real model type."""
+    transformers = require_transformers()
+    path = Path(str(where))
+    if path.is_dir() and (path / "config.json").is_file():
+        try:
+            raw = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(f"{path}/config.json cannot be read: {err}") from err
+        if isinstance(raw, dict) and raw.get("model_type") == COMPRESSED_MODEL_TYPE:
+            raw = unmarked_config(raw)
+            if raw["model_type"] not in transformers.CONFIG_MAPPING:
+                raise ModelLoadError(f"{path}: this transformers does not know model type {raw['model_type']!r}")
+            return transformers.CONFIG_MAPPING[raw["model_type"]].from_dict(raw)
+    return transformers.AutoConfig.from_pretrained(where)
+
+
 def load_model(spec: str | Path, *, fetch: bool = True, quiet: bool = False, device: Any = "auto",
-               dtype: Any = None) -> tuple[Any, Any]:
+               dtype: Any = None, verify: bool = True) -> tuple[Any, Any]:
     """(model in eval mode, tokenizer) for any spec :func:`resolve_model` accepts.
 
     The model is loaded in float32 and moved to ``device`` (``"auto"``: CUDA when present) in
     ``dtype`` (float32, bfloat16 or float16); statistics and re-fits then run where the model is and
     accumulate in float32/float64 whatever its dtype. ``quiet`` turns off transformers' progress bars
-    and warnings (the command line wants one line per event, not a loading bar per file).
+    and warnings (the command line wants one line per event, not a loading bar per file). A folder
+    relprune wrote is checked against its manifest of SHA-256s first (``verify=False`` skips that).
     """
     target, kind = resolve_device(device), resolve_dtype(dtype)  # refused before anything is read
     transformers = require_transformers()
@@ -110,33 +141,38 @@ def load_model(spec: str | Path, *, fetch: bool = True, quiet: bool = False, dev
         transformers.utils.logging.disable_progress_bar()
         transformers.utils.logging.set_verbosity_error()
     where = resolve_model(spec, fetch=fetch)
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(where)
-    except Exception as err:
-        raise ModelLoadError(f"cannot load {spec}: {type(err).__name__}: {' '.join(str(err).split())[:300]}") from err
-    return load_causal_lm(where, label=str(spec)).to(device=target, dtype=kind), tokenizer
+    tokenizer, _ = load_tokenizer(where)
+    return load_causal_lm(where, label=str(spec), verify=verify).to(device=target, dtype=kind), tokenizer
 
 
-def load_causal_lm(where: str | Path, *, label: str | None = None) -> Any:
+def load_causal_lm(where: str | Path, *, label: str | None = None, verify: bool = True) -> Any:
     """The causal LM (float32, eval mode) in a resolved folder or hub id, its pruned weights dense or
-    compressed (:mod:`relprune.llm.compressed`); refuses weights that do not fit the config."""
+    compressed (:mod:`relprune.llm.compressed`); refuses weights that do not fit the config, and (unless
+    ``verify=False``) a folder relprune wrote whose files changed since."""
     transformers = require_transformers()
     import torch
 
     label = label or str(where)
     try:
-        config = transformers.AutoConfig.from_pretrained(where)
+        if verify and Path(where).is_dir():
+            verify_manifest(where, skip_hint="verify=False (--no-verify)")
+        config = load_config(where)
         layout = folder_layout(config) if Path(where).is_dir() else None
-        if Path(where).is_dir():
+        shrunk = Path(where).is_dir() and (Path(where) / SIZES_FILE).is_file()
+        if Path(where).is_dir() and not shrunk:  # load_shrunk checks a shrunk folder its own way
             check_checkpoint(Path(where), config)
-        if layout is not None:  # pruned weights stored compressed: transformers 5 cannot read them (see .compressed)
+        if shrunk:  # per-layer sizes (llm shrink --scope global): the config holds one size for all layers
+            from .structured import load_shrunk
+
+            model, info = load_shrunk(where), {}
+        elif layout is not None:  # pruned weights stored compressed: transformers 5 cannot read them (see .compressed)
             model, info = load_compressed(Path(where), config, transformers), {}
         else:
             model, info = transformers.AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32,
                                                                             output_loading_info=True)
-    except ModelLoadError:
+    except (ModelLoadError, IntegrityError):
         raise
-    except CheckpointError as err:
+    except RelpruneError as err:  # a checkpoint or sizes record that does not fit: one kind for the caller
         raise ModelLoadError(str(err)) from err
     except Exception as err:  # transformers and safetensors raise many kinds for a bad folder
         raise ModelLoadError(f"cannot load {label}: {type(err).__name__}: {' '.join(str(err).split())[:300]}") from err
@@ -224,14 +260,11 @@ def convert_gguf(gguf: Path) -> Path:
     if (target / "config.json").is_file():
         return target
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
-        _convert(transformers, gguf, tmp)
-        tmp.rename(target)
-    except BaseException as err:  # Ctrl-C too: no half-written folder stays in the cache
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(err, ModelLoadError) or not isinstance(err, Exception):
+        with staged_folder(target) as tmp:  # Ctrl-C too: no half-written folder stays in the cache
+            _convert(transformers, gguf, tmp)
+    except Exception as err:
+        if isinstance(err, ModelLoadError):
             raise
         raise ModelLoadError(f"cannot convert {gguf}: {' '.join(str(err).split())[:300]}") from err
     return target
@@ -258,7 +291,9 @@ def load_tokenizer(where: str | Path) -> tuple[Any, Any]:
     """(tokenizer, config) of a resolved model folder or hub id, without loading the weights."""
     transformers = require_transformers()
     try:
-        return (transformers.AutoTokenizer.from_pretrained(where),
-                transformers.AutoConfig.from_pretrained(where))
-    except (OSError, ValueError, KeyError) as err:
-        raise ModelLoadError(f"cannot load {where}: {' '.join(str(err).split())[:300]}") from err
+        config = load_config(where)
+        return transformers.AutoTokenizer.from_pretrained(where, config=config), config
+    except ModelLoadError:
+        raise
+    except Exception as err:  # transformers and tokenizers raise many kinds for a bad folder
+        raise ModelLoadError(f"cannot load {where}: {type(err).__name__}: {' '.join(str(err).split())[:300]}") from err

@@ -7,13 +7,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..core.files import staged_folder
 from ..core.masks import Masks
 from ..core.spec import Recipe
 from ..defaults import DEFAULT_LLM_CRITERION, DEFAULT_LLM_RECONSTRUCT
 from ..errors import RelpruneError
 from .compressed import SAVE_FORMATS
 from .load import load_model
-from .save import refuse_occupied, save_pretrained, staged_folder
+from .save import refuse_occupied, write_pretrained
 from .sequential import block_recipe, prune_sequential
 from .text import batches_of, calibration_windows, tokenize_file
 
@@ -29,7 +30,7 @@ class OneshotResult:
 
 def oneshot(model: Any, calibration: str | Path, recipe: Recipe | None = None, *, out: str | Path | None = None,
             tokenizer: Any = None, samples: int = 32, seqlen: int = 512, seed: int = 0, batch_size: int = 8,
-            sequential: bool = True, progress: bool = False, save_format: str = "compressed",
+            sequential: bool = True, progress: bool = False, save_format: str = "dense",
             device: Any = "auto", dtype: Any = None, **recipe_options: Any) -> OneshotResult:
     """Prune a causal language model on calibration text in one call, and save it when ``out`` is given.
 
@@ -38,8 +39,10 @@ def oneshot(model: Any, calibration: str | Path, recipe: Recipe | None = None, *
     ``calibration`` is a UTF-8 text file, from which ``samples`` windows of ``seqlen`` tokens are
     drawn (seeded). The recipe is a :class:`~relprune.core.spec.Recipe` or its keywords
     (``sparsity=0.5``, ``n_m="2:4"``, ``criterion=``, ``reconstruct=``, ``allocation="owl"``, ...),
-    with the language-model defaults (``obs`` with the exact re-fit). ``out`` must not hold anything
-    yet; it is written in full or not at all, its pruned weights compressed unless ``save_format="dense"``.
+    with the language-model defaults (:data:`relprune.defaults.DEFAULT_LLM_CRITERION`, ``admm``, whose masks
+    are chosen with the weights and then re-fitted exactly). ``out`` must not hold anything yet; it is
+    written in full or not at all, as a plain transformers folder (``save_format="compressed"``: pruned
+    weights as bitmask plus values, read by relprune alone).
     A model given by name is loaded on ``device`` (``"auto"``: CUDA when present) in ``dtype``.
 
         relprune.llm.oneshot("smollm2-135m", "calib.txt", sparsity=0.5, out="runs/smol-50")
@@ -65,7 +68,7 @@ def oneshot(model: Any, calibration: str | Path, recipe: Recipe | None = None, *
                              progress=progress)
     if target is not None:
         with staged_folder(target) as tmp:
-            save_pretrained(model, tokenizer, tmp, save_format=save_format, n_m=recipe.nm)
+            write_pretrained(model, tokenizer, tmp, save_format=save_format, n_m=recipe.nm)
             record = {"recipe": {k: v for k, v in recipe.__dict__.items() if k != "options"},
                       "calibration": str(calibration), "samples": samples, "seqlen": seqlen, "seed": seed,
                       "sequential": sequential, "achieved_sparsity": masks.sparsity, "save_format": save_format}

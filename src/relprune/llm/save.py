@@ -9,10 +9,6 @@ other projections they govern get zero biases, which change no output.
 from __future__ import annotations
 
 import copy
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +16,7 @@ import torch
 from torch import nn
 
 from ..core.compressed import layout_for, prefix_of
+from ..core.files import staged_folder
 from ..core.masks import make_permanent
 from ..errors import RelpruneError
 from .compressed import SAVE_FORMATS, compressible, mark_compressed, write_compressed
@@ -72,19 +69,35 @@ def switches_for(model_type: type, config: Any, wanted: set[str]) -> tuple[list[
     return switches, built
 
 
-def save_pretrained(model: nn.Module, tokenizer: Any, folder: str | Path, *, save_format: str = "compressed",
+def save_pretrained(model: nn.Module, tokenizer: Any, folder: str | Path, *, save_format: str = "dense",
                     n_m: tuple[int, int] | None = None) -> list[str]:
     """Fold masks into weights and write ``model`` and ``tokenizer`` (None: none) to ``folder``.
 
-    ``save_format="compressed"`` (the default) stores every weight that is smaller so as a bitmask
-    plus its kept values (2:4 weights in the 2:4 layout when ``n_m`` is 2:4), in compressed-tensors'
-    sparse format (:mod:`relprune.llm.compressed`; :func:`~relprune.llm.load_model` reads it);
-    ``"dense"`` writes the plain transformers layout, zeros included. Returns the bias switches turned
-    on in the saved config (empty unless bias compensation added biases to bias-free projections).
+    ``save_format="dense"`` (the default) writes the plain transformers layout in the model's own
+    dtype, zeros included: every reader (``AutoModelForCausalLM.from_pretrained`` with or without
+    compressed-tensors) loads the identical model. ``"compressed"`` stores every weight that is
+    smaller so as a bitmask plus its kept values (2:4 weights in the 2:4 layout when ``n_m`` is 2:4) in
+    a folder only :func:`~relprune.llm.load_model` reads and every other reader refuses by name
+    (:mod:`relprune.llm.compressed`). Returns the bias switches turned on in the saved config (empty
+    unless bias compensation added biases to bias-free projections).
+
+    ``folder`` must be absent or empty (files of an earlier checkpoint beside these would be read with
+    them); it is written in full or not at all, with a manifest of every file's SHA-256 that
+    :func:`~relprune.llm.load_model` checks, and with the modes the user's umask gives.
     """
     if save_format not in SAVE_FORMATS:
         raise RelpruneError(f"unknown save format {save_format!r}; expected one of {list(SAVE_FORMATS)}")
     require_transformers()
+    refuse_occupied(Path(folder), "save_pretrained's folder")
+    with staged_folder(folder) as tmp:
+        return write_pretrained(model, tokenizer, tmp, save_format=save_format, n_m=n_m)
+
+
+def write_pretrained(model: nn.Module, tokenizer: Any, folder: Path, *, save_format: str = "dense",
+                     n_m: tuple[int, int] | None = None) -> list[str]:
+    """:func:`save_pretrained`'s writing, into an empty folder the caller stages (and adds its own files to)."""
+    if save_format not in SAVE_FORMATS:
+        raise RelpruneError(f"unknown save format {save_format!r}; expected one of {list(SAVE_FORMATS)}")
     switches, zero_bias = bias_switches(model)
     make_permanent(model)
     modules = dict(model.named_modules())
@@ -131,19 +144,3 @@ def refuse_occupied(target: Path, label: str = "") -> None:
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise RelpruneError(f"{label + ' ' if label else ''}{target} already exists and is not an empty folder; "
                             "choose another")
-
-
-@contextmanager
-def staged_folder(target: Path) -> Iterator[Path]:
-    """A fresh folder beside ``target`` to write into: it becomes ``target`` (absent or empty) when
-    the block ends, and is removed when the block raises, so nothing half-written is ever at ``target``."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
-        yield tmp
-        if target.exists():
-            target.rmdir()
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -32,6 +32,7 @@ from .blocks import (
     capture_block_inputs,
     dense_hidden_states,
     feed,
+    refuse_non_finite,
 )
 
 
@@ -120,6 +121,7 @@ def prune_sequential(
     recipe = block_recipe(recipe)
     wanted = set(recipe.statistics())
     named = decoder_blocks(model, blocks)
+    refuse_non_finite(model)
     modules = [b for _, b in named]
     was_training = model.training
     model.eval()

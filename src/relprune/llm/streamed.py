@@ -25,18 +25,36 @@ import torch
 from torch import Tensor, nn
 
 from ..core.compressed import compress_state, layout_for, prefix_of
+from ..core.files import MANIFEST, staged_folder, verify_manifest
 from ..core.masks import Masks
 from ..core.spec import Recipe
 from ..defaults import DEFAULT_LLM_CRITERION, DEFAULT_LLM_RECONSTRUCT
 from ..errors import ModelLoadError, RelpruneError
-from .blocks import BlockInputs, blocks_with_progress, capture_block_inputs, dense_hidden_states, feed
-from .compressed import SAVE_FORMATS, StoredCheckpoint, compressible, mark_compressed
-from .load import check_checkpoint, require_transformers, resolve_model, tied_names
-from .save import refuse_occupied, staged_folder, switches_for
+from .blocks import (
+    BlockInputs,
+    blocks_with_progress,
+    capture_block_inputs,
+    dense_hidden_states,
+    feed,
+    refuse_non_finite,
+)
+from .compressed import (
+    COMPRESSED_INDEX,
+    COMPRESSION_KEY,
+    SAVE_FORMATS,
+    StoredCheckpoint,
+    compressible,
+    mark_compressed,
+    shard_name,
+    unmarked_config,
+    write_index,
+)
+from .load import check_checkpoint, load_config, require_transformers, resolve_model, tied_names
+from .save import refuse_occupied, switches_for
 from .sequential import block_recipe, block_sparsities, decoder_blocks, prune_block
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
+                "pytorch_model.bin.index.json", COMPRESSED_INDEX, MANIFEST)
 
 
 def prune_streamed(
@@ -53,12 +71,13 @@ def prune_streamed(
     blocks: str | Sequence[str] | None = None,
     sequential: bool = True,
     progress: bool = False,
-    save_format: str = "compressed",
+    save_format: str = "dense",
     allocation: str = "uniform",
     owl_m: float = 5.0,
     owl_lambda: float = 0.08,
     bias_compensation: bool = False,
     refine: bool = False,
+    verify: bool = True,
     **criterion_options: Any,
 ) -> Masks:
     """Prune the model in folder ``source`` block by block into a new folder ``out``; returns the masks.
@@ -71,7 +90,8 @@ def prune_streamed(
     (pruned weights compressed unless ``save_format="dense"``, as :func:`~relprune.llm.save_pretrained`
     writes them) plus one for the rest, an index, the config and the tokenizer files; it is written to a
     temporary folder first, so nothing half-written is left on failure. Every block gets the
-    arguments the model passes it (its own mask and rotary tables where layers differ).
+    arguments the model passes it (its own mask and rotary tables where layers differ). A ``source``
+    relprune wrote is checked against its manifest of SHA-256s first (``verify=False`` skips that).
     """
     if recipe is None:
         recipe = Recipe.build(criterion=criterion, sparsity=sparsity, n_m=n_m, scope=scope, reconstruct=reconstruct,
@@ -88,8 +108,10 @@ def prune_streamed(
         raise ModelLoadError(f"streamed pruning needs a local folder; {source} is not one")
     target = Path(out)
     refuse_occupied(target)
+    if verify:
+        verify_manifest(src, skip_hint="verify=False (--no-verify)")
     checkpoint = StoredCheckpoint(src)
-    config = transformers.AutoConfig.from_pretrained(src)
+    config = load_config(src)
     check_checkpoint(src, config, exact_names=True)
     with torch.device("meta"):
         skeleton = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -99,6 +121,7 @@ def prune_streamed(
         pruned = {f"{name}.{n}" for name, block in named for n, m in block.named_modules() if isinstance(m, nn.Linear)}
         switches, biased = switches_for(type(skeleton), config, pruned)
     host = _host_model(transformers, config, checkpoint, named)
+    refuse_non_finite(host, f"{src} (outside its decoder blocks)")
     with staged_folder(target) as tmp:
         first = _load_block(named[0][1], named[0][0], checkpoint)
         if recipe.reads_activations:
@@ -109,6 +132,7 @@ def prune_streamed(
         weight_map: dict[str, str] = {}
         total_size = zeros = 0
         compressed_names: list[str] = []
+        compressed = save_format == "compressed"
         masks: dict[str, Tensor] = {}
         shards = len(named) + 1
         loaders = [functools.partial(_load_block, meta, name, checkpoint) for name, meta in named]
@@ -125,26 +149,26 @@ def prune_streamed(
             masks.update({f"{name}.{k}": v for k, v in block_masks.items()})
             _zero_biases(block, name, biased)
             tensors = {f"{name}.{k}": v.detach().contiguous() for k, v in block.state_dict().items()}
-            if save_format == "compressed":
+            if compressed:
                 chosen = compressible(tensors, layout)
                 compressed_names += chosen
                 zeros += sum(int((tensors[n] == 0).sum()) for n in chosen)
                 tensors = compress_state(tensors, chosen, layout)
-            total_size += _write_shard(tmp, i + 1, shards, tensors, weight_map)
+            total_size += _write_shard(tmp, shard_name(i + 1, shards, compressed=compressed), tensors, weight_map)
             del block, tensors
         rest = {n: checkpoint.get(n) for n in checkpoint.names() if not any(
             n.startswith(b + ".") for b, _ in named)}
-        total_size += _write_shard(tmp, shards, shards, rest, weight_map)
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+        total_size += _write_shard(tmp, shard_name(shards, shards, compressed=compressed), rest, weight_map)
+        write_index(tmp, weight_map, total_size, compressed=compressed)
         for f in src.iterdir():
             if f.is_file() and f.name not in WEIGHT_FILES and not f.name.endswith(".safetensors"):
                 shutil.copy2(f, tmp / f.name)
-        plain = json.loads((tmp / "config.json").read_text())
-        plain.pop("quantization_config", None)  # a compressed source's block describes the source's files
+        plain = unmarked_config(json.loads((tmp / "config.json").read_text()))
+        for key in ("quantization_config", COMPRESSION_KEY):  # a compressed source's blocks describe its files
+            plain.pop(key, None)
         plain.update(dict.fromkeys(switches, True))
         (tmp / "config.json").write_text(json.dumps(plain, indent=2, sort_keys=True) + "\n")
-        if compressed_names:
+        if compressed:  # marked even when no weight took fewer bytes: its files are named for relprune alone
             shapes = skeleton.state_dict()
             stored = sum(shapes[n].numel() for n in checkpoint.names() if n in shapes)
             mark_compressed(tmp, layout, [prefix_of(n) for n in compressed_names], zeros / max(stored, 1))
@@ -221,6 +245,7 @@ def _load_block(meta_block: nn.Module, name: str, checkpoint: StoredCheckpoint) 
         block.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise ModelLoadError(f"block {name} does not fit the checkpoint: {str(err).splitlines()[0]}") from err
+    refuse_non_finite(block, f"block {name}")
     persistent = set(block.state_dict())
     volatile = [n for n, _ in block.named_buffers() if n not in persistent]
     if volatile:
@@ -229,10 +254,9 @@ def _load_block(meta_block: nn.Module, name: str, checkpoint: StoredCheckpoint) 
     return block.eval()
 
 
-def _write_shard(folder: Path, index: int, count: int, tensors: dict[str, Tensor], weight_map: dict[str, str]) -> int:
+def _write_shard(folder: Path, file: str, tensors: dict[str, Tensor], weight_map: dict[str, str]) -> int:
     from safetensors.torch import save_file
 
-    file = f"model-{index:05d}-of-{count:05d}.safetensors"
     save_file(tensors, str(folder / file), metadata={"format": "pt"})
     weight_map.update(dict.fromkeys(tensors, file))
     return sum(t.numel() * t.element_size() for t in tensors.values())

@@ -153,10 +153,19 @@ def plan_units(model: nn.Module, scores: dict[tuple[int, str], Tensor], ratio: f
     the result is a plain transformers model. ``"global"``: units of all layers compete on scores
     normalised by their layer's mean, per kind; layers then differ in size.
     """
-    if not 0.0 <= ratio < 1.0:
-        raise RelpruneError(f"ratio must be in [0, 1), got {ratio}")
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < ratio < 1.0:
+        raise RelpruneError(f"ratio must be a number in (0, 1): the share of parameters to remove, got {ratio!r}")
     if scope not in ("uniform", "global"):
         raise RelpruneError(f"scope must be 'uniform' or 'global', got {scope!r}")
+    keep = _plan(model, scores, ratio, blocks, scope, kinds)
+    if all(keep[k].numel() == scores[k].numel() for k in keep):
+        raise RelpruneError(f"ratio {ratio:g} removes no whole unit (a head group or an MLP channel); "
+                            "give a larger ratio")
+    return keep
+
+
+def _plan(model: nn.Module, scores: dict[tuple[int, str], Tensor], ratio: float, blocks: str | Sequence[str] | None,
+          scope: str, kinds: Sequence[str]) -> dict[tuple[int, str], Tensor]:
     named = decoder_blocks(model, blocks)
     keys = [k for k in scores if k[1] in kinds]
     cost = {k: unit_cost(named[k[0]][1], k[1]) for k in keys}
@@ -346,8 +355,10 @@ def save_shrunk(model: nn.Module, tokenizer: Any, folder: str | Path) -> bool:
     transformers requires. Per-layer sizes (or such a head count) cannot be expressed in a Llama
     config: they go to ``relprune_sizes.json`` and :func:`load_shrunk` builds the model from them.
     """
-    from .save import save_pretrained
+    from ..core.files import staged_folder
+    from .save import refuse_occupied, write_pretrained
 
+    refuse_occupied(Path(folder), "save_shrunk's folder")
     sizes = layer_sizes(model)
     first = sizes["layers"][0]
     # transformers checks that the hidden size is a multiple of the number of heads, head_dim or not.
@@ -358,58 +369,92 @@ def save_shrunk(model: nn.Module, tokenizer: Any, folder: str | Path) -> bool:
     if uniform:
         for key, value in sizes["layers"][0].items():
             setattr(config, key, value)
-    save_pretrained(model, tokenizer, folder)
-    if not uniform:
-        (Path(folder) / "relprune_sizes.json").write_text(json.dumps(sizes, indent=2) + "\n")
+    with staged_folder(folder) as tmp:
+        write_pretrained(model, tokenizer, tmp)
+        if not uniform:
+            (tmp / "relprune_sizes.json").write_text(json.dumps(sizes, indent=2) + "\n")
     return uniform
 
 
 def load_shrunk(folder: str | Path) -> Any:
-    """A model saved by :func:`save_shrunk`, with per-layer sizes when it has them."""
-    from .load import require_transformers
+    """A model saved by :func:`save_shrunk`, with per-layer sizes when it has them.
+
+    The recorded sizes are applied to a model built on the meta device first and its parameter count
+    checked against what the weights files hold, so a config or sizes file that asks for more is
+    refused before anything is allocated.
+    """
+    from .load import load_config, require_transformers
 
     transformers = require_transformers()
     folder = Path(folder)
     extra = folder / "relprune_sizes.json"
     if not extra.is_file():
         return transformers.AutoModelForCausalLM.from_pretrained(folder)
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    sizes = json.loads(extra.read_text())
-    state: dict[str, Tensor] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        state.update(load_file(str(f)))
-    config = transformers.AutoConfig.from_pretrained(folder)
+    from ..core.checkpoint import stored_numel
+
+    try:
+        sizes = json.loads(extra.read_text())
+        layers, head_dim = list(sizes["layers"]), int(sizes["head_dim"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise RelpruneError(f"{extra} is not a sizes record: {err}") from err
+    files = sorted(folder.glob("*.safetensors"))
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            shapes.update({k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()})  # noqa: SIM118
+    config = load_config(folder)
+    with torch.device("meta"):
+        skeleton = transformers.AutoModelForCausalLM.from_config(config)
+    _resize(skeleton, layers, head_dim, shapes, folder)
+    wanted = sum(p.numel() for p in skeleton.parameters())
+    if wanted > stored_numel(files):
+        raise RelpruneError(f"{folder}: the config and sizes ask for {wanted:,} parameters but the weights hold "
+                            f"{stored_numel(files):,}")
     model = transformers.AutoModelForCausalLM.from_config(config)
-    named = decoder_blocks(model)
-    if len(named) != len(sizes.get("layers", ())):
-        raise RelpruneError(f"{folder}: relprune_sizes.json describes {len(sizes.get('layers', ()))} layers, "
-                            f"the config {len(named)}")
-    for (block_name, block), size in zip(named, sizes["layers"], strict=True):
-        attn, mlp = block.self_attn, block.mlp
-        hd = sizes["head_dim"]
-        shapes = {attn.q_proj: (size["num_attention_heads"] * hd, attn.q_proj.in_features),
-                  attn.k_proj: (size["num_key_value_heads"] * hd, attn.k_proj.in_features),
-                  attn.v_proj: (size["num_key_value_heads"] * hd, attn.v_proj.in_features),
-                  attn.o_proj: (attn.o_proj.out_features, size["num_attention_heads"] * hd),
-                  mlp.gate_proj: (size["intermediate_size"], mlp.gate_proj.in_features),
-                  mlp.up_proj: (size["intermediate_size"], mlp.up_proj.in_features),
-                  mlp.down_proj: (mlp.down_proj.out_features, size["intermediate_size"])}
-        for proj, shape in shapes.items():
-            # Checked against the stored tensor first: recorded sizes must never make us allocate
-            # more than the weights hold.
-            key = f"{block_name}.{_name_in(block, proj)}.weight"
-            if key not in state or tuple(state[key].shape) != shape:
-                found = tuple(state[key].shape) if key in state else None
-                raise RelpruneError(f"{folder}: weights do not fit the recorded sizes ({key}: recorded {shape}, "
-                                    f"stored {found})")
-            proj.weight = nn.Parameter(torch.empty(shape, dtype=proj.weight.dtype))
-            if proj.bias is not None:
-                proj.bias = nn.Parameter(torch.empty(shape[0], dtype=proj.bias.dtype))
-            proj.out_features, proj.in_features = shape
+    _resize(model, layers, head_dim, shapes, folder)
+    state: dict[str, Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("lm_head.weight")]
     if missing or unexpected:
         raise RelpruneError(f"{folder}: weights do not fit the recorded sizes: {missing[:3]} {unexpected[:3]}")
     model.tie_weights()
     return model.eval()
+
+
+def _resize(model: nn.Module, layers: list[dict[str, Any]], hd: int, stored: dict[str, tuple[int, ...]],
+            folder: Path) -> None:
+    """Give each block's projections the recorded sizes (checked against the stored tensors' shapes)."""
+    named = decoder_blocks(model)
+    if len(named) != len(layers):
+        raise RelpruneError(f"{folder}: relprune_sizes.json describes {len(layers)} layers, the config {len(named)}")
+    for (block_name, block), size in zip(named, layers, strict=True):
+        attn, mlp = block.self_attn, block.mlp
+        try:
+            heads, kv, width = (int(size[k]) for k in ("num_attention_heads", "num_key_value_heads",
+                                                         "intermediate_size"))
+        except (KeyError, TypeError, ValueError) as err:
+            raise RelpruneError(f"{folder}: relprune_sizes.json has a layer without whole-number sizes: {err}") from err
+        shapes = {attn.q_proj: (heads * hd, attn.q_proj.in_features),
+                  attn.k_proj: (kv * hd, attn.k_proj.in_features),
+                  attn.v_proj: (kv * hd, attn.v_proj.in_features),
+                  attn.o_proj: (attn.o_proj.out_features, heads * hd),
+                  mlp.gate_proj: (width, mlp.gate_proj.in_features),
+                  mlp.up_proj: (width, mlp.up_proj.in_features),
+                  mlp.down_proj: (mlp.down_proj.out_features, width)}
+        for proj, shape in shapes.items():
+            # Checked against the stored tensor first: recorded sizes must never make us allocate
+            # more than the weights hold.
+            key = f"{block_name}.{_name_in(block, proj)}.weight"
+            if stored.get(key) != shape:
+                raise RelpruneError(f"{folder}: weights do not fit the recorded sizes ({key}: recorded {shape}, "
+                                    f"stored {stored.get(key)})")
+            device = proj.weight.device
+            proj.weight = nn.Parameter(torch.empty(shape, dtype=proj.weight.dtype, device=device))
+            if proj.bias is not None:
+                proj.bias = nn.Parameter(torch.empty(shape[0], dtype=proj.bias.dtype, device=device))
+            proj.out_features, proj.in_features = shape
