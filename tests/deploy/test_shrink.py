@@ -179,3 +179,40 @@ def test_structured_masks_over_the_graph_shrink_to_the_planned_sizes(name, crite
         producer = next(m.module for m in graph.groups[gi].members if m.role == "out")
         assert report.kept_units[producer][0] == len(kept)
     torch.testing.assert_close(small.eval()(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+class _TwoBlockResidual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.a = nn.Conv2d(8, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = x + torch.relu(self.a(x))
+        x = x + torch.relu(self.b(x))
+        return self.head(x.mean((2, 3)))
+
+
+def test_a_model_masked_by_torch_prune_shrinks_without_its_originals_and_masks():
+    """torch.nn.utils.prune's layout (weight_orig, weight_mask, a pre-hook) is folded, never carried (issue 30)."""
+    from torch.nn.utils import prune as torch_prune
+
+    torch.manual_seed(0)
+    model = _TwoBlockResidual().eval()
+    dense_params = sum(p.numel() for p in model.parameters())
+    for layer in (model.a, model.b, model.head):  # nothing reads residual channels 0-3 any more
+        mask = torch.ones_like(layer.weight)
+        mask[:, :4] = 0
+        torch_prune.custom_from_mask(layer, "weight", mask)
+    torch_prune.l1_unstructured(model.stem, "weight", amount=0.3)
+    x = torch.randn(4, 1, 12, 12)
+    small, report = shrink(model, x)
+    names = [n for n, _ in small.named_parameters()] + [n for n, _ in small.named_buffers()]
+    assert not [n for n in names if n.endswith(("_orig", "_mask"))]
+    assert report.params_after < report.params_before == dense_params
+    assert sum(p.numel() for p in small.parameters()) == report.params_after
+    torch.testing.assert_close(small(x), model(x), rtol=1e-5, atol=1e-6)
+    assert hasattr(model.a, "weight_orig")  # the model given is unchanged

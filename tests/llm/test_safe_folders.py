@@ -199,4 +199,4 @@ def test_a_changed_file_is_refused_unless_verification_is_off(tmp_path, capsys):
     assert not torch.equal(swapped.model.layers[0].mlp.up_proj.weight, model.model.layers[0].mlp.up_proj.weight)
     assert main(["llm", "eval", "--model", str(tmp_path / "c"), "--text", str(tmp_path / "c" / "config.json"),
                  "--seqlen", "8"]) == 1
-    assert "--no-verify" in capsys.readouterr().err
+    assert "--no-verify-weights" in capsys.readouterr().err

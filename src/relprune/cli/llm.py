@@ -127,7 +127,7 @@ def add_llm_commands(sub: argparse._SubParsersAction) -> None:
 def _add_device_flags(parser: argparse.ArgumentParser) -> None:
     from ..llm.load import DTYPES
 
-    parser.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+    parser.add_argument("--verify-weights", action=argparse.BooleanOptionalAction, default=True,
                         help="check a folder relprune wrote against its manifest of SHA-256s before reading it "
                              "(default: True)")
     parser.add_argument("--device", default="auto",
@@ -208,7 +208,7 @@ def cmd_llm_prune(ns: argparse.Namespace) -> int:
         raise RelpruneError(f"calibration text {ns.calibration} does not exist")
     if ns.streamed:
         return _llm_prune_streamed(ns, out, recipe)
-    model, tokenizer = load_model(ns.model, quiet=True, device=ns.device, dtype=ns.dtype, verify=ns.verify)
+    model, tokenizer = load_model(ns.model, quiet=True, device=ns.device, dtype=ns.dtype, verify=ns.verify_weights)
     _check_seqlen(model.config, ns.seqlen)
     windows = calibration_windows(tokenize_file(tokenizer, ns.calibration), ns.calibration_samples, ns.seqlen,
                                   ns.seed)
@@ -261,7 +261,7 @@ def _llm_prune_streamed(ns: argparse.Namespace, out: Path, recipe: Recipe) -> in
     say(f"calibration: {len(windows)} windows of {ns.seqlen} tokens from {ns.calibration} (seed {ns.seed})")
     start = time.perf_counter()
     masks = prune_streamed(where, out, batches_of(windows, ns.batch_size), recipe, sequential=ns.sequential,
-                           progress=True, save_format=ns.save_format, verify=ns.verify)
+                           progress=True, save_format=ns.save_format, verify=ns.verify_weights)
     _report(ns, masks, time.perf_counter() - start, out, ", block by block from disk")
     return 0
 
@@ -286,7 +286,7 @@ def cmd_llm_shrink(ns: argparse.Namespace) -> int:
     out = _fresh_out(Path(ns.out))
     if not Path(ns.calibration).is_file():
         raise RelpruneError(f"calibration text {ns.calibration} does not exist")
-    model, tokenizer = load_model(ns.model, quiet=True, device=ns.device, dtype=ns.dtype, verify=ns.verify)
+    model, tokenizer = load_model(ns.model, quiet=True, device=ns.device, dtype=ns.dtype, verify=ns.verify_weights)
     _check_seqlen(model.config, ns.seqlen)
     batches = batches_of(calibration_windows(tokenize_file(tokenizer, ns.calibration), ns.calibration_samples,
                                              ns.seqlen, ns.seed), ns.batch_size)
@@ -347,7 +347,7 @@ def cmd_llm_eval(ns: argparse.Namespace) -> int:
 
     if not Path(ns.text).is_file():
         raise RelpruneError(f"text file {ns.text} does not exist")
-    model, tokenizer = load_model(ns.model, quiet=True, device=ns.device, dtype=ns.dtype, verify=ns.verify)
+    model, tokenizer = load_model(ns.model, quiet=True, device=ns.device, dtype=ns.dtype, verify=ns.verify_weights)
     _check_seqlen(model.config, ns.seqlen)
     windows = evaluation_windows(tokenize_file(tokenizer, ns.text), ns.seqlen, ns.samples)
     print(f"{ns.model}: {perplexity(model, windows, batch_size=ns.batch_size, progress=True)}")

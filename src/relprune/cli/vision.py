@@ -55,6 +55,8 @@ class DataArgs:
     data_dir: str | None = option("folder with <Name>/raw/*.gz; else $RELPRUNE_DATA, the user cache, Debian's", None)
     download: bool = option("download missing MNIST / Fashion-MNIST files from the public mirrors", False)
     verify: bool = option("check data files against their SHA-256", False)
+    verify_weights: bool = option("check a saved model's weights against the SHA-256s recorded when they were "
+                                  "written", True)
 
 
 @dataclass
@@ -145,7 +147,7 @@ def _prepare_model(checkpoint: str, d: DataArgs, seed: int):
     from ..errors import DataError
     from ..experiments.experiment import load_model
 
-    model, info = load_model(checkpoint)
+    model, info = load_model(checkpoint, verify=d.verify_weights)
     data = _load_data(dataclasses.replace(d, dataset=d.dataset or info.dataset), seed)
     if list(data.input_shape) != list(info.input_shape) or data.num_classes != info.num_classes:
         raise DataError(
@@ -294,9 +296,12 @@ def cmd_explain(ns: argparse.Namespace) -> int:
 
 
 def cmd_export(ns: argparse.Namespace) -> int:
+    import tempfile
+
     import torch
 
     from .. import collect_stats
+    from ..core.files import staged_folder
     from ..core.masks import apply_masks
     from ..deploy.export import export_dense, export_masked, export_onnx, export_sparse, file_size
     from ..deploy.graph import DependencyGraph
@@ -306,15 +311,15 @@ def cmd_export(ns: argparse.Namespace) -> int:
     from ..experiments.training import calibration_batches
 
     c = from_args(Common, ns)
-    refuse_replacing(Path(c.out), ("dense", "masked", "sparse", "onnx"), ns.overwrite, "an export")
+    out = _export_target(Path(c.out), ns.overwrite)
     if ns.onnx:
         try:
             import onnx  # noqa: F401
             import onnxscript  # noqa: F401
         except ImportError as err:  # before any work: the extra is missing
             raise RelpruneError("--onnx needs the onnx extra: pip install 'relprune[onnx]'") from err
-    out = writable_folder(c.out)
-    model, info = load_model(ns.checkpoint)
+    writable_folder(out.parent)
+    model, info = load_model(ns.checkpoint, verify=ns.verify_weights)
     model.eval()
     example = torch.zeros(2, *info.input_shape)
     if ns.structured:
@@ -332,24 +337,42 @@ def cmd_export(ns: argparse.Namespace) -> int:
     small, report = shrink(model, example)
     meta = {"model": info.model, "dataset": info.dataset, "input_shape": info.input_shape,
             "num_classes": info.num_classes}
-    paths = {
-        "dense (shrunk)": export_dense(small, out / "dense", meta),
-        "masked": export_masked(model, out / "masked", meta),
-        "sparse (bitmask + values)": export_sparse(model, out / "sparse", meta),
-    }
-    if ns.onnx:
-        paths["onnx (shrunk)"] = export_onnx(small, example, out / "onnx")
-    original = export_dense(load_model(ns.checkpoint)[0], out / ".original", meta)
-    base = file_size(original)
+    # The whole export is written beside --out and renamed into place in one step (an earlier export swapped
+    # out the same way): an interrupted export leaves the old one whole, never a mix.
+    with staged_folder(out, replace=True) as tmp, tempfile.TemporaryDirectory() as scratch:
+        paths = {
+            "dense (shrunk)": export_dense(small, tmp / "dense", meta),
+            "masked": export_masked(model, tmp / "masked", meta),
+            "sparse (bitmask + values)": export_sparse(model, tmp / "sparse", meta),
+        }
+        if ns.onnx:
+            paths["onnx (shrunk)"] = export_onnx(small, example, tmp / "onnx")
+        base = file_size(export_dense(load_model(ns.checkpoint, verify=False)[0], Path(scratch), meta))
+        sizes = {label: file_size(path) for label, path in paths.items()}
+        paths = {label: out / path.relative_to(tmp) for label, path in paths.items()}
     print(report)
     print(f"{'form':28} {'bytes':>10} {'vs dense original':>18}")
     print(f"{'dense original':28} {base:10d} {1:18.3f}")
     for label, path in paths.items():
-        print(f"{label:28} {file_size(path):10d} {file_size(path) / base:18.3f}  {path}")
-    original.unlink()
-    original.with_suffix(".json").unlink()
-    original.parent.rmdir()
+        print(f"{label:28} {sizes[label]:10d} {sizes[label] / base:18.3f}  {path}")
     return 0
+
+
+#: What an export folder holds (and nothing else): its forms and the manifest of their SHA-256s.
+EXPORT_PARTS = ("dense", "masked", "sparse", "onnx", "relprune-manifest.json")
+
+
+def _export_target(out: Path, overwrite: bool) -> Path:
+    """``--out`` for an export: absent, empty, or (with --overwrite) an earlier export, which is replaced whole."""
+    if out.exists() and not out.is_dir():
+        raise RelpruneError(f"--out {out} is a file, not a folder")
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    foreign = [n for n in held if n not in EXPORT_PARTS]
+    if foreign:
+        raise RelpruneError(f"--out {out} holds files that are not an export ({foreign[0]}); an export replaces its "
+                            "folder whole, so choose an empty or new --out")
+    refuse_replacing(out, EXPORT_PARTS[:4], overwrite, "an export")
+    return out
 
 
 def cmd_load(ns: argparse.Namespace) -> int:
@@ -357,7 +380,7 @@ def cmd_load(ns: argparse.Namespace) -> int:
     from ..deploy.export import load_exported
     from ..experiments.training import evaluate
 
-    model, meta = load_exported(ns.path)
+    model, meta = load_exported(ns.path, verify=ns.verify_weights)
     print(f"{meta['format']} model: {sum(p.numel() for p in model.parameters())} parameters")
     print(format_report(sparsity_report(model)))
     if ns.evaluate:

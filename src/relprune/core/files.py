@@ -24,10 +24,15 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from ..errors import IntegrityError
 
+if TYPE_CHECKING:
+    from torch import Tensor
+
+#: How a reader's caller turns the SHA-256 check off, named in every refusal.
+SKIP_HINT = "verify=False (--no-verify-weights)"
 #: The file in a staged folder that records each file's SHA-256 (written by :func:`staged_folder`).
 MANIFEST = "relprune-manifest.json"
 
@@ -86,7 +91,7 @@ def write_manifest(folder: Path) -> None:
     (folder / MANIFEST).write_text(json.dumps(record, indent=1) + "\n")
 
 
-def verify_manifest(folder: str | Path, *, skip_hint: str = "verify=False") -> bool:
+def verify_manifest(folder: str | Path, *, skip_hint: str = SKIP_HINT) -> bool:
     """Check every file a folder's manifest lists against its SHA-256; False when it has no manifest.
 
     Raises :class:`IntegrityError` naming the first file that is missing or differs, and ``skip_hint``
@@ -112,6 +117,34 @@ def verify_manifest(folder: str | Path, *, skip_hint: str = "verify=False") -> b
             raise IntegrityError(f"{folder}: {name} changed since relprune wrote it (its SHA-256 differs from "
                                  f"{MANIFEST}); pass {skip_hint} to load it anyway")
     return True
+
+
+def tensor_sha256(tensor: Tensor) -> str:
+    """SHA-256 of a tensor's bytes as stored (C order), whatever its dtype."""
+    import torch
+
+    data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+    return hashlib.sha256(data.tobytes()).hexdigest()
+
+
+def tensors_sha256(tensors: dict[str, Tensor]) -> dict[str, str]:
+    """Each tensor's SHA-256, by name: recorded in a single-file format's own metadata."""
+    return {name: tensor_sha256(t) for name, t in sorted(tensors.items())}
+
+
+def check_tensors_sha256(tensors: dict[str, Tensor], recorded: Any, where: str, *,
+                         skip_hint: str = SKIP_HINT) -> None:
+    """Refuse ``tensors`` unless each is the one whose SHA-256 was ``recorded`` (and none is missing or added)."""
+    if not isinstance(recorded, dict):
+        raise IntegrityError(f"{where}: its recorded SHA-256s are not a table; pass {skip_hint} to load it anyway")
+    if set(recorded) != set(tensors):
+        odd = sorted(set(recorded) ^ set(tensors))
+        raise IntegrityError(f"{where}: holds other tensors than were written ({odd[:3]}); pass {skip_hint} to "
+                             "load it anyway")
+    for name, tensor in sorted(tensors.items()):
+        if tensor_sha256(tensor) != recorded[name]:
+            raise IntegrityError(f"{where}: {name} changed since relprune wrote it (its SHA-256 differs from the "
+                                 f"one recorded); pass {skip_hint} to load it anyway")
 
 
 @contextmanager

@@ -197,9 +197,17 @@ def apply_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
 
 
 def copy_model(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model``, masks included."""
+    """A deep copy of ``model``, masks included (``torch.nn.utils.prune``'s too)."""
     import copy
 
+    from torch.nn.utils import prune as torch_prune
+
+    for layer in model.modules():
+        for hook in layer._forward_pre_hooks.values():
+            if isinstance(hook, torch_prune.BasePruningMethod) and hook._tensor_name in layer.__dict__:
+                # torch.nn.utils.prune keeps `orig * mask` as a non-leaf attribute, which deepcopy refuses;
+                # the same values detached (its hook recomputes the attribute on every forward anyway).
+                layer.__dict__[hook._tensor_name] = layer.__dict__[hook._tensor_name].detach()
     return copy.deepcopy(model)
 
 
@@ -221,11 +229,32 @@ def unmask(layer: nn.Module, *, keep_zeros: bool = True) -> None:
 
 
 def make_permanent(model: nn.Module) -> nn.Module:
-    """Fold every mask into its weight (zeros stay) and drop the masking machinery."""
+    """Fold every mask into its weight (zeros stay) and drop the masking machinery: relprune's, and
+    ``torch.nn.utils.prune``'s (``weight_orig`` / ``weight_mask`` and its forward pre-hook)."""
     for layer in model.modules():
         if is_masked(layer):
             unmask(layer)
+        _fold_torch_prune(layer)
     return model
+
+
+def _fold_torch_prune(layer: nn.Module) -> None:
+    """``torch.nn.utils.prune``'s masks of ``layer`` folded into plain parameters (``name = orig * mask``)."""
+    from torch.nn.utils import prune as torch_prune
+
+    hooked = {h._tensor_name for h in layer._forward_pre_hooks.values()
+              if isinstance(h, torch_prune.BasePruningMethod)}
+    for name in hooked:
+        torch_prune.remove(layer, name)
+    for key in [k.removesuffix("_orig") for k, _ in layer.named_parameters(recurse=False) if k.endswith("_orig")]:
+        mask = getattr(layer, f"{key}_mask", None)
+        if isinstance(mask, Tensor):  # the layout without its hook (e.g. built from a state_dict by hand)
+            orig = getattr(layer, f"{key}_orig")
+            del layer._parameters[f"{key}_orig"]
+            del layer._buffers[f"{key}_mask"]
+            if key in layer.__dict__:
+                del layer.__dict__[key]
+            layer.register_parameter(key, nn.Parameter((orig * mask).detach(), requires_grad=orig.requires_grad))
 
 
 #: Key suffixes of a masked weight: torch.nn.utils.prune's (relprune's files and checkpoints before the

@@ -30,10 +30,11 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
 from ..core.compressed import BITMASK, compress_state, decompress_state, pays_off, prefix_of
+from ..core.files import atomic_file, atomic_write_text, check_tensors_sha256, tensors_sha256
 from ..core.layers import is_prunable, module_type
 from ..core.masks import copy_model, load_state_dict, make_permanent
 from ..errors import CheckpointError, ShrinkError
@@ -113,11 +114,14 @@ def _as_stored(model: nn.Module) -> tuple[nn.Module, list[dict[str, Any]] | None
 
 
 def _write(tensors: dict[str, Tensor], meta: dict[str, Any], folder: Path, stem: str) -> Path:
+    """``stem.safetensors`` (each tensor's SHA-256 in its metadata) and ``stem.json``, each written atomically."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{stem}.safetensors"
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path),
-              metadata={"relprune": json.dumps(meta)})
-    (folder / f"{stem}.json").write_text(json.dumps(meta, indent=2) + "\n")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta = {**meta, "tensor_sha256": tensors_sha256(tensors)}
+    with atomic_file(path) as fh:
+        fh.write(save(tensors, metadata={"relprune": json.dumps(meta)}))
+    atomic_write_text(json.dumps(meta, indent=2) + "\n", folder / f"{stem}.json")
     return path
 
 
@@ -216,7 +220,7 @@ def export_sparse(model: nn.Module, folder: str | Path, extra: dict[str, Any] | 
     return _write(tensors, meta, Path(folder), "sparse")
 
 
-def _read(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def _read(path: Path, verify: bool = True) -> tuple[dict[str, Tensor], dict[str, Any]]:
     try:
         from safetensors import safe_open
 
@@ -227,14 +231,19 @@ def _read(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
         raise CheckpointError(f"{path}: cannot read: {err}") from err
     if not isinstance(meta, dict) or meta.get("format") not in FORMATS:
         raise CheckpointError(f"{path}: not a relprune export")
+    if verify and "tensor_sha256" in meta:  # exports before issue 30 carry none
+        check_tensors_sha256(tensors, meta["tensor_sha256"], str(path))
     return tensors, meta
 
 
-def load_exported(path: str | Path, model: nn.Module | None = None) -> tuple[nn.Module, dict[str, Any]]:
+def load_exported(path: str | Path, model: nn.Module | None = None, *,
+                  verify: bool = True) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a model from any exported form (a file or the folder holding one).
 
     A chain is rebuilt from its stored architecture; any other model needs ``model``, a fresh
     instance of its class, into which the weights are loaded. A ``program.pt2`` loads on its own.
+    Each stored tensor is checked against the SHA-256 recorded when it was written (``verify=False``
+    skips that); a changed one raises :class:`~relprune.IntegrityError`.
     """
     path = Path(path)
     if path.is_dir():
@@ -255,7 +264,7 @@ def load_exported(path: str | Path, model: nn.Module | None = None) -> tuple[nn.
             raise CheckpointError(f"{path}: cannot load the program: {' '.join(str(err).split())[:200]}") from err
         finally:
             quiet.setLevel(level)
-    tensors, meta = _read(path)
+    tensors, meta = _read(path, verify)
     if meta.get("architecture") is None:
         if model is None:
             raise CheckpointError(f"{path} holds a model that is not a chain: pass model= (a fresh instance of "

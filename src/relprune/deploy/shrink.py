@@ -17,6 +17,7 @@ model's, checked on the example before it is returned. Channels the graph cannot
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -96,8 +97,12 @@ def shrink(model: nn.Module, example_input: Tensor | tuple[Tensor, ...], *,
     sizes = {n: (m.weight.shape[0], dict(plain.named_modules())[n].weight.shape[0])
              for n, m in small.named_modules() if isinstance(m, _LAYERS)}
     refused = [(g.describe(), g.reason) for g in graph.groups if not g.prunable and g.size > 0]
-    return small, ShrinkReport(sizes, sum(p.numel() for p in plain.parameters()),
-                               sum(p.numel() for p in small.parameters()), refused)
+    report = ShrinkReport(sizes, sum(p.numel() for p in plain.parameters()), sum(p.numel() for p in small.parameters()),
+                          refused)
+    if report.params_after > report.params_before:  # folded constants gave bias-free readers a bias
+        warnings.warn(f"shrink made the model larger ({report.params_before} -> {report.params_after} parameters): "
+                      "few units could go and the folded constants added biases", stacklevel=2)
+    return small, report
 
 
 def _close(a: object, b: object) -> bool:

@@ -13,7 +13,6 @@ import gzip
 import hashlib
 import os
 import struct
-import tempfile
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..core.files import atomic_file
 from ..errors import DataError
 
 IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -196,10 +196,8 @@ def download(name: str, root: str | Path, *, mirrors: tuple[str, ...] | None = N
             if got != idx.sha256:
                 errors.append(f"{url}: checksum mismatch (sha256 {got}, expected {idx.sha256})")
                 continue
-            fd, tmp = tempfile.mkstemp(dir=target, prefix=f".{idx.name}.")
-            with os.fdopen(fd, "wb") as fh:
+            with atomic_file(dest) as fh:
                 fh.write(payload)
-            os.replace(tmp, dest)
             break
         else:
             raise DataError(f"could not download {idx.name}.gz: " + "; ".join(errors))

@@ -20,6 +20,7 @@ from .. import collect_stats, load_state_dict, prune
 from ..core.allocation import nm_fits, parse_n_m
 from ..core.checkpoint import check_fits, meta_numel, stored_numel
 from ..core.criteria import get_criterion
+from ..core.files import atomic_file, atomic_write_text, check_tensors_sha256, tensors_sha256
 from ..core.layers import prunable_layers
 from ..core.masks import MASK, ORIGINAL, Masks, copy_model
 from ..core.spec import Recipe
@@ -28,7 +29,7 @@ from ..defaults import DEFAULT_BIAS_COMPENSATION, DEFAULT_CRITERION, DEFAULT_LIV
 from ..errors import CheckpointError, RelpruneError
 from .data import Data, Split
 from .models import build_model
-from .training import TrainConfig, atomic_write_text, train
+from .training import TrainConfig, train
 
 
 @dataclass(frozen=True)
@@ -267,22 +268,25 @@ def expand_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def save_model(model: nn.Module, info: ModelInfo, folder: str | Path) -> Path:
-    """``folder/model.safetensors`` (weights, masks as booleans) and ``folder/model.json``."""
-    from safetensors.torch import save_file
+    """``folder/model.safetensors`` (weights, masks as booleans; each tensor's SHA-256 in its metadata) and
+    ``folder/model.json``, each written atomically."""
+    from safetensors.torch import save
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = compact_state(model)
-    tmp = folder / ".model.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"relprune_model": json.dumps(asdict(info))})
-    tmp.replace(folder / "model.safetensors")
+    state = {k: v.detach().contiguous().cpu() for k, v in compact_state(model).items()}
+    payload = save(state, metadata={"relprune_model": json.dumps(asdict(info)),
+                                    "relprune_sha256": json.dumps(tensors_sha256(state))})
+    with atomic_file(folder / "model.safetensors") as fh:
+        fh.write(payload)
     atomic_write_text(json.dumps(asdict(info), indent=2) + "\n", folder / "model.json")
     return folder
 
 
-def load_model(path: str | Path) -> tuple[nn.Module, ModelInfo]:
-    """Rebuild a model saved by :func:`save_model` (a folder or its model.safetensors)."""
-    from safetensors import SafetensorError
+def load_model(path: str | Path, *, verify: bool = True) -> tuple[nn.Module, ModelInfo]:
+    """Rebuild a model saved by :func:`save_model` (a folder or its model.safetensors); each tensor is
+    checked against the SHA-256 recorded when it was written (``verify=False`` skips that)."""
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -311,10 +315,18 @@ def load_model(path: str | Path) -> tuple[nn.Module, ModelInfo]:
                stored_numel([weights]), str(folder))
     model = build_model(info.model, tuple(shape), info.num_classes)
     try:
-        state = expand_state(load_file(str(weights)))
+        stored = load_file(str(weights))
+        with safe_open(str(weights), framework="pt") as fh:
+            recorded = (fh.metadata() or {}).get("relprune_sha256")
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{weights}: cannot read: {err}") from err
-    load_state_dict(model, state)
+    if verify and recorded is not None:  # models saved before issue 30 carry none
+        try:
+            table = json.loads(recorded)
+        except json.JSONDecodeError:
+            table = None
+        check_tensors_sha256(stored, table, str(weights))
+    load_state_dict(model, expand_state(stored))
     return model, info
 
 

@@ -155,7 +155,7 @@ def load_causal_lm(where: str | Path, *, label: str | None = None, verify: bool 
     label = label or str(where)
     try:
         if verify and Path(where).is_dir():
-            verify_manifest(where, skip_hint="verify=False (--no-verify)")
+            verify_manifest(where)
         config = load_config(where)
         layout = folder_layout(config) if Path(where).is_dir() else None
         shrunk = Path(where).is_dir() and (Path(where) / SIZES_FILE).is_file()

@@ -109,7 +109,7 @@ def prune_streamed(
     target = Path(out)
     refuse_occupied(target)
     if verify:
-        verify_manifest(src, skip_hint="verify=False (--no-verify)")
+        verify_manifest(src)
     checkpoint = StoredCheckpoint(src)
     config = load_config(src)
     check_checkpoint(src, config, exact_names=True)
