@@ -195,10 +195,12 @@ def test_full_disk_is_one_line(trained, tmp_path, capsys, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "p" / ".model.safetensors.tmp"))
 
     monkeypatch.setattr(safetensors.torch, "save_file", full)
+    monkeypatch.setattr(safetensors.torch, "save", full)
     code, err = _run(["prune", "--checkpoint", str(trained / "model"), "--sparsity", "0.5",
                       "--calib-samples", "64", "--out", str(tmp_path / "p")], capsys)
     assert code == 1 and len(err.splitlines()) == 1 and "No space left on device" in err
     assert not (tmp_path / "p" / "model.safetensors").exists()
+    assert not (tmp_path / "p").exists()  # no temporary file left, and the folder the command made is gone
 
 
 def test_eval_on_another_dataset_names_the_one_used(tmp_path, shared_data, capsys):

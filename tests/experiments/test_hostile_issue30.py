@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -151,3 +152,46 @@ def test_a_manifest_that_lists_a_file_outside_its_folder_is_refused(tmp_path):
     (tmp_path / "f" / files.MANIFEST).write_text("[1, 2]")
     with pytest.raises(relprune.IntegrityError, match="not a relprune manifest"):
         files.verify_manifest(tmp_path / "f")
+
+
+def test_missing_data_says_where_it_looked_and_how_to_point_at_files(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("RELPRUNE_DATA", raising=False)
+    code, err = _run(["train", "--dataset", "fashion-mnist", "--data-dir", tmp_path / "nothing", "--epochs", "1",
+                      "--out", tmp_path / "t"], capsys)
+    assert code == 1 and len(err.splitlines()) == 1
+    assert "looked in" in err and str(tmp_path / "nothing") in err and "point --data-dir at them" in err
+    assert not (tmp_path / "t").exists()
+
+
+def test_train_help_lists_every_built_in_model(capsys):
+    from relprune.experiments.models import MODELS
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(name in text for name in MODELS), text
+
+
+def test_a_second_demo_says_it_reuses_the_first_ones_results(tmp_path, capsys):
+    args = ["demo", "--epochs", "1", "--finetune-epochs", "0", "--out", str(tmp_path / "d")]
+    assert main(args) == 0
+    first = capsys.readouterr()
+    assert "reusing" not in first.err
+    assert main(args) == 0
+    second = capsys.readouterr()
+    assert "reusing the results of an earlier demo" in second.err and second.out.split("plot:")[0] == \
+        first.out.split("plot:")[0]
+
+
+def test_a_structured_export_shows_its_cost_and_can_fine_tune(trained, tmp_path, capsys):
+    code, err = _run(["export", "--checkpoint", trained / "pruned", "--structured", "0.5", "--out", tmp_path / "a"],
+                     capsys)
+    assert code == 0, err
+    assert re.search(r"structured 0\.5 \(rc\): sparsity \d+\.\d+% -> \d+\.\d+% .*test accuracy 0\.\d+ -> 0\.\d+", err)
+    code, err = _run(["export", "--checkpoint", trained / "pruned", "--structured", "0.5", "--finetune-epochs", "1",
+                      "--out", tmp_path / "b"], capsys)
+    assert code == 0 and "-> fine-tuned 0." in err, err
+    code, err = _run(["export", "--checkpoint", trained / "pruned", "--finetune-epochs", "1", "--out",
+                      tmp_path / "c"], capsys)
+    assert code == 1 and "--structured" in err and not (tmp_path / "c").exists()

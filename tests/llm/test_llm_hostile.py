@@ -154,7 +154,7 @@ def test_interrupted_gguf_conversion_leaves_nothing_in_the_cache(tmp_path, monke
 def test_block_progress_is_a_line_a_block_when_stderr_is_not_a_terminal(folder, tmp_path, capsys):
     code, err = _run([*_prune_args(folder, tmp_path, "--sparsity", "0.5"), "--out", tmp_path / "p"], capsys)
     assert code == 0
-    assert re.search(r"block 1/2 \(model\.layers\.0\) done", err) and "block 2/2" in err, err
+    assert re.search(r"blocks: 1/2 done \(model\.layers\.0\)", err) and "blocks: 2/2" in err, err
 
 
 def test_bias_compensation_refusal_names_no_missing_function(tmp_path):

@@ -99,3 +99,34 @@ def test_a_per_layer_shrunk_folder_loads_everywhere_relprune_reads_models(folder
     assert code == 0, err
     record = json.loads((tmp_path / "smaller" / "relprune.json").read_text())
     assert record["parameters"] < record["dense_parameters"] == sum(p.numel() for p in loaded.parameters())
+
+
+def test_llm_errors_name_the_subcommand(folder, tmp_path, capsys):
+    code, err = _run(["llm", "eval", "--model", folder, "--text", tmp_path / "missing.txt"], capsys)
+    assert code == 1 and err.startswith("relprune llm eval: error:"), err
+
+
+def test_llm_shrink_and_eval_say_what_they_do_in_a_log(folder, tmp_path, capsys):
+    code, err = _run(["llm", "shrink", "--model", folder, "--ratio", "0.3", "--calibration", tmp_path / "calib.txt",
+                      "--calibration-samples", "2", "--seqlen", "16", "--out", tmp_path / "s"], capsys)
+    assert code == 0, err
+    assert "\r" not in err and "scoring heads and MLP channels" in err and "blocks: 2/2 done" in err
+    assert "re-fitting o_proj and down_proj" in err
+    code, err = _run(["llm", "eval", "--model", tmp_path / "s", "--text", tmp_path / "eval.txt", "--seqlen", "16",
+                      "--samples", "2"], capsys)
+    assert code == 0 and "evaluating 2 windows" in err and "perplexity: 2/2 batches" in err, err
+
+
+def test_gguf_conversion_progress_is_lines_in_a_log(capsys):
+    import importlib
+
+    from relprune.llm.load import _gguf_progress_as_lines
+
+    module = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
+    own = module.tqdm
+    with _gguf_progress_as_lines(transformers):
+        assert module.tqdm is not own
+        assert list(module.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors...")) == [0, 1, 2]
+    assert module.tqdm is own
+    err = capsys.readouterr().err
+    assert "\r" not in err and "converting GGUF tensors: 3/3 tensors" in err

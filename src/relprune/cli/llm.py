@@ -302,12 +302,16 @@ def cmd_llm_shrink(ns: argparse.Namespace) -> int:
         count = int(-(-ns.ratio * per_block * len(named) // per_block))
         if count >= len(named):
             raise RelpruneError(f"--ratio {ns.ratio} would remove all {len(named)} decoder blocks")
+        say(f"scoring {len(named)} blocks by {ns.block_score}")
         drop = plan_blocks(block_scores(model, batches, ns.block_score), count)
         sizes = remove_blocks(model, drop)
     else:
-        keep = plan_units(model, unit_scores(model, batches, ns.score, seed=ns.seed), ns.ratio, scope=ns.scope)
+        say(f"scoring heads and MLP channels by {ns.score}")
+        keep = plan_units(model, unit_scores(model, batches, ns.score, seed=ns.seed, progress=True), ns.ratio,
+                          scope=ns.scope)
         if ns.compensation == "refit":
-            sizes = shrink_refit(model, batches, keep)
+            say("removing the units, re-fitting o_proj and down_proj block by block")
+            sizes = shrink_refit(model, batches, keep, progress=True)
         else:
             delta = unit_compensation(model, batches, keep) if ns.compensation == "bias" else None
             sizes = shrink_units(model, keep, bias_delta=delta)
@@ -350,5 +354,6 @@ def cmd_llm_eval(ns: argparse.Namespace) -> int:
     model, tokenizer = load_model(ns.model, quiet=True, device=ns.device, dtype=ns.dtype, verify=ns.verify_weights)
     _check_seqlen(model.config, ns.seqlen)
     windows = evaluation_windows(tokenize_file(tokenizer, ns.text), ns.seqlen, ns.samples)
+    say(f"evaluating {len(windows)} windows of {ns.seqlen} tokens from {ns.text}")
     print(f"{ns.model}: {perplexity(model, windows, batch_size=ns.batch_size, progress=True)}")
     return 0

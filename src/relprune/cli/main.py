@@ -70,23 +70,24 @@ def _terminate_as_interrupt() -> Iterator[None]:
 
 def _run(ns: argparse.Namespace) -> int:
     """Run the chosen command; every failure is one line on stderr and an exit status."""
+    name = " ".join(str(p) for p in (ns.command, getattr(ns, "llm_command", None)) if p)
     try:
         return ns.func(ns)
     except RelpruneError as err:
-        print(f"relprune {ns.command}: error: {_one_line(err)}", file=sys.stderr)
+        print(f"relprune {name}: error: {_one_line(err)}", file=sys.stderr)
         return 1
     except OSError as err:
         where = f" {err.filename}" if err.filename else ""
-        print(f"relprune {ns.command}: error: cannot read or write{where}: {err.strerror or err}",
+        print(f"relprune {name}: error: cannot read or write{where}: {err.strerror or err}",
               file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"relprune {ns.command}: interrupted; {_resume_hint(ns)}", file=sys.stderr)
+        print(f"relprune {name}: interrupted; {_resume_hint(ns)}", file=sys.stderr)
         return 130
     except Exception as err:  # a bug, not bad input: still one line, with how to see the traceback
         if os.environ.get("RELPRUNE_DEBUG"):
             raise
-        print(f"relprune {ns.command}: internal error: {type(err).__name__}: {_one_line(err)} "
+        print(f"relprune {name}: internal error: {type(err).__name__}: {_one_line(err)} "
               "(rerun with RELPRUNE_DEBUG=1 for the traceback, and please report it)", file=sys.stderr)
         return 70
 

@@ -61,7 +61,7 @@ class DataArgs:
 
 @dataclass
 class TrainArgs:
-    model: str = option("lenet300, lenet5, vgg-small, resnet20, or package.module:factory", "lenet300")
+    model: str = option("lenet300, lenet5, vgg-small, resnet20, vit, or package.module:factory", "lenet300")
     epochs: int = option("training epochs", 10, check=positive)
     batch_size: int = option("batch size", 128, check=positive)
     lr: float = option("learning rate (cosine schedule)", 1e-3, check=positive)
@@ -270,7 +270,14 @@ def cmd_demo(ns: argparse.Namespace) -> int:
         sparsities=[0.5, 0.75, 0.9], seeds=[ns.seed], regimes=["oneshot", "finetune"], calib_samples=[512],
         epochs=ns.epochs, batch_size=64, finetune_epochs=ns.finetune_epochs, lr=1e-3, finetune_lr=5e-4,
     )
-    results = run_bench(cfg, writable_folder(ns.out), log=lambda *_: None)
+    def log(line: str) -> None:  # progress on stderr; a rerun says that it reuses the earlier run's cells
+        if "cells finished before" not in line:
+            say(line)
+        elif not line.startswith("0 "):
+            say(f"{line.split(' ->')[0]}: reusing the results of an earlier demo in {ns.out} (pass another --out "
+                "to start afresh)")
+
+    results = run_bench(cfg, writable_folder(ns.out), log=log)
     print(markdown_tables(load_results(results)))
     print(f"plot: {results.parent / 'accuracy_vs_sparsity.png'}  ({time.perf_counter() - start:.0f} s)")
     return 0
@@ -307,10 +314,14 @@ def cmd_export(ns: argparse.Namespace) -> int:
     from ..deploy.graph import DependencyGraph
     from ..deploy.groups import GROUP_SCORES, group_scores, structured_masks
     from ..deploy.shrink import shrink
+    from ..errors import DataError
     from ..experiments.experiment import load_model
-    from ..experiments.training import calibration_batches
+    from ..experiments.training import TrainConfig, calibration_batches, evaluate, train
 
     c = from_args(Common, ns)
+    if ns.finetune_epochs and not ns.structured:
+        raise RelpruneError("--finetune-epochs fine-tunes after --structured; without it, fine-tune with "
+                            "`relprune prune --finetune-epochs` before exporting")
     out = _export_target(Path(c.out), ns.overwrite)
     if ns.onnx:
         try:
@@ -323,17 +334,38 @@ def cmd_export(ns: argparse.Namespace) -> int:
     model.eval()
     example = torch.zeros(2, *info.input_shape)
     if ns.structured:
+        # The structured step removes whole channels on top of whatever was pruned before: its cost in accuracy
+        # is measured and shown, and --finetune-epochs recovers it (the masks hold through the fine-tune).
         d = from_args(DataArgs, ns)
         needed = GROUP_SCORES[ns.structured_criterion].statistics
+        try:
+            data = _load_data(dataclasses.replace(d, dataset=d.dataset or info.dataset), c.seed)
+        except DataError:
+            if needed or ns.finetune_epochs:
+                raise
+            data = None  # l1 / l2 need no data; the accuracy then goes unmeasured, and the line says so
         stats = None
         if needed:
-            data = _load_data(dataclasses.replace(d, dataset=d.dataset or info.dataset), c.seed)
             stats = collect_stats(model, calibration_batches(data.train, 1024, seed=c.seed), statistics=list(needed))
+        before_acc, before_sparsity = evaluate(model, data.test) if data else None, _model_sparsity(model)
         graph = DependencyGraph(model, example)
         keep = {gi: torch.sort(torch.argsort(v, stable=True)[min(round(ns.structured * v.numel()),
                                                                   v.numel() - 1):]).values
                 for gi, v in group_scores(graph, stats, ns.structured_criterion, c.seed).items()}
         apply_masks(model, structured_masks(graph, keep))
+        after_acc = evaluate(model, data.test) if data else None
+        line = (f"structured {ns.structured:g} ({ns.structured_criterion}): sparsity {before_sparsity:.2%} -> "
+                f"{_model_sparsity(model):.2%} of the prunable weights; "
+                + (f"test accuracy {before_acc:.4f} -> {after_acc:.4f}" if data else
+                   "test accuracy not measured (its data are not here)"))
+        if ns.finetune_epochs:
+            train(model, data, TrainConfig(epochs=ns.finetune_epochs, lr=ns.finetune_lr, seed=c.seed),
+                  desc="finetune", log=say)
+            line += f" -> fine-tuned {evaluate(model, data.test):.4f}"
+        elif data is not None and before_acc - after_acc > 0.01:
+            line += (f"; it cost {100 * (before_acc - after_acc):.1f} points: pass --finetune-epochs to recover "
+                     "them before shrinking")
+        say(line)
     small, report = shrink(model, example)
     meta = {"model": info.model, "dataset": info.dataset, "input_shape": info.input_shape,
             "num_classes": info.num_classes}
@@ -450,6 +482,11 @@ def add_vision_commands(sub: argparse._SubParsersAction) -> None:
                           "with everything coupled to them) (default: 0, none)")
     exp.add_argument("--structured-criterion", choices=["rc", "l1", "l2", "fluctuation"], default="rc",
                      help="channel score for --structured, over the dependency graph (default: rc)")
+    exp.add_argument("--finetune-epochs", type=checked(int, non_negative), default=0,
+                     help="with --structured: fine-tune the masked model this many epochs before shrinking "
+                          "(default: 0)")
+    exp.add_argument("--finetune-lr", type=checked(float, positive), default=3e-4,
+                     help="fine-tuning learning rate (default: 0.0003)")
     exp.add_argument("--onnx", action="store_true",
                      help="also write the shrunk model as onnx/model.onnx for ONNX Runtime (needs the onnx extra)")
     exp.set_defaults(func=cmd_export)

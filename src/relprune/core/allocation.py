@@ -12,12 +12,14 @@ at the same kernel position, the layout sparse kernels (e.g. 2:4 tensor cores) e
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 
 import torch
 from torch import Tensor
 
 from ..errors import SparsityError
+from .checks import real_number
 from .layers import weight_matrix
 
 SCOPES = ("global", "layer", "row")
@@ -26,8 +28,8 @@ SCOPES = ("global", "layer", "row")
 def check_sparsity(sparsity: float) -> float:
     """``sparsity`` as a float in [0, 1), or a clear error."""
     try:
-        value = float(sparsity)
-    except (TypeError, ValueError):
+        value = real_number(sparsity, "sparsity")
+    except SparsityError:
         raise SparsityError(f"sparsity must be a number in [0, 1), got {sparsity!r}") from None
     if not (0.0 <= value < 1.0) or math.isnan(value):
         raise SparsityError(f"sparsity must be in [0, 1), got {sparsity!r}")
@@ -35,11 +37,15 @@ def check_sparsity(sparsity: float) -> float:
 
 
 def parse_n_m(n_m: str | tuple[int, int]) -> tuple[int, int]:
-    """'2:4' or (2, 4) -> (2, 4): keep N of every M consecutive inputs."""
+    """'2:4' or (2, 4) -> (2, 4): keep N of every M consecutive inputs (whole numbers only)."""
     try:
-        n, m = (int(v) for v in (n_m.split(":") if isinstance(n_m, str) else n_m))
+        parts = n_m.split(":") if isinstance(n_m, str) else list(n_m)  # type: ignore[arg-type]
+        if not isinstance(n_m, str) and not all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
+                                                for v in parts):
+            raise ValueError
+        n, m = (int(v) for v in parts)
     except (TypeError, ValueError):
-        raise SparsityError(f"N:M pattern must look like '2:4', got {n_m!r}") from None
+        raise SparsityError(f"N:M pattern must be two whole numbers, like '2:4' or (2, 4), got {n_m!r}") from None
     if not (0 < n < m):
         raise SparsityError(f"N:M pattern needs 0 < N < M, got {n}:{m}")
     return n, m

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ..defaults import DEFAULT_BIAS_COMPENSATION, DEFAULT_CRITERION
 from ..errors import (
+    LayerError,
     MissingLabelsError,
     RelpruneError,
     SingularGramError,
@@ -247,7 +248,9 @@ def _layers_for(model: nn.Module, stats: Stats | None, crit: Criterion,
         return prunable_layers(model, layers)
     chosen = stats.check_model(model)
     if layers is not None:
-        wanted = list(layers)
+        wanted = [layers] if isinstance(layers, str) else list(layers)
+        if not wanted:
+            raise LayerError("layers= is empty: name at least one layer, or pass None for all")
         missing = [n for n in wanted if n not in chosen]
         if missing:
             prunable_layers(model, missing)  # raises for absent or unsupported names

@@ -15,6 +15,7 @@ from typing import Any
 from ..defaults import DEFAULT_CRITERION, DEFAULT_SCOPE
 from ..errors import RelpruneError, SparsityError
 from .allocation import SCOPES, check_sparsity, parse_n_m
+from .checks import real_number
 from .criteria import Criterion, get_criterion
 
 #: The re-fits of the kept weights: none, exact least squares, SparseGPT's sweep with the mask fixed.
@@ -94,7 +95,10 @@ class Recipe:
                                 + (f", not {len(budgets)}" if budgets else ""))
         if self.sparsity is not None:
             check_sparsity(self.sparsity)
-        if self.threshold is not None and not (self.threshold > 0 and math.isfinite(self.threshold)):
+        if self.n_m is not None:
+            parse_n_m(self.n_m)
+        if self.threshold is not None and not (real_number(self.threshold, "the threshold") > 0
+                                               and math.isfinite(self.threshold)):
             raise SparsityError(f"the threshold must be a positive number, got {self.threshold!r}")
         if self.scope is not None and crit.joint is not None:
             raise SparsityError(f"criterion {crit.name!r} chooses its mask together with the weights; "
@@ -122,9 +126,9 @@ class Recipe:
         if self.allocation != "uniform" and self.sparsity is None:
             raise SparsityError(f"{self.allocation} allocation sets unstructured sparsities per block: give a "
                                 "sparsity, not an N:M pattern or a threshold")
-        if not 0.0 <= self.owl_lambda < 0.5:
+        if not 0.0 <= real_number(self.owl_lambda, "OWL's lambda") < 0.5:
             raise SparsityError(f"OWL's lambda must be in [0, 0.5), got {self.owl_lambda}")
-        if not self.owl_m > 0:
+        if not real_number(self.owl_m, "OWL's outlier multiple") > 0:
             raise SparsityError(f"OWL's outlier multiple must be positive, got {self.owl_m}")
         return self
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..core.checks import real_number
 from ..core.stats import Stats
 from ..errors import RelpruneError, ShrinkError, StatisticNotCollectedError
 from .graph import NORMS, DependencyGraph, Group, Member
@@ -188,7 +189,7 @@ def plan(graph: DependencyGraph, scores: dict[int, Tensor], ratio: float, *, bud
 
     ``round_to``: every group keeps a multiple of this many units (or all of them), the widths CPU
     and GPU kernels vectorise well (Torch-Pruning's ``round_to``)."""
-    if not 0.0 <= ratio < 1.0:
+    if not 0.0 <= real_number(ratio, "ratio", RelpruneError) < 1.0:
         raise RelpruneError(f"ratio must be in [0, 1), got {ratio}")
     if budget not in ("flops", "params"):
         raise RelpruneError(f"budget must be 'flops' or 'params', got {budget!r}")
@@ -356,6 +357,7 @@ def prune_groups(model: nn.Module, example: Tensor, ratio: float, *, criterion: 
                  bias_compensation: bool = False, seed: int = 0, round_to: int = 1,
                  leaves: tuple[str, ...] = ()) -> StructuredResult:
     """Trace, score, plan and shrink in one call; ``model`` itself is left unchanged."""
+    real_number(ratio, "ratio", RelpruneError)  # before the trace
     graph = DependencyGraph(model, example, leaves=leaves)
     scores = group_scores(graph, stats, criterion, seed)
     p = plan(graph, scores, ratio, budget=budget, scope=scope, round_to=round_to)

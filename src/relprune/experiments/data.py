@@ -274,9 +274,10 @@ def load_idx_dataset(name: str, data_dir: str | Path | None = None, *, download_
         if not download_missing:
             missing = [spec.files[r].name for r, p in paths.items() if p is None]
             raise DataError(
-                f"{spec.name}: files {missing} not found under {', '.join(map(str, roots))}"
-                f"{' or ' + spec.debian_dir if spec.debian_dir else ''}; pass --download to fetch them "
-                f"(into {roots[0]})"
+                f"{spec.name}: files {missing} not found; looked in {', '.join(map(str, roots))}"
+                f"{' and ' + spec.debian_dir if spec.debian_dir else ''} (--data-dir, $RELPRUNE_DATA, the user "
+                f"cache); put the IDX files (gzip or not) in one of them or point --data-dir at them, or, on a "
+                f"machine with a network, pass --download to fetch them into {roots[0]}"
             )
         download(name, roots[0])
         paths = {role: find_file(spec, role, roots) for role in spec.files}

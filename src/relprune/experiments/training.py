@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.files import atomic_file, atomic_write_text
+from ..core.progress import progress
 from ..errors import CheckpointError
 from .data import Data, Split
 
@@ -65,11 +66,9 @@ def augment_batch(x: Tensor, kind: str, gen: torch.Generator, pad: int = 2) -> T
 Penalty = Callable[[], Tensor]
 
 
-def progress_bar(iterable, **kwargs):
-    """tqdm that stays quiet when stderr is not a terminal."""
-    from tqdm import tqdm
-
-    return tqdm(iterable, disable=None, leave=False, dynamic_ncols=True, **kwargs)
+def progress_bar(iterable, *, desc: str, total: int | None = None, enabled: bool = True):
+    """A bar on a terminal, a line every 30 s in a log (:func:`relprune.core.progress.progress`)."""
+    return progress(iterable, desc=desc, total=total, unit="batches", enabled=enabled)
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:

@@ -11,8 +11,6 @@ would give it, or what the pruned blocks before it give it.
 
 from __future__ import annotations
 
-import sys
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +20,7 @@ from torch import Tensor, nn
 
 from ..core import distributed as _dist
 from ..core.batches import Batch
+from ..core.progress import progress as _progress
 from ..errors import CalibrationError, CheckpointError, LayerError
 
 
@@ -193,16 +192,5 @@ def blocks_with_progress(named: Sequence[tuple[str, nn.Module]],
                          progress: bool) -> Iterable[tuple[int, tuple[str, nn.Module]]]:
     """``enumerate(named)``, reporting progress when asked: a bar on a terminal, else one line per block
     on stderr (a log file or a scheduler's output gets a line a block, not minutes of silence)."""
-    if not progress:
-        yield from enumerate(named)
-        return
-    if sys.stderr.isatty():
-        from tqdm.auto import tqdm
-
-        yield from tqdm(enumerate(named), total=len(named), desc="blocks", unit="block", leave=False)
-        return
-    start = time.perf_counter()
-    for i, item in enumerate(named):
-        yield i, item
-        print(f"block {i + 1}/{len(named)} ({item[0]}) done, {time.perf_counter() - start:.0f} s",
-              file=sys.stderr, flush=True)
+    return _progress(enumerate(named), desc="blocks", total=len(named), unit="done", every=0.0,
+                     enabled=progress, name=lambda item: item[1][0])

@@ -7,10 +7,16 @@ plain folder loads.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import torch
+from torch import Tensor, nn
 
 from ..core.checkpoint import stored_numel
 from ..core.files import staged_folder, verify_manifest
@@ -70,7 +76,6 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 def resolve_device(device: Any = None) -> Any:
     """A ``torch.device``: ``None`` or ``"auto"`` is CUDA when present, else the CPU; refuses one that is absent."""
-    import torch
 
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -90,7 +95,6 @@ def resolve_device(device: Any = None) -> Any:
 
 def resolve_dtype(dtype: Any = None) -> Any:
     """A floating ``torch.dtype`` from its name (``None``: float32)."""
-    import torch
 
     if dtype is None:
         return torch.float32
@@ -150,7 +154,6 @@ def load_causal_lm(where: str | Path, *, label: str | None = None, verify: bool 
     compressed (:mod:`relprune.llm.compressed`); refuses weights that do not fit the config, and (unless
     ``verify=False``) a folder relprune wrote whose files changed since."""
     transformers = require_transformers()
-    import torch
 
     label = label or str(where)
     try:
@@ -162,8 +165,6 @@ def load_causal_lm(where: str | Path, *, label: str | None = None, verify: bool 
         if Path(where).is_dir() and not shrunk:  # load_shrunk checks a shrunk folder its own way
             check_checkpoint(Path(where), config)
         if shrunk:  # per-layer sizes (llm shrink --scope global): the config holds one size for all layers
-            from .structured import load_shrunk
-
             model, info = load_shrunk(where), {}
         elif layout is not None:  # pruned weights stored compressed: transformers 5 cannot read them (see .compressed)
             model, info = load_compressed(Path(where), config, transformers), {}
@@ -207,7 +208,6 @@ def check_checkpoint(folder: Path, config: Any, *, exact_names: bool = False) ->
     model's (streamed pruning reads tensors by name, with none of transformers' renaming of old
     checkpoints).
     """
-    import torch
 
     files = sorted(folder.glob("*.safetensors"))
     if not files:
@@ -270,13 +270,34 @@ def convert_gguf(gguf: Path) -> Path:
     return target
 
 
+@contextlib.contextmanager
+def _gguf_progress_as_lines(transformers: Any) -> Iterator[None]:
+    """transformers' GGUF reader draws a plain tqdm bar, whose carriage returns fill a log file: our
+    progress (a bar on a terminal, a line every 30 s otherwise) stands in while it reads."""
+    from ..core.progress import progress
+
+    try:
+        module = importlib.import_module(f"{transformers.__name__}.modeling_gguf_pytorch_utils")
+    except ImportError:
+        module = None
+    if module is None or not hasattr(module, "tqdm"):
+        yield
+        return
+    own = module.tqdm
+    module.tqdm = lambda iterable, desc="", **_: progress(iterable, desc="converting GGUF tensors", unit="tensors")
+    try:
+        yield
+    finally:
+        module.tqdm = own
+
+
 def _convert(transformers: Any, gguf: Path, tmp: Path) -> None:
     """De-quantise ``gguf`` into a float32 folder at ``tmp``."""
-    import torch
 
     kwargs = {"gguf_file": gguf.name}
     tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+    with _gguf_progress_as_lines(transformers):
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
     config = loaded.config
     config.quantization_config = None
     if hasattr(config, "__dict__"):
@@ -297,3 +318,85 @@ def load_tokenizer(where: str | Path) -> tuple[Any, Any]:
         raise
     except Exception as err:  # transformers and tokenizers raise many kinds for a bad folder
         raise ModelLoadError(f"cannot load {where}: {type(err).__name__}: {' '.join(str(err).split())[:300]}") from err
+
+
+def load_shrunk(folder: str | Path) -> Any:
+    """A model saved by :func:`relprune.llm.structured.save_shrunk`, with per-layer sizes when it has them.
+
+    The recorded sizes are applied to a model built on the meta device first and its parameter count
+    checked against what the weights files hold, so a config or sizes file that asks for more is
+    refused before anything is allocated.
+    """
+    transformers = require_transformers()
+    folder = Path(folder)
+    extra = folder / SIZES_FILE
+    if not extra.is_file():
+        return transformers.AutoModelForCausalLM.from_pretrained(folder)
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        sizes = json.loads(extra.read_text())
+        layers, head_dim = list(sizes["layers"]), int(sizes["head_dim"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise RelpruneError(f"{extra} is not a sizes record: {err}") from err
+    files = sorted(folder.glob("*.safetensors"))
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            shapes.update({k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()})  # noqa: SIM118
+    config = load_config(folder)
+    with torch.device("meta"):
+        skeleton = transformers.AutoModelForCausalLM.from_config(config)
+    _resize(skeleton, layers, head_dim, shapes, folder)
+    wanted = sum(p.numel() for p in skeleton.parameters())
+    if wanted > stored_numel(files):
+        raise RelpruneError(f"{folder}: the config and sizes ask for {wanted:,} parameters but the weights hold "
+                            f"{stored_numel(files):,}")
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    _resize(model, layers, head_dim, shapes, folder)
+    state: dict[str, Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise RelpruneError(f"{folder}: weights do not fit the recorded sizes: {missing[:3]} {unexpected[:3]}")
+    model.tie_weights()
+    return model.eval()
+
+
+def _resize(model: nn.Module, layers: list[dict[str, Any]], hd: int, stored: dict[str, tuple[int, ...]],
+            folder: Path) -> None:
+    """Give each block's projections the recorded sizes (checked against the stored tensors' shapes)."""
+    from .sequential import decoder_blocks
+
+    named = decoder_blocks(model)
+    if len(named) != len(layers):
+        raise RelpruneError(f"{folder}: relprune_sizes.json describes {len(layers)} layers, the config {len(named)}")
+    for (block_name, block), size in zip(named, layers, strict=True):
+        attn, mlp = block.self_attn, block.mlp
+        try:
+            heads, kv, width = (int(size[k]) for k in ("num_attention_heads", "num_key_value_heads",
+                                                         "intermediate_size"))
+        except (KeyError, TypeError, ValueError) as err:
+            raise RelpruneError(f"{folder}: relprune_sizes.json has a layer without whole-number sizes: {err}") from err
+        shapes = {attn.q_proj: (heads * hd, attn.q_proj.in_features),
+                  attn.k_proj: (kv * hd, attn.k_proj.in_features),
+                  attn.v_proj: (kv * hd, attn.v_proj.in_features),
+                  attn.o_proj: (attn.o_proj.out_features, heads * hd),
+                  mlp.gate_proj: (width, mlp.gate_proj.in_features),
+                  mlp.up_proj: (width, mlp.up_proj.in_features),
+                  mlp.down_proj: (mlp.down_proj.out_features, width)}
+        for proj, shape in shapes.items():
+            # Checked against the stored tensor first: recorded sizes must never make us allocate
+            # more than the weights hold.
+            key = f"{block_name}.{next(n for n, m in block.named_modules() if m is proj)}.weight"
+            if stored.get(key) != shape:
+                raise RelpruneError(f"{folder}: weights do not fit the recorded sizes ({key}: recorded {shape}, "
+                                    f"stored {stored.get(key)})")
+            device = proj.weight.device
+            proj.weight = nn.Parameter(torch.empty(shape, dtype=proj.weight.dtype, device=device))
+            if proj.bias is not None:
+                proj.bias = nn.Parameter(torch.empty(shape[0], dtype=proj.bias.dtype, device=device))
+            proj.out_features, proj.in_features = shape

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..core.progress import progress as _progress
+
 
 @dataclass(frozen=True)
 class Perplexity:
@@ -31,11 +33,7 @@ def perplexity(model: Any, windows: Tensor, *, batch_size: int = 1, progress: bo
     ``batch_size`` windows go through the model at once; the logits of one batch (batch x L x
     vocabulary floats: 100 MB for SmolLM2 at L=512) dominate memory, hence the default of 1.
     """
-    iterator = windows.split(batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(iterator, desc="perplexity", unit="batch", disable=None, leave=False)
+    iterator = _progress(windows.split(batch_size), desc="perplexity", unit="batches", enabled=progress)
     total, count = 0.0, 0
     device = model.get_input_embeddings().weight.device if hasattr(model, "get_input_embeddings") else None
     with torch.no_grad():

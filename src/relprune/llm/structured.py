@@ -33,7 +33,8 @@ from ..core.collect import collect_stats
 from ..core.reconstruct import PERCDAMP, refit_columns
 from ..core.stats import LayerStats
 from ..errors import RelpruneError
-from .blocks import block_outputs, capture_block_inputs, feed
+from .blocks import block_outputs, blocks_with_progress, capture_block_inputs, feed
+from .load import SIZES_FILE, load_shrunk  # noqa: F401 - the reader of what save_shrunk writes
 from .sequential import decoder_blocks
 
 LLM_GROUP_CRITERIA = ("rc", "fluctuation", "share", "l2", "random")
@@ -83,8 +84,10 @@ def unit_cost(block: nn.Module, kind: str) -> int:
 
 
 def unit_scores(model: nn.Module, batches: Sequence[dict[str, Tensor]] | None, criterion: str = "rc", *,
-                blocks: str | Sequence[str] | None = None, seed: int = 0) -> dict[tuple[int, str], Tensor]:
-    """Score of every head group and MLP channel of every decoder layer, from dense activations."""
+                blocks: str | Sequence[str] | None = None, seed: int = 0,
+                progress: bool = False) -> dict[tuple[int, str], Tensor]:
+    """Score of every head group and MLP channel of every decoder layer, from dense activations
+    (``progress``: a line per block on stderr, a bar on a terminal)."""
     if criterion not in LLM_GROUP_CRITERIA:
         raise RelpruneError(f"criterion must be one of {LLM_GROUP_CRITERIA}, got {criterion!r}")
     named = decoder_blocks(model, blocks)
@@ -109,7 +112,7 @@ def unit_scores(model: nn.Module, batches: Sequence[dict[str, Tensor]] | None, c
     if not batches:
         raise RelpruneError(f"criterion {criterion!r} needs calibration batches")
     stat = "relative_mean" if criterion == "rc" else "contribution_std"
-    for i, _, block, readers in _reader_stats(model, named, batches, stat):
+    for i, _, block, readers in _reader_stats(model, named, batches, stat, progress):
         _, head_dim, kv, rep = _attn(block)
         for kind, (proj, s) in readers.items():
             v = s.relative_mean if criterion == "rc" else s.contribution_std ** 2
@@ -122,13 +125,14 @@ def unit_scores(model: nn.Module, batches: Sequence[dict[str, Tensor]] | None, c
 
 
 def _reader_stats(model: nn.Module, named: list[tuple[str, nn.Module]], batches: Sequence[dict[str, Tensor]],
-                  statistic: str) -> Iterator[tuple[int, str, nn.Module, dict[str, tuple[nn.Linear, LayerStats]]]]:
+                  statistic: str, progress: bool = False,
+                  ) -> Iterator[tuple[int, str, nn.Module, dict[str, tuple[nn.Linear, LayerStats]]]]:
     """Per decoder layer, ``statistic`` of the projections that read its units (``o_proj`` for the
     heads, ``down_proj`` for the MLP channels) on dense activations: one pass through the blocks."""
     model.eval()
     captured = capture_block_inputs(model, [b for _, b in named], batches)
     hidden = captured.hidden
-    for i, (name, block) in enumerate(named):
+    for i, (name, block) in blocks_with_progress(named, progress):
         inputs = feed(captured.calls[i], hidden)
         readers = {"heads": _attn(block)[0].o_proj, "mlp": _mlp(block).down_proj}
         names = {kind: _name_in(block, proj) for kind, proj in readers.items()}
@@ -234,7 +238,7 @@ def unit_compensation(model: nn.Module, batches: Sequence[dict[str, Tensor]], ke
 
 def shrink_refit(model: nn.Module, batches: Sequence[dict[str, Tensor]], keep: dict[tuple[int, str], Tensor], *,
                  blocks: str | Sequence[str] | None = None, sequential: bool = True,
-                 percdamp: float = PERCDAMP) -> dict[str, Any]:
+                 percdamp: float = PERCDAMP, progress: bool = False) -> dict[str, Any]:
     """Remove the units not kept, in place, re-fitting what reads them; returns the per-layer sizes.
 
     Block by block, the kept columns of each ``o_proj`` and ``down_proj`` (and a bias) are fitted by
@@ -242,14 +246,14 @@ def shrink_refit(model: nn.Module, batches: Sequence[dict[str, Tensor]], keep: d
     (:func:`~relprune.core.reconstruct.refit_columns`; FLAP's bias compensation is its special case
     that ignores how kept and removed columns covary). The attention units go first, so the MLP's
     fit sees the attention it will run with; with ``sequential`` (default) each block is calibrated
-    on the outputs of the blocks already shrunk, else on the dense model's.
+    on the outputs of the blocks already shrunk, else on the dense model's (``progress``: a line per block).
     """
     named = decoder_blocks(model, blocks)
     _check_keep(named, keep)
     model.eval()
     captured = capture_block_inputs(model, [b for _, b in named], batches)
     hidden = captured.hidden
-    for i, (_, block) in enumerate(named):
+    for i, (_, block) in blocks_with_progress(named, progress):
         inputs = feed(captured.calls[i], hidden)
         dense_out = None if sequential or i + 1 == len(named) else block_outputs(block, inputs)
         for kind in ("heads", "mlp"):
@@ -372,89 +376,5 @@ def save_shrunk(model: nn.Module, tokenizer: Any, folder: str | Path) -> bool:
     with staged_folder(folder) as tmp:
         write_pretrained(model, tokenizer, tmp)
         if not uniform:
-            (tmp / "relprune_sizes.json").write_text(json.dumps(sizes, indent=2) + "\n")
+            (tmp / SIZES_FILE).write_text(json.dumps(sizes, indent=2) + "\n")
     return uniform
-
-
-def load_shrunk(folder: str | Path) -> Any:
-    """A model saved by :func:`save_shrunk`, with per-layer sizes when it has them.
-
-    The recorded sizes are applied to a model built on the meta device first and its parameter count
-    checked against what the weights files hold, so a config or sizes file that asks for more is
-    refused before anything is allocated.
-    """
-    from .load import load_config, require_transformers
-
-    transformers = require_transformers()
-    folder = Path(folder)
-    extra = folder / "relprune_sizes.json"
-    if not extra.is_file():
-        return transformers.AutoModelForCausalLM.from_pretrained(folder)
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    from ..core.checkpoint import stored_numel
-
-    try:
-        sizes = json.loads(extra.read_text())
-        layers, head_dim = list(sizes["layers"]), int(sizes["head_dim"])
-    except (ValueError, KeyError, TypeError) as err:
-        raise RelpruneError(f"{extra} is not a sizes record: {err}") from err
-    files = sorted(folder.glob("*.safetensors"))
-    shapes: dict[str, tuple[int, ...]] = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as fh:
-            shapes.update({k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()})  # noqa: SIM118
-    config = load_config(folder)
-    with torch.device("meta"):
-        skeleton = transformers.AutoModelForCausalLM.from_config(config)
-    _resize(skeleton, layers, head_dim, shapes, folder)
-    wanted = sum(p.numel() for p in skeleton.parameters())
-    if wanted > stored_numel(files):
-        raise RelpruneError(f"{folder}: the config and sizes ask for {wanted:,} parameters but the weights hold "
-                            f"{stored_numel(files):,}")
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    _resize(model, layers, head_dim, shapes, folder)
-    state: dict[str, Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("lm_head.weight")]
-    if missing or unexpected:
-        raise RelpruneError(f"{folder}: weights do not fit the recorded sizes: {missing[:3]} {unexpected[:3]}")
-    model.tie_weights()
-    return model.eval()
-
-
-def _resize(model: nn.Module, layers: list[dict[str, Any]], hd: int, stored: dict[str, tuple[int, ...]],
-            folder: Path) -> None:
-    """Give each block's projections the recorded sizes (checked against the stored tensors' shapes)."""
-    named = decoder_blocks(model)
-    if len(named) != len(layers):
-        raise RelpruneError(f"{folder}: relprune_sizes.json describes {len(layers)} layers, the config {len(named)}")
-    for (block_name, block), size in zip(named, layers, strict=True):
-        attn, mlp = block.self_attn, block.mlp
-        try:
-            heads, kv, width = (int(size[k]) for k in ("num_attention_heads", "num_key_value_heads",
-                                                         "intermediate_size"))
-        except (KeyError, TypeError, ValueError) as err:
-            raise RelpruneError(f"{folder}: relprune_sizes.json has a layer without whole-number sizes: {err}") from err
-        shapes = {attn.q_proj: (heads * hd, attn.q_proj.in_features),
-                  attn.k_proj: (kv * hd, attn.k_proj.in_features),
-                  attn.v_proj: (kv * hd, attn.v_proj.in_features),
-                  attn.o_proj: (attn.o_proj.out_features, heads * hd),
-                  mlp.gate_proj: (width, mlp.gate_proj.in_features),
-                  mlp.up_proj: (width, mlp.up_proj.in_features),
-                  mlp.down_proj: (mlp.down_proj.out_features, width)}
-        for proj, shape in shapes.items():
-            # Checked against the stored tensor first: recorded sizes must never make us allocate
-            # more than the weights hold.
-            key = f"{block_name}.{_name_in(block, proj)}.weight"
-            if stored.get(key) != shape:
-                raise RelpruneError(f"{folder}: weights do not fit the recorded sizes ({key}: recorded {shape}, "
-                                    f"stored {stored.get(key)})")
-            device = proj.weight.device
-            proj.weight = nn.Parameter(torch.empty(shape, dtype=proj.weight.dtype, device=device))
-            if proj.bias is not None:
-                proj.bias = nn.Parameter(torch.empty(shape[0], dtype=proj.bias.dtype, device=device))
-            proj.out_features, proj.in_features = shape

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..core.checks import whole_number
 from ..errors import CalibrationError, DataError
 
 
@@ -25,8 +26,7 @@ def tokenize_file(tokenizer: Any, path: str | Path) -> Tensor:
 
 
 def _check(ids: Tensor, seqlen: int, what: str) -> None:
-    if seqlen < 2:
-        raise CalibrationError(f"seqlen must be at least 2, got {seqlen}")
+    whole_number(seqlen, "seqlen", 2, CalibrationError)
     if len(ids) < seqlen:
         raise DataError(f"the {what} text has {len(ids)} tokens, fewer than one window of {seqlen}")
 
@@ -35,8 +35,8 @@ def calibration_windows(ids: Tensor, samples: int, seqlen: int, seed: int = 0) -
     """``samples`` windows of ``seqlen`` tokens at random offsets (seeded), as the Wanda and
     SparseGPT reference code draw calibration data: shape (samples, seqlen)."""
     _check(ids, seqlen, "calibration")
-    if samples < 1:
-        raise CalibrationError(f"calibration samples must be at least 1, got {samples}")
+    whole_number(samples, "calibration samples", 1, CalibrationError)
+    whole_number(seed, "seed", 0, CalibrationError)
     offsets = len(ids) - seqlen + 1
     if samples > offsets:
         raise DataError(f"{samples} calibration windows of {seqlen} tokens asked for; the calibration text "
@@ -52,8 +52,7 @@ def evaluation_windows(ids: Tensor, seqlen: int, samples: int | None = None) -> 
     _check(ids, seqlen, "evaluation")
     count = len(ids) // seqlen
     if samples is not None:
-        if samples < 1:
-            raise CalibrationError(f"evaluation samples must be at least 1, got {samples}")
+        whole_number(samples, "evaluation samples", 1, CalibrationError)
         if samples > count:
             raise DataError(f"the evaluation text holds {count} windows of {seqlen} tokens, fewer than {samples}")
         count = samples
@@ -62,4 +61,5 @@ def evaluation_windows(ids: Tensor, seqlen: int, samples: int | None = None) -> 
 
 def batches_of(windows: Tensor, batch_size: int) -> list[dict[str, Tensor]]:
     """Keyword batches for a causal LM (``input_ids`` and an all-ones ``attention_mask``)."""
+    whole_number(batch_size, "batch_size", 1, CalibrationError)
     return [{"input_ids": w, "attention_mask": torch.ones_like(w)} for w in windows.split(batch_size)]
