@@ -35,7 +35,7 @@ _LAZY = {
     "LayerReport": "core.masks", "Masks": "core.masks", "apply_masks": "core.masks", "copy_model": "core.masks",
     "current_masks": "core.masks", "format_report": "core.masks", "load_state_dict": "core.masks",
     "make_permanent": "core.masks", "sparsity_report": "core.masks",
-    "prune": "core.pruning",
+    "prune": "core.pruning", "Recipe": "core.spec",
     "STATISTICS": "core.stats", "LayerStats": "core.stats", "Stats": "core.stats", "collect_stats": "core.collect",
     "DependencyGraph": "deploy.graph", "prune_groups": "deploy.groups", "output_importance": "deploy.importance",
 }
@@ -80,6 +80,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
         sparsity_report,
     )
     from .core.pruning import prune
+    from .core.spec import Recipe
     from .core.stats import STATISTICS, LayerStats, Stats
     from .deploy import export, graph, groups, shrink
     from .deploy.graph import DependencyGraph
@@ -109,6 +110,7 @@ __all__ = [
     "ModelLoadError",
     "NoPrunableLayersError",
     "NonFiniteActivationError",
+    "Recipe",
     "RelpruneError",
     "ShrinkError",
     "SingularGramError",

@@ -35,7 +35,7 @@ CASES = [
     (["train", "--dataset", "digits", "--model", "nosuchpkg:make", "--out", "{t}/x"], 1, "cannot load model"),
     (["train", "--dataset", "digits", "--out", "/dev/null/x"], 1, "cannot be written"),
     (["train", "--dataset", "digits", "--epochs", "1", "--out", "{m}"], 1, "already holds a trained model"),
-    (["prune", "--checkpoint", "{m}", "--n-m", "abc"], 2, "N:M pattern must look like"),
+    (["prune", "--checkpoint", "{m}", "--n-m", "abc"], 2, "N:M pattern must be two whole numbers"),
     (["prune", "--checkpoint", "{m}", "--n-m", "4:2"], 2, "0 < N < M"),
     (["prune", "--checkpoint", "{m}", "--sparsity", "1.0"], 2, "remove every weight"),
     (["prune", "--checkpoint", "{m}", "--sparsity", "nan"], 2, r"\[0, 1\)"),

@@ -28,31 +28,39 @@ from relprune.llm.compressed import COMPRESSED_MODEL_TYPE, COMPRESSED_WEIGHTS
 
 transformers = pytest.importorskip("transformers")
 
-# What an outside reader runs: plain transformers, the model built by the Auto class and by its own class.
+# What an outside reader runs: plain transformers, the model built by the Auto class and by its own class,
+# for every folder in one fresh process (importing transformers dominates its cost).
 READER = textwrap.dedent("""
     import sys, json, torch
     if sys.argv[3] == "without":
         sys.modules["compressed_tensors"] = None  # transformers then sees no compressed-tensors installed
     import transformers
-    folder, ids = sys.argv[1], torch.tensor(json.loads(sys.argv[2]))
-    for build in (transformers.AutoModelForCausalLM, transformers.LlamaForCausalLM):
-        try:
-            model = build.from_pretrained(folder)
-        except Exception as err:
-            print(json.dumps({"refused": f"{type(err).__name__}: {err}"}))
-            continue
-        with torch.no_grad():
-            print(json.dumps({"logits": model(input_ids=ids).logits.tolist()}))
+    folders, ids = json.loads(sys.argv[1]), torch.tensor(json.loads(sys.argv[2]))
+    for folder in folders:
+        for build in (transformers.AutoModelForCausalLM, transformers.LlamaForCausalLM):
+            try:
+                model = build.from_pretrained(folder)
+            except Exception as err:
+                print(json.dumps({"folder": folder, "refused": f"{type(err).__name__}: {err}"}))
+                continue
+            with torch.no_grad():
+                print(json.dumps({"folder": folder, "logits": model(input_ids=ids).logits.tolist()}))
 """)
 
 
-def outside_reader(folder, ids, compressed_tensors: str) -> list[dict]:
-    """What plain transformers makes of ``folder`` (one answer per model class), in a fresh process."""
-    run = subprocess.run([sys.executable, "-c", READER, str(folder), json.dumps(ids.tolist()), compressed_tensors],
-                         capture_output=True, text=True, timeout=300,
+def outside_reader(folders, ids, compressed_tensors: str) -> dict[str, list[dict]]:
+    """What plain transformers makes of each folder (one answer per model class), in a fresh process."""
+    run = subprocess.run([sys.executable, "-c", READER, json.dumps([str(f) for f in folders]),
+                          json.dumps(ids.tolist()), compressed_tensors], capture_output=True, text=True, timeout=600,
                          env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
     assert run.returncode == 0, run.stderr[-2000:]
-    return [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    answers: dict[str, list[dict]] = {str(f): [] for f in folders}
+    for line in run.stdout.splitlines():
+        if line.startswith("{"):
+            answer = json.loads(line)
+            answers[answer.pop("folder")].append(answer)
+    assert all(len(a) == 2 for a in answers.values()), answers
+    return answers
 
 
 def has_compressed_tensors() -> bool:
@@ -100,12 +108,13 @@ def test_no_reader_loads_a_different_model(tmp_path, folder):
     stacks = ["without", *(["with"] if has_compressed_tensors() else [])]
     if os.environ.get("CI") and "with" not in stacks:
         pytest.fail("CI must run the loader matrix with compressed-tensors installed (the test extra)")
+    answers = {stack: outside_reader([p for p, _ in folders.values()], ids, stack) for stack in stacks}
     for label, (path, want) in folders.items():
         # relprune's own loader: the pruned model, whatever the layout.
         with torch.no_grad():
             torch.testing.assert_close(load_causal_lm(path)(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
         for stack in stacks:
-            for answer in outside_reader(path, ids, stack):
+            for answer in answers[stack][str(path)]:
                 if label.endswith("dense"):
                     assert "logits" in answer, (label, stack, answer)
                     torch.testing.assert_close(torch.tensor(answer["logits"]), want, rtol=1e-5, atol=1e-5)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..defaults import DEFAULT_BIAS_COMPENSATION, DEFAULT_CRITERION
+from ..defaults import DEFAULT_BIAS_COMPENSATION, DEFAULT_CRITERION, MAX_SEED
 from ..errors import (
     LayerError,
     MissingLabelsError,
@@ -81,8 +81,8 @@ def prune(
         recipe.validate()
     if stats is not None and not isinstance(stats, Stats):
         raise StatsMismatchError(f"stats must come from collect_stats (a relprune.Stats), got {type(stats).__name__}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise RelpruneError(f"seed must be a whole number from 0 to 2^63 - 1, got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < MAX_SEED:
+        raise RelpruneError(f"seed must be a whole number from 0 to 2^62 - 1 (defaults.MAX_SEED), got {seed!r}")
     crit = recipe.crit
     nm = recipe.nm
     sparsity, threshold, scope = recipe.sparsity, recipe.threshold, recipe.resolved_scope
