@@ -9,6 +9,12 @@ call's median time per load and its ratio to the idle time, and appends one JSON
 
     python benchmarks/contention.py --out docs/data/contention_issue32.jsonl
     python benchmarks/contention.py --rounds 2 --quick     # a smaller layer, for a look
+
+``--prune`` times whole ``relprune llm prune`` runs instead (each a fresh process, its peak resident memory
+from the kernel's accounting of that child): the default recipe, SparseGPT and Wanda (as published: no
+re-fit) at 50% on ``--model``, with 0, 1 and 2 busy processes beside, in alternating rounds.
+
+    python benchmarks/contention.py --prune --model smollm2-135m --out docs/data/contention_issue32_prune.jsonl
 """
 
 from __future__ import annotations
@@ -18,8 +24,12 @@ import contextlib
 import datetime
 import json
 import multiprocessing as mp
+import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -30,8 +40,10 @@ from relprune.core.admm import admm_prune
 
 
 def _busy(stop: mp.Event) -> None:  # type: ignore[valid-type]
+    """A CPU-bound loop until told to stop, or until its parent is gone (a killed benchmark leaves no load)."""
+    parent = os.getppid()
     x = 0
-    while not stop.is_set():
+    while not stop.is_set() and os.getppid() == parent:
         for i in range(100_000):
             x = (x + i * i) % 1_000_003
 
@@ -63,13 +75,82 @@ def _unbounded(weight: torch.Tensor, gram: torch.Tensor) -> object:
         admm.bounded_threads = bounded
 
 
+#: The recipes ``--prune`` times: the default, and the two published baselines as their authors run them.
+PRUNE_METHODS = {"default (admm)": [], "sparsegpt": ["--criterion", "sparsegpt"],
+                 "wanda": ["--criterion", "wanda", "--reconstruct", "none"]}
+
+
+def _timed_prune(args: argparse.Namespace, extra: list[str], out: str) -> tuple[float, float]:
+    """(seconds, peak resident MiB) of one ``relprune llm prune`` in a fresh process."""
+    cmd = [sys.executable, "-m", "relprune", "llm", "prune", "--model", args.model, "--sparsity", "0.5",
+           "--calibration", args.calibration, "--calibration-samples", str(args.samples), "--seqlen", "512",
+           "--out", out, *extra]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - t0
+    if status:
+        raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr.read().decode()[-500:]}")
+    return seconds, usage.ru_maxrss / 1024
+
+
+def _with_busy(busy: int, fn: Callable[[], object]) -> object:
+    ctx = mp.get_context("spawn")
+    stop = ctx.Event()
+    workers = [ctx.Process(target=_busy, args=(stop,), daemon=True) for _ in range(busy)]
+    for w in workers:
+        w.start()
+    time.sleep(1.0 if busy else 0.2)
+    try:
+        return fn()
+    finally:
+        stop.set()
+        for w in workers:
+            w.join()
+
+
+def prune_main(args: argparse.Namespace) -> None:
+    meta = {"date": datetime.date.today().isoformat(), "machine": platform.machine(), "cores": mp.cpu_count(),
+            "torch": torch.__version__, "default_threads": torch.get_num_threads(), "model": args.model,
+            "sparsity": 0.5, "calibration_samples": args.samples, "seqlen": 512}
+    results: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    for r in range(args.rounds):
+        for busy in args.busy:
+            for label, extra in PRUNE_METHODS.items():
+                with tempfile.TemporaryDirectory() as tmp:
+                    seconds, peak = _with_busy(busy, lambda extra=extra, tmp=tmp: _timed_prune(args, extra,
+                                                                                             f"{tmp}/out"))
+                results.setdefault((label, busy), []).append((seconds, peak))
+                line = {**meta, "method": label, "busy": busy, "round": r, "seconds": seconds, "peak_mib": peak}
+                print(json.dumps(line), flush=True)
+                if args.out:
+                    with open(args.out, "a") as fh:
+                        fh.write(json.dumps(line) + "\n")
+    print(f"\n{'method':16} " + " ".join(f"{f'{b} busy s':>10} {'x idle':>7} {'MiB':>6}" for b in args.busy))
+    for label in PRUNE_METHODS:
+        idle = statistics.median(s for s, _ in results[(label, args.busy[0])])
+        cells = []
+        for b in args.busy:
+            sec = statistics.median(s for s, _ in results[(label, b)])
+            cells.append(f"{sec:10.1f} {sec / idle:7.2f} {max(m for _, m in results[(label, b)]):6.0f}")
+        print(f"{label:16} " + " ".join(cells))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prune", action="store_true", help="time whole `relprune llm prune` runs")
+    parser.add_argument("--model", default="smollm2-135m", help="--prune: the model (default: smollm2-135m)")
+    parser.add_argument("--calibration", default="../shared/data/shakespeare/calib.txt")
+    parser.add_argument("--samples", type=int, default=16, help="--prune: calibration windows of 512 tokens")
+    parser.add_argument("--busy", type=int, nargs="+", default=[0, 1, 2], help="busy processes beside (default: 0 1 2)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of (idle, 1 busy, 2 busy) (default: 3)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per call and load per round")
     parser.add_argument("--quick", action="store_true", help="a 768-input layer instead of 1536")
     parser.add_argument("--out", help="append the results here (JSON lines)")
     args = parser.parse_args()
+    if args.prune:
+        prune_main(args)
+        return
 
     inputs, outputs = (768, 288) if args.quick else (1536, 576)
     weight, gram = _layer(inputs, outputs)

@@ -12,6 +12,7 @@ from ..core.spec import Recipe
 from ..defaults import (
     DEFAULT_LLM_CRITERION,
     DEFAULT_LLM_RECONSTRUCT,
+    DEFAULT_LLM_SAVE_FORMAT,
     DEFAULT_LLM_SCOPE,
     DEFAULT_LLM_UNIT_SCORE,
 )
@@ -72,11 +73,11 @@ def add_llm_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=checked(int, seed_value), default=0,
                    help="chooses the calibration windows (default: 0)")
     _add_device_flags(p)
-    p.add_argument("--save-format", choices=list(SAVE_FORMATS), default=SAVE_FORMATS[0],
+    p.add_argument("--save-format", choices=list(SAVE_FORMATS), default=DEFAULT_LLM_SAVE_FORMAT,
                    help="dense: every weight stored as it is, zeros included, in the model's dtype (any "
                         "transformers loads it); compressed: pruned weights as a bitmask plus their kept values "
                         "(about 0.53 of their bytes at 50%%), read by relprune.llm.load_model and `llm eval`, "
-                        f"refused by other readers (default: {SAVE_FORMATS[0]})")
+                        f"refused by other readers (default: {DEFAULT_LLM_SAVE_FORMAT})")
     p.add_argument("--out", required=True, help="output folder (must not hold anything yet)")
     p.set_defaults(func=cmd_llm_prune)
 

@@ -136,9 +136,10 @@ def capture_block_inputs(model: nn.Module, blocks: Sequence[nn.Module], batches:
 
 
 def refuse_non_finite(module: nn.Module, where: str = "the model") -> None:
-    """Refuse a module any of whose parameters or buffers holds NaN or Inf (an embedding row or a norm
-    included, not only the weights being pruned): its outputs could not be trusted, nor a re-fit on them."""
-    bad = [n for n, t in (*module.named_parameters(), *module.named_buffers())
+    """Refuse a module any of whose parameters holds NaN or Inf (an embedding row or a norm included, not only
+    the weights being pruned): its outputs could not be trusted, nor a re-fit on them. Buffers are left alone:
+    some models keep -inf attention masks there on purpose."""
+    bad = [n for n, t in module.named_parameters()
            if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all())]
     if bad:
         raise CheckpointError(f"{where} holds NaN or Inf in {bad[:3]}{' ...' if len(bad) > 3 else ''}; restore a "

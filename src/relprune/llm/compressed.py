@@ -48,7 +48,8 @@ from ..core.compressed import (
 )
 from ..errors import CheckpointError, ModelLoadError
 
-#: The ``save_format`` values: every weight stored as it is (the default), or pruned weights compressed.
+#: The ``save_format`` values: every weight stored as it is (the default,
+#: :data:`relprune.defaults.DEFAULT_LLM_SAVE_FORMAT`), or pruned weights compressed.
 SAVE_FORMATS = ("dense", "compressed")
 #: The compressed-tensors version whose sparse formats these folders follow.
 FORMAT_VERSION = "0.14.0.1"

@@ -76,7 +76,6 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 def resolve_device(device: Any = None) -> Any:
     """A ``torch.device``: ``None`` or ``"auto"`` is CUDA when present, else the CPU; refuses one that is absent."""
-
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -95,7 +94,6 @@ def resolve_device(device: Any = None) -> Any:
 
 def resolve_dtype(dtype: Any = None) -> Any:
     """A floating ``torch.dtype`` from its name (``None``: float32)."""
-
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
@@ -208,7 +206,6 @@ def check_checkpoint(folder: Path, config: Any, *, exact_names: bool = False) ->
     model's (streamed pruning reads tensors by name, with none of transformers' renaming of old
     checkpoints).
     """
-
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         return
@@ -293,7 +290,6 @@ def _gguf_progress_as_lines(transformers: Any) -> Iterator[None]:
 
 def _convert(transformers: Any, gguf: Path, tmp: Path) -> None:
     """De-quantise ``gguf`` into a float32 folder at ``tmp``."""
-
     kwargs = {"gguf_file": gguf.name}
     tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
     with _gguf_progress_as_lines(transformers):

@@ -10,7 +10,7 @@ from typing import Any
 from ..core.files import staged_folder
 from ..core.masks import Masks
 from ..core.spec import Recipe
-from ..defaults import DEFAULT_LLM_CRITERION, DEFAULT_LLM_RECONSTRUCT
+from ..defaults import DEFAULT_LLM_CRITERION, DEFAULT_LLM_RECONSTRUCT, DEFAULT_LLM_SAVE_FORMAT
 from ..errors import RelpruneError
 from .compressed import SAVE_FORMATS
 from .load import load_model
@@ -30,7 +30,7 @@ class OneshotResult:
 
 def oneshot(model: Any, calibration: str | Path, recipe: Recipe | None = None, *, out: str | Path | None = None,
             tokenizer: Any = None, samples: int = 32, seqlen: int = 512, seed: int = 0, batch_size: int = 8,
-            sequential: bool = True, progress: bool = False, save_format: str = "dense",
+            sequential: bool = True, progress: bool = False, save_format: str = DEFAULT_LLM_SAVE_FORMAT,
             device: Any = "auto", dtype: Any = None, **recipe_options: Any) -> OneshotResult:
     """Prune a causal language model on calibration text in one call, and save it when ``out`` is given.
 

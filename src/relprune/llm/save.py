@@ -18,6 +18,7 @@ from torch import nn
 from ..core.compressed import layout_for, prefix_of
 from ..core.files import staged_folder
 from ..core.masks import make_permanent
+from ..defaults import DEFAULT_LLM_SAVE_FORMAT
 from ..errors import RelpruneError
 from .compressed import SAVE_FORMATS, compressible, mark_compressed, write_compressed
 from .load import require_transformers
@@ -69,7 +70,7 @@ def switches_for(model_type: type, config: Any, wanted: set[str]) -> tuple[list[
     return switches, built
 
 
-def save_pretrained(model: nn.Module, tokenizer: Any, folder: str | Path, *, save_format: str = "dense",
+def save_pretrained(model: nn.Module, tokenizer: Any, folder: str | Path, *, save_format: str = DEFAULT_LLM_SAVE_FORMAT,
                     n_m: tuple[int, int] | None = None) -> list[str]:
     """Fold masks into weights and write ``model`` and ``tokenizer`` (None: none) to ``folder``.
 
@@ -93,7 +94,7 @@ def save_pretrained(model: nn.Module, tokenizer: Any, folder: str | Path, *, sav
         return write_pretrained(model, tokenizer, tmp, save_format=save_format, n_m=n_m)
 
 
-def write_pretrained(model: nn.Module, tokenizer: Any, folder: Path, *, save_format: str = "dense",
+def write_pretrained(model: nn.Module, tokenizer: Any, folder: Path, *, save_format: str = DEFAULT_LLM_SAVE_FORMAT,
                      n_m: tuple[int, int] | None = None) -> list[str]:
     """:func:`save_pretrained`'s writing, into an empty folder the caller stages (and adds its own files to)."""
     if save_format not in SAVE_FORMATS:

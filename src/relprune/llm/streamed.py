@@ -28,7 +28,7 @@ from ..core.compressed import compress_state, layout_for, prefix_of
 from ..core.files import MANIFEST, staged_folder, verify_manifest
 from ..core.masks import Masks
 from ..core.spec import Recipe
-from ..defaults import DEFAULT_LLM_CRITERION, DEFAULT_LLM_RECONSTRUCT
+from ..defaults import DEFAULT_LLM_CRITERION, DEFAULT_LLM_RECONSTRUCT, DEFAULT_LLM_SAVE_FORMAT
 from ..errors import ModelLoadError, RelpruneError
 from .blocks import (
     BlockInputs,
@@ -71,7 +71,7 @@ def prune_streamed(
     blocks: str | Sequence[str] | None = None,
     sequential: bool = True,
     progress: bool = False,
-    save_format: str = "dense",
+    save_format: str = DEFAULT_LLM_SAVE_FORMAT,
     allocation: str = "uniform",
     owl_m: float = 5.0,
     owl_lambda: float = 0.08,
