@@ -209,3 +209,17 @@ def test_a_changed_file_is_refused_unless_verification_is_off(tmp_path, capsys):
     assert main(["llm", "eval", "--model", str(tmp_path / "c"), "--text", str(tmp_path / "c" / "config.json"),
                  "--seqlen", "8"]) == 1
     assert "--no-verify-weights" in capsys.readouterr().err
+
+
+def test_a_changed_config_is_refused_before_the_tokenizer_reads_it(tmp_path, capsys):
+    """The manifest is checked before anything of the folder is read (found by this session's own sweep)."""
+    model = tiny_llama()
+    prune_sequential(model, ids_batches(), sparsity=0.5)
+    save_pretrained(model, tiny_tokenizer(), tmp_path / "c", save_format="compressed")
+    config = json.loads((tmp_path / "c" / "config.json").read_text())
+    config.pop("relprune_compression")
+    (tmp_path / "c" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(relprune.IntegrityError, match=r"config\.json changed since"):
+        relprune.llm.load_model(tmp_path / "c")
+    with pytest.raises(relprune.ModelLoadError, match="names no model type"):
+        relprune.llm.load_model(tmp_path / "c", verify=False)

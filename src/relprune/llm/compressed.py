@@ -227,7 +227,8 @@ class StoredCheckpoint:
                         weight_map = dict.fromkeys(fh.keys(), single)
                     break
             else:
-                raise ModelLoadError(f"{folder} holds no safetensors checkpoint (model.safetensors or its index)")
+                raise ModelLoadError(f"{folder} holds no safetensors checkpoint ({COMPRESSED_WEIGHTS}, "
+                                     "model.safetensors or an index of shards)")
         except (SafetensorError, OSError, KeyError, ValueError) as err:
             raise ModelLoadError(f"{folder}: cannot read its safetensors checkpoint: {err}") from err
         self.folder, self.weight_map = folder, weight_map

@@ -143,8 +143,10 @@ def load_model(spec: str | Path, *, fetch: bool = True, quiet: bool = False, dev
         transformers.utils.logging.disable_progress_bar()
         transformers.utils.logging.set_verbosity_error()
     where = resolve_model(spec, fetch=fetch)
+    if verify and Path(where).is_dir():  # before anything of the folder is read, the tokenizer's files included
+        verify_manifest(where)
     tokenizer, _ = load_tokenizer(where)
-    return load_causal_lm(where, label=str(spec), verify=verify).to(device=target, dtype=kind), tokenizer
+    return load_causal_lm(where, label=str(spec), verify=False).to(device=target, dtype=kind), tokenizer
 
 
 def load_causal_lm(where: str | Path, *, label: str | None = None, verify: bool = True) -> Any:
