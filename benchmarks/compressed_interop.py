@@ -1,6 +1,8 @@
 """Does the ecosystem read our compressed folders? Logits from another stack's loader against ours.
 
-relprune writes pruned language models in compressed-tensors' sparse formats. transformers 5 cannot
+relprune's compressed folders (``save_format="compressed"``) store pruned weights in compressed-tensors' sparse
+layouts. Since issue 29 they are marked so that only relprune reads them (a model type naming its reader, weights
+not called model.safetensors), so another stack is expected to refuse them; this script records what it does. transformers 5 cannot
 decompress them (it needs compressed-tensors >= 0.15, which dropped the sparse compressors); the
 last stack that can is transformers 4.x with compressed-tensors <= 0.14. This script writes pruned
 folders with relprune (tiny Llama models, or ``--folder`` one already written, e.g. by
@@ -38,18 +40,21 @@ try:  # the user's path: plain from_pretrained
 except Exception as err:
     result["from_pretrained"] = f"{type(err).__name__}: {str(err)[:160]}"
 # compressed-tensors' own sparse decompressor, into a model built from the config without its quantization block
-config = transformers.AutoConfig.from_pretrained(folder)
-sparsity = config.quantization_config["sparsity_config"]
-layout = SparsityCompressionConfig.load_from_registry(sparsity["format"], **sparsity)
-compressor = BaseCompressor.load_from_registry(sparsity["format"], config=layout)
-state = dict(compressor.decompress(folder))
-del config.quantization_config
-model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32).eval()
-missing = model.load_state_dict(state, strict=False)
-model.tie_weights()
-with torch.no_grad():
-    torch.save(model(ids).logits, folder + "/peer_decompress.pt")
-result["decompress_missing"] = [k for k in missing.missing_keys if k != "lm_head.weight"]
+try:
+    config = transformers.AutoConfig.from_pretrained(folder)
+    sparsity = config.quantization_config["sparsity_config"]
+    layout = SparsityCompressionConfig.load_from_registry(sparsity["format"], **sparsity)
+    compressor = BaseCompressor.load_from_registry(sparsity["format"], config=layout)
+    state = dict(compressor.decompress(folder))
+    del config.quantization_config
+    model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32).eval()
+    missing = model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    with torch.no_grad():
+        torch.save(model(ids).logits, folder + "/peer_decompress.pt")
+    result["decompress_missing"] = [k for k in missing.missing_keys if k != "lm_head.weight"]
+except Exception as err:
+    result["decompress"] = f"{type(err).__name__}: {str(err)[:160]}"
 print(json.dumps(result))
 """
 
@@ -74,15 +79,16 @@ def tiny_pruned(folder: Path, n_m: tuple[int, int] | None, seed: int) -> None:
                     groups = w.abs().reshape(w.shape[0], -1, 4)
                     keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, groups.topk(2, -1).indices, True)
                     w.mul_(keep.reshape(w.shape))
-    save_pretrained(model, None, folder, n_m=n_m)
+    save_pretrained(model, None, folder, n_m=n_m, save_format="compressed")
 
 
 def compare(folder: Path, peer_python: str, seed: int) -> dict:
     import transformers
 
     from relprune.llm.compressed import folder_layout, load_compressed
+    from relprune.llm.load import load_config
 
-    model = load_compressed(folder, transformers.AutoConfig.from_pretrained(folder), transformers)
+    model = load_compressed(folder, load_config(folder), transformers)
     torch.manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (2, 16))
     with torch.no_grad():

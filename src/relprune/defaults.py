@@ -1,6 +1,7 @@
 """The library's and the CLI's defaults, fixed by the benchmark study (docs/results.md).
 
-They live here, in the core, so ``prune`` and the command line cannot drift apart.
+They live here, a top-level module every part may import (``core`` included), so ``prune`` and the command
+line cannot drift apart.
 """
 
 #: The variance share (ours) was the criterion closest to each column's best over the study's

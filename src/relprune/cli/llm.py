@@ -1,4 +1,5 @@
-"""``relprune llm prune`` and ``relprune llm eval``: a causal language model pruned block by block."""
+"""``relprune llm prune``, ``relprune llm shrink`` and ``relprune llm eval``: causal language models pruned block
+by block, shrunk by heads, channels or blocks, and measured."""
 
 from __future__ import annotations
 
