@@ -2,9 +2,9 @@
 
 relprune's compressed folders (``save_format="compressed"``) store pruned weights in compressed-tensors' sparse
 layouts. Since issue 29 they are marked so that only relprune reads them (a model type naming its reader, weights
-not called model.safetensors), so another stack is expected to refuse them; this script records what it does. transformers 5 cannot
-decompress them (it needs compressed-tensors >= 0.15, which dropped the sparse compressors); the
-last stack that can is transformers 4.x with compressed-tensors <= 0.14. This script writes pruned
+not called model.safetensors), so another stack is expected to refuse them; this script records what it does.
+transformers 5 cannot decompress the layouts (it needs compressed-tensors >= 0.15, which dropped the sparse
+compressors); the last stack that could is transformers 4.x with compressed-tensors <= 0.14. This script writes pruned
 folders with relprune (tiny Llama models, or ``--folder`` one already written, e.g. by
 ``relprune llm prune``), loads each with relprune and, in the peer interpreter ``--peer-python``
 (a virtual environment holding that stack; it never imports relprune), with plain
