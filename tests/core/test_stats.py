@@ -195,6 +195,24 @@ def test_save_load_round_trip(tmp_path):
             torch.testing.assert_close(getattr(back[layer], name), getattr(stats[layer], name))
 
 
+def test_a_changed_statistics_file_is_refused_unless_verification_is_off(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+    path = tmp_path / "s.safetensors"
+    relprune.collect_stats(model, _batches((6, 5))).save(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["s.safetensors"]  # written whole, no temporary file left
+    with safe_open(str(path), framework="pt") as fh:
+        metadata, tensors = fh.metadata(), {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+    key = next(k for k in tensors if "sum." in k)
+    tensors[key] = tensors[key] * 2
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(relprune.IntegrityError, match="changed since relprune wrote it"):
+        relprune.Stats.load(path)
+    relprune.Stats.load(path, verify=False)
+
+
 def test_only_requested_statistics_are_gathered():
     model = nn.Sequential(nn.Linear(5, 4), nn.ReLU())
     stats = relprune.collect_stats(model, _batches((6, 5), dtype=torch.float32), statistics=["relative_mean"])

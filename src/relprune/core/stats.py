@@ -26,6 +26,7 @@ from ..errors import (
     StatsMismatchError,
 )
 from . import layers as L
+from .files import atomic_file, check_tensors_sha256, tensors_sha256
 from .masks import unchanged_since
 
 EPS = 1e-12
@@ -275,8 +276,9 @@ class Stats(Mapping[str, LayerStats]):
 
     # -- persistence (merge across machines) ---------------------------------
     def save(self, path: str | Path) -> None:
-        """Write to a safetensors file (sums and metadata, no pickle)."""
-        from safetensors.torch import save_file
+        """Write to a safetensors file (sums and metadata, no pickle; each tensor's SHA-256 recorded), in full
+        or not at all."""
+        from safetensors.torch import save
 
         tensors: dict[str, Tensor] = {}
         meta: dict[str, Any] = {"liveness": self.liveness, "statistics": sorted(self.statistics), "layers": {}}
@@ -293,11 +295,15 @@ class Stats(Mapping[str, LayerStats]):
                 "kind": ls.kind, "groups": ls.groups, "statistics": sorted(ls.statistics),
                 "liveness": ls.liveness, "total_count": ls.total_count, "grad_batches": ls.grad_batches,
             }
-        save_file(tensors, str(path), metadata={"relprune_stats": json.dumps(meta)})
+        meta["tensor_sha256"] = tensors_sha256(tensors)
+        payload = save(tensors, metadata={"relprune_stats": json.dumps(meta)})
+        with atomic_file(path) as fh:
+            fh.write(payload)
 
     @classmethod
-    def load(cls, path: str | Path) -> Stats:
-        """Read what :meth:`save` wrote."""
+    def load(cls, path: str | Path, *, verify: bool = True) -> Stats:
+        """Read what :meth:`save` wrote; each tensor is checked against its recorded SHA-256 (``verify=False``
+        skips that)."""
         from safetensors import SafetensorError, safe_open
 
         if not Path(path).is_file():
@@ -311,6 +317,8 @@ class Stats(Mapping[str, LayerStats]):
                 t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iterator
         except (SafetensorError, json.JSONDecodeError) as err:
             raise StatsMismatchError(f"{path} is not a readable relprune statistics file: {err}") from err
+        if verify and "tensor_sha256" in meta:  # files written before issue 30 carry none
+            check_tensors_sha256(t, meta["tensor_sha256"], str(path))
         layers = {}
         for name, m in meta["layers"].items():
             p = f"{name}::"
