@@ -191,11 +191,8 @@ def llm_recipe(ns: argparse.Namespace) -> Recipe:
 
 
 def cmd_llm_prune(ns: argparse.Namespace) -> int:
-    from ..core.files import staged_folder
-    from ..llm import calibration_windows, load_model, prune_sequential, tokenize_file
+    from ..llm import oneshot
     from ..llm.load import resolve_device
-    from ..llm.save import write_pretrained
-    from ..llm.text import batches_of
 
     recipe = llm_recipe(ns)
     device = resolve_device(ns.device)
@@ -210,29 +207,12 @@ def cmd_llm_prune(ns: argparse.Namespace) -> int:
         raise RelpruneError(f"calibration text {ns.calibration} does not exist")
     if ns.streamed:
         return _llm_prune_streamed(ns, out, recipe)
-    model, tokenizer = load_model(ns.model, quiet=True, device=ns.device, dtype=ns.dtype, verify=ns.verify_weights)
-    _check_seqlen(model.config, ns.seqlen)
-    windows = calibration_windows(tokenize_file(tokenizer, ns.calibration), ns.calibration_samples, ns.seqlen,
-                                  ns.seed)
-    say(f"calibration: {len(windows)} windows of {ns.seqlen} tokens from {ns.calibration} (seed {ns.seed})")
-    start = time.perf_counter()
-    masks = prune_sequential(model, batches_of(windows, ns.batch_size), recipe, sequential=ns.sequential,
-                             progress=True)
-    seconds = time.perf_counter() - start
-    with staged_folder(out) as tmp:
-        switches = write_pretrained(model, tokenizer, tmp, save_format=ns.save_format, n_m=recipe.nm)
-        if switches:
-            say(f"config: {', '.join(switches)} switched on for the compensated biases")
-        record = {"model": ns.model, "criterion": recipe.criterion, "scope": recipe.scope, "sparsity": recipe.sparsity,
-                  "n_m": recipe.n_m, "reconstruct": ns.reconstruct, "sequential": ns.sequential,
-                  "bias_compensation": recipe.bias_compensation, "refine": recipe.refine,
-                  "allocation": recipe.allocation,
-                  "owl_lambda": recipe.owl_lambda if recipe.allocation != "uniform" else None,
-                  "calibration": str(ns.calibration), "calibration_samples": ns.calibration_samples,
-                  "seqlen": ns.seqlen, "seed": ns.seed, "seconds": round(seconds, 1),
-                  "achieved_sparsity": masks.sparsity, "save_format": ns.save_format}
-        (tmp / "relprune.json").write_text(json.dumps(record, indent=2) + "\n")
-    _report(ns, masks, seconds, out)
+    result = oneshot(ns.model, ns.calibration, recipe, out=out, samples=ns.calibration_samples, seqlen=ns.seqlen,
+                     seed=ns.seed, batch_size=ns.batch_size, sequential=ns.sequential, progress=True,
+                     save_format=ns.save_format, device=ns.device, dtype=ns.dtype, verify=ns.verify_weights)
+    if result.switches:
+        say(f"config: {', '.join(result.switches)} switched on for the compensated biases")
+    _report(ns, result.masks, result.seconds, out)
     return 0
 
 
