@@ -260,9 +260,9 @@ def test_oneshot_is_the_command_in_one_call(folder, tmp_path, capsys):
     assert result.recipe.reconstruct == "exact" and result.recipe.scope is None
     assert _run(["llm", "prune", "--model", folder, "--sparsity", "0.5", "--calibration", tmp_path / "calib.txt",
                  "--calibration-samples", "4", "--seqlen", "16", "--out", tmp_path / "cli"], capsys)[0] == 0
-    records = [json.loads((tmp_path / d / "relprune.json").read_text()) for d in ("api", "cli")]
-    assert [{k: v for k, v in r.items() if k != "seconds"} for r in records][0] == \
-        [{k: v for k, v in r.items() if k != "seconds"} for r in records][1]  # the command is this call
+    api, cli = ({k: v for k, v in json.loads((tmp_path / d / "relprune.json").read_text()).items() if k != "seconds"}
+                for d in ("api", "cli"))
+    assert api == cli  # the command is this call
     a = relprune.llm.load_causal_lm(tmp_path / "api")
     b = relprune.llm.load_causal_lm(tmp_path / "cli")
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
