@@ -43,7 +43,7 @@ def test_build_normalises_what_several_spellings_mean():
     ({"sparsity": 0.5, "reconstruct": True, "bias_compensation": True}, "correct it twice"),
     ({"n_m": "2:4", "allocation": "owl"}, "give a sparsity, not an N:M pattern"),
     ({"sparsity": 0.5, "allocation": "per-layer"}, "allocation must be one of"),
-    ({"sparsity": 0.5, "owl_lambda": 0.7}, r"lambda must be in \[0, 0.5\)"),
+    ({"sparsity": 0.5, "owl_lambda": 0.7}, r"lambda must lie in \[0, 0.5\)"),
     ({"sparsity": 0.5, "criterion": "magnitude", "options": {"ucb_k": 2}}, "takes no options"),
     ({"sparsity": 0.5, "criterion": "nope"}, "nope"),
 ])

@@ -9,7 +9,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..core.spec import Recipe
+from ..core.allocation import SCOPES
+from ..core.spec import ALLOCATIONS, Recipe, owl_lambda_problem
 from ..defaults import (
     DEFAULT_LLM_CRITERION,
     DEFAULT_LLM_RECONSTRUCT,
@@ -39,7 +40,7 @@ def add_llm_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--criterion", type=checked(str, _block_criterion), default=DEFAULT_LLM_CRITERION,
                    help=f"one of {', '.join(block_criteria())} (default: {DEFAULT_LLM_CRITERION}, the best of "
                         "the LLM benchmark)")
-    p.add_argument("--scope", choices=["row", "layer"], default=None,
+    p.add_argument("--scope", choices=[s for s in SCOPES if s != "global"], default=None,
                    help=f"comparison group within each layer (default: {DEFAULT_LLM_SCOPE}; not with sparsegpt, "
                         "admm or gradual, which choose their masks with the weights)")
     budget = p.add_mutually_exclusive_group(required=True)
@@ -60,11 +61,11 @@ def add_llm_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--refine", action="store_true",
                    help="swap pruned and kept weights within rows while the layer's output error falls "
                         "(after the criterion's mask, before the re-fit; not with sparsegpt/admm/gradual)")
-    p.add_argument("--allocation", choices=["uniform", "owl", "entropy"], default="uniform",
+    p.add_argument("--allocation", choices=list(ALLOCATIONS), default="uniform",
                    help="one sparsity for every block, OWL's outlier-weighted per-block sparsities, or "
                         "sparsities from the contribution entropy (fewer effective weights, more removed) "
                         "(with --sparsity only) (default: uniform)")
-    p.add_argument("--owl-lambda", type=checked(float, _owl_lambda), default=0.08,
+    p.add_argument("--owl-lambda", type=checked(float, owl_lambda_problem), default=0.08,
                    help="owl/entropy: block sparsities within sparsity +- lambda (default: 0.08)")
     p.add_argument("--streamed", action="store_true",
                    help="read one block at a time from the model's safetensors and write it pruned: memory "
@@ -155,10 +156,6 @@ def _block_criterion(name: str) -> str | None:
         return ("needs the whole model's loss gradient or output importance, which block-by-block pruning does "
                 f"not have; choose from {', '.join(block_criteria())}")
     return None
-
-
-def _owl_lambda(value: float) -> str | None:
-    return None if 0.0 <= value < 0.5 else "must lie in [0, 0.5)"
 
 
 def _check_seqlen(config, seqlen: int) -> None:

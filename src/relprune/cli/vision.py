@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..core.allocation import SCOPES
 from ..defaults import (
     DEFAULT_BIAS_COMPENSATION,
     DEFAULT_CRITERION,
@@ -84,7 +85,7 @@ class Overwrite:
 class MethodArgs:
     criterion: str = option("scoring criterion: " + ", ".join(criterion_names()), DEFAULT_CRITERION,
                         check=criterion_name)
-    scope: str = option("global, layer or row", DEFAULT_SCOPE, check=one_of("global", "layer", "row"))
+    scope: str = option(", ".join(SCOPES), DEFAULT_SCOPE, check=one_of(*SCOPES))
     liveness: bool = option("condition statistics on the next activation's live range", DEFAULT_LIVENESS)
     bias_compensation: bool = option("fold removed weights' mean contribution into the bias", DEFAULT_BIAS_COMPENSATION)
     ucb_k: float = option("k in rc-ucb's E[r] + k Std[r]", 1.0, check=non_negative)

@@ -22,6 +22,13 @@ from .criteria import Criterion, get_criterion
 REFITS = (None, "exact", "obs")
 #: How a block-by-block driver spreads a sparsity over the blocks.
 ALLOCATIONS = ("uniform", "owl", "entropy")
+#: OWL's lambda (each block's sparsity within sparsity +- lambda) lies in [0, OWL_LAMBDA_LIMIT).
+OWL_LAMBDA_LIMIT = 0.5
+
+
+def owl_lambda_problem(value: float) -> str | None:
+    """Why ``value`` cannot be OWL's lambda, or None (one rule for the API and both commands)."""
+    return None if 0.0 <= value < OWL_LAMBDA_LIMIT else f"must lie in [0, {OWL_LAMBDA_LIMIT:g})"
 
 
 @dataclass(frozen=True)
@@ -126,8 +133,9 @@ class Recipe:
         if self.allocation != "uniform" and self.sparsity is None:
             raise SparsityError(f"{self.allocation} allocation sets unstructured sparsities per block: give a "
                                 "sparsity, not an N:M pattern or a threshold")
-        if not 0.0 <= real_number(self.owl_lambda, "OWL's lambda") < 0.5:
-            raise SparsityError(f"OWL's lambda must be in [0, 0.5), got {self.owl_lambda}")
+        problem = owl_lambda_problem(real_number(self.owl_lambda, "OWL's lambda"))
+        if problem:
+            raise SparsityError(f"OWL's lambda {problem}, got {self.owl_lambda}")
         if not real_number(self.owl_m, "OWL's outlier multiple") > 0:
             raise SparsityError(f"OWL's outlier multiple must be positive, got {self.owl_m}")
         return self
