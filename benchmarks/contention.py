@@ -128,11 +128,12 @@ def prune_main(args: argparse.Namespace) -> None:
                         fh.write(json.dumps(line) + "\n")
     print(f"\n{'method':16} " + " ".join(f"{f'{b} busy s':>10} {'x idle':>7} {'MiB':>6}" for b in args.busy))
     for label in PRUNE_METHODS:
-        idle = statistics.median(s for s, _ in results[(label, args.busy[0])])
+        idle = statistics.median(s for s, _ in results[(label, 0)]) if 0 in args.busy else None
         cells = []
         for b in args.busy:
             sec = statistics.median(s for s, _ in results[(label, b)])
-            cells.append(f"{sec:10.1f} {sec / idle:7.2f} {max(m for _, m in results[(label, b)]):6.0f}")
+            ratio = f"{sec / idle:7.2f}" if idle else f"{'-':>7}"  # no idle run in this invocation: no ratio
+            cells.append(f"{sec:10.1f} {ratio} {max(m for _, m in results[(label, b)]):6.0f}")
         print(f"{label:16} " + " ".join(cells))
 
 
