@@ -37,6 +37,7 @@ import torch
 
 from relprune.core import admm
 from relprune.core.admm import admm_prune
+from relprune.core.threads import bounded_threads
 
 
 def _busy(stop: mp.Event) -> None:  # type: ignore[valid-type]
@@ -54,14 +55,11 @@ def _layer(inputs: int, outputs: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(outputs, inputs, generator=g), x.T @ x
 
 
-def _with_threads(n: int, fn: Callable[[], object]) -> Callable[[], object]:
+def _one_thread(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` run as the library runs its eigendecompositions (:func:`relprune.core.threads.bounded_threads`)."""
     def run() -> object:
-        before = torch.get_num_threads()
-        torch.set_num_threads(n)
-        try:
+        with bounded_threads(1):
             return fn()
-        finally:
-            torch.set_num_threads(before)
     return run
 
 
@@ -159,7 +157,7 @@ def main() -> None:
     default_threads = torch.get_num_threads()
     calls: dict[str, Callable[[], object]] = {
         f"eigh, {default_threads} threads": lambda: torch.linalg.eigh(h32),
-        "eigh, 1 thread": _with_threads(1, lambda: torch.linalg.eigh(h32)),
+        "eigh, 1 thread": _one_thread(lambda: torch.linalg.eigh(h32)),
         f"cholesky, {default_threads} threads": lambda: torch.linalg.cholesky(h32.double()),
         f"matmul {outputs}x{inputs}x{inputs}, {default_threads} threads": lambda: weight @ h32,
         "admm_prune 50% (as the library runs it)": lambda: admm_prune(weight, gram, sparsity=0.5),

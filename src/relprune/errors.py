@@ -51,7 +51,7 @@ class CheckpointError(RelpruneError, ValueError):
 
 
 class IntegrityError(CheckpointError):
-    """A file relprune wrote has changed since (its SHA-256 differs from the folder's manifest)."""
+    """A file relprune wrote has changed since (its SHA-256, or a stored tensor's, differs from the one recorded)."""
 
 
 class ShrinkError(RelpruneError, ValueError):

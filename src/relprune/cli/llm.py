@@ -158,12 +158,6 @@ def _block_criterion(name: str) -> str | None:
     return None
 
 
-def _check_seqlen(config, seqlen: int) -> None:
-    limit = getattr(config, "max_position_embeddings", None)
-    if limit is not None and seqlen > limit:
-        raise RelpruneError(f"--seqlen {seqlen} is beyond the model's {limit} positions")
-
-
 def _fresh_out(path: Path) -> Path:
     from ..llm.save import refuse_occupied
 
@@ -228,13 +222,13 @@ def _weight_bytes(folder: Path) -> int:
 def _llm_prune_streamed(ns: argparse.Namespace, out: Path, recipe: Recipe) -> int:
     from ..llm import calibration_windows, prune_streamed, resolve_model, tokenize_file
     from ..llm.load import check_checkpoint, load_tokenizer
-    from ..llm.text import batches_of
+    from ..llm.text import batches_of, check_seqlen
 
     where = resolve_model(ns.model)
     tokenizer, config = load_tokenizer(where)
     if Path(where).is_dir():
         check_checkpoint(Path(where), config, exact_names=True)
-    _check_seqlen(config, ns.seqlen)
+    check_seqlen(config, ns.seqlen)
     windows = calibration_windows(tokenize_file(tokenizer, ns.calibration), ns.calibration_samples, ns.seqlen,
                                   ns.seed)
     say(f"calibration: {len(windows)} windows of {ns.seqlen} tokens from {ns.calibration} (seed {ns.seed})")
@@ -252,13 +246,13 @@ def cmd_llm_shrink(ns: argparse.Namespace) -> int:
     from ..llm.save import write_pretrained
     from ..llm.structured import (
         plan_units,
-        save_shrunk,
         shrink_refit,
         shrink_units,
         unit_compensation,
         unit_scores,
+        write_shrunk,
     )
-    from ..llm.text import batches_of
+    from ..llm.text import batches_of, check_seqlen
 
     if ns.depth and ns.scope != "uniform":
         raise RelpruneError("--depth removes whole blocks; --scope applies to heads and channels only")
@@ -266,7 +260,7 @@ def cmd_llm_shrink(ns: argparse.Namespace) -> int:
     if not Path(ns.calibration).is_file():
         raise RelpruneError(f"calibration text {ns.calibration} does not exist")
     model, tokenizer = load_model(ns.model, quiet=True, device=ns.device, dtype=ns.dtype, verify=ns.verify_weights)
-    _check_seqlen(model.config, ns.seqlen)
+    check_seqlen(model.config, ns.seqlen)
     batches = batches_of(calibration_windows(tokenize_file(tokenizer, ns.calibration), ns.calibration_samples,
                                              ns.seqlen, ns.seed), ns.batch_size)
     say(f"calibration: {ns.calibration_samples} windows of {ns.seqlen} tokens from {ns.calibration} "
@@ -300,7 +294,7 @@ def cmd_llm_shrink(ns: argparse.Namespace) -> int:
             write_pretrained(model, tokenizer, tmp)
             plain = True
         else:
-            plain = save_shrunk(model, tokenizer, tmp)
+            plain = write_shrunk(model, tokenizer, tmp)
         after = sum(p.numel() for p in model.parameters())  # as saved (bias switches add zero biases)
         record = {"model": ns.model, "ratio": ns.ratio, "depth": ns.depth,
                   "score": ns.block_score if ns.depth else ns.score,
@@ -327,11 +321,12 @@ def cmd_llm_shrink(ns: argparse.Namespace) -> int:
 
 def cmd_llm_eval(ns: argparse.Namespace) -> int:
     from ..llm import evaluation_windows, load_model, perplexity, tokenize_file
+    from ..llm.text import check_seqlen
 
     if not Path(ns.text).is_file():
         raise RelpruneError(f"text file {ns.text} does not exist")
     model, tokenizer = load_model(ns.model, quiet=True, device=ns.device, dtype=ns.dtype, verify=ns.verify_weights)
-    _check_seqlen(model.config, ns.seqlen)
+    check_seqlen(model.config, ns.seqlen)
     windows = evaluation_windows(tokenize_file(tokenizer, ns.text), ns.seqlen, ns.samples)
     say(f"evaluating {len(windows)} windows of {ns.seqlen} tokens from {ns.text}")
     print(f"{ns.model}: {perplexity(model, windows, batch_size=ns.batch_size, progress=True)}")

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..core.allocation import SCOPES
+from ..core.files import MANIFEST
 from ..defaults import (
     DEFAULT_BIAS_COMPENSATION,
     DEFAULT_CRITERION,
@@ -262,7 +263,7 @@ def cmd_bench(ns: argparse.Namespace) -> int:
 
 
 def cmd_demo(ns: argparse.Namespace) -> int:
-    from ..experiments.bench import BenchConfig, run_bench
+    from ..experiments.bench import RESULTS_FILE, BenchConfig, run_bench
     from ..experiments.report import load_results, markdown_tables
 
     start = time.perf_counter()
@@ -271,14 +272,12 @@ def cmd_demo(ns: argparse.Namespace) -> int:
         sparsities=[0.5, 0.75, 0.9], seeds=[ns.seed], regimes=["oneshot", "finetune"], calib_samples=[512],
         epochs=ns.epochs, batch_size=64, finetune_epochs=ns.finetune_epochs, lr=1e-3, finetune_lr=5e-4,
     )
-    def log(line: str) -> None:  # progress on stderr; a rerun says that it reuses the earlier run's cells
-        if "cells finished before" not in line:
-            say(line)
-        elif not line.startswith("0 "):
-            say(f"{line.split(' ->')[0]}: reusing the results of an earlier demo in {ns.out} (pass another --out "
-                "to start afresh)")
-
-    results = run_bench(cfg, writable_folder(ns.out), log=log)
+    out = writable_folder(ns.out)
+    earlier = len(load_results(out / RESULTS_FILE))
+    if earlier:
+        say(f"{earlier} cells: reusing the results of an earlier demo in {ns.out} (pass another --out to start "
+            "afresh)")
+    results = run_bench(cfg, out, log=say)
     print(markdown_tables(load_results(results)))
     print(f"plot: {results.parent / 'accuracy_vs_sparsity.png'}  ({time.perf_counter() - start:.0f} s)")
     return 0
@@ -392,7 +391,7 @@ def cmd_export(ns: argparse.Namespace) -> int:
 
 
 #: What an export folder holds (and nothing else): its forms and the manifest of their SHA-256s.
-EXPORT_PARTS = ("dense", "masked", "sparse", "onnx", "relprune-manifest.json")
+EXPORT_PARTS = ("dense", "masked", "sparse", "onnx", MANIFEST)
 
 
 def _export_target(out: Path, overwrite: bool) -> Path:

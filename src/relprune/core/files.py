@@ -124,7 +124,7 @@ def tensor_sha256(tensor: Tensor) -> str:
     import torch
 
     data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
-    return hashlib.sha256(data.tobytes()).hexdigest()
+    return hashlib.sha256(data).hexdigest()  # hashlib reads the array's buffer: no bytes copy
 
 
 def tensors_sha256(tensors: dict[str, Tensor]) -> dict[str, str]:

@@ -319,6 +319,10 @@ def key_of(cell: dict[str, Any]) -> str:
     return json.dumps(cell, sort_keys=True)
 
 
+#: The results file of a sweep's output folder; a rerun skips the cells it already holds.
+RESULTS_FILE = "results.jsonl"
+
+
 def run_bench(cfg: BenchConfig, out: str | Path, *, log=print) -> Path:
     """Run every unfinished cell, appending to out/results.jsonl, then write the report and plot."""
     cfg.validate()
@@ -326,7 +330,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, log=print) -> Path:
         torch.set_num_threads(cfg.threads)
     out = Path(out)
     check_out_dir(out, cfg)
-    results = out / "results.jsonl"
+    results = out / RESULTS_FILE
     _clean_torn_tail(results)
     done = {r["key"] for r in load_results(results)}
     todo = [c for c in cells(cfg) if key_of(c) not in done]

@@ -143,8 +143,6 @@ def write_compressed(state: Mapping[str, Tensor], folder: Path, layout: str, nam
                      max_shard_bytes: int = 2 << 30) -> None:
     """Write ``state`` as safetensors with the weights ``names`` compressed (sharded as transformers does
     above ``max_shard_bytes``)."""
-    from safetensors.torch import save_file
-
     tensors = {k: v.detach().contiguous().cpu() for k, v in compress_state(state, names, layout).items()}
     shards: list[dict[str, Tensor]] = [{}]
     size = 0
@@ -156,14 +154,21 @@ def write_compressed(state: Mapping[str, Tensor], folder: Path, layout: str, nam
         shards[-1][key] = value
         size += nbytes
     if len(shards) == 1:
-        save_file(shards[0], str(folder / COMPRESSED_WEIGHTS), metadata={"format": "pt"})
+        write_shard(folder, COMPRESSED_WEIGHTS, shards[0], {})
         return
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        file = shard_name(i, len(shards), compressed=True)
-        save_file(shard, str(folder / file), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, file))
-    write_index(folder, weight_map, sum(t.numel() * t.element_size() for t in tensors.values()), compressed=True)
+    weight_map: dict[str, str] = {}
+    total = sum(write_shard(folder, shard_name(i, len(shards), compressed=True), shard, weight_map)
+                for i, shard in enumerate(shards, 1))
+    write_index(folder, weight_map, total, compressed=True)
+
+
+def write_shard(folder: Path, file: str, tensors: Mapping[str, Tensor], weight_map: dict[str, str]) -> int:
+    """``tensors`` as ``folder/file``, their names mapped to it in ``weight_map``; returns their bytes."""
+    from safetensors.torch import save_file
+
+    save_file(dict(tensors), str(folder / file), metadata={"format": "pt"})
+    weight_map.update(dict.fromkeys(tensors, file))
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def shard_name(index: int, count: int, *, compressed: bool) -> str:

@@ -18,7 +18,7 @@ from .compressed import SAVE_FORMATS
 from .load import load_model
 from .save import refuse_occupied, write_pretrained
 from .sequential import block_recipe, prune_sequential
-from .text import batches_of, calibration_windows, tokenize_file
+from .text import batches_of, calibration_windows, check_seqlen, tokenize_file
 
 
 @dataclass(frozen=True)
@@ -72,9 +72,7 @@ def oneshot(model: Any, calibration: str | Path, recipe: Recipe | None = None, *
         model, tokenizer = load_model(model, quiet=True, device=device, dtype=dtype, verify=verify)
     elif tokenizer is None:
         raise RelpruneError("pass the model's tokenizer= along with a loaded model")
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if limit is not None and seqlen > limit:
-        raise RelpruneError(f"seqlen {seqlen} (--seqlen) is beyond the model's {limit} positions")
+    check_seqlen(getattr(model, "config", None), seqlen)
     windows = calibration_windows(tokenize_file(tokenizer, calibration), samples, seqlen, seed)
     if progress:
         print(f"calibration: {len(windows)} windows of {seqlen} tokens from {calibration} (seed {seed})",

@@ -48,6 +48,7 @@ from .compressed import (
     shard_name,
     unmarked_config,
     write_index,
+    write_shard,
 )
 from .load import check_checkpoint, load_config, require_transformers, resolve_model, tied_names
 from .save import refuse_occupied, switches_for
@@ -154,11 +155,11 @@ def prune_streamed(
                 compressed_names += chosen
                 zeros += sum(int((tensors[n] == 0).sum()) for n in chosen)
                 tensors = compress_state(tensors, chosen, layout)
-            total_size += _write_shard(tmp, shard_name(i + 1, shards, compressed=compressed), tensors, weight_map)
+            total_size += write_shard(tmp, shard_name(i + 1, shards, compressed=compressed), tensors, weight_map)
             del block, tensors
         rest = {n: checkpoint.get(n) for n in checkpoint.names() if not any(
             n.startswith(b + ".") for b, _ in named)}
-        total_size += _write_shard(tmp, shard_name(shards, shards, compressed=compressed), rest, weight_map)
+        total_size += write_shard(tmp, shard_name(shards, shards, compressed=compressed), rest, weight_map)
         write_index(tmp, weight_map, total_size, compressed=compressed)
         for f in src.iterdir():
             if f.is_file() and f.name not in WEIGHT_FILES and not f.name.endswith(".safetensors"):
@@ -252,11 +253,3 @@ def _load_block(meta_block: nn.Module, name: str, checkpoint: StoredCheckpoint) 
         raise RelpruneError(f"block {name} holds buffers the checkpoint does not store ({volatile[:3]}); "
                             "load the model and use prune_sequential instead")
     return block.eval()
-
-
-def _write_shard(folder: Path, file: str, tensors: dict[str, Tensor], weight_map: dict[str, str]) -> int:
-    from safetensors.torch import save_file
-
-    save_file(tensors, str(folder / file), metadata={"format": "pt"})
-    weight_map.update(dict.fromkeys(tensors, file))
-    return sum(t.numel() * t.element_size() for t in tensors.values())

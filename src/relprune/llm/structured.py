@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..core.checks import real_number
 from ..core.collect import collect_stats
 from ..core.reconstruct import PERCDAMP, refit_columns
 from ..core.stats import LayerStats
@@ -157,7 +158,7 @@ def plan_units(model: nn.Module, scores: dict[tuple[int, str], Tensor], ratio: f
     the result is a plain transformers model. ``"global"``: units of all layers compete on scores
     normalised by their layer's mean, per kind; layers then differ in size.
     """
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < ratio < 1.0:
+    if not 0.0 < real_number(ratio, "ratio", RelpruneError) < 1.0:
         raise RelpruneError(f"ratio must be a number in (0, 1): the share of parameters to remove, got {ratio!r}")
     if scope not in ("uniform", "global"):
         raise RelpruneError(f"scope must be 'uniform' or 'global', got {scope!r}")
@@ -358,11 +359,20 @@ def save_shrunk(model: nn.Module, tokenizer: Any, folder: str | Path) -> bool:
     loads the folder - provided the hidden size is a multiple of the new number of heads, which
     transformers requires. Per-layer sizes (or such a head count) cannot be expressed in a Llama
     config: they go to ``relprune_sizes.json`` and :func:`load_shrunk` builds the model from them.
+    ``folder`` must be absent or empty; it is written in full or not at all.
     """
     from ..core.files import staged_folder
-    from .save import refuse_occupied, write_pretrained
+    from .save import refuse_occupied
 
     refuse_occupied(Path(folder), "save_shrunk's folder")
+    with staged_folder(folder) as tmp:
+        return write_shrunk(model, tokenizer, tmp)
+
+
+def write_shrunk(model: nn.Module, tokenizer: Any, folder: Path) -> bool:
+    """:func:`save_shrunk`'s writing, into an empty folder the caller stages (and adds its own files to)."""
+    from .save import write_pretrained
+
     sizes = layer_sizes(model)
     first = sizes["layers"][0]
     # transformers checks that the hidden size is a multiple of the number of heads, head_dim or not.
@@ -373,8 +383,7 @@ def save_shrunk(model: nn.Module, tokenizer: Any, folder: str | Path) -> bool:
     if uniform:
         for key, value in sizes["layers"][0].items():
             setattr(config, key, value)
-    with staged_folder(folder) as tmp:
-        write_pretrained(model, tokenizer, tmp)
-        if not uniform:
-            (tmp / SIZES_FILE).write_text(json.dumps(sizes, indent=2) + "\n")
+    write_pretrained(model, tokenizer, folder)
+    if not uniform:
+        (folder / SIZES_FILE).write_text(json.dumps(sizes, indent=2) + "\n")
     return uniform

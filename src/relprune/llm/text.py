@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..core.checks import whole_number
-from ..errors import CalibrationError, DataError
+from ..errors import CalibrationError, DataError, RelpruneError
 
 
 def tokenize_file(tokenizer: Any, path: str | Path) -> Tensor:
@@ -23,6 +23,13 @@ def tokenize_file(tokenizer: Any, path: str | Path) -> Tensor:
         raise DataError(f"{path} is not UTF-8 text: {err}") from err
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
+
+
+def check_seqlen(config: Any, seqlen: int) -> None:
+    """Refuse windows longer than the model's positions (``config.max_position_embeddings``, when it has one)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and seqlen > limit:
+        raise RelpruneError(f"seqlen {seqlen} (--seqlen) is beyond the model's {limit} positions")
 
 
 def _check(ids: Tensor, seqlen: int, what: str) -> None:
