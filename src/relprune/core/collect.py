@@ -324,6 +324,8 @@ def collect_stats(
     need: frozenset[str] = frozenset()
     traced = False
     error: Exception | None = None
+    for layer in chosen.values():
+        L.CROSS_ATTENTION.discard(layer)
     observed = L.observable_attention(model)
     observed.__enter__()
     try:
@@ -357,6 +359,17 @@ def collect_stats(
             tracing = liveness and (seen == 0 or traced)
             with torch.no_grad(), tracer if tracing else contextlib.nullcontext():
                 run_model(model, b, seen)
+            cross = [n for n, m in chosen.items() if n not in stashed and m in L.CROSS_ATTENTION]
+            if cross and (layers is not None or seen):
+                raise CalibrationError(f"the packed projections {cross} belong to attentions called with different "
+                                       "query, key and value (cross-attention), whose rows read different inputs: "
+                                       "leave them out of layers=")
+            if cross:
+                import warnings
+
+                warnings.warn(f"relprune leaves out {cross}: their attentions are called with different query, key "
+                              "and value (cross-attention), so their rows read different inputs", stacklevel=2)
+                chosen = {n: m for n, m in chosen.items() if n not in cross}
             for name, layer in chosen.items():
                 if name not in stashed:
                     raise CalibrationError(f"layer {name!r} was not called by the model's forward pass")

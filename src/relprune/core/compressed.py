@@ -171,18 +171,22 @@ def compressed_prefixes(keys: Iterable[str]) -> list[str]:
     return sorted(k[: -len(".bitmask")] for k in keys if k.endswith(".bitmask"))
 
 
-def decompress_state(keys: Iterable[str], read: Callable[[str], Tensor],
-                     layout: str = BITMASK) -> Iterator[tuple[str, Tensor]]:
+def decompress_state(keys: Iterable[str], read: Callable[[str], Tensor], layout: str = BITMASK,
+                     names: Iterable[str] = ()) -> Iterator[tuple[str, Tensor]]:
     """(name, dense tensor) for every stored tensor, one at a time; ``read(key)`` fetches a stored tensor.
 
-    A compressed weight comes back as ``prefix.weight``; only one weight is ever dense in memory here.
+    A compressed weight comes back as ``prefix.weight``, or under its own name when ``names`` (the keys that
+    were compressed) holds one that is not a ``.weight`` (an attention's ``in_proj_weight``); only one weight
+    is ever dense in memory here.
     """
     keys = list(keys)
     prefixes = compressed_prefixes(keys)
+    named = {prefix_of(n): n for n in names}
     parts = {f"{p}.{part}" for p in prefixes for part in PARTS[layout]}
     for prefix in prefixes:
         found = {part: read(f"{prefix}.{part}") for part in PARTS[layout] if f"{prefix}.{part}" in keys}
-        yield f"{prefix}.weight", decompress(found, layout, f"{prefix}.weight")
+        name = named.get(prefix, f"{prefix}.weight")
+        yield name, decompress(found, layout, name)
     for key in keys:
         if key not in parts:
             yield key, read(key)

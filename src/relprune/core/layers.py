@@ -9,18 +9,99 @@ padding, dilation and groups without ever building im2col rows.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from ..errors import LayerError, NoPrunableLayersError
 
-PrunableLayer = nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d
-PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-SUPPORTED = "Linear, Conv1d, Conv2d, Conv3d, transformers' Conv1D"
+SUPPORTED = ("Linear, Conv1d, Conv2d, Conv3d, transformers' Conv1D, and nn.MultiheadAttention's packed "
+             "query/key/value projection")
+
+
+class PackedProjection(nn.Module):
+    """``nn.MultiheadAttention``'s packed query/key/value projection (``in_proj_weight``, ``in_proj_bias``)
+    seen as the Linear layer it is, so that it is pruned like any other.
+
+    Attached to its attention as the child ``in_proj`` by :func:`prunable_layers` (it holds no tensor of its
+    own: the attention's ``state_dict`` is unchanged, and its mask lives on the attention's
+    ``in_proj_weight``); the attention calls it while relprune observes the model
+    (:func:`observable_attention`). :func:`relprune.make_permanent` detaches it again.
+    """
+
+    def __init__(self, attention: nn.MultiheadAttention):
+        super().__init__()
+        # Not a child: the attention owns this module, not the other way round.
+        object.__setattr__(self, "attention", attention)
+        self.in_features = attention.embed_dim
+        self.out_features = 3 * attention.embed_dim
+
+    @property
+    def weight(self) -> Tensor:
+        return self.attention.in_proj_weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.attention.in_proj_bias
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("weight", "bias"):  # a re-fit's new bias belongs to the attention
+            setattr(self.attention, f"in_proj_{name}", value)
+        else:
+            super().__setattr__(name, value)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features} (the attention's in_proj_weight)"
+
+
+#: The child name a packed projection takes in its attention.
+PACKED_NAME = "in_proj"
+PrunableLayer = nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d | PackedProjection
+PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, PackedProjection)
+
+
+def attach_packed_projections(model: nn.Module) -> None:
+    """Give every ``nn.MultiheadAttention`` with a packed ``in_proj_weight`` its :class:`PackedProjection`
+    (``<attention>.in_proj``); an attention with separate key and value sizes, or that already has a child of
+    that name, is left as it is."""
+    for module in list(model.modules()):
+        if (isinstance(module, nn.MultiheadAttention) and module._qkv_same_embed_dim
+                and isinstance(getattr(module, "in_proj_weight", None), Tensor)
+                and PACKED_NAME not in module._modules and not hasattr(module, PACKED_NAME)):
+            module._modules[PACKED_NAME] = PackedProjection(module)
+
+
+def detach_packed_projections(model: nn.Module) -> None:
+    """Remove what :func:`attach_packed_projections` added (the model is plain torch again)."""
+    for module in model.modules():
+        if isinstance(module, nn.MultiheadAttention) and isinstance(module._modules.get(PACKED_NAME),
+                                                                    PackedProjection):
+            del module._modules[PACKED_NAME]
+
+
+def weight_owner(layer: nn.Module) -> tuple[nn.Module, str]:
+    """The module whose parameter is ``layer``'s weight, and that parameter's name: ``(layer, "weight")``, or
+    for a packed projection ``(its attention, "in_proj_weight")``."""
+    if isinstance(layer, PackedProjection):
+        return layer.attention, "in_proj_weight"
+    return layer, "weight"
+
+
+def weight_key(name: str, layer: nn.Module) -> str:
+    """The ``state_dict`` key of layer ``name``'s (unmasked) weight: ``name.weight``, or for a packed
+    projection ``<attention>.in_proj_weight``."""
+    if isinstance(layer, PackedProjection):
+        parent = name.rpartition(".")[0]
+        return f"{parent}.in_proj_weight" if parent else "in_proj_weight"
+    return f"{name}.weight" if name else "weight"
 
 _CONV_WEIGHT_GRAD = {
     1: torch.nn.grad.conv1d_weight,
@@ -48,8 +129,9 @@ def is_transposed(module: nn.Module) -> bool:
 
 
 def is_linear(module: nn.Module) -> bool:
-    """A Linear or a transformers ``Conv1D``: rows of tokens times an O x I matrix."""
-    return isinstance(module, nn.Linear) or is_transposed(module)
+    """A Linear, a transformers ``Conv1D`` or a packed attention projection: rows of tokens times an O x I
+    matrix."""
+    return isinstance(module, (nn.Linear, PackedProjection)) or is_transposed(module)
 
 
 def is_prunable(module: nn.Module) -> bool:
@@ -79,13 +161,15 @@ def left_out_layers(model: nn.Module) -> dict[str, str]:
     out: dict[str, str] = {}
     if not isinstance(model, nn.Module):
         return out
+    attach_packed_projections(model)
     owners: dict[int, list[str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         for pname, p in module.named_parameters(recurse=False, remove_duplicate=False):
             owners.setdefault(id(p), []).append(f"{name}.{pname}" if name else pname)
     for name, module in model.named_modules():
         if name and is_prunable(module) and name not in out:
-            tied = [o for o in owners.get(id(module.weight), []) if o != f"{name}.weight"]
+            own = weight_key(name, module)
+            tied = [o for o in owners.get(id(module.weight), []) if o != own]
             if tied:
                 out[name] = f"its weight is tied to {', '.join(tied)}, which pruning it would change too"
     head = _output_embedding(model)
@@ -130,13 +214,16 @@ class _StandIn(nn.Module):
 
 @contextlib.contextmanager
 def observable_attention(model: nn.Module) -> Iterator[None]:
-    """Every ``nn.MultiheadAttention`` calls its ``out_proj`` as a module while the block runs.
+    """Every ``nn.MultiheadAttention`` calls its projections as modules while the block runs.
 
-    The attention modules read ``out_proj.weight`` inside one fused function, so hooks on
-    ``out_proj`` see nothing: here each computes its heads with an identity projection and then
-    calls the real ``out_proj`` on them (the same numbers: multiplying by the identity is exact).
-    torch's fused fast paths of ``MultiheadAttention`` and ``TransformerEncoderLayer`` (which
-    bypass every Linear's forward) are switched off meanwhile.
+    The attention modules read ``in_proj_weight`` and ``out_proj.weight`` inside one fused function, so
+    hooks on them see nothing: here each attention first calls its :class:`PackedProjection` on the
+    input (self-attention: query, key and value are one tensor), computes its heads from those
+    projections through an identity in-projection and an identity output projection, then calls the
+    real ``out_proj`` on them. The same numbers: multiplying by the identity is exact. An attention
+    whose query, key and value differ (cross-attention) keeps its own in-projection and records so in
+    :data:`CROSS_ATTENTION`. torch's fused fast paths of ``MultiheadAttention`` and
+    ``TransformerEncoderLayer`` (which bypass every Linear's forward) are switched off meanwhile.
     """
     attentions = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
     fast = torch.backends.mha.get_fastpath_enabled()
@@ -151,17 +238,42 @@ def observable_attention(model: nn.Module) -> Iterator[None]:
             mha.__dict__.pop("forward", None)
 
 
-def _observed_forward(mha: nn.MultiheadAttention):
-    own = type(mha).forward
+#: Packed projections whose attention was called with different query, key and value while observed:
+#: one set of statistics cannot describe rows that read different inputs, so they are not observed.
+CROSS_ATTENTION: weakref.WeakSet[PackedProjection] = weakref.WeakSet()
 
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        real = mha._modules["out_proj"]
-        mha._modules["out_proj"] = _StandIn(real)
-        try:
-            heads, weights = own(mha, *args, **kwargs)
-        finally:
-            mha._modules["out_proj"] = real
-        return real(heads), weights
+
+def _stand_in(mha: nn.MultiheadAttention, packed: bool) -> nn.Module:
+    """A shallow twin of ``mha`` (its own class, unparametrised) whose output projection is the identity and,
+    with ``packed``, whose in-projection is too (three stacked identities, no bias)."""
+    twin = object.__new__(module_type(mha))
+    twin.__dict__.update(mha.__dict__)
+    twin.__dict__.pop("forward", None)
+    real = mha._modules["out_proj"]
+    twin._modules = {**mha._modules, "out_proj": _StandIn(real)}
+    if packed:
+        like = real.weight
+        eye = torch.eye(mha.embed_dim, dtype=like.dtype, device=like.device)
+        twin._parameters = {**mha._parameters, "in_proj_weight": torch.cat([eye, eye, eye]),
+                            "in_proj_bias": None if mha.in_proj_bias is None else torch.zeros_like(mha.in_proj_bias)}
+    elif parametrize.is_parametrized(mha, "in_proj_weight"):  # the masked weight, as the attention reads it
+        twin._parameters = {**mha._parameters, "in_proj_weight": mha.in_proj_weight}
+    return twin
+
+
+def _observed_forward(mha: nn.MultiheadAttention):
+    own = module_type(mha).forward
+
+    def forward(query: Tensor, key: Tensor, value: Tensor, *args: Any, **kwargs: Any) -> Any:
+        projection = mha._modules.get(PACKED_NAME)
+        packed = isinstance(projection, PackedProjection)
+        if packed and not (query is key is value):
+            CROSS_ATTENTION.add(projection)
+            packed = False
+        if packed:
+            query, key, value = projection(query).chunk(3, dim=-1)
+        heads, weights = own(_stand_in(mha, packed), query, key, value, *args, **kwargs)
+        return mha._modules["out_proj"](heads), weights
 
     return forward
 
@@ -173,6 +285,7 @@ def prunable_layers(model: nn.Module, names: Iterable[str] | None = None) -> dic
     """
     if not isinstance(model, nn.Module):
         raise LayerError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    attach_packed_projections(model)
     if isinstance(names, str):
         names = [names]
     modules = dict(model.named_modules())

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ..errors import CheckpointError, StatsMismatchError
-from .layers import prunable_layers
+from .layers import detach_packed_projections, prunable_layers, weight_owner
 
 
 @dataclass(frozen=True)
@@ -115,11 +115,11 @@ _REGISTRATION_BUMPS: dict[tuple[int, int], tuple[int, int]] = {}
 
 
 def _register(layer: nn.Module, mask: Tensor) -> None:
-    """Put ``layer.weight`` under ``mask`` (the parameter object stays the same)."""
-    weight = layer.weight
-    before = weight._version
-    parametrize.register_parametrization(layer, "weight", KeepMask(mask), unsafe=True)
-    original = layer.parametrizations.weight.original
+    """Put ``layer``'s weight under ``mask`` (the parameter object stays the same)."""
+    owner, attr = weight_owner(layer)
+    before = getattr(owner, attr)._version
+    parametrize.register_parametrization(owner, attr, KeepMask(mask), unsafe=True)
+    original = owner.parametrizations[attr].original
     _REGISTRATION_BUMPS[(original.data_ptr(), original.numel())] = (before, original._version)
 
 
@@ -132,10 +132,11 @@ def unchanged_since(weight: Tensor, version: int) -> bool:
     return _REGISTRATION_BUMPS.get((weight.data_ptr(), weight.numel())) == (version, now)
 
 
-def _keep_mask(layer: nn.Module, name: str = "weight") -> KeepMask | None:
-    if not parametrize.is_parametrized(layer, name):
+def _keep_mask(layer: nn.Module) -> KeepMask | None:
+    owner, attr = weight_owner(layer)
+    if not parametrize.is_parametrized(owner, attr):
         return None
-    return next((p for p in layer.parametrizations[name] if isinstance(p, KeepMask)), None)
+    return next((p for p in owner.parametrizations[attr] if isinstance(p, KeepMask)), None)
 
 
 def is_masked(layer: nn.Module) -> bool:
@@ -151,7 +152,10 @@ def mask_of(layer: nn.Module) -> Tensor | None:
 
 def original_weight(layer: nn.Module) -> Tensor:
     """The trained parameter under the mask (the weight itself for an unmasked layer)."""
-    return layer.parametrizations.weight.original if is_masked(layer) else layer.weight
+    if not is_masked(layer):
+        return layer.weight
+    owner, attr = weight_owner(layer)
+    return owner.parametrizations[attr].original
 
 
 def current_masks(model: nn.Module) -> Masks:
@@ -224,17 +228,20 @@ def _own_class(layer: nn.Module) -> None:
 
 def unmask(layer: nn.Module, *, keep_zeros: bool = True) -> None:
     """Remove a layer's mask: the weight becomes ``original * mask`` (``keep_zeros``) or the original."""
-    _own_class(layer)
-    parametrize.remove_parametrizations(layer, "weight", leave_parametrized=keep_zeros)
+    owner, attr = weight_owner(layer)
+    _own_class(owner)
+    parametrize.remove_parametrizations(owner, attr, leave_parametrized=keep_zeros)
 
 
 def make_permanent(model: nn.Module) -> nn.Module:
     """Fold every mask into its weight (zeros stay) and drop the masking machinery: relprune's, and
-    ``torch.nn.utils.prune``'s (``weight_orig`` / ``weight_mask`` and its forward pre-hook)."""
-    for layer in model.modules():
+    ``torch.nn.utils.prune``'s (``weight_orig`` / ``weight_mask`` and its forward pre-hook), and the
+    packed attention projections relprune attached (the model is plain torch again)."""
+    for layer in list(model.modules()):
         if is_masked(layer):
             unmask(layer)
         _fold_torch_prune(layer)
+    detach_packed_projections(model)
     return model
 
 
@@ -261,23 +268,38 @@ def _fold_torch_prune(layer: nn.Module) -> None:
 #: masks became parametrisations) and torch.nn.utils.parametrize's (a masked model's own state_dict).
 LEGACY_ORIGINAL, LEGACY_MASK = ".weight_orig", ".weight_mask"
 ORIGINAL, MASK = ".parametrizations.weight.original", ".parametrizations.weight.0.mask"
+#: The parameters relprune masks: a layer's ``weight``, and an attention's packed ``in_proj_weight``.
+MASKED_ATTRIBUTES = ("weight", "in_proj_weight")
+
+
+def mask_key_parts(key: str) -> tuple[str, str] | None:
+    """(owner module's name, attribute) for the key of a mask (``owner.parametrizations.attr.0.mask``)."""
+    for attr in MASKED_ATTRIBUTES:
+        suffix = f".parametrizations.{attr}.0.mask"
+        if key.endswith(suffix):
+            return key[: -len(suffix)], attr
+        if key == suffix[1:]:
+            return "", attr
+    return None
 
 
 def _as_parametrized_keys(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """A state dict with torch.nn.utils.prune's mask keys renamed to the parametrisation's."""
     out = {}
     for key, value in state_dict.items():
-        if key.endswith(LEGACY_ORIGINAL):
-            key = key[: -len(LEGACY_ORIGINAL)] + ORIGINAL
-        elif key.endswith(LEGACY_MASK):
-            key = key[: -len(LEGACY_MASK)] + MASK
+        for attr in MASKED_ATTRIBUTES:
+            if key.endswith(f".{attr}_orig"):
+                key = f"{key[: -len(attr) - 6]}.parametrizations.{attr}.original"
+            elif key.endswith(f".{attr}_mask"):
+                key = f"{key[: -len(attr) - 6]}.parametrizations.{attr}.0.mask"
         out[key] = value
     return out
 
 
 def load_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], strict: bool = True) -> None:
     """Load a state_dict that may hold masks (``*.parametrizations.weight.original`` / ``...0.mask``, or
-    the ``*.weight_orig`` / ``*.weight_mask`` of checkpoints written before masks were parametrisations).
+    the ``*.weight_orig`` / ``*.weight_mask`` of checkpoints written before masks were parametrisations;
+    an attention's packed projection the same with ``in_proj_weight`` for ``weight``).
 
     Layers with a mask in the checkpoint get one before loading; a checkpoint from another model
     raises :class:`CheckpointError` naming the keys and shapes that differ, and leaves the model
@@ -286,19 +308,35 @@ def load_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], strict: 
     if not isinstance(state_dict, Mapping) or not all(isinstance(v, Tensor) for v in state_dict.values()):
         raise CheckpointError(f"expected a state_dict (a mapping of names to tensors), got {type(state_dict).__name__}")
     state_dict = _as_parametrized_keys(state_dict)
+    prunable_layers_of = {weight_owner(m): m for m in _layers_with_weights(model)}
     modules = dict(model.named_modules())
-    masked = [k[: -len(MASK)] for k in state_dict if k.endswith(MASK)]
-    unknown = [n for n in masked if n not in modules or not hasattr(modules[n], "weight")]
+    masked: dict[str, nn.Module] = {}  # prefix of the mask's keys -> the layer it masks
+    unknown = []
+    for key in state_dict:
+        split = mask_key_parts(key)
+        if split is None:
+            continue
+        owner_name, attr = split
+        owner = modules.get(owner_name)
+        layer = None if owner is None else prunable_layers_of.get((owner, attr))
+        if layer is None and owner is not None and attr == "weight" and isinstance(getattr(owner, "weight", None),
+                                                                                   Tensor):
+            layer = owner
+        if layer is None:
+            unknown.append(owner_name)
+        else:
+            masked[f"{owner_name}.parametrizations.{attr}" if owner_name else f"parametrizations.{attr}"] = layer
     if unknown:
         raise CheckpointError(f"checkpoint has masks for layers the model lacks: {unknown}")
     expected = {}
     for k, v in model.state_dict().items():
         expected[k] = tuple(v.shape)
-    for n in masked:
-        if not is_masked(modules[n]):
-            shape = expected.pop(f"{n}.weight")
-            expected[f"{n}{ORIGINAL}"] = shape
-            expected[f"{n}{MASK}"] = shape
+    for prefix, layer in masked.items():
+        if not is_masked(layer):
+            plain = prefix.replace("parametrizations.", "")
+            shape = expected.pop(plain)
+            expected[f"{prefix}.original"] = shape
+            expected[f"{prefix}.0.mask"] = shape
     got = {k: tuple(v.shape) for k, v in state_dict.items()}
     missing = sorted(set(expected) - set(got))
     extra = sorted(set(got) - set(expected))
@@ -313,8 +351,15 @@ def load_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], strict: 
         if shapes:
             parts.append("shape mismatch " + "; ".join(shapes))
         raise CheckpointError("checkpoint does not fit the model: " + ", ".join(parts))
-    for n in masked:
-        if not is_masked(modules[n]):
-            layer = modules[n]
+    for layer in masked.values():
+        if not is_masked(layer):
             _register(layer, torch.ones_like(layer.weight))
     model.load_state_dict(dict(state_dict), strict=strict)
+
+
+def _layers_with_weights(model: nn.Module) -> list[nn.Module]:
+    """Every prunable layer of ``model`` (packed attention projections attached), without refusing any."""
+    from .layers import attach_packed_projections, is_prunable
+
+    attach_packed_projections(model)
+    return [m for m in model.modules() if is_prunable(m)]

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from ..core.compressed import BITMASK, compress_state, decompress_state, pays_off, prefix_of
 from ..core.files import atomic_file, atomic_write_text, check_tensors_sha256, tensors_sha256
-from ..core.layers import is_prunable, module_type
+from ..core.layers import attach_packed_projections, is_prunable, module_type, weight_key
 from ..core.masks import copy_model, load_state_dict, make_permanent
 from ..errors import CheckpointError, ShrinkError
 from .shrink import flatten_chain
@@ -212,7 +212,8 @@ def export_sparse(model: nn.Module, folder: str | Path, extra: dict[str, Any] | 
     compressed-tensors' ``sparse-bitmask`` layout (:mod:`relprune.core.compressed`)."""
     plain, arch = _as_stored(make_permanent(copy_model(model)))
     state = plain.state_dict()
-    prunable = {f"{n}.weight" for n, m in plain.named_modules() if n and is_prunable(m)}
+    attach_packed_projections(plain)  # a copy: its attention's in_proj_weight is a prunable weight too
+    prunable = {weight_key(n, m) for n, m in plain.named_modules() if n and is_prunable(m)}
     names = [k for k in state if k in prunable and pays_off(state[k], BITMASK)]
     tensors = compress_state(state, names, BITMASK)
     meta = {"format": "sparse", "architecture": arch, "sparse_layout": BITMASK, "sparse_weights": names,
@@ -316,7 +317,7 @@ def _decompressed(path: Path, tensors: dict[str, Tensor], meta: dict[str, Any],
             raise CheckpointError(f"{path}: sparse weight {key!r} of shape "
                                   f"{None if stored is None else stored.flatten().tolist()} is not in the model "
                                   f"(expected {list(expected.get(key, ()))})")
-    return dict(decompress_state(tensors, tensors.__getitem__, BITMASK))
+    return dict(decompress_state(tensors, tensors.__getitem__, BITMASK, names))
 
 
 def _check_sparse(path: Path, tensors: dict[str, Tensor], shapes: Any, expected: dict[str, tuple[int, ...]]) -> None:

@@ -22,7 +22,7 @@ from ..core.checkpoint import check_fits, meta_numel, stored_numel
 from ..core.criteria import get_criterion
 from ..core.files import atomic_file, atomic_write_text, check_tensors_sha256, tensors_sha256
 from ..core.layers import prunable_layers
-from ..core.masks import MASK, ORIGINAL, Masks, copy_model
+from ..core.masks import MASKED_ATTRIBUTES, Masks, copy_model, mask_key_parts
 from ..core.spec import Recipe
 from ..core.stats import Stats
 from ..defaults import DEFAULT_BIAS_COMPENSATION, DEFAULT_CRITERION, DEFAULT_LIVENESS, DEFAULT_SCOPE
@@ -233,9 +233,6 @@ class ModelInfo:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-_MASK = ".weight_mask"
-
-
 def compact_state(model: nn.Module) -> dict[str, Tensor]:
     """The state dict with each mask stored once, as booleans, beside the masked weight itself.
 
@@ -243,26 +240,33 @@ def compact_state(model: nn.Module) -> dict[str, Tensor]:
     Masked-out entries of the original never reach the output while the mask holds, so
     ``weight = original * mask`` plus a 1-byte mask restores the same model (see
     :func:`expand_state`). The file keys are ``X.weight`` and ``X.weight_mask`` (as before masks
-    became parametrisations, so older files read the same way).
+    became parametrisations, so older files read the same way; an attention's packed projection
+    ``A.in_proj_weight`` and ``A.in_proj_weight_mask``).
     """
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    for key in [k for k in state if k.endswith(MASK)]:
-        prefix = key[: -len(MASK)]
+    for key in list(state):
+        parts = mask_key_parts(key)
+        if parts is None:
+            continue
+        owner, attr = parts
+        at = f"{owner}." if owner else ""
         mask = state.pop(key)
-        state[f"{prefix}.weight"] = (state.pop(f"{prefix}{ORIGINAL}") * mask).contiguous()
-        state[f"{prefix}{_MASK}"] = mask.bool().contiguous()
+        state[f"{at}{attr}"] = (state.pop(f"{at}parametrizations.{attr}.original") * mask).contiguous()
+        state[f"{at}{attr}_mask"] = mask.bool().contiguous()
     return state
 
 
 def expand_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """Undo :func:`compact_state` (a state dict in torch's own layout passes unchanged)."""
     state = dict(state)
-    for key in [k for k, v in state.items() if k.endswith(_MASK) and v.dtype == torch.bool]:
-        prefix = key[: -len(_MASK)]
-        weight = state.pop(f"{prefix}.weight", None)
+    bare = tuple(f"{attr}_mask" for attr in MASKED_ATTRIBUTES)
+    dotted = tuple(f".{b}" for b in bare)
+    for key in [k for k, v in state.items() if (k.endswith(dotted) or k in bare) and v.dtype == torch.bool]:
+        prefix = key[: -len("_mask")]
+        weight = state.pop(prefix, None)
         if weight is None:
             raise CheckpointError(f"checkpoint holds a mask for {prefix!r} but not its weight")
-        state[f"{prefix}.weight_orig"] = weight
+        state[f"{prefix}_orig"] = weight
         state[key] = state[key].to(weight.dtype)
     return state
 

@@ -111,7 +111,8 @@ def resnet20(input_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10) 
 class ViT(nn.Module):
     """A small vision transformer: patch embedding, learned positions, ``nn.TransformerEncoder`` (pre-norm,
     GELU), mean-pooled tokens, a linear head. Its attention is ``nn.MultiheadAttention``: relprune prunes each
-    layer's ``out_proj`` and feed-forward Linears like any layer (``in_proj_weight`` stays dense)."""
+    layer's packed query/key/value projection (``in_proj_weight``), ``out_proj`` and feed-forward Linears like any
+    layer."""
 
     def __init__(self, input_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10, dim: int = 64,
                  depth: int = 2, heads: int = 4, mlp: int = 128, grid: int = 4):

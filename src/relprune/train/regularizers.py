@@ -12,6 +12,7 @@ N x O x I tensor. ``reg.detach()`` removes every hook.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable
 from typing import ClassVar
@@ -53,10 +54,16 @@ class ContributionRegularizer(nn.Module):
         self.max_samples = max_samples
         self._captured: dict[str, _Captured] = {}
         self._handles: list = []
+        self._observing: contextlib.AbstractContextManager | None = None
         self.sources: dict[str, tuple[str, str] | None] = {}
         if not self.reads_inputs:
             return
         self._captured = {n: _Captured() for n in self._layers}
+        if any(isinstance(m, L.PackedProjection) for m in self._layers.values()):
+            # An attention calls its packed projection as a module only while observed: for as long as the
+            # term is attached (torch's fused attention path is off meanwhile).
+            self._observing = L.observable_attention(model)
+            self._observing.__enter__()
         sources = find_live_sources(model, example, self._layers) if (liveness and example is not None) else {}
         modules = dict(model.named_modules())
         for name, layer in self._layers.items():
@@ -82,6 +89,9 @@ class ContributionRegularizer(nn.Module):
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        observing, self._observing = self._observing, None
+        if observing is not None:
+            observing.__exit__(None, None, None)
         for c in self._captured.values():
             c.x = c.out = c.live = None
 
