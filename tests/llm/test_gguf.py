@@ -116,7 +116,7 @@ def check_file(path: Path, model, arch: str, step: float) -> dict:
     assert fields["general.architecture"] == arch
     assert set(tensors) == set(want)
     for name, w in want.items():
-        kind, data = tensors[name]
+        _kind, data = tensors[name]
         assert data.shape == tuple(w.shape), name
         tol = 1e-3 if w.dim() == 1 else step  # norms stay F32; weights in the chosen type
         w = w.detach().float()
@@ -255,14 +255,14 @@ def _fake_pip(tmp_path: Path, archive: Path | None) -> tuple[str, ...]:
         f"src = {str(archive) if archive else None!r}\n"
         "if src is None:\n"
         "    sys.exit('ERROR: Could not find a version that satisfies the requirement')\n"
-        "shutil.copy(src, args[args.index('--dest') + 1])\n")
+        "shutil.copy(src, args[args.index('-d') + 1])\n")
     return (sys.executable, str(script))
 
 
 def test_fetch_converter_keeps_only_the_converter_in_the_cache_and_fails_in_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("RELPRUNE_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv(G.CONVERTER_ENV, raising=False)
-    with pytest.raises(G.GGUFError, match="could not download .*satisfies the requirement"):
+    with pytest.raises(G.GGUFError, match=r"could not fetch .*satisfies the requirement"):
         G.fetch_converter(pip=_fake_pip(tmp_path, None))
     assert not G.cache_dir().exists()
     got = G.fetch_converter(pip=_fake_pip(tmp_path, _fake_sdist(tmp_path)))

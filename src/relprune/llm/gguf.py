@@ -57,9 +57,10 @@ def _is_converter(path: Path) -> bool:
 
 
 def cache_dir() -> Path:
-    """Where :func:`fetch_converter` keeps the converter (``$RELPRUNE_CACHE`` or ``~/.cache/relprune``)."""
-    root = Path(os.environ.get("RELPRUNE_CACHE", Path.home() / ".cache" / "relprune"))
-    return root / f"llama-cpp-converter-{LLAMA_CPP_PYTHON_VERSION}"
+    """Where :func:`fetch_converter` keeps the converter, in relprune's cache (``$RELPRUNE_CACHE``)."""
+    from .known import cache_dir as relprune_cache
+
+    return relprune_cache() / f"llama-cpp-converter-{LLAMA_CPP_PYTHON_VERSION}"
 
 
 def converter_dir(llama_cpp: str | Path | None = None, *, fetch: bool = False) -> Path:
@@ -90,18 +91,18 @@ def fetch_converter(*, pip: tuple[str, ...] | None = None) -> Path:
     target = cache_dir()
     if _is_converter(target):
         return target
-    pip = pip or (sys.executable, "-m", "pip")
+    from ..errors import ModelLoadError
+    from .known import pip_download
+
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch.") as tmp:
-        cmd = [*pip, "download", "--quiet", "--no-deps", "--no-binary", ":all:", "--dest", tmp,
-               f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}"]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        archives = sorted(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
-        if done.returncode or not archives:
-            raise GGUFError(f"could not download llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}'s source: "
-                            f"{_last_line(done.stderr) or 'pip found no source archive'}")
+        try:
+            (archive,) = pip_download([f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}"], Path(tmp),
+                                      "llama_cpp_python-*.tar.gz", "--no-binary", ":all:", pip=pip)
+        except ModelLoadError as err:
+            raise GGUFError(f"could not fetch llama.cpp's converter: {_last_line(str(err))}") from err
         staged = Path(tmp) / "converter"
-        _extract_converter(archives[0], staged)
+        _extract_converter(archive, staged)
         follow_umask(staged)
         try:
             staged.rename(target)

