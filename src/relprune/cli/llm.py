@@ -120,6 +120,29 @@ def add_llm_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--out", required=True, help="output folder (must not hold anything yet)")
     s.set_defaults(func=cmd_llm_shrink)
 
+    r = llm_sub.add_parser("recover", help="distil a shrunk model from the dense one under a token budget "
+                                           "(resumable); write a folder (and a GGUF file)")
+    r.add_argument("--model", required=True, help="the shrunk folder (an llm shrink output)")
+    r.add_argument("--teacher", required=True, help="the dense model: folder, .gguf file, hub id or smollm2-135m")
+    r.add_argument("--tokens", required=True, type=_positive_int,
+                   help="training tokens (windows x seqlen); a larger budget continues an earlier run's checkpoint")
+    r.add_argument("--text", default=None,
+                   help="UTF-8 text to train on (windows in a seeded order); default: sequences sampled from the "
+                        "teacher")
+    r.add_argument("--seqlen", type=_positive_int, default=256, help="tokens per window (default: 256)")
+    r.add_argument("--batch-size", type=_positive_int, default=8, help="windows per step (default: 8)")
+    r.add_argument("--lr", type=checked(float, positive), default=5e-5, help="AdamW learning rate (default: 5e-5)")
+    r.add_argument("--checkpoint-minutes", type=checked(float, positive), default=5.0,
+                   help="minutes between checkpoints in OUT.checkpoint (default: 5; also on Ctrl-C or SIGTERM)")
+    r.add_argument("--seed", type=checked(int, seed_value), default=0,
+                   help="orders the text's windows, or seeds the sampling (default: 0)")
+    _add_device_flags(r)
+    r.add_argument("--gguf", choices=GGUF_TYPES, default=None, metavar="TYPE",
+                   help="also write model-TYPE.gguf into the folder (see llm gguf)")
+    _add_converter_flags(r)
+    r.add_argument("--out", required=True, help="output folder (must not hold anything yet)")
+    r.set_defaults(func=cmd_llm_recover)
+
     g = llm_sub.add_parser("gguf", help="write a GGUF file llama.cpp runs from a transformers folder (a shrunk "
                                         "one with per-layer sizes too), with llama.cpp's own converter")
     g.add_argument("--model", required=True, help="folder (or smollm2-135m)")
@@ -283,12 +306,7 @@ def cmd_llm_shrink(ns: argparse.Namespace) -> int:
     if ns.depth and ns.scope != "uniform":
         raise RelpruneError("--depth removes whole blocks; --scope applies to heads and channels only")
     _refuse_shrunk(Path(ns.model))
-    if ns.gguf:  # everything the GGUF file needs is checked before any work
-        from ..llm.gguf import QUANTIZE_TYPES, converter_dir, quantize_binary
-
-        tree = converter_dir(ns.llama_cpp, fetch=ns.fetch_converter)
-        if ns.gguf in QUANTIZE_TYPES:
-            quantize_binary(tree)
+    tree = _gguf_ready(ns)
     out = _fresh_out(Path(ns.out))
     if not Path(ns.calibration).is_file():
         raise RelpruneError(f"calibration text {ns.calibration} does not exist")
@@ -366,18 +384,97 @@ def cmd_llm_shrink(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _earlier_record(model: Path) -> dict:
+    """The relprune.json a folder holds (an earlier shrink's record), or an empty record."""
+    try:
+        earlier = json.loads((model / "relprune.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return earlier if isinstance(earlier, dict) else {}
+
+
 def _refuse_shrunk(model: Path) -> None:
     """An ``llm shrink`` output is not shrunk again: its calibration would compound on the first re-fit."""
-    record = model / "relprune.json"
-    if not record.is_file():
-        return
-    try:
-        earlier = json.loads(record.read_text())
-    except (OSError, ValueError):
-        return
-    if isinstance(earlier, dict) and "dense_parameters" in earlier and "ratio" in earlier:
+    earlier = _earlier_record(model)
+    if "dense_parameters" in earlier and "ratio" in earlier:
         raise RelpruneError(f"{model} is already shrunk (ratio {earlier['ratio']} of {earlier.get('model')}); "
                             "shrink the dense model once with the total ratio instead")
+
+
+def cmd_llm_recover(ns: argparse.Namespace) -> int:
+    import shutil
+
+    from ..core.files import staged_folder
+    from ..llm import load_model, tokenize_file
+    from ..llm.recover import RecoverConfig, RecoveryError, SampledWindows, TextWindows, config_record, recover
+    from ..llm.structured import write_shrunk
+    from ..llm.text import check_seqlen
+
+    cfg = RecoverConfig(ns.tokens, ns.seqlen, ns.batch_size, ns.lr, seed=ns.seed,
+                        checkpoint_seconds=60 * ns.checkpoint_minutes).validate()
+    if ns.text is not None and not Path(ns.text).is_file():
+        raise RelpruneError(f"text file {ns.text} does not exist")
+    tree = _gguf_ready(ns)
+    out = _fresh_out(Path(ns.out))
+    student, tokenizer = load_model(ns.model, quiet=True, device=ns.device, dtype=ns.dtype, verify=ns.verify_weights)
+    teacher, teacher_tokenizer = load_model(ns.teacher, quiet=True, device=ns.device, dtype=ns.dtype,
+                                            verify=ns.verify_weights)
+    if len(tokenizer) != len(teacher_tokenizer) or tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
+        raise RecoveryError(f"{ns.model} and {ns.teacher} have different tokenizers: distillation needs one vocabulary")
+    zeros = _zero_share(student)
+    if zeros > 0.05:
+        raise RecoveryError(f"{ns.model} holds {zeros:.0%} zero weights in its decoder projections (unstructured "
+                            "pruning?): recovery trains every weight and would fill them; it takes llm shrink outputs")
+    check_seqlen(student.config, ns.seqlen)
+    if ns.text is not None:
+        windows = TextWindows(tokenize_file(tokenizer, ns.text), cfg)
+        source = str(ns.text)
+    else:
+        start_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        if start_id is None:
+            raise RecoveryError("the tokenizer has no beginning- or end-of-text token to sample from; give --text")
+        windows, source = SampledWindows(teacher, start_id, cfg), "sampled from the teacher"
+    checkpoint = Path(f"{out}.checkpoint")
+    checkpoint.mkdir(exist_ok=True)
+    say(f"recovery: {cfg.tokens:,} tokens in {cfg.steps} steps of {cfg.batch_size} x {cfg.seqlen} ({source}); "
+        f"state in {checkpoint}")
+    report = recover(student, teacher, windows, cfg, checkpoint=checkpoint, progress=True)
+    with staged_folder(out) as tmp:
+        write_shrunk(student, tokenizer, tmp)
+        record = {"model": ns.model, "teacher": ns.teacher, "text": source, **config_record(cfg, report)}
+        (tmp / "relprune.json").write_text(json.dumps({**_earlier_record(Path(ns.model)), "recovery": record},
+                                                      indent=2) + "\n")
+        if ns.gguf:
+            from ..llm.gguf import export_gguf
+
+            say(f"writing model-{ns.gguf}.gguf with llama.cpp's converter")
+            export_gguf(tmp, tmp / f"model-{ns.gguf}.gguf", gguf_type=ns.gguf, llama_cpp=tree)
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    resumed = f", resumed at {report.resumed_from:,}" if report.resumed_from else ""
+    loss = "" if report.last_loss is None else f"; KL {report.first_loss:.3f} -> {report.last_loss:.3f}"
+    print(f"recovered on {report.tokens:,} tokens in {report.seconds:.0f} s{resumed}{loss}; saved to {out}")
+    return 0
+
+
+def _gguf_ready(ns: argparse.Namespace) -> Path | None:
+    """The converter tree (and llama-quantize, for a k-quant) for --gguf, checked before any work."""
+    if not getattr(ns, "gguf", None):
+        return None
+    from ..llm.gguf import QUANTIZE_TYPES, converter_dir, quantize_binary
+
+    tree = converter_dir(ns.llama_cpp, fetch=ns.fetch_converter)
+    if ns.gguf in QUANTIZE_TYPES:
+        quantize_binary(tree)
+    return tree
+
+
+def _zero_share(model) -> float:
+    from torch import nn
+
+    from ..llm.sequential import decoder_blocks
+
+    weights = [m.weight for _, b in decoder_blocks(model) for m in b.modules() if isinstance(m, nn.Linear)]
+    return sum(int((w == 0).sum()) for w in weights) / max(sum(w.numel() for w in weights), 1)
 
 
 def cmd_llm_gguf(ns: argparse.Namespace) -> int:

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import signal
 import sys
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
+from ..core.interrupts import terminate_as_interrupt
 from ..errors import RelpruneError
 from .flags import Parser
 from .outputs import CREATED, remove_created
@@ -42,30 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     CREATED.clear()
     code = 1
     try:
-        with _terminate_as_interrupt():
+        with terminate_as_interrupt():
             code = _run(ns)
     finally:
         if code != 0:
             remove_created()
         CREATED.clear()
     return code
-
-
-@contextlib.contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM (a scheduler's or a kill's stop) unwinds like Ctrl-C, so staged outputs are removed."""
-    def stop(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    try:
-        previous = signal.signal(signal.SIGTERM, stop)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _run(ns: argparse.Namespace) -> int:
@@ -103,6 +83,8 @@ def _resume_hint(ns: argparse.Namespace) -> str:
         return "rerun the same command to resume from the last finished epoch"
     if ns.command == "bench" and (out / "results.jsonl").is_file():
         return "rerun the same command to resume with the cells not yet finished"
+    if getattr(ns, "llm_command", None) == "recover" and (Path(f"{out}.checkpoint") / "recover-state.pt").is_file():
+        return f"the recovery's state is in {out}.checkpoint: rerun the same command to continue"
     return "nothing was saved"
 
 
