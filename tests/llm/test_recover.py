@@ -11,10 +11,10 @@ import torch
 
 pytest.importorskip("transformers")
 
-from test_llm import WORDS, ids_batches, tiny_llama  # noqa: E402
+from test_llm import WORDS, ids_batches, tiny_llama
 
-from relprune.cli.main import main as cli  # noqa: E402
-from relprune.llm.recover import (  # noqa: E402
+from relprune.cli.main import main as cli
+from relprune.llm.recover import (
     CHECKPOINT_FILE,
     RecoverConfig,
     RecoveryError,
@@ -22,7 +22,7 @@ from relprune.llm.recover import (  # noqa: E402
     TextWindows,
     recover,
 )
-from relprune.llm.structured import plan_units, shrink_units, unit_scores  # noqa: E402
+from relprune.llm.structured import plan_units, shrink_units, unit_scores
 
 
 def pair():
