@@ -95,7 +95,7 @@ def test_budgets_texts_and_checkpoints_that_cannot_be_used_are_refused(tmp_path)
     recover(student, teacher, TextWindows(text_ids(), cfg), cfg, checkpoint=tmp_path)
     other = RecoverConfig(tokens=64, seqlen=16, batch_size=4, lr=1e-3)
     before = copy.deepcopy(student.state_dict())
-    with pytest.raises(RecoveryError, match="another recovery .*lr"):
+    with pytest.raises(RecoveryError, match=r"another recovery .*lr"):
         recover(student, teacher, TextWindows(text_ids(), other), other, checkpoint=tmp_path)
     (tmp_path / CHECKPOINT_FILE).write_bytes(b"not a checkpoint")
     with pytest.raises(RecoveryError, match="not a readable recovery checkpoint"):
