@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from harness import append_result, run_meta
 
+from harness import append_result, run_meta
 from relprune.defaults import DEFAULT_LLM_UNIT_SCORE
 from relprune.llm import calibration_windows, load_model, tokenize_file
 from relprune.llm.gguf import LLAMA_CPP_PYTHON_VERSION, converter_dir, export_gguf
