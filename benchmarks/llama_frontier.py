@@ -127,7 +127,7 @@ def recovery(args: argparse.Namespace) -> None:
                 seconds = report.seconds
             elif any(p == point for p, _ in done):
                 continue
-            ppl = {k: perplexity(student, w, batch_size=4) for k, w in evals.items()}
+            ppl = {k: perplexity(student, w, batch_size=4).value for k, w in evals.items()}
             append_result(args.out, {"stage": "recovery", "point": point, "tokens": budget, "lr": args.lr,
                                      "seconds": round(seconds, 1), "ppl_torch_eval": ppl["eval"],
                                      "ppl_torch_botchan": ppl["botchan"], **run_meta()})

@@ -210,3 +210,18 @@ def test_observing_the_attention_does_not_change_its_output(dtype):
         with observable_attention(mha):
             got = mha(x, x, x, key_padding_mask=pad)[0]
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6 if dtype == torch.float32 else 1e-12)
+
+
+def test_statistics_of_one_instance_prune_a_fresh_build_of_the_model():
+    torch.manual_seed(5)
+    model = Attention()
+    x = torch.randn(4, 5, 8)
+    stats = relprune.collect_stats(model, [x])
+    fresh = Attention()
+    fresh.load_state_dict(model.state_dict())  # torch's own load: no relprune call has touched it
+    masks = relprune.prune(fresh, stats, sparsity=0.5)
+    assert "mha.in_proj" in masks
+    fresh2 = Attention()
+    fresh2.load_state_dict(model.state_dict())
+    relprune.apply_masks(fresh2, masks)
+    torch.testing.assert_close(fresh2.mha.in_proj_weight, fresh.mha.in_proj_weight)

@@ -79,6 +79,13 @@ def attach_packed_projections(model: nn.Module) -> None:
             module._modules[PACKED_NAME] = PackedProjection(module)
 
 
+def named_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every module of ``model`` by qualified name, packed attention projections attached first (so a layer name
+    relprune gave out, such as ``<attention>.in_proj``, is found in any copy or fresh build of the model)."""
+    attach_packed_projections(model)
+    return dict(model.named_modules())
+
+
 def detach_packed_projections(model: nn.Module) -> None:
     """Remove what :func:`attach_packed_projections` added (the model is plain torch again)."""
     for module in model.modules():
@@ -285,10 +292,9 @@ def prunable_layers(model: nn.Module, names: Iterable[str] | None = None) -> dic
     """
     if not isinstance(model, nn.Module):
         raise LayerError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    attach_packed_projections(model)
     if isinstance(names, str):
         names = [names]
-    modules = dict(model.named_modules())
+    modules = named_layers(model)
     skipped = left_out_layers(model)
     if names is None:
         found = {n: m for n, m in modules.items() if n and is_prunable(m) and n not in skipped}

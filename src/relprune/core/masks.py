@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ..errors import CheckpointError, StatsMismatchError
-from .layers import detach_packed_projections, prunable_layers, weight_owner
+from .layers import detach_packed_projections, named_layers, prunable_layers, weight_owner
 
 
 @dataclass(frozen=True)
@@ -186,7 +186,7 @@ def sparsity_report(model: nn.Module) -> list[LayerReport]:
 
 def apply_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
     """Apply keep-masks, combining with any mask already there (a pruned weight stays pruned)."""
-    modules = dict(model.named_modules())
+    modules = named_layers(model)
     for name, mask in masks.items():
         layer = modules.get(name)
         if layer is None or tuple(layer.weight.shape) != tuple(mask.shape):

@@ -258,7 +258,7 @@ class Stats(Mapping[str, LayerStats]):
 
     def check_model(self, model: nn.Module) -> dict[str, nn.Module]:
         """The model's layers these stats describe; raises if names or weight shapes differ."""
-        modules = dict(model.named_modules())
+        modules = L.named_layers(model)
         missing = [n for n in self if n not in modules]
         if missing:
             raise StatsMismatchError(f"statistics name layers the model lacks: {missing}")

@@ -21,7 +21,7 @@ from ..core.allocation import nm_fits, parse_n_m
 from ..core.checkpoint import check_fits, meta_numel, stored_numel
 from ..core.criteria import get_criterion
 from ..core.files import atomic_file, atomic_write_text, check_tensors_sha256, tensors_sha256
-from ..core.layers import prunable_layers
+from ..core.layers import named_layers, prunable_layers
 from ..core.masks import MASKED_ATTRIBUTES, Masks, copy_model, mask_key_parts
 from ..core.spec import Recipe
 from ..core.stats import Stats
@@ -162,7 +162,7 @@ def apply_method(model: nn.Module, stats: Stats | None, method: Method, sparsity
         # Layers whose inputs (conv: input channels) M does not divide stay dense, as N:M kernels require.
         m = int(method.n_m.split(":")[1])
         names = stats.keys() if stats is not None else prunable_layers(model).keys()
-        modules = dict(model.named_modules())
+        modules = named_layers(model)
         eligible = [n for n in names if nm_fits(modules[n].weight.shape, m)]
         return prune(model, stats, recipe, layers=eligible, seed=seed)
     return prune(model, stats, recipe, seed=seed)
