@@ -82,6 +82,9 @@ def test_an_interrupted_recovery_resumes_to_the_state_of_an_uninterrupted_one(tm
     # a larger budget continues the finished run
     more = RecoverConfig(**{**cfg.__dict__, "tokens": cfg.tokens + 64})
     assert recover(fresh, teacher, TextWindows(text_ids(), more), more, checkpoint=tmp_path).resumed_from == cfg.tokens
+    less = RecoverConfig(**{**cfg.__dict__, "tokens": 64})
+    with pytest.raises(RecoveryError, match="past this budget"):
+        recover(fresh, teacher, TextWindows(text_ids(), less), less, checkpoint=tmp_path)
 
 
 def test_budgets_texts_and_checkpoints_that_cannot_be_used_are_refused(tmp_path):

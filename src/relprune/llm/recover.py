@@ -139,6 +139,9 @@ def recover(student: nn.Module, teacher: nn.Module, windows: TextWindows | Sampl
                    "student": [list(p.shape) for p in student.parameters()]}
     path = None if checkpoint is None else Path(checkpoint) / CHECKPOINT_FILE
     step = _resume(path, student, optimiser, fingerprint)
+    if step > cfg.steps:
+        raise RecoveryError(f"the checkpoint in {checkpoint} is past this budget ({step} steps done, {cfg.steps} "
+                            "asked for); give a budget of at least what it did, or delete it to start over")
     resumed = step * cfg.seqlen * cfg.batch_size
     device = next(student.parameters()).device
     teacher.eval()
