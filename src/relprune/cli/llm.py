@@ -113,10 +113,7 @@ def add_llm_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--seed", type=checked(int, seed_value), default=0,
                    help="chooses the calibration windows (and the random score) (default: 0)")
     _add_device_flags(s)
-    s.add_argument("--gguf", choices=GGUF_TYPES, default=None, metavar="TYPE",
-                   help="also write model-TYPE.gguf into the folder, a file llama.cpp runs for any plan (per-layer "
-                        f"sizes included): {', '.join(GGUF_TYPES)}; k-quants need llama.cpp's llama-quantize")
-    _add_converter_flags(s)
+    _add_gguf_flags(s)
     s.add_argument("--out", required=True, help="output folder (must not hold anything yet)")
     s.set_defaults(func=cmd_llm_shrink)
 
@@ -137,9 +134,7 @@ def add_llm_commands(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--seed", type=checked(int, seed_value), default=0,
                    help="orders the text's windows, or seeds the sampling (default: 0)")
     _add_device_flags(r)
-    r.add_argument("--gguf", choices=GGUF_TYPES, default=None, metavar="TYPE",
-                   help="also write model-TYPE.gguf into the folder (see llm gguf)")
-    _add_converter_flags(r)
+    _add_gguf_flags(r)
     r.add_argument("--out", required=True, help="output folder (must not hold anything yet)")
     r.set_defaults(func=cmd_llm_recover)
 
@@ -165,6 +160,16 @@ def add_llm_commands(sub: argparse._SubParsersAction) -> None:
                    help="unused by eval; accepted like every command's")
     _add_device_flags(e)
     e.set_defaults(func=cmd_llm_eval)
+
+
+def _add_gguf_flags(parser: argparse.ArgumentParser) -> None:
+    from ..llm.gguf import GGUF_TYPES
+
+    parser.add_argument("--gguf", choices=GGUF_TYPES, default=None, metavar="TYPE",
+                        help="also write model-TYPE.gguf into the folder, a file llama.cpp runs for any plan "
+                             f"(per-layer sizes included): {', '.join(GGUF_TYPES)}; k-quants need llama.cpp's "
+                             "llama-quantize")
+    _add_converter_flags(parser)
 
 
 def _add_converter_flags(parser: argparse.ArgumentParser) -> None:
