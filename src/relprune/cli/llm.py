@@ -48,10 +48,7 @@ def add_llm_commands(sub: argparse._SubParsersAction) -> None:
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--sparsity", type=checked(float, sparsity_value), help="fraction of weights to remove")
     budget.add_argument("--n-m", type=checked(str, n_m_value), help="N:M pattern, e.g. 2:4")
-    p.add_argument("--calibration", required=True, help="UTF-8 text file for calibration")
-    p.add_argument("--calibration-samples", type=_positive_int, default=32,
-                   help="calibration windows (default: 32)")
-    p.add_argument("--seqlen", type=_positive_int, default=512, help="tokens per window (default: 512)")
+    _add_window_flags(p, calibration=True, seed="chooses the calibration windows")
     p.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=True,
                    help="each block calibrates on the pruned blocks' outputs (default: True)")
     p.add_argument("--reconstruct", choices=["exact", "obs", "none"], default=DEFAULT_LLM_RECONSTRUCT,
@@ -73,9 +70,6 @@ def add_llm_commands(sub: argparse._SubParsersAction) -> None:
                    help="read one block at a time from the model's safetensors and write it pruned: memory "
                         "about one block, for models larger than RAM (OWL and --no-sequential read every block "
                         "once more first)")
-    p.add_argument("--batch-size", type=_positive_int, default=8, help="windows per forward pass (default: 8)")
-    p.add_argument("--seed", type=checked(int, seed_value), default=0,
-                   help="chooses the calibration windows (default: 0)")
     _add_device_flags(p)
     p.add_argument("--save-format", choices=list(SAVE_FORMATS), default=DEFAULT_LLM_SAVE_FORMAT,
                    help="dense: every weight stored as it is, zeros included, in the model's dtype (any "
@@ -106,12 +100,7 @@ def add_llm_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--scope", choices=["uniform", "global"], default="uniform",
                    help="the same sizes in every layer (a plain transformers folder), or per-layer sizes "
                         "(loaded with relprune.llm.structured.load_shrunk) (default: uniform)")
-    s.add_argument("--calibration", required=True, help="UTF-8 text file for calibration")
-    s.add_argument("--calibration-samples", type=_positive_int, default=32, help="calibration windows (default: 32)")
-    s.add_argument("--seqlen", type=_positive_int, default=512, help="tokens per window (default: 512)")
-    s.add_argument("--batch-size", type=_positive_int, default=8, help="windows per forward pass (default: 8)")
-    s.add_argument("--seed", type=checked(int, seed_value), default=0,
-                   help="chooses the calibration windows (and the random score) (default: 0)")
+    _add_window_flags(s, calibration=True, seed="chooses the calibration windows (and the random score)")
     _add_device_flags(s)
     _add_gguf_flags(s)
     s.add_argument("--out", required=True, help="output folder (must not hold anything yet)")
@@ -126,13 +115,10 @@ def add_llm_commands(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--text", default=None,
                    help="UTF-8 text to train on (windows in a seeded order); default: sequences sampled from the "
                         "teacher")
-    r.add_argument("--seqlen", type=_positive_int, default=256, help="tokens per window (default: 256)")
-    r.add_argument("--batch-size", type=_positive_int, default=8, help="windows per step (default: 8)")
+    _add_window_flags(r, seqlen=256, seed="orders the text's windows, or seeds the sampling")
     r.add_argument("--lr", type=checked(float, positive), default=5e-5, help="AdamW learning rate (default: 5e-5)")
     r.add_argument("--checkpoint-minutes", type=checked(float, positive), default=5.0,
                    help="minutes between checkpoints in OUT.checkpoint (default: 5; also on Ctrl-C or SIGTERM)")
-    r.add_argument("--seed", type=checked(int, seed_value), default=0,
-                   help="orders the text's windows, or seeds the sampling (default: 0)")
     _add_device_flags(r)
     _add_gguf_flags(r)
     r.add_argument("--out", required=True, help="output folder (must not hold anything yet)")
@@ -153,13 +139,23 @@ def add_llm_commands(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--model", required=True, help="folder, .gguf file, hub id or smollm2-135m")
     e.add_argument("--text", required=True, help="UTF-8 text file")
     e.add_argument("--samples", type=_positive_int, default=None, help="windows to use (default: all)")
-    e.add_argument("--seqlen", type=_positive_int, default=512, help="tokens per window (default: 512)")
-    e.add_argument("--batch-size", type=_positive_int, default=1,
-                   help="windows per forward pass (default: 1; the logits of a batch dominate memory)")
-    e.add_argument("--seed", type=checked(int, seed_value), default=0,
-                   help="unused by eval; accepted like every command's")
+    _add_window_flags(e, batch=1, batch_help="windows per forward pass (default: 1; the logits of a batch dominate "
+                                             "memory)", seed="unused by eval; accepted like every command's")
     _add_device_flags(e)
     e.set_defaults(func=cmd_llm_eval)
+
+
+def _add_window_flags(parser: argparse.ArgumentParser, *, calibration: bool = False, seqlen: int = 512, batch: int = 8,
+                      batch_help: str | None = None, seed: str) -> None:
+    """The text-window flags the commands share: calibration text and count, window length, batch, seed."""
+    if calibration:
+        parser.add_argument("--calibration", required=True, help="UTF-8 text file for calibration")
+        parser.add_argument("--calibration-samples", type=_positive_int, default=32,
+                            help="calibration windows (default: 32)")
+    parser.add_argument("--seqlen", type=_positive_int, default=seqlen, help=f"tokens per window (default: {seqlen})")
+    parser.add_argument("--batch-size", type=_positive_int, default=batch,
+                        help=batch_help or f"windows per forward pass (default: {batch})")
+    parser.add_argument("--seed", type=checked(int, seed_value), default=0, help=f"{seed} (default: 0)")
 
 
 def _add_gguf_flags(parser: argparse.ArgumentParser) -> None:
