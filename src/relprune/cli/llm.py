@@ -101,10 +101,7 @@ def add_llm_commands(sub: argparse._SubParsersAction) -> None:
                    help="the same sizes in every layer (a plain transformers folder), or per-layer sizes "
                         "(loaded with relprune.llm.structured.load_shrunk) (default: uniform)")
     _add_window_flags(s, calibration=True, seed="chooses the calibration windows (and the random score)")
-    _add_device_flags(s)
-    _add_gguf_flags(s)
-    s.add_argument("--out", required=True, help="output folder (must not hold anything yet)")
-    s.set_defaults(func=cmd_llm_shrink)
+    _add_folder_output(s, cmd_llm_shrink)
 
     r = llm_sub.add_parser("recover", help="distil a shrunk model from the dense one under a token budget "
                                            "(resumable); write a folder (and a GGUF file)")
@@ -119,10 +116,7 @@ def add_llm_commands(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--lr", type=checked(float, positive), default=5e-5, help="AdamW learning rate (default: 5e-5)")
     r.add_argument("--checkpoint-minutes", type=checked(float, positive), default=5.0,
                    help="minutes between checkpoints in OUT.checkpoint (default: 5; also on Ctrl-C or SIGTERM)")
-    _add_device_flags(r)
-    _add_gguf_flags(r)
-    r.add_argument("--out", required=True, help="output folder (must not hold anything yet)")
-    r.set_defaults(func=cmd_llm_recover)
+    _add_folder_output(r, cmd_llm_recover)
 
     g = llm_sub.add_parser("gguf", help="write a GGUF file llama.cpp runs from a transformers folder (a shrunk "
                                         "one with per-layer sizes too), with llama.cpp's own converter")
@@ -156,6 +150,14 @@ def _add_window_flags(parser: argparse.ArgumentParser, *, calibration: bool = Fa
     parser.add_argument("--batch-size", type=_positive_int, default=batch,
                         help=batch_help or f"windows per forward pass (default: {batch})")
     parser.add_argument("--seed", type=checked(int, seed_value), default=0, help=f"{seed} (default: 0)")
+
+
+def _add_folder_output(parser: argparse.ArgumentParser, func) -> None:
+    """What a command that writes a model folder shares: device flags, an optional GGUF file, --out."""
+    _add_device_flags(parser)
+    _add_gguf_flags(parser)
+    parser.add_argument("--out", required=True, help="output folder (must not hold anything yet)")
+    parser.set_defaults(func=func)
 
 
 def _add_gguf_flags(parser: argparse.ArgumentParser) -> None:
