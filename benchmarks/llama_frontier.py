@@ -146,15 +146,17 @@ def recovery(args: argparse.Namespace) -> None:
 def gguf_points(args: argparse.Namespace) -> list[tuple[str, str, Path]]:
     points = ["dense", *(f"{s}-{r:g}" for r in args.ratios for s in ("uniform", "global")),
               *(f"{p}-rec" for p in args.recover)]
+    if args.points:
+        points = [p for p in points if p in args.points]
     return [(p, q, args.work / f"{p}-{q}.gguf") for p in points for q in QUANTS
-            if (args.work / f"{p}-{q}.gguf").is_file()]
+            if q in args.quants and (args.work / f"{p}-{q}.gguf").is_file()]
 
 
 def quality(args: argparse.Namespace) -> None:
     from relprune.llm.known import known_text
 
     texts = {"eval": DATA / "eval.txt", "botchan": known_text("botchan")}
-    done = {(r["point"], r["gguf"]) for r in rows(args.out, "quality")}
+    done = {(r["point"], r["gguf"]) for r in rows(args.out, "quality") if r["chunks"] == args.chunks}
     for point, q, path in gguf_points(args):
         if (point, q) in done:
             continue
@@ -194,7 +196,7 @@ def summary(args: argparse.Namespace) -> list[dict]:
     """One row per (point, quantisation): perplexities, size, and the median tokens/s over rounds."""
     import statistics
 
-    quality_rows = {(r["point"], r["gguf"]): r for r in rows(args.out, "quality")}
+    quality_rows = {(r["point"], r["gguf"]): r for r in rows(args.out, "quality") if r["chunks"] == args.chunks}
     builds = {r["point"]: r for r in rows(args.out, "build")}
     out = []
     for (point, q), r in quality_rows.items():
@@ -277,6 +279,8 @@ def main() -> None:
     parser.add_argument("--budgets", type=int, nargs="+", default=[32768, 131072, 262144, 524288])
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--chunks", type=int, default=32)
+    parser.add_argument("--points", nargs="*", default=None, help="only these points (quality, speed)")
+    parser.add_argument("--quants", nargs="+", default=list(QUANTS), help="only these types (quality, speed)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--work", type=Path, default=Path("/tmp/relprune-frontier"))
     parser.add_argument("--out", type=Path, default=OUT)
