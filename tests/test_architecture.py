@@ -143,6 +143,10 @@ def test_public_names_resolve_lazily_to_their_modules():
     assert set(relprune.__all__) <= set(dir(relprune))
     for name in relprune.__all__:
         assert getattr(relprune, name) is not None
+    # The three spellings of the public names (the lazy table, the static imports editors read, __all__) agree:
+    # every error, every lazily loaded name and submodule, nothing else.
+    errors = {n for n in vars(relprune.errors) if n.endswith("Error")}
+    assert set(relprune.__all__) == errors | set(relprune._LAZY) | set(relprune._SUBMODULES) | {"__version__"}
 
 
 def test_old_module_paths_are_gone():

@@ -64,6 +64,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what the names are, for type checkers and editors
+    from . import llm
     from .core import allocation, criteria, layers, liveness, masks, pruning, stats
     from .core.collect import collect_stats
     from .core.criteria import CRITERIA, Criterion, register
@@ -132,6 +133,7 @@ __all__ = [
     "hardtanh",
     "layers",
     "liveness",
+    "llm",
     "load_state_dict",
     "make_permanent",
     "masks",
