@@ -1,13 +1,14 @@
 """The llama.cpp speed/quality frontier of shrunk models against the dense model's quantisation ladder.
 
-Points: the dense model and structured shrinks (``--ratios`` of the decoder's attention and MLP parameters,
-uniform and per-layer plans, FLAP's fluctuation score with relprune's least-squares re-fit, as ``relprune llm
-shrink`` does by default), some also after recovery (``relprune llm recover`` on the calibration text), each
-written by relprune's GGUF export at F16 and quantised by llama.cpp's ``llama-quantize`` to Q8_0, Q5_K_M and
-Q4_K_M. For every file: llama.cpp's own ``llama-perplexity`` (context 512, the first ``--chunks`` chunks) on the
-Shakespeare evaluation text and on the second-domain text (Botchan), and ``llama-bench`` prompt (pp) and decode
-(tg) tokens/s with the default threads and one thread, in rounds that alternate the files. The recovery stage
-also records torch perplexity (16 windows of 512 tokens, the project's protocol) after each token budget.
+Points: the dense model and structured shrinks (``--ratios`` of the decoder's attention and MLP parameters;
+uniform, per-layer and joint (blocks and widths) plans; FLAP's fluctuation score with relprune's least-squares
+re-fit, as ``relprune llm shrink`` does by default), some also after recovery (``relprune llm recover`` on the
+calibration text), each written by relprune's GGUF export at F16 and quantised by llama.cpp's ``llama-quantize``
+to Q8_0, Q5_K_M and Q4_K_M. For every file: llama.cpp's own ``llama-perplexity`` (context 512, the first
+``--chunks`` chunks) on the Shakespeare evaluation text and on the second-domain text (Botchan), and
+``llama-bench`` prompt (pp) and decode (tg) tokens/s with the default threads and one thread, in rounds that
+alternate the files. The recovery stage also records torch perplexity (16 windows of 512 tokens, the project's
+protocol) after each token budget.
 
 Stages (each appends to ``--out`` and skips what it holds): build, recovery, quality, speed; then report
 (the table and the frontier) and plot. Model files go to ``--work``, never into the repository.
@@ -62,6 +63,7 @@ def build(args: argparse.Namespace) -> None:
     from relprune.defaults import DEFAULT_LLM_UNIT_SCORE
     from relprune.llm import calibration_windows, load_model, tokenize_file
     from relprune.llm.gguf import export_gguf
+    from relprune.llm.joint import plan_joint, residual_shares, shrink_joint
     from relprune.llm.load import resolve_model
     from relprune.llm.structured import plan_units, save_shrunk, shrink_refit, unit_scores
     from relprune.llm.text import batches_of
@@ -76,7 +78,7 @@ def build(args: argparse.Namespace) -> None:
                                  "parameters": sum(p.numel() for p in dense.parameters()), **run_meta()})
     batches = None
     for ratio in args.ratios:
-        for scope in ("uniform", "global"):
+        for scope in args.scopes:
             point = f"{scope}-{ratio:g}"
             if point in done:
                 continue
@@ -85,8 +87,11 @@ def build(args: argparse.Namespace) -> None:
                 batches = batches_of(calibration_windows(ids, args.calibration_samples, 512, 0), 8)
             model = copy.deepcopy(dense)
             start = time.perf_counter()
-            keep = plan_units(model, unit_scores(model, batches, DEFAULT_LLM_UNIT_SCORE), ratio, scope=scope)
-            sizes = shrink_refit(model, batches, keep)
+            scores = unit_scores(model, batches, DEFAULT_LLM_UNIT_SCORE)
+            if scope == "joint":
+                sizes = shrink_joint(model, batches, plan_joint(model, scores, residual_shares(model, batches), ratio))
+            else:
+                sizes = shrink_refit(model, batches, plan_units(model, scores, ratio, scope=scope))
             seconds = time.perf_counter() - start
             folder = args.work / point
             if folder.exists():
@@ -144,7 +149,7 @@ def recovery(args: argparse.Namespace) -> None:
 
 
 def gguf_points(args: argparse.Namespace) -> list[tuple[str, str, Path]]:
-    points = ["dense", *(f"{s}-{r:g}" for r in args.ratios for s in ("uniform", "global")),
+    points = ["dense", *(f"{s}-{r:g}" for r in args.ratios for s in args.scopes),
               *(f"{p}-rec" for p in args.recover)]
     if args.points:
         points = [p for p in points if p in args.points]
@@ -200,13 +205,13 @@ def summary(args: argparse.Namespace) -> list[dict]:
     builds = {r["point"]: r for r in rows(args.out, "build")}
     out = []
     for (point, q), r in quality_rows.items():
-        speeds = [s for s in rows(args.out, "speed") if s["point"] == point and s["gguf"] == q]
+        base = point.removesuffix("-rec")  # recovery changes weights, not shapes: the base point's speed
+        speeds = [s for s in rows(args.out, "speed") if s["point"] == base and s["gguf"] == q]
 
         def med(key: str, threads: int, speeds: list[dict] = speeds) -> float | None:
             values = [s[key] for s in speeds if s["threads"] == threads]
             return statistics.median(values) if values else None
 
-        base = point.removesuffix("-rec")
         out.append({"point": point, "gguf": q, "parameters": builds.get(base, {}).get("parameters"),
                     "size_mib": r["size_mib"], "ppl_eval": r["ppl_eval"], "ppl_botchan": r["ppl_botchan"],
                     "tg2": med("tg_tps", 2), "pp2": med("pp_tps", 2), "tg1": med("tg_tps", 1), "pp1": med("pp_tps", 1)})
@@ -247,7 +252,7 @@ def plot(table: list[dict], path: Path) -> None:
             label="dense: F16, Q8_0, Q5_K_M, Q4_K_M")
     for r in dense:
         ax.annotate(r["gguf"], (r["tg2"], r["ppl_eval"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    styles = {"uniform": ("tab:blue", "s"), "global": ("tab:orange", "^")}
+    styles = {"uniform": ("tab:blue", "s"), "global": ("tab:orange", "^"), "joint": ("tab:green", "D")}
     for scope, (color, marker) in styles.items():
         for rec in (False, True):
             pts = [r for r in table if r["point"].startswith(scope) and r["point"].endswith("-rec") == rec and r["tg2"]]
@@ -274,6 +279,8 @@ def main() -> None:
     parser.add_argument("--bin", type=Path, help="llama.cpp's build/bin (llama-quantize, -perplexity, -bench)")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.3, 0.4])
+    parser.add_argument("--scopes", nargs="+", default=["uniform", "global", "joint"],
+                        help="plans to build at each ratio (llm shrink's --scope)")
     parser.add_argument("--calibration-samples", type=int, default=16)
     parser.add_argument("--recover", nargs="*", default=["uniform-0.3", "global-0.3"])
     parser.add_argument("--budgets", type=int, nargs="+", default=[32768, 131072, 262144, 524288])

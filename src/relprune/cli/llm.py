@@ -97,9 +97,10 @@ def add_llm_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--block-score", choices=["influence", "relative"], default="influence",
                    help="with --depth: ShortGPT's block influence (1 - cos of a block's input and output) or our "
                         "relative contribution to the residual stream (default: influence)")
-    s.add_argument("--scope", choices=["uniform", "global"], default="uniform",
-                   help="the same sizes in every layer (a plain transformers folder), or per-layer sizes "
-                        "(loaded with relprune.llm.structured.load_shrunk) (default: uniform)")
+    s.add_argument("--scope", choices=["uniform", "global", "joint"], default="uniform",
+                   help="the same sizes in every layer (a plain transformers folder); per-layer sizes (loaded "
+                        "with relprune.llm.load_model); or joint: per-layer sizes and whole blocks chosen "
+                        "together by their share of the residual stream (default: uniform)")
     _add_window_flags(s, calibration=True, seed="chooses the calibration windows (and the random score)")
     _add_folder_output(s, cmd_llm_shrink)
 
@@ -315,13 +316,13 @@ def cmd_llm_shrink(ns: argparse.Namespace) -> int:
         raise RelpruneError(f"calibration text {ns.calibration} does not exist")
     model, tokenizer = load_model(ns.model, quiet=True, device=ns.device, dtype=ns.dtype, verify=ns.verify_weights)
     check_seqlen(model.config, ns.seqlen)
-    if ns.gguf and ns.scope == "global":
+    if ns.gguf and ns.scope != "uniform":
         from ..llm.gguf import PER_LAYER_ARCHITECTURES, GGUFError
 
         arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
         if arch not in PER_LAYER_ARCHITECTURES:
             raise GGUFError(f"llama.cpp runs layers of different sizes only as Llama blocks; {arch} with "
-                            "--scope global cannot be written as GGUF: use --scope uniform")
+                            f"--scope {ns.scope} cannot be written as GGUF: use --scope uniform")
     batches = batches_of(calibration_windows(tokenize_file(tokenizer, ns.calibration), ns.calibration_samples,
                                              ns.seqlen, ns.seed), ns.batch_size)
     say(f"calibration: {ns.calibration_samples} windows of {ns.seqlen} tokens from {ns.calibration} "
@@ -339,6 +340,15 @@ def cmd_llm_shrink(ns: argparse.Namespace) -> int:
         say(f"scoring {len(named)} blocks by {ns.block_score}")
         drop = plan_blocks(block_scores(model, batches, ns.block_score), count)
         sizes = remove_blocks(model, drop)
+    elif ns.scope == "joint":
+        from ..llm.joint import plan_joint, residual_shares, shrink_joint
+
+        say(f"scoring heads and MLP channels by {ns.score}, blocks and sublayers by their residual share")
+        scores = unit_scores(model, batches, ns.score, seed=ns.seed, progress=True)
+        plan = plan_joint(model, scores, residual_shares(model, batches, progress=True), ns.ratio)
+        say(f"removing blocks {plan.drop} and the units, re-fitting o_proj and down_proj block by block"
+            if ns.compensation == "refit" else f"removing blocks {plan.drop} and the units")
+        sizes = shrink_joint(model, batches, plan, compensation=ns.compensation, progress=True)
     else:
         say(f"scoring heads and MLP channels by {ns.score}")
         keep = plan_units(model, unit_scores(model, batches, ns.score, seed=ns.seed, progress=True), ns.ratio,
@@ -376,7 +386,7 @@ def cmd_llm_shrink(ns: argparse.Namespace) -> int:
         shape = (f"every layer: {first['num_attention_heads']} heads, {first['num_key_value_heads']} key/value "
                  f"heads, MLP width {first['intermediate_size']}")
     else:
-        shape = "sizes differ per layer"
+        shape = "sizes differ per layer" + (f"; blocks {sizes['removed']} removed" if sizes.get("removed") else "")
     print(f"parameters: {after:,} of {before:,} ({1 - after / before:.2%} removed, embeddings included); {shape}")
     loader = ("transformers.AutoModelForCausalLM.from_pretrained" if plain
               else "relprune.llm.structured.load_shrunk")

@@ -11,8 +11,8 @@ would give it, or what the pruned blocks before it give it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -195,3 +195,39 @@ def blocks_with_progress(named: Sequence[tuple[str, nn.Module]],
     on stderr (a log file or a scheduler's output gets a line a block, not minutes of silence)."""
     return _progress(enumerate(named), desc="blocks", total=len(named), unit="done", every=0.0,
                      enabled=progress, name=lambda item: item[1][0])
+
+
+@dataclass
+class BlockStep:
+    """One block of a :func:`walk_blocks`: its index and name, the block, what it is fed (its calls, and the
+    hidden state of each).
+
+    A caller that computes the block's outputs on ``inputs`` itself (after its changes, if it wants the
+    walk to advance on them) stores them in ``outputs`` so the walk does not compute them again."""
+
+    index: int
+    name: str
+    block: nn.Module
+    inputs: list[Batch]
+    hidden: list[Tensor]
+    outputs: list[Tensor] | None = field(default=None)
+
+
+def walk_blocks(model: nn.Module, named: Sequence[tuple[str, nn.Module]], batches: Iterable[dict[str, Tensor]], *,
+                sequential: bool = True, progress: bool = False) -> Iterator[BlockStep]:
+    """Each decoder block with the inputs a forward pass of ``model`` gives it, one at a time.
+
+    The caller's work on a step (scoring, pruning, re-fitting the block) runs between the walk's
+    ``yield`` and its advance: with ``sequential`` the next block is fed this block's outputs as the
+    caller left it, else the outputs it had when it was yielded (the dense model's, when nothing
+    before it changed). ``progress``: a line per block on stderr, a bar on a terminal."""
+    captured = capture_block_inputs(model, [b for _, b in named], batches)
+    hidden = captured.hidden
+    for i, (name, block) in blocks_with_progress(named, progress):
+        step = BlockStep(i, name, block, feed(captured.calls[i], hidden), list(hidden))
+        last = i + 1 == len(named)
+        before = None if sequential or last else block_outputs(block, step.inputs)
+        yield step
+        if not last:
+            hidden = before if before is not None else (
+                step.outputs if step.outputs is not None else block_outputs(block, step.inputs))

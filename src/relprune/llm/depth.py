@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import RelpruneError
-from .blocks import block_outputs, capture_block_inputs, feed
+from .blocks import block_outputs, walk_blocks
 from .sequential import decoder_blocks
 
 BLOCK_CRITERIA = ("influence", "relative")
@@ -33,28 +33,34 @@ def block_scores(model: nn.Module, batches: Sequence[dict[str, Tensor]], criteri
         raise RelpruneError(f"block criterion must be one of {BLOCK_CRITERIA}, got {criterion!r}")
     named = decoder_blocks(model, blocks)
     model.eval()
-    captured = capture_block_inputs(model, [b for _, b in named], batches)
-    hidden = captured.hidden
     scores = torch.zeros(len(named), dtype=torch.float64)
-    for i, (_, block) in enumerate(named):
-        inputs = feed(captured.calls[i], hidden)
-        outputs = block_outputs(block, inputs)
+    for step in walk_blocks(model, named, batches):
+        step.outputs = block_outputs(step.block, step.inputs)
         total, count = 0.0, 0
-        for h, out, call in zip(hidden, outputs, inputs, strict=True):
-            h, out = h.double().flatten(0, -2), out.double().flatten(0, -2)
-            if call.token_mask is not None:
-                live = call.token_mask.flatten().bool().to(h.device)
-                h, out = h[live], out[live]
-            if criterion == "influence":
-                per = 1 - nn.functional.cosine_similarity(h, out, dim=-1)
-            else:
-                f = (out - h).norm(dim=-1)
-                per = f / (h.norm(dim=-1) + f).clamp_min(torch.finfo(torch.float64).tiny)
+        for h, out, call in zip(step.hidden, step.outputs, step.inputs, strict=True):
+            per = _per_token(h, out, call.token_mask, criterion)
             total += float(per.sum())
             count += per.numel()
-        scores[i] = total / max(count, 1)
-        hidden = outputs
+        scores[step.index] = total / max(count, 1)
     return scores
+
+
+def _per_token(h: Tensor, out: Tensor, token_mask: Tensor | None, criterion: str) -> Tensor:
+    """The block score of each live token, from the block's input ``h`` and output ``out``."""
+    h, out = h.double().flatten(0, -2), out.double().flatten(0, -2)
+    if token_mask is not None:
+        live = token_mask.flatten().bool().to(h.device)
+        h, out = h[live], out[live]
+    if criterion == "influence":
+        return 1 - nn.functional.cosine_similarity(h, out, dim=-1)
+    return relative_share(h, out - h)
+
+
+def relative_share(base: Tensor, write: Tensor) -> Tensor:
+    """Per token, ||write|| / (||base|| + ||write||): the share of the residual stream a block (or one of its
+    sublayers) writes onto ``base``."""
+    f = write.norm(dim=-1)
+    return f / (base.norm(dim=-1) + f).clamp_min(torch.finfo(torch.float64).tiny)
 
 
 def plan_blocks(scores: Tensor, count: int) -> list[int]:

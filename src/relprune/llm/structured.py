@@ -34,7 +34,7 @@ from ..core.collect import collect_stats
 from ..core.reconstruct import PERCDAMP, refit_columns
 from ..core.stats import LayerStats
 from ..errors import RelpruneError
-from .blocks import block_outputs, blocks_with_progress, capture_block_inputs, feed
+from .blocks import walk_blocks
 from .load import SIZES_FILE, load_shrunk  # noqa: F401 - the reader of what save_shrunk writes
 from .sequential import decoder_blocks
 
@@ -131,16 +131,12 @@ def _reader_stats(model: nn.Module, named: list[tuple[str, nn.Module]], batches:
     """Per decoder layer, ``statistic`` of the projections that read its units (``o_proj`` for the
     heads, ``down_proj`` for the MLP channels) on dense activations: one pass through the blocks."""
     model.eval()
-    captured = capture_block_inputs(model, [b for _, b in named], batches)
-    hidden = captured.hidden
-    for i, (name, block) in blocks_with_progress(named, progress):
-        inputs = feed(captured.calls[i], hidden)
-        readers = {"heads": _attn(block)[0].o_proj, "mlp": _mlp(block).down_proj}
-        names = {kind: _name_in(block, proj) for kind, proj in readers.items()}
-        stats = collect_stats(block, inputs, layers=list(names.values()), statistics=[statistic], liveness=False)
-        yield i, name, block, {kind: (proj, stats[names[kind]]) for kind, proj in readers.items()}
-        if i + 1 < len(named):
-            hidden = block_outputs(block, inputs)
+    for step in walk_blocks(model, named, batches, progress=progress):
+        readers = {"heads": _attn(step.block)[0].o_proj, "mlp": _mlp(step.block).down_proj}
+        names = {kind: _name_in(step.block, proj) for kind, proj in readers.items()}
+        stats = collect_stats(step.block, step.inputs, layers=list(names.values()), statistics=[statistic],
+                              liveness=False)
+        yield step.index, step.name, step.block, {kind: (proj, stats[names[kind]]) for kind, proj in readers.items()}
 
 
 def _name_in(block: nn.Module, module: nn.Module) -> str:
@@ -252,11 +248,8 @@ def shrink_refit(model: nn.Module, batches: Sequence[dict[str, Tensor]], keep: d
     named = decoder_blocks(model, blocks)
     _check_keep(named, keep)
     model.eval()
-    captured = capture_block_inputs(model, [b for _, b in named], batches)
-    hidden = captured.hidden
-    for i, (_, block) in blocks_with_progress(named, progress):
-        inputs = feed(captured.calls[i], hidden)
-        dense_out = None if sequential or i + 1 == len(named) else block_outputs(block, inputs)
+    for step in walk_blocks(model, named, batches, sequential=sequential, progress=progress):
+        i, block = step.index, step.block
         for kind in ("heads", "mlp"):
             if (i, kind) not in keep:
                 continue
@@ -265,7 +258,7 @@ def shrink_refit(model: nn.Module, batches: Sequence[dict[str, Tensor]], keep: d
             kept = torch.zeros(reader.in_features, dtype=torch.bool)
             kept[cols] = True
             name = _name_in(block, reader)
-            s = collect_stats(block, inputs, layers=[name], statistics=["input_gram", "contribution_mean"],
+            s = collect_stats(block, step.inputs, layers=[name], statistics=["input_gram", "contribution_mean"],
                               liveness=False)[name]
             weight, bias = refit_columns(reader.weight, s.input_gram, s.input_mean.reshape(-1, reader.in_features)[0],
                                          kept.to(reader.weight.device), bias=reader.bias, percdamp=percdamp)
@@ -275,8 +268,6 @@ def shrink_refit(model: nn.Module, batches: Sequence[dict[str, Tensor]], keep: d
                 reader.weight = nn.Parameter(full)
                 reader.bias = nn.Parameter(bias)
             _shrink_block(block, kind, keep[i, kind])
-        if i + 1 < len(named):
-            hidden = dense_out if dense_out is not None else block_outputs(block, inputs)
     return layer_sizes(model, blocks=blocks)
 
 
