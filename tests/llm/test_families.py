@@ -182,12 +182,16 @@ def test_pruned_family_saves_and_reloads_with_the_same_logits(family, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["gemma3", "qwen2"])
-@pytest.mark.parametrize("allocation, sequential", [("uniform", True), ("owl", True), ("owl", False)])
-def test_streamed_pruning_gives_per_layer_families_their_own_arguments(family, allocation, sequential, tmp_path):
+@pytest.mark.parametrize("allocation, sequential, criterion, reconstruct", [
+    ("uniform", True, "obs", "exact"), ("owl", True, "obs", "exact"), ("owl", False, "obs", "exact"),
+    ("owl", True, "magnitude", None)])  # magnitude reads no statistic: the blocks need not run
+def test_streamed_pruning_gives_per_layer_families_their_own_arguments(family, allocation, sequential, criterion,
+                                                                       reconstruct, tmp_path):
     model = build(family)
     data = batches()
     model.save_pretrained(tmp_path / "dense")
-    recipe = Recipe.build(criterion="obs", sparsity=0.5, reconstruct="exact", allocation=allocation, owl_lambda=0.1)
+    recipe = Recipe.build(criterion=criterion, sparsity=0.5, reconstruct=reconstruct, allocation=allocation,
+                          owl_lambda=0.1)
     streamed = prune_streamed(tmp_path / "dense", tmp_path / "streamed", data, recipe, sequential=sequential)
     in_memory = prune_sequential(model, data, recipe, sequential=sequential)
     for name, mask in in_memory.items():

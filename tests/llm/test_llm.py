@@ -275,8 +275,9 @@ def test_owl_outlier_ratio_and_sparsities_by_hand():
         owl_sparsities([0.0, 1.0], 0.05, 0.08)
 
 
+@pytest.mark.parametrize("criterion", ["wanda", "magnitude"])  # magnitude: the blocks need not run to prune
 @pytest.mark.parametrize("allocation, block_one", [("owl", min), ("entropy", max)])
-def test_per_block_allocations_spread_around_the_target(allocation, block_one):
+def test_per_block_allocations_spread_around_the_target(allocation, block_one, criterion):
     """5% of block 1's weights become 50x larger: outliers for OWL (pruned less), outputs resting on few
     weights for the contribution entropy (pruned more)."""
     model = tiny_llama(layers=3)
@@ -285,7 +286,7 @@ def test_per_block_allocations_spread_around_the_target(allocation, block_one):
         for layer in model.model.layers[1].modules():
             if isinstance(layer, nn.Linear):
                 layer.weight[torch.rand(layer.weight.shape, generator=g) < 0.05] *= 50
-    masks = prune_sequential(model, ids_batches(), sparsity=0.5, criterion="wanda", reconstruct=False,
+    masks = prune_sequential(model, ids_batches(), sparsity=0.5, criterion=criterion, reconstruct=False,
                              allocation=allocation, owl_lambda=0.1)
     per_block = []
     for i in range(3):

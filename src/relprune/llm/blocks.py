@@ -214,14 +214,17 @@ class BlockStep:
 
 
 def walk_blocks(model: nn.Module, named: Sequence[tuple[str, nn.Module]], batches: Iterable[dict[str, Tensor]], *,
-                sequential: bool = True, progress: bool = False) -> Iterator[BlockStep]:
+                sequential: bool = True, progress: bool = False,
+                captured: BlockInputs | None = None) -> Iterator[BlockStep]:
     """Each decoder block with the inputs a forward pass of ``model`` gives it, one at a time.
 
     The caller's work on a step (scoring, pruning, re-fitting the block) runs between the walk's
     ``yield`` and its advance: with ``sequential`` the next block is fed this block's outputs as the
     caller left it, else the outputs it had when it was yielded (the dense model's, when nothing
-    before it changed). ``progress``: a line per block on stderr, a bar on a terminal."""
-    captured = capture_block_inputs(model, [b for _, b in named], batches)
+    before it changed). ``progress``: a line per block on stderr, a bar on a terminal. ``captured``: the
+    blocks' calls when the caller has captured them already (``batches`` is then not read)."""
+    if captured is None:
+        captured = capture_block_inputs(model, [b for _, b in named], batches)
     hidden = captured.hidden
     for i, (name, block) in blocks_with_progress(named, progress):
         step = BlockStep(i, name, block, feed(captured.calls[i], hidden), list(hidden))

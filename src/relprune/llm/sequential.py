@@ -27,12 +27,13 @@ from ..defaults import DEFAULT_LLM_CRITERION, DEFAULT_LLM_RECONSTRUCT, DEFAULT_L
 from ..errors import CalibrationError, LayerError, SparsityError
 from .blocks import (
     BlockInputs,
+    BlockStep,
     block_outputs,
     blocks_with_progress,
     capture_block_inputs,
-    dense_hidden_states,
     feed,
     refuse_non_finite,
+    walk_blocks,
 )
 
 
@@ -127,18 +128,20 @@ def prune_sequential(
     model.eval()
     out: dict[str, Tensor] = {}
     try:
-        captured = (capture_block_inputs(model, modules, batches) if recipe.reads_activations
-                    else BlockInputs([[]] * len(named), []))
-        dense = None if sequential or not wanted else dense_hidden_states(modules, captured)
-        per_block = block_sparsities(recipe, modules, captured, dense)
-        hidden = captured.hidden
-        for i, (name, block) in blocks_with_progress(named, progress):
-            own = hidden if dense is None else dense[i]
+        captured = None
+        if recipe.allocation != "uniform":
+            captured = capture_block_inputs(model, modules, batches)
+        per_block = block_sparsities(recipe, modules, captured or BlockInputs([[]] * len(named), []))
+        if wanted:
+            steps = walk_blocks(model, named, batches, sequential=sequential, progress=progress, captured=captured)
+        else:  # nothing read from activations: no block needs to run
+            steps = (BlockStep(i, name, block, [], []) for i, (name, block) in blocks_with_progress(named, progress))
+        for step in steps:
             masks, outputs = prune_block(
-                block, feed(captured.calls[i], own), replace(recipe, sparsity=per_block[i], allocation="uniform"),
-                liveness=liveness, permanent=permanent, last=dense is not None or i + 1 == len(named))
-            out.update({f"{name}.{k}": v for k, v in masks.items()})
-            hidden = outputs
+                step.block, step.inputs, replace(recipe, sparsity=per_block[step.index], allocation="uniform"),
+                liveness=liveness, permanent=permanent, last=not sequential or step.index + 1 == len(named))
+            out.update({f"{step.name}.{k}": v for k, v in masks.items()})
+            step.outputs = outputs or None
     finally:
         model.train(was_training)
     return Masks(out)

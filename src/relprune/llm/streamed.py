@@ -143,7 +143,9 @@ def prune_streamed(
         for i, (name, meta_block) in blocks_with_progress(named, progress):
             block = first if i == 0 else _load_block(meta_block, name, checkpoint)
             first = None
-            block_masks, hidden = prune_block(block, feed(captured.calls[i], hidden if dense is None else dense[i]),
+            # A recipe that reads no statistic (magnitude under OWL) prunes without running the block.
+            inputs = feed(captured.calls[i], hidden if dense is None else dense[i]) if recipe.statistics() else []
+            block_masks, hidden = prune_block(block, inputs,
                                               replace(recipe, sparsity=per_block[i], allocation="uniform"),
                                               liveness=False, permanent=True,
                                               last=dense is not None or i + 1 == len(named))
