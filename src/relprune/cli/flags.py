@@ -97,6 +97,20 @@ def one_of(*names: str):
     return check
 
 
+def refit_name(v: str) -> str | None:
+    """A re-fit of the registry, or 'none' (and the vision command's 'auto')."""
+    from ..core.reconstruct import REFITS
+
+    return None if v in REFITS or v in ("none", "auto") else f"choose from {', '.join([*REFITS, 'none'])}"
+
+
+def refit_choices() -> str:
+    """The registered re-fits for a --help text: "'exact' (least squares), 'obs' (SparseGPT's ...)"."""
+    from ..core.reconstruct import REFITS
+
+    return ", ".join(f"'{name}' ({r.summary})" for name, r in REFITS.items())
+
+
 def criterion_name(v: str) -> str | None:
     from ..core.criteria import CRITERIA
 

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from ..core.allocation import SCOPES
+from ..core.reconstruct import REFITS
 from ..core.spec import ALLOCATIONS, Recipe, owl_lambda_problem
 from ..defaults import (
     DEFAULT_LLM_CRITERION,
@@ -19,7 +20,16 @@ from ..defaults import (
     DEFAULT_LLM_UNIT_SCORE,
 )
 from ..errors import RelpruneError
-from .flags import checked, criterion_name, n_m_value, positive, ratio_value, seed_value, sparsity_value
+from .flags import (
+    checked,
+    criterion_name,
+    n_m_value,
+    positive,
+    ratio_value,
+    refit_choices,
+    seed_value,
+    sparsity_value,
+)
 from .outputs import make_folder, say
 
 _positive_int = checked(int, positive)
@@ -51,9 +61,9 @@ def add_llm_commands(sub: argparse._SubParsersAction) -> None:
     _add_window_flags(p, calibration=True, seed="chooses the calibration windows")
     p.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=True,
                    help="each block calibrates on the pruned blocks' outputs (default: True)")
-    p.add_argument("--reconstruct", choices=["exact", "obs", "none"], default=DEFAULT_LLM_RECONSTRUCT,
-                   help="re-fit the kept weights by least squares ('exact'), by SparseGPT's sweep with the "
-                        f"mask fixed ('obs'), or not ('none') (default: {DEFAULT_LLM_RECONSTRUCT})")
+    p.add_argument("--reconstruct", choices=[*REFITS, "none"], default=DEFAULT_LLM_RECONSTRUCT,
+                   help=f"re-fit the kept weights: {refit_choices()}, or not ('none') (default: "
+                        f"{DEFAULT_LLM_RECONSTRUCT})")
     p.add_argument("--bias-compensation", action="store_true",
                    help="add each row's removed mean contribution to its bias (bias-free projections get "
                         "one; the saved config switches attention_bias/mlp_bias on); not with --reconstruct")

@@ -31,6 +31,8 @@ from .flags import (
     one_of,
     option,
     positive,
+    refit_choices,
+    refit_name,
     regularizer_names,
     seed_value,
     sparsity_value,
@@ -105,10 +107,9 @@ class PruneArgs:
     calib_samples: int = option("calibration samples from the training split", 1024, check=positive)
     finetune_epochs: int = option("masked fine-tuning epochs after pruning", 0, check=non_negative)
     finetune_lr: float = option("fine-tuning learning rate", 3e-4, check=positive)
-    reconstruct: str = option("re-fit of the kept weights on the calibration inputs: exact (least squares), obs "
-                          "(SparseGPT's sweep with the mask fixed), none, or auto (exact unless fine-tuning or "
-                          "compensating biases, as the study found best)",
-                          DEFAULT_RECONSTRUCT, check=one_of("auto", "exact", "obs", "none"))
+    reconstruct: str = option(f"re-fit of the kept weights on the calibration inputs: {refit_choices()}, none, or "
+                          "auto (exact unless fine-tuning or compensating biases, as the study found best)",
+                          DEFAULT_RECONSTRUCT, check=refit_name)
 
 
 
@@ -172,7 +173,7 @@ def cmd_prune(ns: argparse.Namespace) -> int:
     Recipe.build(
         criterion=m.criterion, sparsity=p.sparsity, n_m=p.n_m, threshold=p.threshold,
         scope=m.scope if "scope" in ns.overrides or crit.joint is None else None,
-        reconstruct=p.reconstruct if p.reconstruct in ("exact", "obs") else None,
+        reconstruct=None if p.reconstruct in ("auto", "none") else p.reconstruct,
         bias_compensation=m.bias_compensation, refine=m.refine,
         options={"ucb_k": m.ucb_k} if "ucb_k" in crit.options else {})
     refuse_replacing(Path(c.out), ("model.safetensors", "model.json"), ns.overwrite, "a model")
@@ -216,14 +217,15 @@ def method_of(m: MethodArgs, p: PruneArgs, refit: bool | str) -> Method:
 
 
 def _refit(p: PruneArgs, m: MethodArgs, model) -> bool | str:
-    """The re-fit: --reconstruct exact or obs, or auto (exact) when the pruned model is used as it is
-    (no fine-tune, no bias compensation) and every prunable layer has an input Gram."""
+    """The re-fit: --reconstruct's (True for exact, as method labels keep it), or auto (exact) when the
+    pruned model is used as it is (no fine-tune, no bias compensation) and every prunable layer has an
+    input Gram."""
     from ..core.layers import gram_supported, prunable_layers
 
-    if p.reconstruct == "obs":
-        return "obs"
+    if p.reconstruct == "none":
+        return False
     if p.reconstruct != "auto":
-        return p.reconstruct == "exact"
+        return True if p.reconstruct == "exact" else p.reconstruct
     return (not p.finetune_epochs and not m.bias_compensation
             and all(gram_supported(layer) for layer in prunable_layers(model).values()))
 

@@ -17,6 +17,8 @@ Cholesky factor of H^-1, H = X^T X. Work is done on column blocks with lazy upda
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -164,39 +166,77 @@ def sparsegpt(weight: Tensor, hessian: Tensor, *, sparsity: float | None = None,
     return _obs(weight, hessian, _Unstructured(sparsity), blocksize, percdamp)
 
 
-REFIT_METHODS = ("exact", "obs")
 #: What the damping pulls the re-fitted weights toward: the dense weights (as SparseGPT's and ALPS's
 #: updates do: the damped error (w - w0)^T (H + lambda I) (w - w0)) or zero (a ridge penalty on the
 #: kept weights). On a 256 x 512 layer with outlier inputs "dense" had 16% less output error at 50%.
 ANCHORS = ("dense", "zero")
 
 
+@dataclass(frozen=True)
+class Refit:
+    """A re-fit of a layer's kept weights to its dense outputs on the calibration inputs, the mask fixed.
+
+    ``fit(weight, hessian, keep, *, blocksize, percdamp, tol, max_iter, anchor)`` returns the new weight
+    (removed entries zero); ``label`` is its word in a method label (``"+refit"``), ``summary`` a phrase
+    for the commands' help."""
+
+    name: str
+    label: str
+    summary: str
+    fit: Callable[..., Tensor]
+
+
+#: The re-fits by name. Adding one is a function and :func:`register_refit` here: the recipe, both
+#: commands' ``--reconstruct``, the bench and the method labels take their choices from this registry.
+REFITS: dict[str, Refit] = {}
+
+
+def register_refit(name: str, *, label: str, summary: str) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
+    """Register ``fit`` as the re-fit ``name`` (see :class:`Refit`)."""
+    def decorate(fit: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        if name in REFITS or any(r.label == label for r in REFITS.values()):
+            raise RelpruneError(f"a re-fit named {name!r} or labelled {label!r} is registered already")
+        REFITS[name] = Refit(name, label, summary, fit)
+        return fit
+    return decorate
+
+
+@register_refit("exact", label="+refit", summary="least squares")
+def _exact(weight: Tensor, hessian: Tensor, keep: Tensor, *, blocksize: int, percdamp: float, tol: float,
+           max_iter: int, anchor: str) -> Tensor:
+    return _least_squares(weight, hessian, keep, percdamp, tol, max_iter, anchor)
+
+
+@register_refit("obs", label="+obs", summary="SparseGPT's sweep with the mask fixed")
+def _obs_sweep(weight: Tensor, hessian: Tensor, keep: Tensor, *, blocksize: int, percdamp: float, tol: float,
+               max_iter: int, anchor: str) -> Tensor:
+    return _obs(weight, hessian, _Given(keep), blocksize, percdamp)[0]
+
+
 def refit(weight: Tensor, hessian: Tensor, keep: Tensor, *, method: str = "exact", blocksize: int = BLOCKSIZE,
           percdamp: float = PERCDAMP, tol: float = 1e-4, max_iter: int = 25, anchor: str = "dense") -> Tensor:
     """The kept weights re-fitted to the dense layer's outputs on the calibration inputs (mask fixed).
 
-    ``hessian`` is X^T X up to a positive factor; damping adds ``percdamp`` times its mean diagonal.
-    ``"exact"`` solves to a relative residual of ``tol``, or stops after ``max_iter`` iterations: on
-    SmolLM2's layers 25 iterations come within 0.1% of the converged output error (100+ to converge).
-    A row that keeps every weight is its own exact fit and comes back unchanged, so a layer with
-    nothing removed is not rewritten. ``anchor`` (exact re-fit only): the damping pulls the kept
-    weights toward the dense ones (``"dense"``, minimising (w - w0)^T (H + lambda I) (w - w0)) or
-    toward zero (``"zero"``, the least squares plus lambda ||w||^2).
+    ``method`` names a re-fit of :data:`REFITS`. ``hessian`` is X^T X up to a positive factor; damping
+    adds ``percdamp`` times its mean diagonal. ``"exact"`` solves to a relative residual of ``tol``, or
+    stops after ``max_iter`` iterations: on SmolLM2's layers 25 iterations come within 0.1% of the
+    converged output error (100+ to converge). A row that keeps every weight is its own exact fit and
+    comes back unchanged, so a layer with nothing removed is not rewritten. ``anchor`` (exact re-fit
+    only): the damping pulls the kept weights toward the dense ones (``"dense"``, minimising
+    (w - w0)^T (H + lambda I) (w - w0)) or toward zero (``"zero"``, the least squares plus lambda ||w||^2).
     """
     if keep.shape != weight.shape:
         raise SparsityError(f"mask shape {tuple(keep.shape)} does not match weight {tuple(weight.shape)}")
-    if method not in REFIT_METHODS:
-        raise RelpruneError(f"refit method must be one of {REFIT_METHODS}, got {method!r}")
+    if method not in REFITS:
+        raise RelpruneError(f"refit method must be one of {tuple(REFITS)}, got {method!r}")
     if anchor not in ANCHORS:
         raise RelpruneError(f"refit anchor must be one of {ANCHORS}, got {anchor!r}")
     keep = keep.bool()
     whole = keep.all(1)
     if whole.all():
         return weight.detach().clone()
-    if method == "obs":
-        new, _ = _obs(weight, hessian, _Given(keep), blocksize, percdamp)
-    else:
-        new = _least_squares(weight, hessian, keep, percdamp, tol, max_iter, anchor)
+    new = REFITS[method].fit(weight, hessian, keep, blocksize=blocksize, percdamp=percdamp, tol=tol,
+                             max_iter=max_iter, anchor=anchor)
     new[whole] = weight.detach()[whole].to(new.dtype)
     return new
 

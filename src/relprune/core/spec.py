@@ -17,9 +17,8 @@ from ..errors import RelpruneError, SparsityError
 from .allocation import SCOPES, check_sparsity, parse_n_m
 from .checks import real_number
 from .criteria import Criterion, get_criterion
+from .reconstruct import REFITS
 
-#: The re-fits of the kept weights: none, exact least squares, SparseGPT's sweep with the mask fixed.
-REFITS = (None, "exact", "obs")
 #: How a block-by-block driver spreads a sparsity over the blocks.
 ALLOCATIONS = ("uniform", "owl", "entropy")
 #: OWL's lambda (each block's sparsity within sparsity +- lambda) lies in [0, OWL_LAMBDA_LIMIT).
@@ -68,8 +67,9 @@ class Recipe:
               allocation: str = "uniform",
               owl_lambda: float = 0.08, owl_m: float = 5.0, options: Mapping[str, Any] | None = None) -> Recipe:
         """A validated recipe from the spelled-out arguments (``reconstruct=True`` means ``"exact"``)."""
-        if reconstruct not in (False, True, None, "exact", "obs"):
-            raise RelpruneError(f"reconstruct must be None/False, True, 'exact' or 'obs', got {reconstruct!r}")
+        if reconstruct not in (False, True, None) and reconstruct not in REFITS:
+            raise RelpruneError(f"reconstruct must be None/False, True (exact) or one of {tuple(REFITS)}, got "
+                                f"{reconstruct!r}")
         refit = "exact" if reconstruct is True else (reconstruct or None)
         name = criterion.name if isinstance(criterion, Criterion) else criterion
         if n_m is not None:
@@ -117,8 +117,8 @@ class Recipe:
         if self.threshold is not None and not crit.relative:
             raise SparsityError(f"threshold mode compares scores with shares of a neuron's input; criterion "
                                 f"{crit.name!r} is not on that scale (use rc, rc-ucb or contrib-share)")
-        if self.reconstruct not in REFITS:
-            raise RelpruneError(f"reconstruct must be one of {REFITS}, got {self.reconstruct!r}")
+        if self.reconstruct is not None and self.reconstruct not in REFITS:
+            raise RelpruneError(f"reconstruct must be None or one of {tuple(REFITS)}, got {self.reconstruct!r}")
         if self.reconstruct and self.bias_compensation:
             raise RelpruneError("the re-fit already restores the removed mean, so bias compensation would "
                                 "correct it twice: use one of them")

@@ -25,6 +25,7 @@ import torch
 from ..core.allocation import parse_n_m
 from ..core.criteria import get_criterion
 from ..core.masks import current_masks
+from ..core.reconstruct import REFITS
 from ..defaults import MAX_SEED
 from ..errors import RelpruneError
 from .data import Split, load_dataset
@@ -162,9 +163,9 @@ class BenchConfig:
         for s in self.sparsities:
             if not 0 <= s < 1:
                 raise RelpruneError(f"sparsity {s} is outside [0, 1)")
-        bad_refits = [r for r in self.reconstruct if r not in (False, True, "exact", "obs")]
+        bad_refits = [r for r in self.reconstruct if r not in (False, True) and r not in REFITS]
         if bad_refits:
-            raise RelpruneError(f"reconstruct takes false, true (exact), 'exact' or 'obs', got {bad_refits}")
+            raise RelpruneError(f"reconstruct takes false, true (exact) or one of {tuple(REFITS)}, got {bad_refits}")
         if any(not 0 <= seed < MAX_SEED for seed in self.seeds):
             raise RelpruneError(f"seeds are whole numbers from 0 to 2^62 - 1, got {self.seeds}")
         if not self.methods():

@@ -23,6 +23,7 @@ from ..core.criteria import get_criterion
 from ..core.files import atomic_file, atomic_write_text, check_tensors_sha256, tensors_sha256
 from ..core.layers import named_layers, prunable_layers
 from ..core.masks import MASKED_ATTRIBUTES, Masks, copy_model, mask_key_parts
+from ..core.reconstruct import REFITS
 from ..core.spec import Recipe
 from ..core.stats import Stats
 from ..defaults import DEFAULT_BIAS_COMPENSATION, DEFAULT_CRITERION, DEFAULT_LIVENESS, DEFAULT_SCOPE
@@ -42,7 +43,7 @@ class Method:
     bias_compensation: bool = DEFAULT_BIAS_COMPENSATION
     n_m: str | None = None
     ucb_k: float = 1.0
-    #: False, True (the exact least-squares re-fit, as the study ran it) or "obs" (SparseGPT's sweep).
+    #: False, True (the exact least-squares re-fit, as the study ran it) or another re-fit's name ("obs").
     reconstruct: bool | str = False
     #: A threshold budget (remove relative scores below threshold / fan-in) instead of a sparsity.
     threshold: float | None = None
@@ -59,10 +60,8 @@ class Method:
             parts.append("+bc")
         if self.refine:
             parts.append("+refine")
-        if self.reconstruct == "obs":
-            parts.append("+obs")
-        elif self.reconstruct:
-            parts.append("+refit")
+        if self.refit_name:
+            parts.append(REFITS[self.refit_name].label)
         if self.criterion == "rc-ucb" and self.ucb_k != 1.0:
             parts.append(f"k={self.ucb_k:g}")
         if self.threshold is not None:
@@ -72,6 +71,11 @@ class Method:
         elif self.scope != "global":
             parts.append(f"[{self.scope}]")
         return " ".join(parts)
+
+    @property
+    def refit_name(self) -> str | None:
+        """The re-fit's name in :data:`relprune.core.reconstruct.REFITS` (``True`` is ``"exact"``), or None."""
+        return "exact" if self.reconstruct is True else (self.reconstruct or None)
 
     @property
     def uses_activations(self) -> bool:
@@ -86,7 +90,7 @@ class Method:
         own_budget = self.n_m is not None or self.threshold is not None
         return Recipe(criterion=self.criterion, sparsity=None if own_budget else sparsity, n_m=self.n_m,
                       threshold=self.threshold, scope=None if crit.joint is not None else self.scope,
-                      reconstruct="obs" if self.reconstruct == "obs" else "exact" if self.reconstruct else None,
+                      reconstruct=self.refit_name,
                       bias_compensation=self.bias_compensation, refine=self.refine, options=options)
 
     def statistics(self) -> list[str]:
@@ -101,15 +105,14 @@ class Method:
             raise RelpruneError("a method label needs a criterion, e.g. 'wanda -live [row]'")
         fields: dict[str, Any] = {"criterion": words[0], "liveness": True}
         get_criterion(words[0])
+        labels = {r.label: name for name, r in REFITS.items()}  # '+refit' -> 'exact'
         for w in words[1:]:
             if w == "-live":
                 fields["liveness"] = False
             elif w == "+bc":
                 fields["bias_compensation"] = True
-            elif w == "+refit":
-                fields["reconstruct"] = True
-            elif w == "+obs":
-                fields["reconstruct"] = "obs"
+            elif w in labels:
+                fields["reconstruct"] = True if labels[w] == "exact" else labels[w]
             elif w == "+refine":
                 fields["refine"] = True
             elif w.startswith("k=") or w.startswith("t="):
