@@ -56,3 +56,5 @@ MAX_SEED = 2**62
 #: "Structured pruning of real architectures": 57.9 / 84.9 perplexity at 20% / 30% of the decoder's
 #: parameters removed, against our share score's 57.9 / 87.3).
 DEFAULT_LLM_UNIT_SCORE = "fluctuation"
+#: ``llm shrink --round-to``: MLP widths kept a multiple of this (provisional: 1, no rounding; see below).
+DEFAULT_LLM_ROUND_TO = 1

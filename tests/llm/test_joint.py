@@ -193,3 +193,31 @@ def test_llm_shrink_scope_joint_writes_a_folder_load_model_reads(folder, tmp_pat
     code, err = _run(["llm", "shrink", "--model", folder, "--ratio", "0.4", "--scope", "joint", "--depth",
                       "--calibration", tmp_path / "calib.txt", "--out", tmp_path / "d"], capsys)
     assert code == 1 and "--depth" in err and not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("round_to", [1, 8, 16])
+@pytest.mark.parametrize("ratio", [0.2, 0.5])
+def test_rounded_widths_keep_a_multiple_and_still_meet_the_budget(round_to, ratio):
+    from relprune.llm.structured import plan_units
+
+    model = tiny(4)
+    g = torch.Generator().manual_seed(round_to)
+    scores = {k: torch.rand(v.numel(), generator=g, dtype=torch.float64) for k, v in _uniform_scores(model).items()}
+    shares = ResidualShares(*(torch.rand(4, generator=g, dtype=torch.float64) for _ in range(3)))
+    named = decoder_blocks(model)
+    cost = {k: unit_cost(named[k[0]][1], k[1]) for k in scores}
+    total = sum(cost[k] * scores[k].numel() for k in scores)
+    plans = {scope: plan_units(model, scores, ratio, scope=scope, round_to=round_to) for scope in ("uniform", "global")}
+    joint = plan_joint(model, scores, shares, ratio, round_to=round_to)
+    plans["joint"] = joint.keep
+    for scope, keep in plans.items():
+        drop = joint.drop if scope == "joint" else []
+        for (i, kind), kept in keep.items():
+            if kind == "mlp":
+                assert kept.numel() % round_to == 0 or kept.numel() == 48, (scope, i, kept.numel())
+        removed = _removed(model, JointPlan(drop, keep), scores)[0]
+        assert removed >= ratio * total, scope
+    with pytest.raises(relprune.RelpruneError, match="round_to"):
+        plan_units(model, scores, ratio, round_to=0)
+    with pytest.raises(relprune.RelpruneError, match="round_to"):
+        plan_joint(model, scores, shares, ratio, round_to=True)

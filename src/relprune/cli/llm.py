@@ -15,6 +15,7 @@ from ..core.spec import ALLOCATIONS, Recipe, owl_lambda_problem
 from ..defaults import (
     DEFAULT_LLM_CRITERION,
     DEFAULT_LLM_RECONSTRUCT,
+    DEFAULT_LLM_ROUND_TO,
     DEFAULT_LLM_SAVE_FORMAT,
     DEFAULT_LLM_SCOPE,
     DEFAULT_LLM_UNIT_SCORE,
@@ -111,6 +112,9 @@ def add_llm_commands(sub: argparse._SubParsersAction) -> None:
                    help="the same sizes in every layer (a plain transformers folder); per-layer sizes (loaded "
                         "with relprune.llm.load_model); or joint: per-layer sizes and whole blocks chosen "
                         "together by their share of the residual stream (default: uniform)")
+    s.add_argument("--round-to", type=_positive_int, default=DEFAULT_LLM_ROUND_TO,
+                   help="every MLP keeps a multiple of this many channels (or all), widths the runtimes' kernels "
+                        f"and quantisation blocks divide evenly (default: {DEFAULT_LLM_ROUND_TO})")
     _add_window_flags(s, calibration=True, seed="chooses the calibration windows (and the random score)")
     _add_folder_output(s, cmd_llm_shrink)
 
@@ -317,8 +321,8 @@ def cmd_llm_shrink(ns: argparse.Namespace) -> int:
     )
     from ..llm.text import batches_of, check_seqlen
 
-    if ns.depth and ns.scope != "uniform":
-        raise RelpruneError("--depth removes whole blocks; --scope applies to heads and channels only")
+    if ns.depth and (ns.scope != "uniform" or ns.round_to != DEFAULT_LLM_ROUND_TO):
+        raise RelpruneError("--depth removes whole blocks; --scope and --round-to apply to heads and channels only")
     _refuse_shrunk(Path(ns.model))
     tree = _gguf_ready(ns)
     out = _fresh_out(Path(ns.out))
@@ -355,14 +359,15 @@ def cmd_llm_shrink(ns: argparse.Namespace) -> int:
 
         say(f"scoring heads and MLP channels by {ns.score}, blocks and sublayers by their residual share")
         scores = unit_scores(model, batches, ns.score, seed=ns.seed, progress=True)
-        plan = plan_joint(model, scores, residual_shares(model, batches, progress=True), ns.ratio)
+        plan = plan_joint(model, scores, residual_shares(model, batches, progress=True), ns.ratio,
+                          round_to=ns.round_to)
         say(f"removing blocks {plan.drop} and the units, re-fitting o_proj and down_proj block by block"
             if ns.compensation == "refit" else f"removing blocks {plan.drop} and the units")
         sizes = shrink_joint(model, batches, plan, compensation=ns.compensation, progress=True)
     else:
         say(f"scoring heads and MLP channels by {ns.score}")
         keep = plan_units(model, unit_scores(model, batches, ns.score, seed=ns.seed, progress=True), ns.ratio,
-                          scope=ns.scope)
+                          scope=ns.scope, round_to=ns.round_to)
         if ns.compensation == "refit":
             say("removing the units, re-fitting o_proj and down_proj block by block")
             sizes = shrink_refit(model, batches, keep, progress=True)
@@ -380,6 +385,7 @@ def cmd_llm_shrink(ns: argparse.Namespace) -> int:
         record = {"model": ns.model, "ratio": ns.ratio, "depth": ns.depth,
                   "score": ns.block_score if ns.depth else ns.score,
                   "compensation": None if ns.depth else ns.compensation, "scope": ns.scope,
+                  "round_to": None if ns.depth else ns.round_to,
                   "calibration": str(ns.calibration), "calibration_samples": ns.calibration_samples,
                   "seqlen": ns.seqlen, "seed": ns.seed, "seconds": round(seconds, 1), "parameters": after,
                   "dense_parameters": before, "sizes": sizes}

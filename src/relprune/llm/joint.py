@@ -25,7 +25,16 @@ from ..errors import RelpruneError
 from .blocks import block_outputs, walk_blocks
 from .depth import relative_share, remove_blocks
 from .sequential import decoder_blocks
-from .structured import _check_keep, layer_sizes, shrink_refit, shrink_units, unit_compensation, unit_cost
+from .structured import (
+    _check_keep,
+    check_round_to,
+    layer_sizes,
+    rounded_drop,
+    shrink_refit,
+    shrink_units,
+    unit_compensation,
+    unit_cost,
+)
 
 
 @dataclass(frozen=True)
@@ -90,12 +99,14 @@ def residual_shares(model: nn.Module, batches: Sequence[dict[str, Tensor]], *,
 
 
 def plan_joint(model: nn.Module, scores: dict[tuple[int, str], Tensor], shares: ResidualShares, ratio: float, *,
-               blocks: str | Sequence[str] | None = None) -> JointPlan:
+               blocks: str | Sequence[str] | None = None, round_to: int = 1) -> JointPlan:
     """The blocks and units to remove so that ``ratio`` of the decoder layers' attention and MLP parameters
     goes, cheapest residual share per parameter first (``scores``: unit scores, larger kept, as
-    :func:`~relprune.llm.structured.unit_scores` gives them)."""
+    :func:`~relprune.llm.structured.unit_scores` gives them; ``round_to``: every MLP kept keeps a multiple
+    of this many channels, or all, as in :func:`~relprune.llm.structured.plan_units`)."""
     if not 0.0 < real_number(ratio, "ratio", RelpruneError) < 1.0:
         raise RelpruneError(f"ratio must be a number in (0, 1): the share of parameters to remove, got {ratio!r}")
+    check_round_to(round_to)
     named = decoder_blocks(model, blocks)
     kinds = {"heads": shares.attention, "mlp": shares.mlp}
     missing = [(i, k) for i in range(len(named)) for k in kinds if (i, k) not in scores]
@@ -103,6 +114,11 @@ def plan_joint(model: nn.Module, scores: dict[tuple[int, str], Tensor], shares: 
         raise RelpruneError(f"scores and shares must cover every block's heads and mlp; missing {missing[:3]}")
     cost = {k: unit_cost(named[k[0]][1], k[1]) for k in scores}
     counts = {k: scores[k].numel() for k in scores}
+    step = {k: round_to if k[1] == "mlp" else 1 for k in scores}
+
+    def gone(k: tuple[int, str], d: int) -> int:
+        return rounded_drop(counts[k], d, step[k])
+
     order = {k: torch.argsort(scores[k], stable=True) for k in scores}
     candidates: list[tuple[float, int, tuple[int, str] | int]] = []
     for (i, kind), s in scores.items():
@@ -122,17 +138,17 @@ def plan_joint(model: nn.Module, scores: dict[tuple[int, str], Tensor], shares: 
             break
         if isinstance(what, int):
             if len(dropped) + 1 < len(named):
-                removed += sum(cost[what, k] * (counts[what, k] - drops[what, k]) for k in kinds)
+                removed += sum(cost[what, k] * (counts[what, k] - gone((what, k), drops[what, k])) for k in kinds)
                 dropped.add(what)
         elif what[0] not in dropped and drops[what] < counts[what] - 1:
             drops[what] += 1
-            removed += cost[what]
+            removed += cost[what] * (gone(what, drops[what]) - gone(what, drops[what] - 1))
     if removed == 0:
         raise RelpruneError(f"ratio {ratio:g} removes no whole unit (a head group or an MLP channel); "
                             "give a larger ratio")
     after = {old: new for new, old in enumerate(i for i in range(len(named)) if i not in dropped)}
-    keep = {(after[i], kind): torch.sort(order[i, kind][drops[i, kind]:]).values
-            for (i, kind) in scores if i in after and drops[i, kind]}
+    keep = {(after[i], kind): torch.sort(order[i, kind][gone((i, kind), drops[i, kind]):]).values
+            for (i, kind) in scores if i in after and gone((i, kind), drops[i, kind])}
     return JointPlan(sorted(dropped), keep)
 
 

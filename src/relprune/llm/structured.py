@@ -145,56 +145,78 @@ def _name_in(block: nn.Module, module: nn.Module) -> str:
 
 def plan_units(model: nn.Module, scores: dict[tuple[int, str], Tensor], ratio: float, *,
                blocks: str | Sequence[str] | None = None, scope: str = "uniform",
-               kinds: Sequence[str] = ("heads", "mlp")) -> dict[tuple[int, str], Tensor]:
+               kinds: Sequence[str] = ("heads", "mlp"), round_to: int = 1) -> dict[tuple[int, str], Tensor]:
     """Indices of the units each layer keeps so that ``ratio`` of the decoder layers' attention and
     MLP parameters goes.
 
     ``scope="uniform"``: every layer keeps the same number of head groups and of MLP channels (the
     pruned share of parameters is split between the two kinds in proportion to their size), so
     the result is a plain transformers model. ``"global"``: units of all layers compete on scores
-    normalised by their layer's mean, per kind; layers then differ in size.
+    normalised by their layer's mean, per kind; layers then differ in size. ``round_to``: every MLP keeps
+    a multiple of this many channels (or all of them), widths the runtimes' kernels and quantisation
+    blocks divide evenly (as Torch-Pruning's ``round_to``); the budget is met with the rounding counted.
     """
     if not 0.0 < real_number(ratio, "ratio", RelpruneError) < 1.0:
         raise RelpruneError(f"ratio must be a number in (0, 1): the share of parameters to remove, got {ratio!r}")
     if scope not in ("uniform", "global"):
         raise RelpruneError(f"scope must be 'uniform' or 'global', got {scope!r}")
-    keep = _plan(model, scores, ratio, blocks, scope, kinds)
+    check_round_to(round_to)
+    keep = _plan(model, scores, ratio, blocks, scope, kinds, round_to)
     if all(keep[k].numel() == scores[k].numel() for k in keep):
         raise RelpruneError(f"ratio {ratio:g} removes no whole unit (a head group or an MLP channel); "
                             "give a larger ratio")
     return keep
 
 
+def check_round_to(round_to: object) -> int:
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise RelpruneError(f"round_to must be a positive int, got {round_to!r}")
+    return round_to
+
+
+def rounded_drop(n: int, drop: int, round_to: int) -> int:
+    """Units removed once the ``n - drop`` kept are rounded up to a multiple of ``round_to`` (or all ``n``)."""
+    return n - min(n, -(-(n - drop) // round_to) * round_to)
+
+
 def _plan(model: nn.Module, scores: dict[tuple[int, str], Tensor], ratio: float, blocks: str | Sequence[str] | None,
-          scope: str, kinds: Sequence[str]) -> dict[tuple[int, str], Tensor]:
+          scope: str, kinds: Sequence[str], round_to: int = 1) -> dict[tuple[int, str], Tensor]:
     named = decoder_blocks(model, blocks)
     keys = [k for k in scores if k[1] in kinds]
     cost = {k: unit_cost(named[k[0]][1], k[1]) for k in keys}
     total = sum(cost[k] * scores[k].numel() for k in keys)
     target = ratio * total
     order = {k: torch.argsort(scores[k], stable=True) for k in keys}
+    step = {k: round_to if k[1] == "mlp" else 1 for k in keys}
 
     def keep_with(drops: dict[tuple[int, str], int]) -> dict[tuple[int, str], Tensor]:
-        return {k: torch.sort(order[k][drops.get(k, 0):]).values for k in keys}
+        return {k: torch.sort(order[k][rounded_drop(scores[k].numel(), drops.get(k, 0), step[k]):]).values
+                for k in keys}
 
     if scope == "uniform":
         # The same fraction of each kind's units everywhere; fewest whole units meeting the target.
+        def drops_at(frac: float) -> dict[tuple[int, str], int]:
+            return {k: min(int(frac * scores[k].numel()), scores[k].numel() - 1) for k in keys}
+
+        def removed_at(frac: float) -> float:
+            return sum(cost[k] * rounded_drop(scores[k].numel(), d, step[k]) for k, d in drops_at(frac).items())
+
         frac_lo, frac_hi = 0.0, 1.0
         for _ in range(50):
             mid = (frac_lo + frac_hi) / 2
-            removed = sum(cost[k] * min(int(mid * scores[k].numel()), scores[k].numel() - 1) for k in keys)
-            frac_lo, frac_hi = (frac_lo, mid) if removed >= target else (mid, frac_hi)
-        return keep_with({k: min(int(frac_hi * scores[k].numel()), scores[k].numel() - 1) for k in keys})
+            frac_lo, frac_hi = (frac_lo, mid) if removed_at(mid) >= target else (mid, frac_hi)
+        return keep_with(drops_at(frac_hi))
     normed = {k: scores[k] / scores[k].mean().clamp_min(1e-300) for k in keys}
     pool = sorted(((float(v), k) for k in keys for v in normed[k]), key=lambda t: t[0])
     drops: dict[tuple[int, str], int] = {}
-    removed = 0
+    removed = 0.0
     for _, k in pool:
         if removed >= target:
             break
-        if drops.get(k, 0) < scores[k].numel() - 1:
-            drops[k] = drops.get(k, 0) + 1
-            removed += cost[k]
+        n, d = scores[k].numel(), drops.get(k, 0)
+        if d < n - 1:
+            drops[k] = d + 1
+            removed += cost[k] * (rounded_drop(n, d + 1, step[k]) - rounded_drop(n, d, step[k]))
     return keep_with(drops)
 
 
