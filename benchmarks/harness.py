@@ -35,9 +35,13 @@ def append_result(path: str | Path, row: dict[str, Any]) -> None:
         fh.flush()
 
 
-def done_keys(path: str | Path, key: str = "key") -> set[str]:
-    """The ``key`` of every row already in ``path`` (an absent file holds none)."""
+def done_keys(path: str | Path, key: str | tuple[str, ...] = "key") -> set:
+    """The ``key`` of every row already in ``path`` (an absent file holds none); a tuple of field names gives
+    tuples of their values, from the rows that have them all."""
     path = Path(path)
     if not path.is_file():
         return set()
-    return {json.loads(line)[key] for line in path.read_text().splitlines() if line.strip() and key in json.loads(line)}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if isinstance(key, str):
+        return {r[key] for r in rows if key in r}
+    return {tuple(r[k] for k in key) for r in rows if all(k in r for k in key)}
