@@ -52,7 +52,9 @@ TARGETS = [0.5, 0.3]  # the pruned nets keep 50% and 70% of the dense MACs
 # SmolLM2: "+bc" adds FLAP's bias compensation to o_proj and down_proj (FLAP as published is fluctuation+bc).
 LLM_METHODS = ["rc", "fluctuation", "l2", "random", "fluctuation+bc", "rc+bc", "share", "share+bc",
                "fluctuation+refit", "share+refit", "rc+refit", "depth-influence", "depth-relative",
-               "depth-relative+refit"]
+               "depth-relative+refit",
+               # per-layer sizes (--scope global) and blocks with widths (--scope joint), FLAP-style names
+               *(f"{scope}-{score}+refit" for scope in ("global", "joint") for score in ("fluctuation", "rc", "share"))]
 #: The methods of the issue-21 comparison: FLAP as published, ours with the re-fit, ShortGPT and our depth score.
 LLM_DEFAULT_METHODS = ["fluctuation+bc", "fluctuation+refit", "share+refit", "rc+refit", "depth-influence",
                        "depth-relative"]
@@ -268,6 +270,8 @@ def run_llm(args) -> None:
         tokenize_file,
     )
     from relprune.llm.depth import block_scores, plan_blocks, remove_blocks
+    from relprune.llm.joint import plan_joint, residual_shares, shrink_joint
+    from relprune.llm.known import known_text
     from relprune.llm.structured import (
         layer_sizes,
         plan_units,
@@ -293,7 +297,13 @@ def run_llm(args) -> None:
             start = time.perf_counter()
             batches = batches_of(calib, 8)
             base, _, fix = method.partition("+")
-            if base.startswith("depth-"):
+            scope, _, score = base.rpartition("-") if base.startswith(("global-", "joint-")) else ("uniform", "", base)
+            extra = {}
+            if scope == "joint":
+                scores = unit_scores(model, batches, score, seed=args.seed)
+                plan = plan_joint(model, scores, residual_shares(model, batches), target)
+                extra = {"removed_blocks": shrink_joint(model, batches, plan)["removed"], "scope": scope}
+            elif base.startswith("depth-"):
                 per_block = proj / len(model.model.layers)
                 count = int(-(-target * proj // per_block))
                 drop = plan_blocks(block_scores(model, batches, base.removeprefix("depth-")), count)
@@ -302,13 +312,14 @@ def run_llm(args) -> None:
                 if fix == "refit":
                     raise SystemExit("depth-...+refit is not implemented")
             else:
-                keep = plan_units(model, unit_scores(model, batches, base, seed=args.seed), target, scope="uniform")
+                keep = plan_units(model, unit_scores(model, batches, score, seed=args.seed), target, scope=scope)
                 if fix == "refit":
                     shrink_refit(model, batches, keep)
                 else:
                     delta = unit_compensation(model, batches, keep) if fix == "bc" else None
                     shrink_units(model, keep, bias_delta=delta)
-                extra = {}
+                if scope != "uniform":
+                    extra = {"scope": scope}
             seconds = time.perf_counter() - start
             if args.recover_steps:
                 from relprune.llm.distill import distill
@@ -326,9 +337,13 @@ def run_llm(args) -> None:
             after = sum(p.numel() for n, p in model.model.layers.named_parameters() if "proj" in n and "weight" in n)
             windows = evaluation_windows(tokenize_file(tok, data / "eval.txt"), 512, 16)
             ppl = perplexity(model, windows, batch_size=4)
+            if args.second_domain:
+                other = evaluation_windows(tokenize_file(tok, known_text("botchan")), 512, 16)
+                extra = {**extra, "perplexity_botchan": perplexity(model, other, batch_size=4).value}
             _write(out, {"part": "llm", "method": method, "target": target, "seed": args.seed,
                          "perplexity": ppl.value, "params_ratio": after / proj,
                          "sizes": layer_sizes(model)["layers"][0], "layers": len(model.model.layers),
+                         "parameters": sum(p.numel() for p in model.parameters()),
                          "prune_seconds": round(seconds, 1), "calibration_samples": args.calibration_samples,
                          **extra})
 
@@ -391,6 +406,8 @@ def main() -> None:
     p.add_argument("--calibration-samples", type=int, default=16)
     p.add_argument("--llm-methods", nargs="+", choices=LLM_METHODS, default=LLM_DEFAULT_METHODS)
     p.add_argument("--llm-targets", nargs="+", type=float, default=[0.2, 0.3, 0.5])
+    p.add_argument("--second-domain", action="store_true",
+                   help="also the perplexity on Botchan (16 windows of 512 tokens), the second-domain text")
     p.add_argument("--recover-steps", type=int, default=0, help="distillation steps after shrinking (default: 0)")
     p.add_argument("--recover-lr", type=float, default=5e-5)
     p.add_argument("--recover-samples", type=int, default=64, help="recovery windows drawn from calib.txt")

@@ -1,5 +1,5 @@
-"""``relprune llm prune``, ``relprune llm shrink`` and ``relprune llm eval``: causal language models pruned block
-by block, shrunk by heads, channels or blocks, and measured."""
+"""``relprune llm prune``, ``shrink``, ``recover``, ``gguf`` and ``eval``: causal language models pruned block by
+block, shrunk by heads, channels or blocks, recovered by distillation, written for llama.cpp, and measured."""
 
 from __future__ import annotations
 
