@@ -56,7 +56,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "shakespeare"
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def _write(out: Path, row: dict) -> None:
