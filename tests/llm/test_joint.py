@@ -221,3 +221,12 @@ def test_rounded_widths_keep_a_multiple_and_still_meet_the_budget(round_to, rati
         plan_units(model, scores, ratio, round_to=0)
     with pytest.raises(relprune.RelpruneError, match="round_to"):
         plan_joint(model, scores, shares, ratio, round_to=True)
+
+
+@pytest.mark.parametrize("extra, code, words", [
+    (["--round-to", "0"], 2, "--round-to"), (["--round-to", "2.5"], 2, "--round-to"),
+    (["--depth", "--round-to", "8"], 1, "--round-to apply to heads"), (["--depth", "--scope", "global"], 1, "--depth")])
+def test_llm_shrink_flag_combinations_it_cannot_honour_are_one_line(folder, tmp_path, capsys, extra, code, words):
+    got, err = _run(["llm", "shrink", "--model", folder, "--ratio", "0.3", "--calibration", tmp_path / "calib.txt",
+                     "--out", tmp_path / "x", *extra], capsys)
+    assert got == code and words in err and len(err.splitlines()) == 1 and not (tmp_path / "x").exists()

@@ -361,8 +361,9 @@ def cmd_llm_shrink(ns: argparse.Namespace) -> int:
         scores = unit_scores(model, batches, ns.score, seed=ns.seed, progress=True)
         plan = plan_joint(model, scores, residual_shares(model, batches, progress=True), ns.ratio,
                           round_to=ns.round_to)
-        say(f"removing blocks {plan.drop} and the units, re-fitting o_proj and down_proj block by block"
-            if ns.compensation == "refit" else f"removing blocks {plan.drop} and the units")
+        what = f"blocks {plan.drop} and the units" if plan.drop else "the units (no whole block)"
+        say(f"removing {what}" + (", re-fitting o_proj and down_proj block by block"
+                                  if ns.compensation == "refit" else ""))
         sizes = shrink_joint(model, batches, plan, compensation=ns.compensation, progress=True)
     else:
         say(f"scoring heads and MLP channels by {ns.score}")
