@@ -60,7 +60,7 @@ def quantise(bin_dir: Path, f16: Path) -> dict[str, Path]:
 def build(args: argparse.Namespace) -> None:
     import torch  # noqa: F401 - loaded before transformers, as the library does
 
-    from relprune.defaults import DEFAULT_LLM_UNIT_SCORE
+    from relprune.defaults import DEFAULT_LLM_JOINT_SCORE, DEFAULT_LLM_ROUND_TO, DEFAULT_LLM_UNIT_SCORE
     from relprune.llm import calibration_windows, load_model, tokenize_file
     from relprune.llm.gguf import export_gguf
     from relprune.llm.joint import plan_joint, residual_shares, shrink_joint
@@ -87,11 +87,15 @@ def build(args: argparse.Namespace) -> None:
                 batches = batches_of(calibration_windows(ids, args.calibration_samples, 512, 0), 8)
             model = copy.deepcopy(dense)
             start = time.perf_counter()
-            scores = unit_scores(model, batches, DEFAULT_LLM_UNIT_SCORE)
+            # What `relprune llm shrink --scope SCOPE` does by default.
+            score = DEFAULT_LLM_JOINT_SCORE if scope == "joint" else DEFAULT_LLM_UNIT_SCORE
+            scores = unit_scores(model, batches, score)
             if scope == "joint":
-                sizes = shrink_joint(model, batches, plan_joint(model, scores, residual_shares(model, batches), ratio))
+                plan = plan_joint(model, scores, residual_shares(model, batches), ratio, round_to=DEFAULT_LLM_ROUND_TO)
+                sizes = shrink_joint(model, batches, plan)
             else:
-                sizes = shrink_refit(model, batches, plan_units(model, scores, ratio, scope=scope))
+                sizes = shrink_refit(model, batches, plan_units(model, scores, ratio, scope=scope,
+                                                                round_to=DEFAULT_LLM_ROUND_TO))
             seconds = time.perf_counter() - start
             folder = args.work / point
             if folder.exists():
@@ -100,7 +104,8 @@ def build(args: argparse.Namespace) -> None:
                 shutil.rmtree(folder)
             save_shrunk(model, tokenizer, folder)
             quantise(args.bin, export_gguf(folder, args.work / f"{point}-f16.gguf", overwrite=True))
-            append_result(args.out, {"stage": "build", "point": point, "ratio": ratio, "scope": scope,
+            append_result(args.out, {"stage": "build", "point": point, "ratio": ratio, "scope": scope, "score": score,
+                                     "round_to": DEFAULT_LLM_ROUND_TO,
                                      "parameters": sum(p.numel() for p in model.parameters()),
                                      "shrink_seconds": round(seconds, 1), "sizes": sizes, **run_meta()})
             print(f"built {point} in {seconds:.0f} s", flush=True)

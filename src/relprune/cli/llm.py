@@ -14,6 +14,7 @@ from ..core.reconstruct import REFITS
 from ..core.spec import ALLOCATIONS, Recipe, owl_lambda_problem
 from ..defaults import (
     DEFAULT_LLM_CRITERION,
+    DEFAULT_LLM_JOINT_SCORE,
     DEFAULT_LLM_RECONSTRUCT,
     DEFAULT_LLM_ROUND_TO,
     DEFAULT_LLM_SAVE_FORMAT,
@@ -95,9 +96,10 @@ def add_llm_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--model", required=True, help="folder, .gguf file, hub id or smollm2-135m")
     s.add_argument("--ratio", required=True, type=checked(float, ratio_value),
                    help="fraction of the decoder layers' attention and MLP parameters to remove")
-    s.add_argument("--score", choices=LLM_GROUP_CRITERIA, default=DEFAULT_LLM_UNIT_SCORE,
+    s.add_argument("--score", choices=LLM_GROUP_CRITERIA, default=None,
                    help=f"unit score (default: {DEFAULT_LLM_UNIT_SCORE}, FLAP's, the best of the structured "
-                        "benchmark; share and rc are ours)")
+                        f"benchmark with one size per layer; {DEFAULT_LLM_JOINT_SCORE} with --scope joint, where it "
+                        "was best by far; share and rc are ours)")
     s.add_argument("--compensation", choices=["refit", "bias", "none"], default="refit",
                    help="what reads the removed units is corrected: 'refit' fits each o_proj/down_proj's kept "
                         "columns and bias to its dense output by least squares, block by block (ours); 'bias' "
@@ -323,6 +325,8 @@ def cmd_llm_shrink(ns: argparse.Namespace) -> int:
 
     if ns.depth and (ns.scope != "uniform" or ns.round_to != DEFAULT_LLM_ROUND_TO):
         raise RelpruneError("--depth removes whole blocks; --scope and --round-to apply to heads and channels only")
+    if ns.score is None:
+        ns.score = DEFAULT_LLM_JOINT_SCORE if ns.scope == "joint" else DEFAULT_LLM_UNIT_SCORE
     _refuse_shrunk(Path(ns.model))
     tree = _gguf_ready(ns)
     out = _fresh_out(Path(ns.out))
