@@ -60,7 +60,7 @@ def quantise(bin_dir: Path, f16: Path) -> dict[str, Path]:
 def build(args: argparse.Namespace) -> None:
     import torch  # noqa: F401 - loaded before transformers, as the library does
 
-    from relprune.defaults import DEFAULT_LLM_JOINT_SCORE, DEFAULT_LLM_ROUND_TO, DEFAULT_LLM_UNIT_SCORE
+    from relprune.defaults import DEFAULT_LLM_JOINT_SCORE, DEFAULT_LLM_UNIT_SCORE
     from relprune.llm import calibration_windows, load_model, tokenize_file
     from relprune.llm.gguf import export_gguf
     from relprune.llm.joint import plan_joint, residual_shares, shrink_joint
@@ -79,7 +79,7 @@ def build(args: argparse.Namespace) -> None:
     batches = None
     for ratio in args.ratios:
         for scope in args.scopes:
-            point = f"{scope}-{ratio:g}"
+            point = f"{scope}-{ratio:g}" + (f"-r{args.round_to}" if args.round_to != 1 else "")
             if point in done:
                 continue
             if batches is None:
@@ -91,11 +91,11 @@ def build(args: argparse.Namespace) -> None:
             score = DEFAULT_LLM_JOINT_SCORE if scope == "joint" else DEFAULT_LLM_UNIT_SCORE
             scores = unit_scores(model, batches, score)
             if scope == "joint":
-                plan = plan_joint(model, scores, residual_shares(model, batches), ratio, round_to=DEFAULT_LLM_ROUND_TO)
+                plan = plan_joint(model, scores, residual_shares(model, batches), ratio, round_to=args.round_to)
                 sizes = shrink_joint(model, batches, plan)
             else:
                 sizes = shrink_refit(model, batches, plan_units(model, scores, ratio, scope=scope,
-                                                                round_to=DEFAULT_LLM_ROUND_TO))
+                                                                round_to=args.round_to))
             seconds = time.perf_counter() - start
             folder = args.work / point
             if folder.exists():
@@ -105,7 +105,7 @@ def build(args: argparse.Namespace) -> None:
             save_shrunk(model, tokenizer, folder)
             quantise(args.bin, export_gguf(folder, args.work / f"{point}-f16.gguf", overwrite=True))
             append_result(args.out, {"stage": "build", "point": point, "ratio": ratio, "scope": scope, "score": score,
-                                     "round_to": DEFAULT_LLM_ROUND_TO,
+                                     "round_to": args.round_to,
                                      "parameters": sum(p.numel() for p in model.parameters()),
                                      "shrink_seconds": round(seconds, 1), "sizes": sizes, **run_meta()})
             print(f"built {point} in {seconds:.0f} s", flush=True)
@@ -154,12 +154,16 @@ def recovery(args: argparse.Namespace) -> None:
 
 
 def gguf_points(args: argparse.Namespace) -> list[tuple[str, str, Path]]:
-    points = ["dense", *(f"{s}-{r:g}" for r in args.ratios for s in args.scopes),
-              *(f"{p}-rec" for p in args.recover)]
-    if args.points:
-        points = [p for p in points if p in args.points]
-    return [(p, q, args.work / f"{p}-{q}.gguf") for p in points for q in QUANTS
-            if q in args.quants and (args.work / f"{p}-{q}.gguf").is_file()]
+    """(point, type, file) of every GGUF file in ``--work`` (only ``--points`` and ``--quants`` when given)."""
+    found = []
+    for q in QUANTS:
+        if q not in args.quants:
+            continue
+        for path in sorted(args.work.glob(f"*-{q}.gguf")):
+            point = path.name.removesuffix(f"-{q}.gguf")
+            if not args.points or point in args.points:
+                found.append((point, q, path))
+    return sorted(found, key=lambda t: (t[0], QUANTS.index(t[1])))
 
 
 def quality(args: argparse.Namespace) -> None:
@@ -262,10 +266,11 @@ def plot(table: list[dict], path: Path) -> None:
         for rec in (False, True):
             pts = [r for r in table if r["point"].startswith(scope) and r["point"].endswith("-rec") == rec and r["tg2"]]
             if pts:
-                ax.scatter([r["tg2"] for r in pts], [r["ppl_eval"] for r in pts], c=color, marker=marker,
+                ax.scatter([r["tg2"] for r in pts], [r["ppl_eval"] for r in pts], marker=marker, edgecolors=color,
                            facecolors=color if rec else "none", label=f"{scope}{' + recovery' if rec else ''}")
                 for r in pts:
-                    ax.annotate(f"{r['point'].split('-')[1]} {r['gguf']}", (r["tg2"], r["ppl_eval"]), fontsize=6,
+                    name = r["point"].split("-", 1)[1].removesuffix("-rec")
+                    ax.annotate(f"{name} {r['gguf']}", (r["tg2"], r["ppl_eval"]), fontsize=6,
                                 xytext=(3, -8), textcoords="offset points", color=color)
     ax.set_xlabel("llama.cpp decode tokens/s (2 threads)")
     ax.set_ylabel("perplexity, Shakespeare eval (llama-perplexity, ctx 512)")
@@ -286,6 +291,8 @@ def main() -> None:
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.3, 0.4])
     parser.add_argument("--scopes", nargs="+", default=["uniform", "global", "joint"],
                         help="plans to build at each ratio (llm shrink's --scope)")
+    parser.add_argument("--round-to", type=int, default=1,
+                        help="MLP widths a multiple of this (llm shrink's --round-to); points get a -rN suffix")
     parser.add_argument("--calibration-samples", type=int, default=16)
     parser.add_argument("--recover", nargs="*", default=["uniform-0.3", "global-0.3"])
     parser.add_argument("--budgets", type=int, nargs="+", default=[32768, 131072, 262144, 524288])
