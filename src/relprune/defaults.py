@@ -61,5 +61,8 @@ DEFAULT_LLM_UNIT_SCORE = "fluctuation"
 #: one plan"): perplexity 62.1 Shakespeare / 74.3 Botchan, against 72.0 / 87.7 for FLAP's fluctuation in the same
 #: plan and 66.1 / 98.9 for the uniform plan's default.
 DEFAULT_LLM_JOINT_SCORE = "share"
-#: ``llm shrink --round-to``: MLP widths kept a multiple of this (provisional: 1, no rounding; see below).
-DEFAULT_LLM_ROUND_TO = 1
+#: ``llm shrink --round-to`` and the plans' ``round_to``: MLP widths kept a multiple of this. llama.cpp decode
+#: on SmolLM2-135M, each MLP cut to a width and its neighbour multiple of 32 (benchmarks/gguf_widths.py,
+#: docs/results.md "MLP widths in llama.cpp"): 1120 / 896 / 1024 channels decode 11-31% faster than 1126 /
+#: 887 / 1000 at Q8_0 and Q4_K_M, 2 threads and 1, in every pair; multiples of 128 or 256 bought nothing more.
+DEFAULT_LLM_ROUND_TO = 32

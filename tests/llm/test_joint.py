@@ -109,7 +109,7 @@ def test_units_that_write_little_go_before_their_block():
     scores = _uniform_scores(model)
     scores[2, "mlp"] = torch.linspace(1e-6, 1, 48, dtype=torch.float64) ** 4  # a few channels carry the MLP
     shares = ResidualShares(*(torch.full((3,), 0.3, dtype=torch.float64) for _ in range(3)))
-    plan = plan_joint(model, scores, shares, 0.1)
+    plan = plan_joint(model, scores, shares, 0.1, round_to=1)
     assert plan.drop == [] and set(plan.keep) == {(2, "mlp")}
     assert torch.equal(plan.keep[2, "mlp"], torch.arange(48 - plan.keep[2, "mlp"].numel(), 48))
 
@@ -121,7 +121,7 @@ def test_the_plan_meets_its_budget_by_at_most_one_candidate_and_keeps_a_unit_of_
     g = torch.Generator().manual_seed(seed)
     scores = {k: torch.rand(v.numel(), generator=g, dtype=torch.float64) for k, v in _uniform_scores(model).items()}
     shares = ResidualShares(*(torch.rand(4, generator=g, dtype=torch.float64) for _ in range(3)))
-    plan = plan_joint(model, scores, shares, ratio)
+    plan = plan_joint(model, scores, shares, ratio, round_to=1)
     removed, total = _removed(model, plan, scores)
     block = sum(unit_cost(decoder_blocks(model)[0][1], k) * scores[0, k].numel() for k in ("heads", "mlp"))
     assert ratio * total <= removed < ratio * total + block

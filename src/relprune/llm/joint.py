@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.checks import real_number
+from ..defaults import DEFAULT_LLM_ROUND_TO
 from ..errors import RelpruneError
 from .blocks import block_outputs, walk_blocks
 from .depth import relative_share, remove_blocks
@@ -99,7 +100,7 @@ def residual_shares(model: nn.Module, batches: Sequence[dict[str, Tensor]], *,
 
 
 def plan_joint(model: nn.Module, scores: dict[tuple[int, str], Tensor], shares: ResidualShares, ratio: float, *,
-               blocks: str | Sequence[str] | None = None, round_to: int = 1) -> JointPlan:
+               blocks: str | Sequence[str] | None = None, round_to: int = DEFAULT_LLM_ROUND_TO) -> JointPlan:
     """The blocks and units to remove so that ``ratio`` of the decoder layers' attention and MLP parameters
     goes, cheapest residual share per parameter first (``scores``: unit scores, larger kept, as
     :func:`~relprune.llm.structured.unit_scores` gives them; ``round_to``: every MLP kept keeps a multiple

@@ -33,6 +33,7 @@ from ..core.checks import real_number
 from ..core.collect import collect_stats
 from ..core.reconstruct import PERCDAMP, refit_columns
 from ..core.stats import LayerStats
+from ..defaults import DEFAULT_LLM_ROUND_TO
 from ..errors import RelpruneError
 from .blocks import walk_blocks
 from .load import SIZES_FILE, load_shrunk  # noqa: F401 - the reader of what save_shrunk writes
@@ -145,7 +146,8 @@ def _name_in(block: nn.Module, module: nn.Module) -> str:
 
 def plan_units(model: nn.Module, scores: dict[tuple[int, str], Tensor], ratio: float, *,
                blocks: str | Sequence[str] | None = None, scope: str = "uniform",
-               kinds: Sequence[str] = ("heads", "mlp"), round_to: int = 1) -> dict[tuple[int, str], Tensor]:
+               kinds: Sequence[str] = ("heads", "mlp"),
+               round_to: int = DEFAULT_LLM_ROUND_TO) -> dict[tuple[int, str], Tensor]:
     """Indices of the units each layer keeps so that ``ratio`` of the decoder layers' attention and
     MLP parameters goes.
 
