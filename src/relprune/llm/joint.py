@@ -27,7 +27,7 @@ from .blocks import block_outputs, walk_blocks
 from .depth import relative_share, remove_blocks
 from .sequential import decoder_blocks
 from .structured import (
-    _check_keep,
+    check_keep,
     check_round_to,
     layer_sizes,
     rounded_drop,
@@ -164,7 +164,7 @@ def shrink_joint(model: nn.Module, batches: Sequence[dict[str, Tensor]], plan: J
     named = decoder_blocks(model, blocks)
     if any(not 0 <= i < len(named) for i in plan.drop) or len(set(plan.drop)) >= len(named):
         raise RelpruneError(f"the plan removes blocks {plan.drop} of {len(named)}; at least one must stay")
-    _check_keep([b for i, b in enumerate(named) if i not in set(plan.drop)], plan.keep)
+    check_keep([b for i, b in enumerate(named) if i not in set(plan.drop)], plan.keep)
     if plan.drop:
         remove_blocks(model, plan.drop, blocks=blocks)
     if not plan.keep:

@@ -270,7 +270,7 @@ def shrink_refit(model: nn.Module, batches: Sequence[dict[str, Tensor]], keep: d
     on the outputs of the blocks already shrunk, else on the dense model's (``progress``: a line per block).
     """
     named = decoder_blocks(model, blocks)
-    _check_keep(named, keep)
+    check_keep(named, keep)
     model.eval()
     for step in walk_blocks(model, named, batches, sequential=sequential, progress=progress):
         i, block = step.index, step.block
@@ -306,8 +306,9 @@ def _shrink_block(block: nn.Module, kind: str, kept: Tensor) -> None:
             proj.out_features, proj.in_features = proj.weight.shape
 
 
-def _check_keep(named: list[tuple[str, nn.Module]], keep: dict[tuple[int, str], Tensor]) -> None:
-    """Refuse, before anything changes, a plan naming units a layer lacks, or one that empties a layer."""
+def check_keep(named: list[tuple[str, nn.Module]], keep: dict[tuple[int, str], Tensor]) -> None:
+    """Refuse, before anything changes, a plan naming units a layer lacks, or one that empties a layer (the
+    joint plan checks its plan against the blocks it will leave with it)."""
     for (i, kind), kept in keep.items():
         if not (0 <= i < len(named)) or kind not in ("heads", "mlp"):
             raise RelpruneError(f"keep names units the model does not have: {(i, kind)}")
@@ -341,7 +342,7 @@ def shrink_units(model: nn.Module, keep: dict[tuple[int, str], Tensor], *,
     ``bias_delta`` (from :func:`unit_compensation`) is added to the named projections' biases, a
     bias being created where there is none."""
     named = decoder_blocks(model, blocks)
-    _check_keep(named, keep)
+    check_keep(named, keep)
     modules = dict(model.named_modules())
     unknown = sorted(set(bias_delta or {}) - set(modules))
     if unknown:
