@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import subprocess
 from pathlib import Path
 
 from harness import append_result, done_keys, run_meta
-from llama_frontier import quantise
+from llama_frontier import llama_bench, quantise
 
 WIDTHS = (1536, 1535, 1280, 1152, 1126, 1120, 1024, 1000, 896, 887, 768)
 
@@ -67,12 +65,7 @@ def main() -> None:
             for width, q, path in files if rnd % 2 == 0 else list(reversed(files)):
                 if (width, q, threads, rnd) in done:
                     continue
-                run = subprocess.run([str(args.bin / "llama-bench"), "-m", str(path), "-p", "128", "-n", "64", "-r",
-                                      "3", "-t", str(threads), "-o", "jsonl"], capture_output=True, text=True)
-                if run.returncode:
-                    raise SystemExit(f"llama-bench on {path.name}: {run.stderr[-300:]}")
-                results = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
-                tps = {("pp" if r["n_prompt"] else "tg"): r["avg_ts"] for r in results}
+                tps = llama_bench(args.bin, path, threads)
                 append_result(args.out, {"width": width, "gguf": q, "threads": threads, "round": rnd,
                                          "pp_tps": tps["pp"], "tg_tps": tps["tg"],
                                          "size_mib": path.stat().st_size / 2**20, **run_meta()})

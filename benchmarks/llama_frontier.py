@@ -189,17 +189,23 @@ def quality(args: argparse.Namespace) -> None:
         print(f"{point:16s} {q:7s} eval {ppl['eval'][0]:7.2f}  botchan {ppl['botchan'][0]:7.2f}", flush=True)
 
 
+def llama_bench(bin_dir: Path, path: Path, threads: int) -> dict[str, float]:
+    """``llama-bench`` on one file: prompt-processing (``pp``, 128 tokens) and decode (``tg``, 64 tokens)
+    tokens/s, the mean of 3 repetitions."""
+    done = subprocess.run([str(bin_dir / "llama-bench"), "-m", str(path), "-p", "128", "-n", "64", "-r", "3",
+                           "-t", str(threads), "-o", "jsonl"], capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"llama-bench on {path.name}: {done.stderr[-300:]}")
+    results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    return {("pp" if r["n_prompt"] else "tg"): r["avg_ts"] for r in results}
+
+
 def speed(args: argparse.Namespace) -> None:
     files = gguf_points(args)
     for rnd in range(args.rounds):
         for threads in (2, 1):
             for point, q, path in files if rnd % 2 == 0 else list(reversed(files)):
-                done = subprocess.run([str(args.bin / "llama-bench"), "-m", str(path), "-p", "128", "-n", "64", "-r",
-                                       "3", "-t", str(threads), "-o", "jsonl"], capture_output=True, text=True)
-                if done.returncode:
-                    raise SystemExit(f"llama-bench on {path.name}: {done.stderr[-300:]}")
-                results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-                tps = {("pp" if r["n_prompt"] else "tg"): r["avg_ts"] for r in results}
+                tps = llama_bench(args.bin, path, threads)
                 append_result(args.out, {"stage": "speed", "point": point, "gguf": q, "threads": threads, "round": rnd,
                                          "pp_tps": tps["pp"], "tg_tps": tps["tg"], **run_meta()})
                 print(f"round {rnd} t{threads} {point:16s} {q:7s} pp {tps['pp']:8.1f}  tg {tps['tg']:7.1f}",
