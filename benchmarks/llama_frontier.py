@@ -212,11 +212,35 @@ def speed(args: argparse.Namespace) -> None:
                       flush=True)
 
 
+def speed_runs(speeds: list[dict]) -> list[list[dict]]:
+    """The speed rows split into the invocations that wrote them (each runs rounds 0, 1, ... in order)."""
+    runs: list[list[dict]] = []
+    for r in speeds:
+        if not runs or (r["round"] == 0 and runs[-1][-1]["round"] > 0):
+            runs.append([])
+        runs[-1].append(r)
+    return runs
+
+
+def same_run_ratio(runs: list[list[dict]], point: str, q: str, threads: int = 2) -> float | None:
+    """Median decode tokens/s of ``point`` over the dense model's at the same type, in the one run that timed
+    both (alternating them), or None when no run did."""
+    import statistics
+
+    for run in runs:
+        mine = [r["tg_tps"] for r in run if r["point"] == point and r["gguf"] == q and r["threads"] == threads]
+        dense = [r["tg_tps"] for r in run if r["point"] == "dense" and r["gguf"] == q and r["threads"] == threads]
+        if mine and dense and point != "dense":
+            return statistics.median(mine) / statistics.median(dense)
+    return None
+
+
 def summary(args: argparse.Namespace) -> list[dict]:
     """One row per (point, quantisation): perplexities, size, and the median tokens/s over rounds."""
     import statistics
 
     quality_rows = {(r["point"], r["gguf"]): r for r in rows(args.out, "quality") if r["chunks"] == args.chunks}
+    runs = speed_runs(rows(args.out, "speed"))
     builds = {r["point"]: r for r in rows(args.out, "build")}
     out = []
     for (point, q), r in quality_rows.items():
@@ -228,6 +252,7 @@ def summary(args: argparse.Namespace) -> list[dict]:
             return statistics.median(values) if values else None
 
         out.append({"point": point, "gguf": q, "parameters": builds.get(base, {}).get("parameters"),
+                    "tg2_x_dense": same_run_ratio(runs, base, q),
                     "size_mib": r["size_mib"], "ppl_eval": r["ppl_eval"], "ppl_botchan": r["ppl_botchan"],
                     "tg2": med("tg_tps", 2), "pp2": med("pp_tps", 2), "tg1": med("tg_tps", 1), "pp1": med("pp_tps", 1)})
     return out
@@ -236,17 +261,18 @@ def summary(args: argparse.Namespace) -> list[dict]:
 def report(args: argparse.Namespace) -> None:
     table = summary(args)
     dense = [r for r in table if r["point"] == "dense"]
-    print("| point | type | MiB | ppl eval | ppl botchan | decode t/s (2 thr) | prompt t/s (2 thr) "
-          "| decode t/s (1 thr) | off the dense ladder |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---|")
+    print("| point | type | MiB | ppl eval | ppl botchan | decode t/s (2 thr) | x dense, same type and run "
+          "| prompt t/s (2 thr) | decode t/s (1 thr) | off the dense ladder |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in sorted(table, key=lambda r: (r["point"] != "dense", r["point"], QUANTS.index(r["gguf"]))):
         off = ""
         if r["point"] != "dense" and r["tg2"] is not None:
             # No dense point is at least as good in perplexity and at least as fast in decoding.
             dominated = any(d["ppl_eval"] <= r["ppl_eval"] and (d["tg2"] or 0) >= r["tg2"] for d in dense)
             off = "no" if dominated else "**yes**"
+        ratio = "-" if r["tg2_x_dense"] is None else f"{r['tg2_x_dense']:.2f}"
         print(f"| {r['point']} | {r['gguf']} | {r['size_mib']:.0f} | {r['ppl_eval']:.2f} | {r['ppl_botchan']:.2f} | "
-              f"{fmt(r['tg2'])} | {fmt(r['pp2'])} | {fmt(r['tg1'])} | {off} |")
+              f"{fmt(r['tg2'])} | {ratio} | {fmt(r['pp2'])} | {fmt(r['tg1'])} | {off} |")
     if args.plot:
         plot(table, Path(args.plot))
 
