@@ -240,12 +240,13 @@ def summary(args: argparse.Namespace) -> list[dict]:
     import statistics
 
     quality_rows = {(r["point"], r["gguf"]): r for r in rows(args.out, "quality") if r["chunks"] == args.chunks}
-    runs = speed_runs(rows(args.out, "speed"))
+    speed_rows = rows(args.out, "speed")
+    runs = speed_runs(speed_rows)
     builds = {r["point"]: r for r in rows(args.out, "build")}
     out = []
     for (point, q), r in quality_rows.items():
         base = point.removesuffix("-rec")  # recovery changes weights, not shapes: the base point's speed
-        speeds = [s for s in rows(args.out, "speed") if s["point"] == base and s["gguf"] == q]
+        speeds = [s for s in speed_rows if s["point"] == base and s["gguf"] == q]
 
         def med(key: str, threads: int, speeds: list[dict] = speeds) -> float | None:
             values = [s[key] for s in speeds if s["threads"] == threads]

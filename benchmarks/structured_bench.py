@@ -300,7 +300,7 @@ def run_llm(args) -> None:
             extra = {}
             if scope == "joint":
                 scores = unit_scores(model, batches, score, seed=args.seed)
-                plan = plan_joint(model, scores, residual_shares(model, batches), target)
+                plan = plan_joint(model, scores, residual_shares(model, batches), target, round_to=args.round_to)
                 extra = {"removed_blocks": shrink_joint(model, batches, plan)["removed"], "scope": scope}
             elif base.startswith("depth-"):
                 per_block = proj / len(model.model.layers)
@@ -311,7 +311,8 @@ def run_llm(args) -> None:
                 if fix == "refit":
                     raise SystemExit("depth-...+refit is not implemented")
             else:
-                keep = plan_units(model, unit_scores(model, batches, score, seed=args.seed), target, scope=scope)
+                keep = plan_units(model, unit_scores(model, batches, score, seed=args.seed), target, scope=scope,
+                                  round_to=args.round_to)
                 if fix == "refit":
                     shrink_refit(model, batches, keep)
                 else:
@@ -342,7 +343,7 @@ def run_llm(args) -> None:
             _write(out, {"part": "llm", "method": method, "target": target, "seed": args.seed,
                          "perplexity": ppl.value, "params_ratio": after / proj,
                          "sizes": layer_sizes(model)["layers"][0], "layers": len(model.model.layers),
-                         "parameters": sum(p.numel() for p in model.parameters()),
+                         "parameters": sum(p.numel() for p in model.parameters()), "round_to": args.round_to,
                          "prune_seconds": round(seconds, 1), "calibration_samples": args.calibration_samples,
                          **extra})
 
@@ -417,7 +418,8 @@ def main() -> None:
     p.add_argument("--dense-seed", type=int, default=0, help="the dense ResNet-20's training seed (default: 0)")
     p.add_argument("--latency-rounds", type=int, default=7, help="alternating rounds per latency cell (default: 7)")
     p.add_argument("--round-to", type=int, default=1,
-                   help="cnn/latency: every group keeps a multiple of this many channels (both libraries)")
+                   help="cnn/latency: every group keeps a multiple of this many channels (both libraries); llm: "
+                        "every MLP (the recorded LLM rows ran with 1)")
     p.add_argument("--fold-batchnorm", action="store_true",
                    help="latency: fold BatchNorm into the convolutions of both models first")
     args = p.parse_args()

@@ -98,10 +98,11 @@ def one_of(*names: str):
 
 
 def refit_name(v: str) -> str | None:
-    """A re-fit of the registry, or 'none' (and the vision command's 'auto')."""
+    """The vision command's --reconstruct: a re-fit of the registry, 'none' or 'auto'."""
     from ..core.reconstruct import REFITS
 
-    return None if v in REFITS or v in ("none", "auto") else f"choose from {', '.join([*REFITS, 'none'])}"
+    choices = [*REFITS, "none", "auto"]
+    return None if v in choices else f"choose from {', '.join(choices)}"
 
 
 def refit_choices() -> str:

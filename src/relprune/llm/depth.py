@@ -45,12 +45,18 @@ def block_scores(model: nn.Module, batches: Sequence[dict[str, Tensor]], criteri
     return scores
 
 
+def live_tokens(token_mask: Tensor | None, *states: Tensor) -> list[Tensor]:
+    """Hidden states as (tokens, hidden) float64 rows, padding tokens (``token_mask`` 0) left out."""
+    rows = [t.double().flatten(0, -2) for t in states]
+    if token_mask is None:
+        return rows
+    live = token_mask.flatten().bool().to(rows[0].device)
+    return [r[live] for r in rows]
+
+
 def _per_token(h: Tensor, out: Tensor, token_mask: Tensor | None, criterion: str) -> Tensor:
     """The block score of each live token, from the block's input ``h`` and output ``out``."""
-    h, out = h.double().flatten(0, -2), out.double().flatten(0, -2)
-    if token_mask is not None:
-        live = token_mask.flatten().bool().to(h.device)
-        h, out = h[live], out[live]
+    h, out = live_tokens(token_mask, h, out)
     if criterion == "influence":
         return 1 - nn.functional.cosine_similarity(h, out, dim=-1)
     return relative_share(h, out - h)

@@ -20,16 +20,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..core.checks import real_number
 from ..defaults import DEFAULT_LLM_ROUND_TO
 from ..errors import RelpruneError
 from .blocks import block_outputs, walk_blocks
-from .depth import relative_share, remove_blocks
+from .depth import live_tokens, relative_share, remove_blocks
 from .sequential import decoder_blocks
 from .structured import (
     check_keep,
+    check_ratio,
     check_round_to,
     layer_sizes,
+    nothing_removed,
     rounded_drop,
     shrink_refit,
     shrink_units,
@@ -86,10 +87,7 @@ def residual_shares(model: nn.Module, batches: Sequence[dict[str, Tensor]], *,
         sums = dict.fromkeys(shares, 0.0)
         count = 0
         for h, mid, out, call in zip(step.hidden, mids, step.outputs, step.inputs, strict=True):
-            h, mid, out = (t.double().flatten(0, -2) for t in (h, mid, out))
-            if call.token_mask is not None:
-                live = call.token_mask.flatten().bool().to(h.device)
-                h, mid, out = h[live], mid[live], out[live]
+            h, mid, out = live_tokens(call.token_mask, h, mid, out)
             sums["block"] += float(relative_share(h, out - h).sum())
             sums["attention"] += float(relative_share(h, mid - h).sum())
             sums["mlp"] += float(relative_share(mid, out - mid).sum())
@@ -105,8 +103,7 @@ def plan_joint(model: nn.Module, scores: dict[tuple[int, str], Tensor], shares: 
     goes, cheapest residual share per parameter first (``scores``: unit scores, larger kept, as
     :func:`~relprune.llm.structured.unit_scores` gives them; ``round_to``: every MLP kept keeps a multiple
     of this many channels, or all, as in :func:`~relprune.llm.structured.plan_units`)."""
-    if not 0.0 < real_number(ratio, "ratio", RelpruneError) < 1.0:
-        raise RelpruneError(f"ratio must be a number in (0, 1): the share of parameters to remove, got {ratio!r}")
+    check_ratio(ratio)
     check_round_to(round_to)
     named = decoder_blocks(model, blocks)
     kinds = {"heads": shares.attention, "mlp": shares.mlp}
@@ -145,8 +142,7 @@ def plan_joint(model: nn.Module, scores: dict[tuple[int, str], Tensor], shares: 
             drops[what] += 1
             removed += cost[what] * (gone(what, drops[what]) - gone(what, drops[what] - 1))
     if removed == 0:
-        raise RelpruneError(f"ratio {ratio:g} removes no whole unit (a head group or an MLP channel); "
-                            "give a larger ratio")
+        raise nothing_removed(ratio)
     after = {old: new for new, old in enumerate(i for i in range(len(named)) if i not in dropped)}
     keep = {(after[i], kind): torch.sort(order[i, kind][gone((i, kind), drops[i, kind]):]).values
             for (i, kind) in scores if i in after and gone((i, kind), drops[i, kind])}

@@ -158,16 +158,25 @@ def plan_units(model: nn.Module, scores: dict[tuple[int, str], Tensor], ratio: f
     a multiple of this many channels (or all of them), widths the runtimes' kernels and quantisation
     blocks divide evenly (as Torch-Pruning's ``round_to``); the budget is met with the rounding counted.
     """
-    if not 0.0 < real_number(ratio, "ratio", RelpruneError) < 1.0:
-        raise RelpruneError(f"ratio must be a number in (0, 1): the share of parameters to remove, got {ratio!r}")
+    check_ratio(ratio)
     if scope not in ("uniform", "global"):
         raise RelpruneError(f"scope must be 'uniform' or 'global', got {scope!r}")
     check_round_to(round_to)
     keep = _plan(model, scores, ratio, blocks, scope, kinds, round_to)
     if all(keep[k].numel() == scores[k].numel() for k in keep):
-        raise RelpruneError(f"ratio {ratio:g} removes no whole unit (a head group or an MLP channel); "
-                            "give a larger ratio")
+        raise nothing_removed(ratio)
     return keep
+
+
+def check_ratio(ratio: object) -> float:
+    """A plan's ratio: a real number in (0, 1), the share of the decoder projections' parameters to remove."""
+    if not 0.0 < real_number(ratio, "ratio", RelpruneError) < 1.0:
+        raise RelpruneError(f"ratio must be a number in (0, 1): the share of parameters to remove, got {ratio!r}")
+    return float(ratio)
+
+
+def nothing_removed(ratio: float) -> RelpruneError:
+    return RelpruneError(f"ratio {ratio:g} removes no whole unit (a head group or an MLP channel); give a larger ratio")
 
 
 def check_round_to(round_to: object) -> int:
@@ -182,7 +191,7 @@ def rounded_drop(n: int, drop: int, round_to: int) -> int:
 
 
 def _plan(model: nn.Module, scores: dict[tuple[int, str], Tensor], ratio: float, blocks: str | Sequence[str] | None,
-          scope: str, kinds: Sequence[str], round_to: int = 1) -> dict[tuple[int, str], Tensor]:
+          scope: str, kinds: Sequence[str], round_to: int) -> dict[tuple[int, str], Tensor]:
     named = decoder_blocks(model, blocks)
     keys = [k for k in scores if k[1] in kinds]
     cost = {k: unit_cost(named[k[0]][1], k[1]) for k in keys}
