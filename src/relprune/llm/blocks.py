@@ -176,17 +176,20 @@ def block_outputs(block: nn.Module, inputs: Sequence[Batch]) -> list[Tensor]:
     return out
 
 
-def dense_hidden_states(blocks: Sequence[nn.Module] | Sequence[Callable[[], nn.Module]],
-                        captured: BlockInputs) -> list[list[Tensor]]:
+#: A decoder block, or (for a model read from disk one block at a time) a function that loads it.
+BlockSource = nn.Module | Callable[[], nn.Module]
+
+
+def _real(item: BlockSource) -> nn.Module:
+    return item if isinstance(item, nn.Module) else item()
+
+
+def dense_hidden_states(blocks: Sequence[BlockSource], captured: BlockInputs) -> list[list[Tensor]]:
     """Every block's input hidden states in the model as it is (all computed before anything changes).
 
     ``blocks`` are the blocks or, for a model read from disk, functions that load each one."""
-    per_block = [captured.hidden]
-    for i, item in enumerate(blocks[:-1]):
-        block = item if isinstance(item, nn.Module) else item()
-        per_block.append(block_outputs(block, feed(captured.calls[i], per_block[-1])))
-        del block
-    return per_block
+    named = [(str(i), b) for i, b in enumerate(blocks)]
+    return [step.hidden for step in walk_blocks(None, named, (), captured=captured)]
 
 
 def blocks_with_progress(named: Sequence[tuple[str, nn.Module]],
@@ -213,24 +216,35 @@ class BlockStep:
     outputs: list[Tensor] | None = field(default=None)
 
 
-def walk_blocks(model: nn.Module, named: Sequence[tuple[str, nn.Module]], batches: Iterable[dict[str, Tensor]], *,
-                sequential: bool = True, progress: bool = False,
-                captured: BlockInputs | None = None) -> Iterator[BlockStep]:
+def walk_blocks(model: nn.Module | None, named: Sequence[tuple[str, BlockSource]],
+                batches: Iterable[dict[str, Tensor]], *, sequential: bool = True, progress: bool = False,
+                captured: BlockInputs | None = None, run: bool = True) -> Iterator[BlockStep]:
     """Each decoder block with the inputs a forward pass of ``model`` gives it, one at a time.
 
     The caller's work on a step (scoring, pruning, re-fitting the block) runs between the walk's
     ``yield`` and its advance: with ``sequential`` the next block is fed this block's outputs as the
     caller left it, else the outputs it had when it was yielded (the dense model's, when nothing
-    before it changed). ``progress``: a line per block on stderr, a bar on a terminal. ``captured``: the
-    blocks' calls when the caller has captured them already (``batches`` is then not read)."""
+    before it changed). ``named`` holds the blocks or, for a model read from disk, functions that load
+    each one (called once, when its turn comes; the walk keeps no block after its step).
+    ``progress``: a line per block on stderr, a bar on a terminal. ``captured``: the blocks' calls when
+    the caller has captured them already (``model`` and ``batches`` are then not read). ``run=False``:
+    the caller reads no activation, so no block is run and every step's inputs are empty."""
+    if not run:
+        for i, (name, item) in blocks_with_progress(named, progress):
+            yield BlockStep(i, name, _real(item), [], [])
+        return
     if captured is None:
+        if model is None or not all(isinstance(b, nn.Module) for _, b in named):
+            raise LayerError("walk_blocks needs the model and its blocks, or the blocks' captured calls")
         captured = capture_block_inputs(model, [b for _, b in named], batches)
     hidden = captured.hidden
-    for i, (name, block) in blocks_with_progress(named, progress):
+    for i, (name, item) in blocks_with_progress(named, progress):
+        block = _real(item)
         step = BlockStep(i, name, block, feed(captured.calls[i], hidden), list(hidden))
         last = i + 1 == len(named)
         before = None if sequential or last else block_outputs(block, step.inputs)
         yield step
         if not last:
             hidden = before if before is not None else (
-                step.outputs if step.outputs is not None else block_outputs(block, step.inputs))
+                step.outputs if step.outputs is not None else block_outputs(step.block, step.inputs))
+        del block, step

@@ -9,7 +9,7 @@ hidden states. Only one block's activations are held at a time; padding tokens
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -27,11 +27,9 @@ from ..defaults import DEFAULT_LLM_CRITERION, DEFAULT_LLM_RECONSTRUCT, DEFAULT_L
 from ..errors import CalibrationError, LayerError, SparsityError
 from .blocks import (
     BlockInputs,
-    BlockStep,
+    BlockSource,
     block_outputs,
-    blocks_with_progress,
     capture_block_inputs,
-    feed,
     refuse_non_finite,
     walk_blocks,
 )
@@ -131,12 +129,10 @@ def prune_sequential(
         captured = None
         if recipe.allocation != "uniform":
             captured = capture_block_inputs(model, modules, batches)
-        per_block = block_sparsities(recipe, modules, captured or BlockInputs([[]] * len(named), []))
-        if wanted:
-            steps = walk_blocks(model, named, batches, sequential=sequential, progress=progress, captured=captured)
-        else:  # nothing read from activations: no block needs to run
-            steps = (BlockStep(i, name, block, [], []) for i, (name, block) in blocks_with_progress(named, progress))
-        for step in steps:
+        per_block = block_sparsities(recipe, named, captured or BlockInputs([[]] * len(named), []))
+        # A recipe that reads no activation (magnitude) runs no block.
+        for step in walk_blocks(model, named, batches, sequential=sequential, progress=progress, captured=captured,
+                                run=bool(wanted)):
             masks, outputs = prune_block(
                 step.block, step.inputs, replace(recipe, sparsity=per_block[step.index], allocation="uniform"),
                 liveness=liveness, permanent=permanent, last=not sequential or step.index + 1 == len(named))
@@ -179,25 +175,22 @@ def prune_block(block: nn.Module, inputs: list[Batch], recipe: Recipe, *, livene
     return masks, outputs
 
 
-def block_sparsities(recipe: Recipe, blocks: Sequence[nn.Module] | Sequence[Callable[[], nn.Module]],
-                     captured: BlockInputs, dense: list[list[Tensor]] | None = None) -> list[float | None]:
+def block_sparsities(recipe: Recipe, named: Sequence[tuple[str, BlockSource]],
+                     captured: BlockInputs) -> list[float | None]:
     """Each block's sparsity under ``recipe``: its own, OWL's from the dense blocks' Wanda scores, or
     the contribution entropy's from their mean relative contributions.
 
-    ``blocks`` are the blocks or, for a model read from disk, functions that load each one (called
-    once, in order, for OWL's pass over the dense blocks).
+    ``named`` holds the blocks or, for a model read from disk, functions that load each one (called
+    once, in order, for the allocation's pass over the dense blocks); ``captured`` is their calls.
     """
     if recipe.allocation == "uniform":
-        return [recipe.sparsity] * len(blocks)
+        return [recipe.sparsity] * len(named)
     assert recipe.sparsity is not None
     wanda = get_criterion("wanda")
     statistics = ["relative_mean"] if recipe.allocation == "entropy" else sorted(wanda.statistics)
     ratios = []
-    hidden = captured.hidden
-    for i, item in enumerate(blocks):
-        block = item if isinstance(item, nn.Module) else item()
-        own = feed(captured.calls[i], hidden if dense is None else dense[i])
-        stats = collect_stats(block, own, statistics=statistics, liveness=False)
+    for step in walk_blocks(None, named, (), captured=captured):
+        stats = collect_stats(step.block, step.inputs, statistics=statistics, liveness=False)
         if recipe.allocation == "entropy":
             sizes = [ls.weight.numel() for ls in stats.values()]
             shares = [_allocation.effective_share(ls.relative_mean) for ls in stats.values()]
@@ -205,7 +198,4 @@ def block_sparsities(recipe: Recipe, blocks: Sequence[nn.Module] | Sequence[Call
         else:
             scores = [wanda.score(ls.weight, ls, {}).reshape(-1) for ls in stats.values()]
             ratios.append(_allocation.outlier_ratio(torch.cat(scores), recipe.owl_m))
-        if dense is None and i + 1 < len(blocks):
-            hidden = block_outputs(block, own)
-        del block
     return _allocation.owl_sparsities(ratios, recipe.sparsity, recipe.owl_lambda)

@@ -30,14 +30,7 @@ from ..core.masks import Masks
 from ..core.spec import Recipe
 from ..defaults import DEFAULT_LLM_CRITERION, DEFAULT_LLM_RECONSTRUCT, DEFAULT_LLM_SAVE_FORMAT
 from ..errors import ModelLoadError, RelpruneError
-from .blocks import (
-    BlockInputs,
-    blocks_with_progress,
-    capture_block_inputs,
-    dense_hidden_states,
-    feed,
-    refuse_non_finite,
-)
+from .blocks import BlockInputs, capture_block_inputs, refuse_non_finite, walk_blocks
 from .compressed import (
     COMPRESSED_INDEX,
     COMPRESSION_KEY,
@@ -136,29 +129,28 @@ def prune_streamed(
         compressed = save_format == "compressed"
         masks: dict[str, Tensor] = {}
         shards = len(named) + 1
-        loaders = [functools.partial(_load_block, meta, name, checkpoint) for name, meta in named]
-        dense = None if sequential or not recipe.statistics() else dense_hidden_states(loaders, captured)
-        per_block = block_sparsities(recipe, loaders, captured, dense)  # OWL reads every dense block once first
-        hidden = captured.hidden
-        for i, (name, meta_block) in blocks_with_progress(named, progress):
-            block = first if i == 0 else _load_block(meta_block, name, checkpoint)
+        loaders = [(name, functools.partial(_load_block, meta, name, checkpoint)) for name, meta in named]
+        per_block = block_sparsities(recipe, loaders, captured)  # OWL reads every dense block once first
+        loaders[0] = (named[0][0], lambda: first)  # block 0 is read already (the capture's probe)
+        # A recipe that reads no statistic (magnitude under OWL) prunes without running the block.
+        for step in walk_blocks(None, loaders, (), sequential=sequential, progress=progress, captured=captured,
+                                run=bool(recipe.statistics())):
             first = None
-            # A recipe that reads no statistic (magnitude under OWL) prunes without running the block.
-            inputs = feed(captured.calls[i], hidden if dense is None else dense[i]) if recipe.statistics() else []
-            block_masks, hidden = prune_block(block, inputs,
-                                              replace(recipe, sparsity=per_block[i], allocation="uniform"),
-                                              liveness=False, permanent=True,
-                                              last=dense is not None or i + 1 == len(named))
-            masks.update({f"{name}.{k}": v for k, v in block_masks.items()})
-            _zero_biases(block, name, biased)
-            tensors = {f"{name}.{k}": v.detach().contiguous() for k, v in block.state_dict().items()}
+            block_masks, outputs = prune_block(
+                step.block, step.inputs, replace(recipe, sparsity=per_block[step.index], allocation="uniform"),
+                liveness=False, permanent=True, last=not sequential or step.index + 1 == len(named))
+            step.outputs = outputs or None
+            masks.update({f"{step.name}.{k}": v for k, v in block_masks.items()})
+            _zero_biases(step.block, step.name, biased)
+            tensors = {f"{step.name}.{k}": v.detach().contiguous() for k, v in step.block.state_dict().items()}
             if compressed:
                 chosen = compressible(tensors, layout)
                 compressed_names += chosen
                 zeros += sum(int((tensors[n] == 0).sum()) for n in chosen)
                 tensors = compress_state(tensors, chosen, layout)
-            total_size += write_shard(tmp, shard_name(i + 1, shards, compressed=compressed), tensors, weight_map)
-            del block, tensors
+            total_size += write_shard(tmp, shard_name(step.index + 1, shards, compressed=compressed), tensors,
+                                      weight_map)
+            del step, tensors  # the walk reads the next block only when no earlier one is alive
         rest = {n: checkpoint.get(n) for n in checkpoint.names() if not any(
             n.startswith(b + ".") for b, _ in named)}
         total_size += write_shard(tmp, shard_name(shards, shards, compressed=compressed), rest, weight_map)
