@@ -37,11 +37,11 @@ from .outputs import make_folder, say
 _positive_int = checked(int, positive)
 
 
-def add_llm_commands(sub: argparse._SubParsersAction) -> None:
+def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register ``llm prune``, ``llm shrink``, ``llm gguf`` and ``llm eval`` under the ``relprune`` parser."""
+    from ..core.units import score_names
     from ..llm.compressed import SAVE_FORMATS
     from ..llm.gguf import GGUF_TYPES
-    from ..llm.structured import LLM_GROUP_CRITERIA
 
     llm = sub.add_parser("llm", help="prune or shrink a causal language model, write it as GGUF, or measure its "
                                                "perplexity",
@@ -96,10 +96,11 @@ def add_llm_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--model", required=True, help="folder, .gguf file, hub id or smollm2-135m")
     s.add_argument("--ratio", required=True, type=checked(float, ratio_value),
                    help="fraction of the decoder layers' attention and MLP parameters to remove")
-    s.add_argument("--score", choices=LLM_GROUP_CRITERIA, default=None,
-                   help=f"unit score (default: {DEFAULT_LLM_UNIT_SCORE}, FLAP's, the best of the structured "
-                        f"benchmark with one size per layer; {DEFAULT_LLM_JOINT_SCORE} with --scope joint, where it "
-                        "was best by far; share and rc are ours)")
+    s.add_argument("--score", choices=score_names(gradients=False), default=None,
+                   help=f"structured score of each unit (as `relprune export --score`; default: "
+                        f"{DEFAULT_LLM_UNIT_SCORE}, FLAP's, the best of the structured benchmark with one size per "
+                        f"layer; {DEFAULT_LLM_JOINT_SCORE} with --scope joint, where it was best by far; share and rc "
+                        "are ours)")
     s.add_argument("--compensation", choices=["refit", "bias", "none"], default="refit",
                    help="what reads the removed units is corrected: 'refit' fits each o_proj/down_proj's kept "
                         "columns and bias to its dense output by least squares, block by block (ours); 'bias' "

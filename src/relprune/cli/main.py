@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
+import pkgutil
 import sys
 from pathlib import Path
+from types import ModuleType
 
 from ..core.interrupts import terminate_as_interrupt
 from ..errors import RelpruneError
@@ -13,17 +16,28 @@ from .flags import Parser
 from .outputs import CREATED, remove_created
 
 
+#: Modules of this package that hold no commands.
+_NOT_COMMANDS = frozenset({"main", "flags", "outputs"})
+
+
+def command_modules() -> list[ModuleType]:
+    """Every module of this package that adds commands (a function ``add_commands(sub)``), by name: a new
+    command is one file here."""
+    where = sys.modules[__package__].__path__  # the package's folders (already imported: it holds this module)
+    found = [importlib.import_module(f"{__package__}.{info.name}") for info in pkgutil.iter_modules(where)
+             if info.name not in _NOT_COMMANDS]
+    return sorted((m for m in found if hasattr(m, "add_commands")), key=lambda m: m.__name__)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
-    from .llm import add_llm_commands
-    from .vision import add_vision_commands
 
     parser = Parser(prog="relprune", description="Prune PyTorch networks by measured relative contributions.",
                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--version", action="version", version=f"relprune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    add_vision_commands(sub)
-    add_llm_commands(sub)
+    for module in command_modules():
+        module.add_commands(sub)
     return parser
 
 

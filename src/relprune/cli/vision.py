@@ -339,7 +339,7 @@ def cmd_export(ns: argparse.Namespace) -> int:
         # The structured step removes whole channels on top of whatever was pruned before: its cost in accuracy
         # is measured and shown, and --finetune-epochs recovers it (the masks hold through the fine-tune).
         d = from_args(DataArgs, ns)
-        needed = GROUP_SCORES[ns.structured_criterion].statistics
+        needed = GROUP_SCORES[ns.score].statistics
         try:
             data = _load_data(dataclasses.replace(d, dataset=d.dataset or info.dataset), c.seed)
         except DataError:
@@ -353,10 +353,10 @@ def cmd_export(ns: argparse.Namespace) -> int:
         graph = DependencyGraph(model, example)
         keep = {gi: torch.sort(torch.argsort(v, stable=True)[min(round(ns.structured * v.numel()),
                                                                   v.numel() - 1):]).values
-                for gi, v in group_scores(graph, stats, ns.structured_criterion, c.seed).items()}
+                for gi, v in group_scores(graph, stats, ns.score, c.seed).items()}
         apply_masks(model, structured_masks(graph, keep))
         after_acc = evaluate(model, data.test) if data else None
-        line = (f"structured {ns.structured:g} ({ns.structured_criterion}): sparsity {before_sparsity:.2%} -> "
+        line = (f"structured {ns.structured:g} ({ns.score}): sparsity {before_sparsity:.2%} -> "
                 f"{_model_sparsity(model):.2%} of the prunable weights; "
                 + (f"test accuracy {before_acc:.4f} -> {after_acc:.4f}" if data else
                    "test accuracy not measured (its data are not here)"))
@@ -430,8 +430,10 @@ def cmd_load(ns: argparse.Namespace) -> int:
     return 0
 
 
-def add_vision_commands(sub: argparse._SubParsersAction) -> None:
+def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register the vision commands under the ``relprune`` parser."""
+    from ..core.units import score_names
+
 
     def command(name: str, help_: str, *groups: type, out: str = "runs/latest") -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
@@ -482,8 +484,9 @@ def add_vision_commands(sub: argparse._SubParsersAction) -> None:
     exp.add_argument("--structured", type=checked(float, sparsity_value), default=0.0,
                      help="first remove this fraction of the channels of every prunable group (a layer's units "
                           "with everything coupled to them) (default: 0, none)")
-    exp.add_argument("--structured-criterion", choices=["rc", "l1", "l2", "fluctuation"], default="rc",
-                     help="channel score for --structured, over the dependency graph (default: rc)")
+    exp.add_argument("--score", "--structured-criterion", dest="score", choices=score_names(gradients=False),
+                     default="rc", help="structured score of each channel for --structured, over the dependency "
+                                        "graph (as `relprune llm shrink --score`; default: rc)")
     exp.add_argument("--finetune-epochs", type=checked(int, non_negative), default=0,
                      help="with --structured: fine-tune the masked model this many epochs before shrinking "
                           "(default: 0)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from ..defaults import DEFAULT_CRITERION, DEFAULT_SCOPE
@@ -80,6 +80,22 @@ class Recipe:
                      allocation=allocation,
                      owl_lambda=owl_lambda, owl_m=owl_m, options=dict(options or {}))
         return recipe.validate()
+
+    @classmethod
+    def given(cls, recipe: Recipe | None, keywords: Mapping[str, Any], **defaults: Any) -> Recipe:
+        """The recipe an entry point was given: ``recipe``, or one built (and validated) from its keyword
+        arguments, ``defaults`` filling those not given and any keyword that is not a field of the recipe
+        taken as the criterion's option (``ucb_k=``). Both at once are refused."""
+        if recipe is not None:
+            if keywords:
+                raise RelpruneError("give either recipe= or the recipe's keyword arguments, not both")
+            if not isinstance(recipe, Recipe):
+                raise RelpruneError(f"recipe must be a relprune Recipe, got {type(recipe).__name__}")
+            return recipe.validate()
+        own = {f.name for f in fields(cls)} - {"options"}
+        spelled = {**defaults, **{k: v for k, v in keywords.items() if k in own}}
+        options = {**keywords.get("options", {}), **{k: v for k, v in keywords.items() if k not in own | {"options"}}}
+        return cls.build(**spelled, options=options)
 
     @property
     def crit(self) -> Criterion:

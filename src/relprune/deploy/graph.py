@@ -25,7 +25,7 @@ import math
 import operator
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.fx
@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.layers import is_prunable
+from ..core.units import Group, Member
 from ..errors import ShrinkError
 
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -59,50 +60,6 @@ REDUCE_METHODS = {"mean", "sum", "amax", "max"}
 #: The refusal of channels the model returns (they have no reader the graph could shrink with them).
 OUTPUT_REASON = "they reach the model's output"
 
-
-@dataclass
-class Member:
-    """One place a group's units live: rows (``out``), columns (``in``) or per-channel entries.
-
-    ``offset`` is where the group's entries start along that dimension; ``expand`` how many
-    consecutive entries each channel covers there (after a flatten: one per spatial position);
-    ``repeat`` how many copies of each unit follow one another there, ``size * expand`` entries
-    apart (a folded space: unit k is channel k of each of a grouped convolution's groups).
-    """
-
-    module: str
-    role: str  # "out" | "in" | "depthwise" | "norm"
-    offset: int
-    expand: int = 1
-    repeat: int = 1
-
-    def index(self, size: int) -> Tensor:
-        """(size, repeat * expand) entry indices: row k lists every entry unit k covers here."""
-        unit = torch.arange(size).view(size, 1, 1) * self.expand
-        copy = torch.arange(self.repeat).view(1, -1, 1) * (size * self.expand)
-        within = torch.arange(self.expand).view(1, 1, -1)
-        return (self.offset + unit + copy + within).reshape(size, -1)
-
-
-@dataclass
-class Group:
-    """Channels that must be removed together; ``members`` say where each one lives."""
-
-    size: int
-    members: list[Member] = field(default_factory=list)
-    refusals: list[str] = field(default_factory=list)
-
-    @property
-    def prunable(self) -> bool:
-        return not self.refusals and any(m.role in ("out", "depthwise") for m in self.members)
-
-    @property
-    def reason(self) -> str:
-        return "; ".join(dict.fromkeys(self.refusals)) or "no layer produces these channels"
-
-    def describe(self) -> str:
-        produced = sorted({m.module for m in self.members if m.role in ("out", "depthwise")})
-        return f"channels of {', '.join(produced) or '(model input)'}"
 
 
 class _Space:

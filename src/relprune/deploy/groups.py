@@ -1,23 +1,18 @@
 """Structured pruning over the dependency graph: score channel groups, meet a budget, shrink exactly.
 
-Scores (larger is kept), per channel of a group, summed over every place the channel lives:
-
-* ``rc`` - ours: the channel's total relative contribution E[r] to the layers that consume it;
-* ``fluctuation`` - FLAP (An et al. 2024): Var[x_c] ||W[:, c]||^2 over its consumers, i.e. the
-  variance of its contributions; pair with ``bias_compensation`` as FLAP does;
-* ``l1`` / ``l2`` - the group norm of every weight, bias and norm entry of the channel
-  (Torch-Pruning's magnitude importance); ``taylor`` - sum |W dL/dW| over them; ``random``.
-
-Budgets remove a fraction of the conv and Linear multiply-accumulates (``budget="flops"``) or of
-the parameters (``"params"``), either over all groups at once with scores normalised by their
-group's mean (``scope="global"``) or the same fraction of channels in every group (``"layer"``).
+Channels are scored by the registered structured scores (:mod:`relprune.core.units`: ``rc``, ``share``,
+``fluctuation``, ``l1``, ``l2``, ``taylor``, ``random``; pair ``fluctuation`` with ``bias_compensation``
+as FLAP does). Budgets remove a fraction of the conv and Linear multiply-accumulates
+(``budget="flops"``) or of the parameters (``"params"``), either over all groups at once with scores
+normalised by their group's mean (``scope="global"``) or the same fraction of channels in every group
+(``"uniform"``; ``"layer"`` is its earlier name). The same scores and scopes plan a decoder's attention
+heads and MLP channels (:mod:`relprune.llm.structured`), whose groups are read from the architecture.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,130 +20,21 @@ from torch import Tensor, nn
 
 from ..core.checks import real_number
 from ..core.stats import Stats
+from ..core.units import GROUP_SCORES, GroupScore, member_stats, register_group_score, score_groups
 from ..errors import RelpruneError, ShrinkError, StatisticNotCollectedError
-from .graph import NORMS, DependencyGraph, Group, Member
+from .graph import NORMS, DependencyGraph, Group
 
-MemberScore = Callable[[nn.Module, Member, int, Stats | None], Tensor]
-
-
-@dataclass(frozen=True)
-class GroupScore:
-    """A named channel score: per member of a group, one value per channel (summed over members);
-    ``per_group`` scores draw a whole group's values at once instead (``random``)."""
-
-    name: str
-    statistics: tuple[str, ...]
-    member: MemberScore | None = None
-
-
-#: Channel scores by name (larger kept), as ``relprune.CRITERIA`` is for weights.
-GROUP_SCORES: dict[str, GroupScore] = {}
-
-
-def register_group_score(name: str, *, statistics: tuple[str, ...] = ()) -> Callable[[MemberScore], MemberScore]:
-    """Decorator adding a member score function to :data:`GROUP_SCORES`."""
-
-    def wrap(fn: MemberScore) -> MemberScore:
-        GROUP_SCORES[name] = GroupScore(name, statistics, fn)
-        return fn
-
-    return wrap
+#: How a structured budget is spread: over all groups at once on normalised scores, or the same share of each.
+STRUCTURED_SCOPES = ("uniform", "global")
+#: The built-in channel scores' names (the registry, :data:`GROUP_SCORES`, holds any registered since).
+GROUP_CRITERIA = ("rc", "share", "fluctuation", "l1", "l2", "taylor", "random")
 
 
 def group_scores(graph: DependencyGraph, stats: Stats | None = None, criterion: str = "l2",
                  seed: int = 0) -> dict[int, Tensor]:
     """Per prunable group (by index in ``graph.groups``), one score per channel (float64)."""
-    if criterion not in GROUP_SCORES:
-        raise RelpruneError(f"group criterion must be one of {tuple(GROUP_SCORES)}, got {criterion!r}")
-    score = GROUP_SCORES[criterion]
     gen = torch.Generator().manual_seed(seed)
-    out: dict[int, Tensor] = {}
-    for gi, group in enumerate(graph.groups):
-        if not group.prunable:
-            continue
-        if score.member is None:
-            out[gi] = torch.rand(group.size, generator=gen, dtype=torch.float64)
-            continue
-        scores = torch.zeros(group.size, dtype=torch.float64)
-        for m in group.members:
-            scores += score.member(graph.modules[m.module], m, group.size, stats)
-        out[gi] = scores
-    return out
-
-
-def _need(stats: Stats | None, name: str, criterion: str):
-    if stats is None or name not in stats:
-        raise StatisticNotCollectedError(
-            f"group criterion {criterion!r} needs statistics {list(GROUP_SCORES[criterion].statistics)} of layer "
-            f"{name!r}; collect them with collect_stats")
-    return stats[name]
-
-
-def _in_units(t: Tensor) -> Tensor:
-    """(O, I, *kernel) -> (O, I), summing over the kernel; Linear weights pass unchanged."""
-    return t.reshape(t.shape[0], t.shape[1], -1).sum(2) if t.dim() > 2 else t
-
-
-def _reader_score(module: nn.Module, m: Member, size: int, value: Tensor) -> Tensor:
-    """A weight-shaped statistic of the layer that reads the channels, summed per channel (readers only)."""
-    w = module.weight
-    value = _in_units(value)
-    value = value.expand(w.shape[0], -1) if value.shape[0] == 1 else value
-    return value.sum(0)[m.index(size)].sum(1)
-
-
-@register_group_score("rc", statistics=("relative_mean",))
-def _rc(module: nn.Module, m: Member, size: int, stats: Stats | None) -> Tensor:
-    """Ours: the channel's total relative contribution E[r] to the layers that read it."""
-    if m.role != "in":
-        return torch.zeros(size, dtype=torch.float64)
-    return _reader_score(module, m, size, _need(stats, m.module, "rc").relative_mean)
-
-
-@register_group_score("fluctuation", statistics=("contribution_std", "contribution_mean"))
-def _fluctuation(module: nn.Module, m: Member, size: int, stats: Stats | None) -> Tensor:
-    """FLAP's: Var[x_c] ||W[:, c]||^2 over the layers that read the channel."""
-    if m.role != "in":
-        return torch.zeros(size, dtype=torch.float64)
-    return _reader_score(module, m, size, _need(stats, m.module, "fluctuation").contribution_std ** 2)
-
-
-def _entries(module: nn.Module, m: Member, size: int, a: Tensor, bias: Tensor | None) -> Tensor:
-    """Per channel, the sum of ``a`` (weight-shaped) over the channel's rows, columns or norm entries."""
-    if m.role == "norm" or m.role in ("out", "depthwise"):
-        rows = a.reshape(a.shape[0], -1).sum(1)
-        if bias is not None:
-            rows = rows + bias
-        return rows[m.index(size)].sum(1)
-    return _in_units(a).sum(0)[m.index(size)].sum(1)
-
-
-def _norm_score(p: int) -> MemberScore:
-    def score(module: nn.Module, m: Member, size: int, stats: Stats | None) -> Tensor:
-        bias = getattr(module, "bias", None)
-        a = module.weight.detach().double().abs().pow(p)
-        b = None if bias is None or m.role == "in" else bias.detach().double().abs().pow(p)
-        return _entries(module, m, size, a, b)
-    score.__doc__ = f"The L{p} norm of every weight (and bias) of the channel."
-    return score
-
-
-register_group_score("l1")(_norm_score(1))
-register_group_score("l2")(_norm_score(2))
-
-
-@register_group_score("taylor", statistics=("weight_grad",))
-def _taylor(module: nn.Module, m: Member, size: int, stats: Stats | None) -> Tensor:
-    """|W * dLoss/dW| summed over the channel's weights (norm layers add nothing)."""
-    if m.role == "norm":
-        return torch.zeros(size, dtype=torch.float64)
-    s = _need(stats, m.module, "taylor")
-    return _entries(module, m, size, (s.checked_weight().double() * s.weight_grad).abs(), None)
-
-
-GROUP_SCORES["random"] = GroupScore("random", ())
-#: The built-in channel scores' names.
-GROUP_CRITERIA = tuple(GROUP_SCORES)
+    return score_groups(graph.groups, graph.modules, stats, criterion, gen)
 
 
 @dataclass
@@ -193,8 +79,8 @@ def plan(graph: DependencyGraph, scores: dict[int, Tensor], ratio: float, *, bud
         raise RelpruneError(f"ratio must be in [0, 1), got {ratio}")
     if budget not in ("flops", "params"):
         raise RelpruneError(f"budget must be 'flops' or 'params', got {budget!r}")
-    if scope not in ("global", "layer"):
-        raise RelpruneError(f"scope must be 'global' or 'layer', got {scope!r}")
+    if scope not in (*STRUCTURED_SCOPES, "layer"):
+        raise RelpruneError(f"scope must be one of {STRUCTURED_SCOPES}, got {scope!r}")
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
         raise RelpruneError(f"round_to must be a positive int, got {round_to!r}")
     if not scores:
@@ -284,7 +170,7 @@ def compensation_bias(graph: DependencyGraph, keep: dict[int, Tensor], stats: St
     _, cols = _slices(graph, keep)
     out = {}
     for name, kept in cols.items():
-        s = _need(stats, name, "fluctuation")
+        s = member_stats(stats, name, "fluctuation")
         cm = s.contribution_mean
         cm = cm.reshape(cm.shape[0], cm.shape[1], -1).sum(2) if cm.dim() > 2 else cm
         cm = cm.expand(graph.modules[name].weight.shape[0], -1) if cm.shape[0] == 1 else cm
@@ -369,6 +255,6 @@ def prune_groups(model: nn.Module, example: Tensor, ratio: float, *, criterion: 
     return StructuredResult(small, p, refused)
 
 
-__all__ = ["GROUP_CRITERIA", "GROUP_SCORES", "Group", "GroupScore", "Plan", "StructuredResult", "compensation_bias",
-           "cost", "group_scores", "plan", "prune_groups", "register_group_score", "shrink_groups",
+__all__ = ["GROUP_CRITERIA", "GROUP_SCORES", "STRUCTURED_SCOPES", "Group", "GroupScore", "Plan", "StructuredResult",
+           "compensation_bias", "cost", "group_scores", "plan", "prune_groups", "register_group_score", "shrink_groups",
            "structured_masks"]

@@ -12,12 +12,12 @@ from typing import Any
 from ..core.files import staged_folder
 from ..core.masks import Masks
 from ..core.spec import Recipe
-from ..defaults import DEFAULT_LLM_CRITERION, DEFAULT_LLM_RECONSTRUCT, DEFAULT_LLM_SAVE_FORMAT
+from ..defaults import DEFAULT_LLM_SAVE_FORMAT
 from ..errors import RelpruneError
 from .compressed import SAVE_FORMATS
 from .load import load_model
 from .save import refuse_occupied, write_pretrained
-from .sequential import block_recipe, prune_sequential
+from .sequential import block_recipe, llm_recipe, prune_sequential
 from .text import batches_of, calibration_windows, check_seqlen, tokenize_file
 
 
@@ -55,13 +55,7 @@ def oneshot(model: Any, calibration: str | Path, recipe: Recipe | None = None, *
 
         relprune.llm.oneshot("smollm2-135m", "calib.txt", sparsity=0.5, out="runs/smol-50")
     """
-    if recipe is None:
-        recipe_options.setdefault("criterion", DEFAULT_LLM_CRITERION)
-        recipe_options.setdefault("reconstruct", DEFAULT_LLM_RECONSTRUCT)
-        recipe = Recipe.build(**recipe_options)
-    elif recipe_options:
-        raise RelpruneError("give either recipe= or the recipe's keyword arguments, not both")
-    recipe = block_recipe(recipe)  # every refusal before anything is loaded or written
+    recipe = block_recipe(llm_recipe(recipe, recipe_options))  # every refusal before anything is loaded or written
     if save_format not in SAVE_FORMATS:
         raise RelpruneError(f"unknown save format {save_format!r}; expected one of {list(SAVE_FORMATS)}")
     target = None if out is None else Path(out)

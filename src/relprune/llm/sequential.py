@@ -73,27 +73,19 @@ def prune_sequential(
     batches: Sequence[dict[str, Tensor]],
     recipe: Recipe | None = None,
     *,
-    sparsity: float | None = None,
-    n_m: str | tuple[int, int] | None = None,
-    criterion: str = DEFAULT_LLM_CRITERION,
-    scope: str | None = None,
-    reconstruct: bool | str = DEFAULT_LLM_RECONSTRUCT,
     sequential: bool = True,
     blocks: str | Sequence[str] | None = None,
     liveness: bool = False,
-    allocation: str = "uniform",
-    owl_m: float = 5.0,
-    owl_lambda: float = 0.08,
     permanent: bool = True,
     progress: bool = False,
-    bias_compensation: bool = False,
-    refine: bool = False,
-    **criterion_options: Any,
+    **recipe_keywords: Any,
 ) -> Masks:
     """Prune every Linear inside the decoder blocks; returns the masks under the model's own names.
 
-    The recipe is a :class:`~relprune.core.spec.Recipe` or spelled out as for
-    :func:`relprune.prune` (comparison within each output row by default).
+    The recipe is a :class:`~relprune.core.spec.Recipe` or its keywords (``sparsity=0.5``, ``n_m="2:4"``,
+    ``criterion=``, ``reconstruct=``, ``allocation="owl"``, ...; :meth:`Recipe.given`), with the
+    language-model defaults (:data:`relprune.defaults.DEFAULT_LLM_CRITERION`, re-fit
+    :data:`relprune.defaults.DEFAULT_LLM_RECONSTRUCT`) and comparison within each output row.
     ``sequential=True``: each block sees the outputs of the blocks before it *after* they were
     pruned (the reference setting). ``sequential=False``: every block sees the dense model's
     activations (all blocks' statistics come from one dense pass first). ``permanent=True`` folds
@@ -112,12 +104,7 @@ def prune_sequential(
     mean relative contributions, :func:`relprune.core.allocation.effective_share`) in place of the
     outlier ratio: blocks whose outputs rest on fewer weights lose more.
     """
-    if recipe is None:
-        recipe = Recipe.build(criterion=criterion, sparsity=sparsity, n_m=n_m, scope=scope, reconstruct=reconstruct,
-                              bias_compensation=bias_compensation, refine=refine, allocation=allocation,
-                              owl_lambda=owl_lambda,
-                              owl_m=owl_m, options=criterion_options)
-    recipe = block_recipe(recipe)
+    recipe = block_recipe(llm_recipe(recipe, recipe_keywords))
     wanted = set(recipe.statistics())
     named = decoder_blocks(model, blocks)
     refuse_non_finite(model)
@@ -141,6 +128,12 @@ def prune_sequential(
     finally:
         model.train(was_training)
     return Masks(out)
+
+
+def llm_recipe(recipe: Recipe | None, keywords: dict[str, Any]) -> Recipe:
+    """The recipe a language-model entry point was given (``recipe`` or its keywords), the keywords
+    defaulting to the language-model recipe."""
+    return Recipe.given(recipe, keywords, criterion=DEFAULT_LLM_CRITERION, reconstruct=DEFAULT_LLM_RECONSTRUCT)
 
 
 def block_recipe(recipe: Recipe) -> Recipe:

@@ -28,7 +28,7 @@ from ..core.compressed import compress_state, layout_for, prefix_of
 from ..core.files import MANIFEST, staged_folder, verify_manifest
 from ..core.masks import Masks
 from ..core.spec import Recipe
-from ..defaults import DEFAULT_LLM_CRITERION, DEFAULT_LLM_RECONSTRUCT, DEFAULT_LLM_SAVE_FORMAT
+from ..defaults import DEFAULT_LLM_SAVE_FORMAT
 from ..errors import ModelLoadError, RelpruneError
 from .blocks import BlockInputs, capture_block_inputs, refuse_non_finite, walk_blocks
 from .compressed import (
@@ -45,7 +45,7 @@ from .compressed import (
 )
 from .load import check_checkpoint, load_config, require_transformers, resolve_model, tied_names
 from .save import refuse_occupied, switches_for
-from .sequential import block_recipe, block_sparsities, decoder_blocks, prune_block
+from .sequential import block_recipe, block_sparsities, decoder_blocks, llm_recipe, prune_block
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json", COMPRESSED_INDEX, MANIFEST)
@@ -57,22 +57,12 @@ def prune_streamed(
     batches: Sequence[dict[str, Tensor]],
     recipe: Recipe | None = None,
     *,
-    sparsity: float | None = None,
-    n_m: str | tuple[int, int] | None = None,
-    criterion: str = DEFAULT_LLM_CRITERION,
-    scope: str | None = None,
-    reconstruct: bool | str = DEFAULT_LLM_RECONSTRUCT,
     blocks: str | Sequence[str] | None = None,
     sequential: bool = True,
     progress: bool = False,
     save_format: str = DEFAULT_LLM_SAVE_FORMAT,
-    allocation: str = "uniform",
-    owl_m: float = 5.0,
-    owl_lambda: float = 0.08,
-    bias_compensation: bool = False,
-    refine: bool = False,
     verify: bool = True,
-    **criterion_options: Any,
+    **recipe_keywords: Any,
 ) -> Masks:
     """Prune the model in folder ``source`` block by block into a new folder ``out``; returns the masks.
 
@@ -87,12 +77,7 @@ def prune_streamed(
     arguments the model passes it (its own mask and rotary tables where layers differ). A ``source``
     relprune wrote is checked against its manifest of SHA-256s first (``verify=False`` skips that).
     """
-    if recipe is None:
-        recipe = Recipe.build(criterion=criterion, sparsity=sparsity, n_m=n_m, scope=scope, reconstruct=reconstruct,
-                              bias_compensation=bias_compensation, refine=refine, allocation=allocation,
-                              owl_lambda=owl_lambda,
-                              owl_m=owl_m, options=criterion_options)
-    recipe = streamed_recipe(recipe)
+    recipe = streamed_recipe(llm_recipe(recipe, recipe_keywords))
     if save_format not in SAVE_FORMATS:
         raise RelpruneError(f"unknown save format {save_format!r}; expected one of {list(SAVE_FORMATS)}")
     layout = layout_for(recipe.nm)

@@ -32,14 +32,13 @@ from torch import Tensor, nn
 from ..core.checks import real_number
 from ..core.collect import collect_stats
 from ..core.reconstruct import PERCDAMP, refit_columns
-from ..core.stats import LayerStats
+from ..core.stats import Stats
+from ..core.units import Group, Member, group_score, score_groups, score_names
 from ..defaults import DEFAULT_LLM_ROUND_TO
 from ..errors import RelpruneError
 from .blocks import walk_blocks
 from .load import SIZES_FILE, load_shrunk  # noqa: F401 - the reader of what save_shrunk writes
 from .sequential import decoder_blocks
-
-LLM_GROUP_CRITERIA = ("rc", "fluctuation", "share", "l2", "random")
 
 
 @dataclass
@@ -85,59 +84,60 @@ def unit_cost(block: nn.Module, kind: str) -> int:
     return per
 
 
+def decoder_groups(block: nn.Module) -> dict[str, Group]:
+    """The block's coupled units as dependency-graph groups (module names relative to the block): one
+    channel of ``"heads"`` is a key/value head with its query heads, one of ``"mlp"`` an MLP channel."""
+    attn, head_dim, kv, rep = _attn(block)
+    mlp = _mlp(block)
+    q, k, v, o = (_name_in(block, getattr(attn, n)) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    gate, up, down = (_name_in(block, getattr(mlp, n)) for n in ("gate_proj", "up_proj", "down_proj"))
+    heads = Group(kv, [Member(q, "out", 0, rep * head_dim), Member(k, "out", 0, head_dim),
+                       Member(v, "out", 0, head_dim), Member(o, "in", 0, rep * head_dim)])
+    channels = Group(mlp.down_proj.in_features, [Member(gate, "out", 0), Member(up, "out", 0), Member(down, "in", 0)])
+    return {"heads": heads, "mlp": channels}
+
+
 def unit_scores(model: nn.Module, batches: Sequence[dict[str, Tensor]] | None, criterion: str = "rc", *,
                 blocks: str | Sequence[str] | None = None, seed: int = 0,
                 progress: bool = False) -> dict[tuple[int, str], Tensor]:
     """Score of every head group and MLP channel of every decoder layer, from dense activations
-    (``progress``: a line per block on stderr, a bar on a terminal)."""
-    if criterion not in LLM_GROUP_CRITERIA:
-        raise RelpruneError(f"criterion must be one of {LLM_GROUP_CRITERIA}, got {criterion!r}")
+    (``progress``: a line per block on stderr, a bar on a terminal).
+
+    ``criterion`` is a structured score of :data:`relprune.deploy.groups.GROUP_SCORES` (the dependency
+    graph's, summed over the places each unit lives); its statistics are gathered on the projections that
+    read the units (``o_proj``, ``down_proj``), block by block on the dense model."""
+    if criterion not in score_names(gradients=False):
+        raise RelpruneError(f"criterion must be one of {score_names(gradients=False)}, got {criterion!r}")
+    statistics = group_score(criterion).statistics
     named = decoder_blocks(model, blocks)
     gen = torch.Generator().manual_seed(seed)
-    out: dict[tuple[int, str], Tensor] = {}
-    if criterion in ("random", "l2"):
-        for i, (_, block) in enumerate(named):
-            attn, head_dim, kv, rep = _attn(block)
-            mlp = _mlp(block)
-            if criterion == "random":
-                out[i, "heads"] = torch.rand(kv, generator=gen, dtype=torch.float64)
-                out[i, "mlp"] = torch.rand(mlp.down_proj.in_features, generator=gen, dtype=torch.float64)
-                continue
-            sq = [p.detach().double() ** 2 for p in (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight)]
-            o = attn.o_proj.weight.detach().double() ** 2
-            q_rows = sq[0].sum(1).reshape(kv, rep * head_dim).sum(1)
-            kv_rows = (sq[1].sum(1) + sq[2].sum(1)).reshape(kv, head_dim).sum(1)
-            out[i, "heads"] = q_rows + kv_rows + o.sum(0).reshape(kv, rep * head_dim).sum(1)
-            out[i, "mlp"] = sum(p.detach().double().pow(2).sum(1) for p in (mlp.gate_proj.weight, mlp.up_proj.weight)) \
-                + mlp.down_proj.weight.detach().double().pow(2).sum(0)
-        return out
-    if not batches:
+    if statistics and not batches:
         raise RelpruneError(f"criterion {criterion!r} needs calibration batches")
-    stat = "relative_mean" if criterion == "rc" else "contribution_std"
-    for i, _, block, readers in _reader_stats(model, named, batches, stat, progress):
-        _, head_dim, kv, rep = _attn(block)
-        for kind, (proj, s) in readers.items():
-            v = s.relative_mean if criterion == "rc" else s.contribution_std ** 2
-            v = v.expand(proj.out_features, -1) if v.shape[0] == 1 else v
-            if criterion == "share":
-                v = v / v.sum(1, keepdim=True).clamp_min(1e-300)
-            out[i, kind] = v.sum(0)
-        out[i, "heads"] = out[i, "heads"].reshape(kv, rep * head_dim).sum(1)
+    found = _reader_stats(model, named, batches or [], statistics, progress) if statistics else (
+        (i, name, block, None) for i, (name, block) in enumerate(named))
+    out: dict[tuple[int, str], Tensor] = {}
+    for i, _, block, stats in found:
+        groups = decoder_groups(block)
+        scored = score_groups(list(groups.values()), dict(block.named_modules()), stats, criterion, gen)
+        for gi, kind in enumerate(groups):
+            out[i, kind] = scored[gi]
     return out
 
 
 def _reader_stats(model: nn.Module, named: list[tuple[str, nn.Module]], batches: Sequence[dict[str, Tensor]],
-                  statistic: str, progress: bool = False,
-                  ) -> Iterator[tuple[int, str, nn.Module, dict[str, tuple[nn.Linear, LayerStats]]]]:
-    """Per decoder layer, ``statistic`` of the projections that read its units (``o_proj`` for the
+                  statistics: Sequence[str], progress: bool = False) -> Iterator[tuple[int, str, nn.Module, Stats]]:
+    """Per decoder layer, ``statistics`` of the projections that read its units (``o_proj`` for the
     heads, ``down_proj`` for the MLP channels) on dense activations: one pass through the blocks."""
     model.eval()
     for step in walk_blocks(model, named, batches, progress=progress):
-        readers = {"heads": _attn(step.block)[0].o_proj, "mlp": _mlp(step.block).down_proj}
-        names = {kind: _name_in(step.block, proj) for kind, proj in readers.items()}
-        stats = collect_stats(step.block, step.inputs, layers=list(names.values()), statistics=[statistic],
-                              liveness=False)
-        yield step.index, step.name, step.block, {kind: (proj, stats[names[kind]]) for kind, proj in readers.items()}
+        readers = [_name_in(step.block, _reader(step.block, kind)) for kind in ("heads", "mlp")]
+        stats = collect_stats(step.block, step.inputs, layers=readers, statistics=sorted(statistics), liveness=False)
+        yield step.index, step.name, step.block, stats
+
+
+def _reader(block: nn.Module, kind: str) -> nn.Linear:
+    """The projection that reads the units of ``kind``: ``o_proj`` for the heads, ``down_proj`` for the MLP."""
+    return _attn(block)[0].o_proj if kind == "heads" else _mlp(block).down_proj
 
 
 def _name_in(block: nn.Module, module: nn.Module) -> str:
@@ -255,10 +255,12 @@ def unit_compensation(model: nn.Module, batches: Sequence[dict[str, Tensor]], ke
     to :func:`shrink_units` as ``bias_delta``; call it before shrinking."""
     named = decoder_blocks(model, blocks)
     out: dict[str, Tensor] = {}
-    for i, name, block, readers in _reader_stats(model, named, batches, "contribution_mean"):
-        for kind, (proj, s) in readers.items():
+    for i, name, block, stats in _reader_stats(model, named, batches, ["contribution_mean"]):
+        for kind in ("heads", "mlp"):
             if (i, kind) not in keep:
                 continue
+            proj = _reader(block, kind)
+            s = stats[_name_in(block, proj)]
             cols = next(idx for p, dim, idx in _index_sets(block, kind, keep[i, kind]) if p is proj and dim == 1)
             removed = torch.ones(proj.in_features, dtype=torch.bool)
             removed[cols] = False
@@ -286,7 +288,7 @@ def shrink_refit(model: nn.Module, batches: Sequence[dict[str, Tensor]], keep: d
         for kind in ("heads", "mlp"):
             if (i, kind) not in keep:
                 continue
-            reader = _attn(block)[0].o_proj if kind == "heads" else _mlp(block).down_proj
+            reader = _reader(block, kind)
             cols = next(idx for p, dim, idx in _index_sets(block, kind, keep[i, kind]) if p is reader and dim == 1)
             kept = torch.zeros(reader.in_features, dtype=torch.bool)
             kept[cols] = True
