@@ -60,6 +60,8 @@ PLANS = {
     # The headline rows a refactor must reproduce (issue 20), seed 0.
     "check": [(c, r, b) for b in ("50%", "2:4") for c, r in [("obs", "exact"), ("sparsegpt", None), ("wanda", None),
                                                               ("sparsegpt", "exact")]],
+    # The headline rows of today's tables a refactor must reproduce (issue 31), seed 0.
+    "check-frontier": [(c, r, b, v) for b in ("50%", "2:4") for c, r, v in FRONTIER[:4]],
     "grid": [(c, r, b) for b in ("60%", "70%", "4:8") for c, r in [("magnitude", None), ("ria", None), *KEY]],
     # Levers of issue 10: bias compensation for the mask-only criteria, OWL for every kind of recipe.
     "levers": [(c, None, b, "bc") for b in ("50%", "2:4", "60%", "70%") for c in ("contrib-share", "wanda")]
