@@ -143,10 +143,14 @@ def test_public_names_resolve_lazily_to_their_modules():
     assert set(relprune.__all__) <= set(dir(relprune))
     for name in relprune.__all__:
         assert getattr(relprune, name) is not None
-    # The three spellings of the public names (the lazy table, the static imports editors read, __all__) agree:
-    # every error, every lazily loaded name and submodule, nothing else.
+    # __all__ is built from the lazy table: every error, every lazily loaded name and submodule, nothing else;
+    # the static imports editors read name the same objects.
     errors = {n for n in vars(relprune.errors) if n.endswith("Error")}
     assert set(relprune.__all__) == errors | set(relprune._LAZY) | set(relprune._SUBMODULES) | {"__version__"}
+    tree = ast.parse(Path(relprune.__file__).read_text())
+    checking = next(n for n in tree.body if isinstance(n, ast.If) and getattr(n.test, "id", "") == "TYPE_CHECKING")
+    static = {a.asname or a.name for node in checking.body for a in node.names}
+    assert static == set(relprune._LAZY) | set(relprune._SUBMODULES)
 
 
 def test_old_module_paths_are_gone():

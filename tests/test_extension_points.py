@@ -13,7 +13,7 @@ import relprune
 import relprune.cli
 from relprune.cli.main import build_parser, main
 from relprune.core.criteria import CRITERIA
-from relprune.core.spec import Recipe
+from relprune.core.recipe import Recipe
 from relprune.core.units import GROUP_SCORES, register_group_score, score_names
 from relprune.deploy.graph import DependencyGraph
 from relprune.deploy.groups import group_scores

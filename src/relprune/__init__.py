@@ -30,13 +30,12 @@ from .errors import (
 # The public API loads on first use (PEP 562), so `import relprune` is cheap and the command can
 # answer Ctrl-C while torch is still loading. Each name -> the module that defines it.
 _LAZY = {
-    "CRITERIA": "core.criteria", "Criterion": "core.criteria", "register": "core.criteria",
-    "RELU": "core.liveness", "RELU6": "core.liveness", "BlindRange": "core.liveness", "hardtanh": "core.liveness",
-    "LayerReport": "core.masks", "Masks": "core.masks", "apply_masks": "core.masks", "copy_model": "core.masks",
-    "current_masks": "core.masks", "format_report": "core.masks", "load_state_dict": "core.masks",
+    "CRITERIA": "core.criteria", "register": "core.criteria", "BlindRange": "core.liveness",
+    "Masks": "core.masks", "apply_masks": "core.masks", "copy_model": "core.masks",
+    "current_masks": "core.masks", "load_state_dict": "core.masks",
     "make_permanent": "core.masks", "sparsity_report": "core.masks",
-    "prune": "core.pruning", "Recipe": "core.spec",
-    "STATISTICS": "core.stats", "LayerStats": "core.stats", "Stats": "core.stats", "collect_stats": "core.collect",
+    "prune": "core.pruning", "Recipe": "core.recipe",
+    "STATISTICS": "core.stats", "Stats": "core.stats", "collect_stats": "core.collect",
     "DependencyGraph": "deploy.graph", "prune_groups": "deploy.groups", "output_importance": "deploy.importance",
 }
 # Submodules reachable as attributes: relprune.shrink.shrink, relprune.llm.prune_sequential, ...
@@ -63,26 +62,24 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *_LAZY, *_SUBMODULES})
 
 
-if TYPE_CHECKING:  # what the names are, for type checkers and editors
+if TYPE_CHECKING:  # what the names are, for type checkers and editors (unused here: F401 off in pyproject)
     from . import llm
     from .core import allocation, criteria, layers, liveness, masks, pruning, stats
     from .core.collect import collect_stats
-    from .core.criteria import CRITERIA, Criterion, register
-    from .core.liveness import RELU, RELU6, BlindRange, hardtanh
+    from .core.criteria import CRITERIA, register
+    from .core.liveness import BlindRange
     from .core.masks import (
-        LayerReport,
         Masks,
         apply_masks,
         copy_model,
         current_masks,
-        format_report,
         load_state_dict,
         make_permanent,
         sparsity_report,
     )
     from .core.pruning import prune
-    from .core.spec import Recipe
-    from .core.stats import STATISTICS, LayerStats, Stats
+    from .core.recipe import Recipe
+    from .core.stats import STATISTICS, Stats
     from .deploy import export, graph, groups, shrink
     from .deploy.graph import DependencyGraph
     from .deploy.groups import prune_groups
@@ -91,59 +88,6 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CRITERIA",
-    "RELU",
-    "RELU6",
-    "STATISTICS",
-    "BlindRange",
-    "CalibrationError",
-    "CheckpointError",
-    "Criterion",
-    "DataError",
-    "DependencyGraph",
-    "IntegrityError",
-    "LayerError",
-    "LayerReport",
-    "LayerStats",
-    "Masks",
-    "MissingLabelsError",
-    "ModelLoadError",
-    "NoPrunableLayersError",
-    "NonFiniteActivationError",
-    "Recipe",
-    "RelpruneError",
-    "ShrinkError",
-    "SingularGramError",
-    "SparsityError",
-    "StatisticNotCollectedError",
-    "Stats",
-    "StatsMismatchError",
-    "__version__",
-    "allocation",
-    "apply_masks",
-    "collect_stats",
-    "copy_model",
-    "criteria",
-    "current_masks",
-    "export",
-    "format_report",
-    "graph",
-    "groups",
-    "hardtanh",
-    "layers",
-    "liveness",
-    "llm",
-    "load_state_dict",
-    "make_permanent",
-    "masks",
-    "output_importance",
-    "prune",
-    "prune_groups",
-    "pruning",
-    "register",
-    "regularizers",
-    "shrink",
-    "sparsity_report",
-    "stats",
-]
+#: The public names: the errors above, the lazy table's names and submodules (one spelling each).
+__all__ = sorted({*(n for n, v in globals().items() if isinstance(v, type) and issubclass(v, RelpruneError)),
+                  *_LAZY, *_SUBMODULES, "__version__"})

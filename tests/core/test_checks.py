@@ -10,7 +10,7 @@ from torch import nn
 
 import relprune
 from relprune.core.checks import real_number, whole_number
-from relprune.core.spec import Recipe
+from relprune.core.recipe import Recipe
 
 
 def _model_and_stats():

@@ -10,8 +10,8 @@ from torch import nn
 import relprune
 from relprune.cli.main import build_parser
 from relprune.core import reconstruct
+from relprune.core.recipe import Recipe
 from relprune.core.reconstruct import REFITS, register_refit
-from relprune.core.spec import Recipe
 from relprune.experiments.bench import BenchConfig
 from relprune.experiments.experiment import Method
 

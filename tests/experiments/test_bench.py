@@ -192,7 +192,7 @@ def test_every_recipe_round_trips_through_a_bench_label_its_cells_and_the_prune_
     from relprune.cli.flags import from_args
     from relprune.cli.main import build_parser
     from relprune.cli.vision import MethodArgs, PruneArgs, method_of
-    from relprune.core.spec import Recipe
+    from relprune.core.recipe import Recipe
     from relprune.experiments.experiment import Method
 
     method = Method.parse(label)

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 transformers = pytest.importorskip("transformers", reason="the llm extra is not installed")
 
 import relprune  # noqa: E402
-from relprune.core.spec import Recipe  # noqa: E402
+from relprune.core.recipe import Recipe  # noqa: E402
 from relprune.llm import blocks as llm_blocks  # noqa: E402
 from relprune.llm import decoder_blocks, prune_sequential, prune_streamed  # noqa: E402
 from relprune.llm import sequential as llm_sequential  # noqa: E402

@@ -274,5 +274,5 @@ def test_oneshot_refuses_before_loading_anything(tmp_path, monkeypatch):
     with pytest.raises(relprune.RelpruneError, match="correct it twice"):
         relprune.llm.oneshot("smollm2-135m", tmp_path / "calib.txt", sparsity=0.5, bias_compensation=True)
     with pytest.raises(relprune.RelpruneError, match="not both"):
-        relprune.llm.oneshot("smollm2-135m", tmp_path / "x.txt", relprune.core.spec.Recipe.build(sparsity=0.5),
+        relprune.llm.oneshot("smollm2-135m", tmp_path / "x.txt", relprune.core.recipe.Recipe.build(sparsity=0.5),
                              sparsity=0.5)

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 from ..core.allocation import SCOPES
+from ..core.recipe import ALLOCATIONS, Recipe, owl_lambda_problem
 from ..core.reconstruct import REFITS
-from ..core.spec import ALLOCATIONS, Recipe, owl_lambda_problem
 from ..defaults import (
     DEFAULT_LLM_CRITERION,
     DEFAULT_LLM_JOINT_SCORE,

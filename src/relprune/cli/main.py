@@ -15,7 +15,6 @@ from ..errors import RelpruneError
 from .flags import Parser
 from .outputs import CREATED, remove_created
 
-
 #: Modules of this package that hold no commands.
 _NOT_COMMANDS = frozenset({"main", "flags", "outputs"})
 

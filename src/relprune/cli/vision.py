@@ -163,7 +163,7 @@ def _prepare_model(checkpoint: str, d: DataArgs, seed: int):
 def cmd_prune(ns: argparse.Namespace) -> int:
     from ..core.criteria import get_criterion
     from ..core.masks import format_report, sparsity_report
-    from ..core.spec import Recipe
+    from ..core.recipe import Recipe
     from ..experiments.experiment import ModelInfo, apply_method, gather, save_model
     from ..experiments.training import TrainConfig, calibration_batches, evaluate, save_json, train
 

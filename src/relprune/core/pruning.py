@@ -26,7 +26,7 @@ from . import allocation
 from .criteria import Criterion
 from .layers import oriented, prunable_layers, warn_left_out, weight_matrix
 from .masks import Masks, apply_masks, effective_weight, is_masked, mask_of, original_weight, unmask
-from .spec import Recipe
+from .recipe import Recipe
 from .stats import INPUT_MOMENT_STATISTICS, LayerStats, Stats
 
 
@@ -49,7 +49,7 @@ def prune(
 ) -> Masks:
     """Prune ``model`` in place and return the keep-masks of its pruned layers.
 
-    The recipe is a :class:`~relprune.core.spec.Recipe`, or spelled out: exactly one budget,
+    The recipe is a :class:`~relprune.core.recipe.Recipe`, or spelled out: exactly one budget,
     ``sparsity`` (with ``scope``), ``n_m`` (e.g. "2:4"), or ``threshold`` (remove weights whose
     relative score is below threshold / fan-in; the achieved sparsity is ``masks.sparsity``).
     ``scope`` is the comparison group of a sparsity budget: ``"global"`` (the default),

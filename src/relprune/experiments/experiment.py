@@ -23,8 +23,8 @@ from ..core.criteria import get_criterion
 from ..core.files import atomic_file, atomic_write_text, check_tensors_sha256, tensors_sha256
 from ..core.layers import named_layers, prunable_layers
 from ..core.masks import MASKED_ATTRIBUTES, Masks, copy_model, mask_key_parts
+from ..core.recipe import Recipe
 from ..core.reconstruct import REFITS
-from ..core.spec import Recipe
 from ..core.stats import Stats
 from ..defaults import DEFAULT_BIAS_COMPENSATION, DEFAULT_CRITERION, DEFAULT_LIVENESS, DEFAULT_SCOPE
 from ..errors import CheckpointError, RelpruneError

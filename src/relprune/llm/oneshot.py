@@ -11,7 +11,7 @@ from typing import Any
 
 from ..core.files import staged_folder
 from ..core.masks import Masks
-from ..core.spec import Recipe
+from ..core.recipe import Recipe
 from ..defaults import DEFAULT_LLM_SAVE_FORMAT
 from ..errors import RelpruneError
 from .compressed import SAVE_FORMATS
@@ -43,7 +43,7 @@ def oneshot(model: Any, calibration: str | Path, recipe: Recipe | None = None, *
     ``model`` is a loaded Hugging Face causal LM (pass its ``tokenizer``) or anything
     :func:`~relprune.llm.load_model` takes (a folder, a ``.gguf`` file, a hub id, ``"smollm2-135m"``).
     ``calibration`` is a UTF-8 text file, from which ``samples`` windows of ``seqlen`` tokens are
-    drawn (seeded). The recipe is a :class:`~relprune.core.spec.Recipe` or its keywords
+    drawn (seeded). The recipe is a :class:`~relprune.core.recipe.Recipe` or its keywords
     (``sparsity=0.5``, ``n_m="2:4"``, ``criterion=``, ``reconstruct=``, ``allocation="owl"``, ...),
     with the language-model defaults (:data:`relprune.defaults.DEFAULT_LLM_CRITERION`, ``admm``, whose masks
     are chosen with the weights and then re-fitted exactly). ``out`` must not hold anything yet; it is

@@ -22,7 +22,7 @@ from ..core.collect import collect_stats
 from ..core.criteria import get_criterion
 from ..core.masks import Masks, make_permanent
 from ..core.pruning import prune
-from ..core.spec import Recipe
+from ..core.recipe import Recipe
 from ..defaults import DEFAULT_LLM_CRITERION, DEFAULT_LLM_RECONSTRUCT, DEFAULT_LLM_SCOPE
 from ..errors import CalibrationError, LayerError, SparsityError
 from .blocks import (
@@ -82,7 +82,7 @@ def prune_sequential(
 ) -> Masks:
     """Prune every Linear inside the decoder blocks; returns the masks under the model's own names.
 
-    The recipe is a :class:`~relprune.core.spec.Recipe` or its keywords (``sparsity=0.5``, ``n_m="2:4"``,
+    The recipe is a :class:`~relprune.core.recipe.Recipe` or its keywords (``sparsity=0.5``, ``n_m="2:4"``,
     ``criterion=``, ``reconstruct=``, ``allocation="owl"``, ...; :meth:`Recipe.given`), with the
     language-model defaults (:data:`relprune.defaults.DEFAULT_LLM_CRITERION`, re-fit
     :data:`relprune.defaults.DEFAULT_LLM_RECONSTRUCT`) and comparison within each output row.

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from ..core.compressed import compress_state, layout_for, prefix_of
 from ..core.files import MANIFEST, staged_folder, verify_manifest
 from ..core.masks import Masks
-from ..core.spec import Recipe
+from ..core.recipe import Recipe
 from ..defaults import DEFAULT_LLM_SAVE_FORMAT
 from ..errors import ModelLoadError, RelpruneError
 from .blocks import BlockInputs, capture_block_inputs, refuse_non_finite, walk_blocks

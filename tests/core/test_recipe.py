@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import relprune
-from relprune.core.spec import Recipe
+from relprune.core.recipe import Recipe
 
 
 @pytest.mark.parametrize("kwargs, statistics", [
