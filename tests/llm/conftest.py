@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("transformers", reason="the llm extra is not installed")
 
-from test_llm import WORDS, tiny_llama, tiny_tokenizer
+from tiny import WORDS, tiny_llama, tiny_tokenizer
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_llm import WORDS, tiny_llama, tiny_tokenizer
+from tiny import WORDS, tiny_llama, tiny_tokenizer
 
 import relprune
 from relprune.cli import main

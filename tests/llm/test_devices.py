@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_llm import WORDS, tiny_llama
+from tiny import WORDS, tiny_llama
 
 import relprune
 from relprune.cli import main

@@ -13,8 +13,8 @@ transformers = pytest.importorskip("transformers", reason="the llm extra is not 
 
 from test_families import batches as family_batches  # noqa: E402
 from test_families import build  # noqa: E402
-from test_llm import ids_batches, tiny_tokenizer  # noqa: E402
 from test_llm_hostile import _run  # noqa: E402
+from tiny import ids_batches, tiny_tokenizer  # noqa: E402
 
 import relprune  # noqa: E402
 from relprune.llm import decoder_blocks  # noqa: E402

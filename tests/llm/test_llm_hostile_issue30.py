@@ -9,8 +9,8 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="the llm extra is not installed")
 
-from test_llm import ids_batches, tiny_llama  # noqa: E402
 from test_llm_hostile import _listing, _run  # noqa: E402
+from tiny import ids_batches, tiny_llama  # noqa: E402
 
 import relprune  # noqa: E402
 from relprune.llm import load_model, prune_sequential, prune_streamed  # noqa: E402

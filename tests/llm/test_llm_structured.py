@@ -9,7 +9,7 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="the llm extra is not installed")
 
-from test_llm import ids_batches, tiny_tokenizer  # noqa: E402
+from tiny import ids_batches, tiny_tokenizer  # noqa: E402
 
 import relprune  # noqa: E402
 from relprune.llm.structured import (  # noqa: E402

@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from test_llm import WORDS, ids_batches, tiny_llama
+from tiny import WORDS, ids_batches, tiny_llama
 
 from relprune.cli.main import main as cli
 from relprune.llm.recover import (

@@ -18,7 +18,7 @@ import textwrap
 import pytest
 import torch
 from test_compressed_folders import ids_batches
-from test_llm import tiny_llama, tiny_tokenizer
+from tiny import tiny_llama, tiny_tokenizer
 
 import relprune
 from relprune.cli import main

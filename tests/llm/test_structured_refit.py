@@ -9,8 +9,8 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="the llm extra is not installed")
 
-from test_llm import ids_batches  # noqa: E402
 from test_llm_structured import tiny  # noqa: E402
+from tiny import ids_batches  # noqa: E402
 
 import relprune  # noqa: E402
 from relprune.llm.depth import block_scores, plan_blocks, remove_blocks  # noqa: E402
