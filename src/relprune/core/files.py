@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from ..errors import IntegrityError
+from ..errors import IntegrityError, RelpruneError
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -68,6 +68,22 @@ def atomic_file(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def staged_path(path: str | Path) -> Iterator[Path]:
+    """A scratch folder beside ``path`` for a writer that names its own files (another process, a tool); the
+    block leaves the output at ``path`` inside it (its name); it is then moved to ``path`` in one step, and
+    the folder is removed whether the block succeeds or raises."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
+        yield Path(tmp)
+        staged = Path(tmp) / path.name
+        if not staged.exists():
+            raise RelpruneError(f"the writer of {path} left no {path.name} in its staging folder")
+        follow_umask(staged)
+        os.replace(staged, path)
 
 
 def atomic_write_text(text: str, path: str | Path) -> None:

@@ -28,7 +28,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from ..core.files import follow_umask
+from ..core.files import follow_umask, staged_path
 from ..errors import RelpruneError
 
 #: The llama-cpp-python release whose vendored llama.cpp converter :func:`fetch_converter` fetches (and
@@ -195,22 +195,17 @@ def export_gguf(folder: str | Path, out: str | Path, *, gguf_type: str = "f16", 
     plan = plan_of(folder)
     tree = converter_dir(llama_cpp, fetch=fetch)
     quantize = quantize_binary(tree) if gguf_type in QUANTIZE_TYPES else None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
-        first = Path(tmp) / ("f16.gguf" if quantize else "out.gguf")
+    with staged_path(out) as tmp:
+        first = tmp / ("f16.gguf" if quantize else out.name)
         cmd = [sys.executable, str(Path(__file__).with_name("_gguf_convert.py")), "--llama-cpp", str(tree),
                "--outtype", "f16" if quantize else gguf_type, str(folder), str(first)]
         if plan is not None:
-            sizes = Path(tmp) / "sizes.json"
+            sizes = tmp / "sizes.json"
             sizes.write_text(json.dumps(plan))
             cmd[2:2] = ["--sizes", str(sizes)]
         _run(cmd, "llama.cpp's converter")
-        final = first
         if quantize is not None:
-            final = Path(tmp) / "out.gguf"
-            _run([str(quantize), str(first), str(final), gguf_type.upper()], "llama-quantize")
-        follow_umask(final)
-        os.replace(final, out)
+            _run([str(quantize), str(first), str(tmp / out.name), gguf_type.upper()], "llama-quantize")
     return out
 
 
