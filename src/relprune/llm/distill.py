@@ -32,6 +32,36 @@ class DistillReport:
     last_loss: float
 
 
+def student_parameters(student: nn.Module, error: type[RelpruneError] = RelpruneError) -> list[nn.Parameter]:
+    """The parameters distillation trains: all but the input embeddings (tied to the output head in most small
+    models, and shared with the teacher's vocabulary); ``error`` when nothing else is left."""
+    frozen = {id(p) for p in student.get_input_embeddings().parameters()} if hasattr(
+        student, "get_input_embeddings") else set()
+    params = [p for p in student.parameters() if p.requires_grad and id(p) not in frozen]
+    if not params:
+        raise error("the student has no trainable parameters besides its embeddings")
+    return params
+
+
+def distillation_step(student: nn.Module, teacher: nn.Module, batch: dict[str, Tensor],
+                      optimiser: torch.optim.Optimizer, temperature: float) -> tuple[float, int]:
+    """One optimiser step of ``student`` towards ``teacher`` on ``batch``: KL(teacher || student) of the softmax at
+    ``temperature`` (times its square), averaged over the tokens ``attention_mask`` keeps; (loss, tokens)."""
+    with torch.no_grad():
+        target = teacher(**batch, use_cache=False).logits.float() / temperature
+    logits = student(**batch, use_cache=False).logits.float() / temperature
+    per_token = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(target, -1), log_target=True,
+                         reduction="none").sum(-1)
+    mask = batch.get("attention_mask")
+    if isinstance(mask, Tensor):
+        per_token = per_token[mask.bool()]
+    loss = per_token.mean() * temperature**2
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    optimiser.step()
+    return float(loss.detach()), per_token.numel()
+
+
 def distill(student: nn.Module, teacher: nn.Module, batches: Sequence[dict[str, Tensor]], *, steps: int,
             lr: float = 5e-5, temperature: float = 1.0, weight_decay: float = 0.0,
             progress: bool = False) -> DistillReport:
@@ -46,12 +76,7 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Sequence[dict[str, 
         raise RelpruneError("distillation needs calibration batches")
     if temperature <= 0:
         raise RelpruneError(f"temperature must be positive, got {temperature}")
-    frozen = {id(p) for p in student.get_input_embeddings().parameters()} if hasattr(
-        student, "get_input_embeddings") else set()
-    params = [p for p in student.parameters() if p.requires_grad and id(p) not in frozen]
-    if not params:
-        raise RelpruneError("the student has no trainable parameters besides its embeddings")
-    optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    optimiser = torch.optim.AdamW(student_parameters(student), lr=lr, weight_decay=weight_decay)
     device = next(student.parameters()).device
     teacher.eval()
     was_training = student.training
@@ -67,20 +92,9 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Sequence[dict[str, 
     try:
         for batch in schedule:
             batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-            with torch.no_grad():
-                target = teacher(**batch, use_cache=False).logits.float() / temperature
-            logits = student(**batch, use_cache=False).logits.float() / temperature
-            mask = batch.get("attention_mask")
-            per_token = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(target, -1), log_target=True,
-                                 reduction="none").sum(-1)
-            if isinstance(mask, Tensor):
-                per_token = per_token[mask.bool()]
-            loss = per_token.mean() * temperature**2
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            losses.append(float(loss.detach()))
-            tokens += per_token.numel()
+            loss, seen = distillation_step(student, teacher, batch, optimiser, temperature)
+            losses.append(loss)
+            tokens += seen
     finally:
         student.train(was_training)
         optimiser.zero_grad(set_to_none=True)

@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.checks import real_number, whole_number
 from ..core.interrupts import terminate_as_interrupt
 from ..errors import RelpruneError
+from .distill import distillation_step, student_parameters
 
 CHECKPOINT_FILE = "recover-state.pt"
 
@@ -128,12 +128,7 @@ def recover(student: nn.Module, teacher: nn.Module, windows: TextWindows | Sampl
     interruption, and a call with the same student, text and settings resumes from it. The student's input
     embeddings stay frozen (tied to the output head in most small models)."""
     cfg = cfg.validate()
-    frozen = {id(p) for p in student.get_input_embeddings().parameters()} if hasattr(
-        student, "get_input_embeddings") else set()
-    params = [p for p in student.parameters() if p.requires_grad and id(p) not in frozen]
-    if not params:
-        raise RecoveryError("the student has no trainable parameters besides its embeddings")
-    optimiser = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    optimiser = torch.optim.AdamW(student_parameters(student, RecoveryError), lr=cfg.lr, weight_decay=0.0)
     fingerprint = {"windows": windows.fingerprint, "seqlen": cfg.seqlen, "batch_size": cfg.batch_size,
                    "lr": cfg.lr, "temperature": cfg.temperature, "seed": cfg.seed,
                    "student": [list(p.shape) for p in student.parameters()]}
@@ -157,15 +152,7 @@ def recover(student: nn.Module, teacher: nn.Module, windows: TextWindows | Sampl
                 left = cfg.tokens - i * cfg.seqlen * cfg.batch_size
                 if left < ids.numel():  # the budget's last tokens: whole windows, rounded up
                     ids = ids[: math.ceil(left / cfg.seqlen)]
-                with torch.no_grad():
-                    target = teacher(input_ids=ids, use_cache=False).logits.float() / cfg.temperature
-                logits = student(input_ids=ids, use_cache=False).logits.float() / cfg.temperature
-                loss = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(target, -1), log_target=True,
-                                reduction="none").sum(-1).mean() * cfg.temperature**2
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                optimiser.step()
-                losses.append(float(loss.detach()))
+                losses.append(distillation_step(student, teacher, {"input_ids": ids}, optimiser, cfg.temperature)[0])
                 step = i + 1
                 if path is not None and time.perf_counter() - last_save >= cfg.checkpoint_seconds:
                     _save(path, student, optimiser, fingerprint, step)
