@@ -18,8 +18,16 @@ from tiny import ids_batches, tiny_tokenizer  # noqa: E402
 
 import relprune  # noqa: E402
 from relprune.llm import decoder_blocks  # noqa: E402
+from relprune.llm import joint as joint_module  # noqa: E402
 from relprune.llm.depth import remove_blocks  # noqa: E402
-from relprune.llm.joint import JointPlan, ResidualShares, plan_joint, residual_shares, shrink_joint  # noqa: E402
+from relprune.llm.joint import (  # noqa: E402
+    JointPlan,
+    ResidualShares,
+    joint_statistics,
+    plan_joint,
+    residual_shares,
+    shrink_joint,
+)
 from relprune.llm.structured import layer_sizes, load_shrunk, save_shrunk, unit_cost, unit_masks, unit_scores  # noqa: E402
 
 
@@ -230,3 +238,23 @@ def test_llm_shrink_flag_combinations_it_cannot_honour_are_one_line(folder, tmp_
     got, err = _run(["llm", "shrink", "--model", folder, "--ratio", "0.3", "--calibration", tmp_path / "calib.txt",
                      "--out", tmp_path / "x", *extra], capsys)
     assert got == code and words in err and len(err.splitlines()) == 1 and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("score", ["share", "fluctuation", "l2", "random"])
+def test_joint_statistics_in_one_pass_equal_the_two_separate_passes(score):
+    model = tiny()
+    batches = ids_batches()
+    scores, shares = joint_statistics(model, batches, score, seed=3)
+    expected = unit_scores(model, batches, score, seed=3)
+    assert scores.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(scores[key], value)
+    separate = residual_shares(model, batches)
+    for kind in ("block", "attention", "mlp"):
+        torch.testing.assert_close(getattr(shares, kind), getattr(separate, kind))
+    calls = []
+    original = joint_module.walk_blocks
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(joint_module, "walk_blocks", lambda *a, **k: calls.append(1) or original(*a, **k))
+        joint_statistics(model, batches, score)
+    assert calls == [1]

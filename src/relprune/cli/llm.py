@@ -360,12 +360,11 @@ def cmd_llm_shrink(ns: argparse.Namespace) -> int:
         drop = plan_blocks(block_scores(model, batches, ns.block_score), count)
         sizes = remove_blocks(model, drop)
     elif ns.scope == "joint":
-        from ..llm.joint import plan_joint, residual_shares, shrink_joint
+        from ..llm.joint import joint_statistics, plan_joint, shrink_joint
 
         say(f"scoring heads and MLP channels by {ns.score}, blocks and sublayers by their residual share")
-        scores = unit_scores(model, batches, ns.score, seed=ns.seed, progress=True)
-        plan = plan_joint(model, scores, residual_shares(model, batches, progress=True), ns.ratio,
-                          round_to=ns.round_to)
+        scores, shares = joint_statistics(model, batches, ns.score, seed=ns.seed, progress=True)  # one dense pass
+        plan = plan_joint(model, scores, shares, ns.ratio, round_to=ns.round_to)
         what = f"blocks {plan.drop} and the units" if plan.drop else "the units (no whole block)"
         say(f"removing {what}" + (", re-fitting o_proj and down_proj block by block"
                                   if ns.compensation == "refit" else ""))

@@ -20,17 +20,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..core.units import group_score, score_names
 from ..defaults import DEFAULT_LLM_ROUND_TO
 from ..errors import RelpruneError
-from .blocks import block_outputs, walk_blocks
+from .blocks import BlockStep, block_outputs, walk_blocks
 from .depth import live_tokens, relative_share, remove_blocks
 from .sequential import decoder_blocks
 from .structured import (
+    block_unit_scores,
     check_keep,
     check_ratio,
     check_round_to,
     layer_sizes,
     nothing_removed,
+    reader_stats,
     rounded_drop,
     shrink_refit,
     shrink_units,
@@ -71,30 +74,51 @@ def residual_shares(model: nn.Module, batches: Sequence[dict[str, Tensor]], *,
                     blocks: str | Sequence[str] | None = None, progress: bool = False) -> ResidualShares:
     """Each block's (and sublayer's) mean share of the residual stream over the live calibration tokens, on
     the dense model's hidden states: one pass through the blocks."""
+    return joint_statistics(model, batches, None, blocks=blocks, progress=progress)[1]
+
+
+def joint_statistics(model: nn.Module, batches: Sequence[dict[str, Tensor]], criterion: str | None, *,
+                     blocks: str | Sequence[str] | None = None, seed: int = 0,
+                     progress: bool = False) -> tuple[dict[tuple[int, str], Tensor], ResidualShares]:
+    """What :func:`plan_joint` reads, in one pass through the dense blocks: the unit scores under ``criterion``
+    (as :func:`~relprune.llm.structured.unit_scores` gives them; None: none) and the residual shares."""
     named = decoder_blocks(model, blocks)
+    statistics = () if criterion is None else group_score(criterion).statistics
+    if criterion is not None and criterion not in score_names(gradients=False):
+        raise RelpruneError(f"criterion must be one of {score_names(gradients=False)}, got {criterion!r}")
+    gen = torch.Generator().manual_seed(seed)
     model.eval()
+    scores: dict[tuple[int, str], Tensor] = {}
     shares = {k: torch.zeros(len(named), dtype=torch.float64) for k in ("block", "attention", "mlp")}
     for step in walk_blocks(model, named, batches, progress=progress):
-        mids: list[Tensor] = []
-        handle = _mid_norm(step.block).register_forward_pre_hook(lambda _m, args, mids=mids: mids.append(args[0]))
-        try:
-            step.outputs = block_outputs(step.block, step.inputs)
-        finally:
-            handle.remove()
-        if len(mids) != len(step.inputs):
-            raise RelpruneError(f"block {step.name} called its pre-MLP norm {len(mids)} times on "
-                                f"{len(step.inputs)} batches; the joint plan needs one call per batch")
-        sums = dict.fromkeys(shares, 0.0)
-        count = 0
-        for h, mid, out, call in zip(step.hidden, mids, step.outputs, step.inputs, strict=True):
-            h, mid, out = live_tokens(call.token_mask, h, mid, out)
-            sums["block"] += float(relative_share(h, out - h).sum())
-            sums["attention"] += float(relative_share(h, mid - h).sum())
-            sums["mlp"] += float(relative_share(mid, out - mid).sum())
-            count += h.shape[0]
-        for key, total in sums.items():
-            shares[key][step.index] = total / max(count, 1)
-    return ResidualShares(**shares)
+        if criterion is not None:
+            stats = reader_stats(step.block, step.inputs, statistics) if statistics else None
+            scores.update({(step.index, k): v for k, v in block_unit_scores(step.block, stats, criterion, gen).items()})
+        for key, value in _block_shares(step).items():
+            shares[key][step.index] = value
+    return scores, ResidualShares(**shares)
+
+
+def _block_shares(step: BlockStep) -> dict[str, float]:
+    """The step's block, attention and MLP residual shares, its outputs computed (and kept for the walk) once."""
+    mids: list[Tensor] = []
+    handle = _mid_norm(step.block).register_forward_pre_hook(lambda _m, args, mids=mids: mids.append(args[0]))
+    try:
+        step.outputs = block_outputs(step.block, step.inputs)
+    finally:
+        handle.remove()
+    if len(mids) != len(step.inputs):
+        raise RelpruneError(f"block {step.name} called its pre-MLP norm {len(mids)} times on "
+                            f"{len(step.inputs)} batches; the joint plan needs one call per batch")
+    sums = dict.fromkeys(("block", "attention", "mlp"), 0.0)
+    count = 0
+    for h, mid, out, call in zip(step.hidden, mids, step.outputs, step.inputs, strict=True):
+        h, mid, out = live_tokens(call.token_mask, h, mid, out)
+        sums["block"] += float(relative_share(h, out - h).sum())
+        sums["attention"] += float(relative_share(h, mid - h).sum())
+        sums["mlp"] += float(relative_share(mid, out - mid).sum())
+        count += h.shape[0]
+    return {key: total / max(count, 1) for key, total in sums.items()}
 
 
 def plan_joint(model: nn.Module, scores: dict[tuple[int, str], Tensor], shares: ResidualShares, ratio: float, *,

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..core.batches import Batch
 from ..core.checks import real_number
 from ..core.collect import collect_stats
 from ..core.reconstruct import PERCDAMP, refit_columns
@@ -117,22 +118,31 @@ def unit_scores(model: nn.Module, batches: Sequence[dict[str, Tensor]] | None, c
         (i, name, block, None) for i, (name, block) in enumerate(named))
     out: dict[tuple[int, str], Tensor] = {}
     for i, _, block, stats in found:
-        groups = decoder_groups(block)
-        scored = score_groups(list(groups.values()), dict(block.named_modules()), stats, criterion, gen)
-        for gi, kind in enumerate(groups):
-            out[i, kind] = scored[gi]
+        out.update({(i, kind): v for kind, v in block_unit_scores(block, stats, criterion, gen).items()})
     return out
+
+
+def block_unit_scores(block: nn.Module, stats: Stats | None, criterion: str,
+                      generator: torch.Generator) -> dict[str, Tensor]:
+    """One block's ``"heads"`` and ``"mlp"`` unit scores under ``criterion`` from its readers' statistics
+    (:func:`reader_stats`; None for a score that reads none)."""
+    groups = decoder_groups(block)
+    scored = score_groups(list(groups.values()), dict(block.named_modules()), stats, criterion, generator)
+    return {kind: scored[gi] for gi, kind in enumerate(groups)}
+
+
+def reader_stats(block: nn.Module, inputs: Sequence[Batch], statistics: Sequence[str]) -> Stats:
+    """``statistics`` of the block's projections that read its units (``o_proj``, ``down_proj``) on ``inputs``."""
+    readers = [_name_in(block, _reader(block, kind)) for kind in ("heads", "mlp")]
+    return collect_stats(block, inputs, layers=readers, statistics=sorted(statistics), liveness=False)
 
 
 def _reader_stats(model: nn.Module, named: list[tuple[str, nn.Module]], batches: Sequence[dict[str, Tensor]],
                   statistics: Sequence[str], progress: bool = False) -> Iterator[tuple[int, str, nn.Module, Stats]]:
-    """Per decoder layer, ``statistics`` of the projections that read its units (``o_proj`` for the
-    heads, ``down_proj`` for the MLP channels) on dense activations: one pass through the blocks."""
+    """Per decoder layer, :func:`reader_stats` on dense activations: one pass through the blocks."""
     model.eval()
     for step in walk_blocks(model, named, batches, progress=progress):
-        readers = [_name_in(step.block, _reader(step.block, kind)) for kind in ("heads", "mlp")]
-        stats = collect_stats(step.block, step.inputs, layers=readers, statistics=sorted(statistics), liveness=False)
-        yield step.index, step.name, step.block, stats
+        yield step.index, step.name, step.block, reader_stats(step.block, step.inputs, statistics)
 
 
 def _reader(block: nn.Module, kind: str) -> nn.Linear:
