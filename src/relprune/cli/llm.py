@@ -38,7 +38,7 @@ _positive_int = checked(int, positive)
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Register ``llm prune``, ``llm shrink``, ``llm gguf`` and ``llm eval`` under the ``relprune`` parser."""
+    """Register ``llm prune``, ``shrink``, ``recover``, ``gguf`` and ``eval`` under the ``relprune`` parser."""
     from ..core.units import score_names
     from ..llm.compressed import SAVE_FORMATS
     from ..llm.gguf import GGUF_TYPES
