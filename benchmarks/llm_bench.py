@@ -48,7 +48,8 @@ BUDGETS = {"50%": {"sparsity": 0.5}, "60%": {"sparsity": 0.6}, "70%": {"sparsity
 # outlier-weighted per-block sparsities (Yin et al. 2024, M=5, lambda=0.08 as published).
 VARIANTS = {"": {}, "bc": {"bias_compensation": True}, "owl": {"allocation": "owl"},
             "owl+bc": {"allocation": "owl", "bias_compensation": True}, "zero-anchor": {},
-            "refine": {"refine": True}, "entropy": {"allocation": "entropy"}}
+            "refine": {"refine": True}, "entropy": {"allocation": "entropy"},
+            "errors": {"allocation": "errors"}, "errors-0.2": {"allocation": "errors", "owl_lambda": 0.2}}
 # Issue 22's frontier: the baselines as published, the peer (ALPS), our joint solvers, our best
 # criterion-then-re-fit recipe under both re-fit anchors.
 FRONTIER = [("wanda", None, ""), ("sparsegpt", None, ""), ("obs", "exact", ""), ("admm", None, ""),
@@ -62,6 +63,8 @@ PLANS = {
                                                               ("sparsegpt", "exact")]],
     # The headline rows of today's tables a refactor must reproduce (issue 31), seed 0.
     "check-frontier": [(c, r, b, v) for b in ("50%", "2:4") for c, r, v in FRONTIER[:4]],
+    # Issue 32: the layer-error allocation against uniform (the frontier rows hold uniform, OWL and entropy).
+    "allocation-errors": [("admm", None, b, v) for b in ("70%", "60%") for v in ("errors", "errors-0.2")],
     "grid": [(c, r, b) for b in ("60%", "70%", "4:8") for c, r in [("magnitude", None), ("ria", None), *KEY]],
     # Levers of issue 10: bias compensation for the mask-only criteria, OWL for every kind of recipe.
     "levers": [(c, None, b, "bc") for b in ("50%", "2:4", "60%", "70%") for c in ("contrib-share", "wanda")]

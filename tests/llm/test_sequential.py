@@ -186,3 +186,38 @@ def test_sequential_pruning_over_two_ranks_equals_one_process(tmp_path, shares):
             assert torch.equal(got["masks"][n], m), n
         for n, v in model.state_dict().items():
             torch.testing.assert_close(got["state"][n], v, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("criterion", ["wanda", "admm"])
+def test_the_errors_allocation_gives_each_layer_its_own_sparsity_and_meets_the_budget(criterion):
+    """5% of block 1's weights become 50x larger: its layers' outputs rest on those few, so removing the rest
+    costs them little of their output (the errors are relative to it), and they lose more than the others."""
+    model = tiny_llama(layers=3)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in model.model.layers[1].modules():
+            if isinstance(layer, nn.Linear):
+                layer.weight[torch.rand(layer.weight.shape, generator=g) < 0.05] *= 50
+    masks = prune_sequential(model, ids_batches(), sparsity=0.5, criterion=criterion,
+                             reconstruct=False if criterion == "wanda" else None, allocation="errors", owl_lambda=0.2)
+    removed = sum(m.numel() - int(m.sum()) for m in masks.values())
+    assert removed / sum(m.numel() for m in masks.values()) == pytest.approx(0.5, abs=0.01)
+    sparsity = {n: 1 - float(m.float().mean()) for n, m in masks.items()}
+    assert max(sparsity.values()) - min(sparsity.values()) > 0.1  # layers really differ
+    block = [sum(v for n, v in sparsity.items() if n.startswith(f"model.layers.{i}.")) for i in range(3)]
+    assert block[1] == max(block)
+    for v in sparsity.values():
+        assert 0.3 - 0.02 <= v <= 0.7 + 0.02
+
+
+def test_the_errors_allocation_streamed_equals_in_memory(tmp_path):
+    from relprune.llm import prune_streamed
+
+    model = tiny_llama(layers=3)
+    model.save_pretrained(tmp_path / "dense")
+    recipe = {"criterion": "wanda", "reconstruct": False, "allocation": "errors", "owl_lambda": 0.1, "sparsity": 0.6}
+    expected = prune_sequential(tiny_llama(layers=3), ids_batches(), **recipe)
+    got = prune_streamed(tmp_path / "dense", tmp_path / "out", ids_batches(), **recipe)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name

@@ -73,11 +73,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="swap pruned and kept weights within rows while the layer's output error falls "
                         "(after the criterion's mask, before the re-fit; not with sparsegpt/admm/gradual)")
     p.add_argument("--allocation", choices=list(ALLOCATIONS), default="uniform",
-                   help="one sparsity for every block, OWL's outlier-weighted per-block sparsities, or "
-                        "sparsities from the contribution entropy (fewer effective weights, more removed) "
+                   help="one sparsity for every block, OWL's outlier-weighted per-block sparsities, "
+                        "sparsities from the contribution entropy (fewer effective weights, more removed), or "
+                        "'errors': a sparsity per layer, least total output error from the layers' input Grams "
                         "(with --sparsity only) (default: uniform)")
     p.add_argument("--owl-lambda", type=checked(float, owl_lambda_problem), default=0.08,
-                   help="owl/entropy: block sparsities within sparsity +- lambda (default: 0.08)")
+                   help="owl/entropy/errors: block (errors: layer) sparsities within sparsity +- lambda "
+                        "(default: 0.08)")
     p.add_argument("--streamed", action="store_true",
                    help="read one block at a time from the model's safetensors and write it pruned: memory "
                         "about one block, for models larger than RAM (OWL and --no-sequential read every block "

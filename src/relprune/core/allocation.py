@@ -11,9 +11,11 @@ at the same kernel position, the layout sparse kernels (e.g. 2:4 tensor cores) e
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -201,3 +203,45 @@ def effective_share(shares: Tensor) -> float:
     p = rows / total
     entropy = -(p * torch.log(p.clamp_min(1e-300))).sum(1)
     return float((entropy.exp() / rows.shape[1]).mean())
+
+
+def sparsities_by_errors(curves: Sequence[Tensor], sizes: Sequence[int], levels: Sequence[float],
+                         sparsity: float) -> list[float]:
+    """Per layer, a sparsity among ``levels`` (ascending; the last step may stop between two) so that the
+    weights removed are ``sparsity`` of all and the sum of the layers' errors is least: from every layer at
+    the lowest level, the next level goes to the layer whose error grows least per weight removed (a
+    knapsack by marginal cost; exact where the curves are convex). ``curves[i][k]``: layer i's error at
+    ``levels[k]``; ``sizes[i]``: its weight count."""
+    check_sparsity(sparsity)
+    levels = [float(v) for v in levels]
+    if len(levels) < 2 or any(b <= a for a, b in itertools.pairwise(levels)):
+        raise SparsityError(f"levels must be at least two ascending sparsities, got {levels}")
+    if not levels[0] <= sparsity <= levels[-1]:
+        raise SparsityError(f"a sparsity of {sparsity} cannot be met with layer levels from {levels[0]} to "
+                            f"{levels[-1]}; widen the levels around it")
+    if len(curves) != len(sizes) or any(len(c) != len(levels) for c in curves):
+        raise SparsityError("give one error curve per layer, one value per level")
+    total = float(sum(sizes))
+    target = sparsity * total
+    at = [0] * len(sizes)
+    removed = levels[0] * total
+    out = [levels[0]] * len(sizes)
+
+    def cost(i: int) -> float:
+        k = at[i]
+        return float(curves[i][k + 1] - curves[i][k]) / ((levels[k + 1] - levels[k]) * sizes[i])
+
+    heap = [(cost(i), i) for i in range(len(sizes)) if sizes[i]]
+    heapq.heapify(heap)
+    while removed < target - 1e-9 and heap:
+        _, i = heapq.heappop(heap)
+        k = at[i]
+        step = (levels[k + 1] - levels[k]) * sizes[i]
+        if removed + step >= target:  # the last step stops where the budget is met
+            out[i] = levels[k] + (target - removed) / sizes[i]
+            removed = target
+            break
+        at[i], out[i], removed = k + 1, levels[k + 1], removed + step
+        if at[i] + 1 < len(levels):
+            heapq.heappush(heap, (cost(i), i))
+    return out

@@ -20,7 +20,7 @@ from .criteria import Criterion, get_criterion
 from .reconstruct import REFITS
 
 #: How a block-by-block driver spreads a sparsity over the blocks.
-ALLOCATIONS = ("uniform", "owl", "entropy")
+ALLOCATIONS = ("uniform", "owl", "entropy", "errors")
 #: OWL's lambda (each block's sparsity within sparsity +- lambda) lies in [0, OWL_LAMBDA_LIMIT).
 OWL_LAMBDA_LIMIT = 0.5
 
@@ -42,7 +42,9 @@ class Recipe:
     ``refine`` swaps pruned and kept weights within rows while the output error falls
     (:mod:`relprune.core.refine`), after a criterion's mask and before any re-fit.
     ``allocation="owl"`` gives each block of a block-by-block driver its own sparsity within
-    ``sparsity +- owl_lambda`` by its outlier ratio; ``"entropy"`` by the effective share of weights
+    ``sparsity +- owl_lambda`` by its outlier ratio; ``"errors"`` gives each layer its own, within the same
+    bounds, by the layers' output-error curves from their input Grams (least total error for the budget,
+    :func:`relprune.core.allocation.sparsities_by_errors`); ``"entropy"`` by the effective share of weights
     its outputs rest on (the contribution entropy; fewer, more removed), within the same bounds.
     ``options`` are the criterion's own (``ucb_k``, ``importance``).
     """

@@ -9,7 +9,7 @@ hidden states. Only one block's activations are held at a time; padding tokens
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -20,9 +20,11 @@ from ..core import allocation as _allocation
 from ..core.batches import Batch
 from ..core.collect import collect_stats
 from ..core.criteria import get_criterion
+from ..core.layers import oriented, weight_matrix
 from ..core.masks import Masks, make_permanent
 from ..core.pruning import prune
 from ..core.recipe import Recipe
+from ..core.reconstruct import error_curve
 from ..defaults import DEFAULT_LLM_CRITERION, DEFAULT_LLM_RECONSTRUCT, DEFAULT_LLM_SCOPE
 from ..errors import CalibrationError, LayerError, SparsityError
 from .blocks import (
@@ -120,9 +122,8 @@ def prune_sequential(
         # A recipe that reads no activation (magnitude) runs no block.
         for step in walk_blocks(model, named, batches, sequential=sequential, progress=progress, captured=captured,
                                 run=bool(wanted)):
-            masks, outputs = prune_block(
-                step.block, step.inputs, replace(recipe, sparsity=per_block[step.index], allocation="uniform"),
-                liveness=liveness, permanent=permanent, last=not sequential or step.index + 1 == len(named))
+            masks, outputs = prune_block(step.block, step.inputs, recipe, per_block[step.index], liveness=liveness,
+                                         permanent=permanent, last=not sequential or step.index + 1 == len(named))
             out.update({f"{step.name}.{k}": v for k, v in masks.items()})
             step.outputs = outputs or None
     finally:
@@ -151,27 +152,37 @@ def block_recipe(recipe: Recipe) -> Recipe:
     return recipe.with_scope(DEFAULT_LLM_SCOPE)
 
 
-def prune_block(block: nn.Module, inputs: list[Batch], recipe: Recipe, *, liveness: bool, permanent: bool,
-                last: bool) -> tuple[Masks, list[Tensor]]:
-    """Gather one block's statistics on ``inputs``, prune it by ``recipe``, and return (masks, its
-    pruned outputs).
+def prune_block(block: nn.Module, inputs: list[Batch], recipe: Recipe, level: BlockLevel, *, liveness: bool,
+                permanent: bool, last: bool) -> tuple[Masks, list[Tensor]]:
+    """Gather one block's statistics on ``inputs``, prune it by ``recipe`` at ``level`` (the block's sparsity,
+    or each of its layers' by name, from :func:`block_sparsities`), and return (masks, its pruned outputs).
 
     The outputs (hidden states) are the next block's inputs; for the ``last`` block, or when no
     statistic is wanted, they are not computed (an empty list).
     """
     wanted = recipe.statistics()
     stats = collect_stats(block, inputs, statistics=sorted(wanted), liveness=liveness) if wanted else None
-    masks = prune(block, stats, recipe)
+    if isinstance(level, Mapping):  # every layer its own sparsity: each pruned on the statistics gathered above
+        masks = Masks({k: v for name, s in level.items()
+                       for k, v in prune(block, stats, replace(recipe, sparsity=s, allocation="uniform"),
+                                         layers=[name]).items()})
+    else:
+        masks = prune(block, stats, replace(recipe, sparsity=level, allocation="uniform"))
     if permanent:
         make_permanent(block)
     outputs = [] if last or not wanted else block_outputs(block, inputs)
     return masks, outputs
 
 
+#: A block's sparsity, or each of its layers' (by name within the block).
+BlockLevel = float | None | Mapping[str, float]
+
+
 def block_sparsities(recipe: Recipe, named: Sequence[tuple[str, BlockSource]],
-                     captured: BlockInputs) -> list[float | None]:
-    """Each block's sparsity under ``recipe``: its own, OWL's from the dense blocks' Wanda scores, or
-    the contribution entropy's from their mean relative contributions.
+                     captured: BlockInputs) -> list[BlockLevel]:
+    """Each block's sparsity under ``recipe``: its own, OWL's from the dense blocks' Wanda scores, the
+    contribution entropy's from their mean relative contributions, or (``"errors"``) each layer's from the
+    layers' output-error curves on their dense input Grams.
 
     ``named`` holds the blocks or, for a model read from disk, functions that load each one (called
     once, in order, for the allocation's pass over the dense blocks); ``captured`` is their calls.
@@ -179,6 +190,8 @@ def block_sparsities(recipe: Recipe, named: Sequence[tuple[str, BlockSource]],
     if recipe.allocation == "uniform":
         return [recipe.sparsity] * len(named)
     assert recipe.sparsity is not None
+    if recipe.allocation == "errors":
+        return _layer_sparsities_by_errors(recipe, named, captured)
     wanda = get_criterion("wanda")
     statistics = ["relative_mean"] if recipe.allocation == "entropy" else sorted(wanda.statistics)
     ratios = []
@@ -192,3 +205,40 @@ def block_sparsities(recipe: Recipe, named: Sequence[tuple[str, BlockSource]],
             scores = [wanda.score(ls.weight, ls, {}).reshape(-1) for ls in stats.values()]
             ratios.append(_allocation.outlier_ratio(torch.cat(scores), recipe.owl_m))
     return _allocation.owl_sparsities(ratios, recipe.sparsity, recipe.owl_lambda)
+
+
+def _as_pruned(block: nn.Module, layer: str, weight: Tensor) -> Tensor:
+    """``weight`` in the O x I layout the layer is pruned in (a transformers Conv1D stores it transposed)."""
+    try:
+        return oriented(block.get_submodule(layer), weight)
+    except AttributeError:  # a packed attention projection, named for its statistics: stored O x I already
+        return weight
+
+
+def error_levels(sparsity: float, spread: float, step: float = 0.01) -> list[float]:
+    """The sparsities a layer may take under the ``errors`` allocation: ``sparsity +- spread`` in ``step`` s,
+    inside [0, 0.99]."""
+    low, high = max(0.0, sparsity - spread), min(0.99, sparsity + spread)
+    count = max(1, round((high - low) / step))
+    return [low + (high - low) * k / count for k in range(count + 1)]
+
+
+def _layer_sparsities_by_errors(recipe: Recipe, named: Sequence[tuple[str, BlockSource]],
+                                captured: BlockInputs) -> list[BlockLevel]:
+    """One pass over the dense blocks: every Linear's error curve from its input Gram, then the knapsack."""
+    assert recipe.sparsity is not None
+    levels = error_levels(recipe.sparsity, recipe.owl_lambda)
+    names: list[tuple[int, str]] = []
+    curves, sizes = [], []
+    for step in walk_blocks(None, named, (), captured=captured):
+        stats = collect_stats(step.block, step.inputs, statistics=["input_gram"], liveness=False)
+        for layer, ls in stats.items():
+            weight = weight_matrix(_as_pruned(step.block, layer, ls.checked_weight()))
+            names.append((step.index, layer))
+            curves.append(error_curve(weight, ls.input_gram, levels))
+            sizes.append(weight.numel())
+    chosen = _allocation.sparsities_by_errors(curves, sizes, levels, recipe.sparsity)
+    out: list[dict[str, float]] = [{} for _ in named]
+    for (i, layer), s in zip(names, chosen, strict=True):
+        out[i][layer] = s
+    return out

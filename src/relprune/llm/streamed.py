@@ -17,7 +17,6 @@ import functools
 import json
 import shutil
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -121,9 +120,8 @@ def prune_streamed(
         for step in walk_blocks(None, loaders, (), sequential=sequential, progress=progress, captured=captured,
                                 run=bool(recipe.statistics())):
             first = None
-            block_masks, outputs = prune_block(
-                step.block, step.inputs, replace(recipe, sparsity=per_block[step.index], allocation="uniform"),
-                liveness=False, permanent=True, last=not sequential or step.index + 1 == len(named))
+            block_masks, outputs = prune_block(step.block, step.inputs, recipe, per_block[step.index], liveness=False,
+                                               permanent=True, last=not sequential or step.index + 1 == len(named))
             step.outputs = outputs or None
             masks.update({f"{step.name}.{k}": v for k, v in block_masks.items()})
             _zero_biases(step.block, step.name, biased)
