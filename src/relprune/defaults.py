@@ -67,3 +67,8 @@ DEFAULT_LLM_JOINT_SCORE = "share"
 #: 12%) than 1535 / 1126 / 1000 / 887 at Q8_0 and Q4_K_M, 2 threads and 1, in all 16 comparisons; a multiple of
 #: 128 (1152) bought nothing over one of 32 (1120).
 DEFAULT_LLM_ROUND_TO = 32
+
+#: Block-by-block walks fit torch's thread count to the cores other processes leave free, block by block
+#: (relprune.core.threads.SharedCores): on a shared machine a product split over a core another process holds
+#: waits for it. The figures behind it: docs/results.md, "Steady cost on a shared machine" (issue 32).
+DEFAULT_FIT_THREADS = True

@@ -4,13 +4,16 @@ Some LAPACK routines behind torch (the symmetric eigendecomposition among them) 
 the cores they lose when they run on every core while another process holds one: their threads wait on
 each other at every step. Calls of that kind run inside :func:`bounded_threads`, which costs them some
 speed on an idle machine and keeps their time steady on a shared one (``benchmarks/contention.py``
-measures both).
+measures both). Block-by-block pruning fits the whole thread count to the cores other processes leave free,
+block by block (:class:`SharedCores`).
 """
 
 from __future__ import annotations
 
+import os
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -41,3 +44,61 @@ def bounded_threads(limit: int = EIGH_THREADS) -> Iterator[None]:
         finally:
             if before > limit:
                 torch.set_num_threads(before)
+
+
+def _cpu_seconds() -> tuple[float, float] | None:
+    """(busy seconds of all CPUs since boot, this process's CPU seconds), or None where ``/proc/stat`` is missing."""
+    try:
+        with open("/proc/stat") as fh:
+            fields = fh.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    ticks = [int(v) for v in fields[1:]]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle and iowait
+    busy = sum(ticks[:8]) - idle  # user nice system idle iowait irq softirq steal; guest is inside user
+    own = os.times()
+    return busy / os.sysconf("SC_CLK_TCK"), own.user + own.system
+
+
+class SharedCores:
+    """torch's thread count fitted, step by step, to the cores other processes leave free.
+
+    On a machine where another process holds a core, a matrix product split over every core waits for the
+    thread that shares its core at each step, and takes longer than on the cores left free. Each
+    :meth:`fit` measures the CPU time other processes took since the last one (``/proc/stat`` less this
+    process's own) and sets the count to the cores they left (at least one, at most the count torch had
+    when this was made); :meth:`restore` puts that count back. Where ``/proc/stat`` is missing nothing changes.
+    """
+
+    def __init__(self, read: Callable[[], tuple[float, float] | None] = _cpu_seconds,
+                 clock: Callable[[], float] = time.monotonic):
+        self._read, self._clock = read, clock
+        self.limit = torch.get_num_threads()
+        self.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        self._last = (self._clock(), self._read())
+
+    def others(self) -> float | None:
+        """Cores other processes kept busy, on average, since the last call (None: not measurable)."""
+        now, sample = self._clock(), self._read()
+        (then, before), self._last = self._last, (now, sample)
+        if before is None or sample is None or now - then < 0.05:
+            return None
+        other = (sample[0] - before[0]) - (sample[1] - before[1])
+        return max(0.0, other / (now - then))
+
+    def fit(self) -> int:
+        """Set torch's thread count to the cores left free since the last call; returns it."""
+        others = self.others()
+        if others is None:
+            return torch.get_num_threads()
+        threads = max(1, min(self.limit, int(self.cores - others + 0.5)))  # the free cores, rounded
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+        return threads
+
+    def restore(self) -> None:
+        """torch's thread count as it was when this was made."""
+        if torch.get_num_threads() != self.limit:
+            torch.set_num_threads(self.limit)

@@ -21,6 +21,8 @@ from torch import Tensor, nn
 from ..core import distributed as _dist
 from ..core.batches import Batch
 from ..core.progress import progress as _progress
+from ..core.threads import SharedCores
+from ..defaults import DEFAULT_FIT_THREADS
 from ..errors import CalibrationError, CheckpointError, LayerError
 
 
@@ -228,23 +230,33 @@ def walk_blocks(model: nn.Module | None, named: Sequence[tuple[str, BlockSource]
     each one (called once, when its turn comes; the walk keeps no block after its step).
     ``progress``: a line per block on stderr, a bar on a terminal. ``captured``: the blocks' calls when
     the caller has captured them already (``model`` and ``batches`` are then not read). ``run=False``:
-    the caller reads no activation, so no block is run and every step's inputs are empty."""
+    the caller reads no activation, so no block is run and every step's inputs are empty. Before each block
+    torch's thread count is fitted to the cores other processes left free during the last one
+    (:class:`relprune.core.threads.SharedCores`; :data:`relprune.defaults.DEFAULT_FIT_THREADS`), and put back
+    when the walk ends."""
     if not run:
         for i, (name, item) in blocks_with_progress(named, progress):
             yield BlockStep(i, name, _real(item), [], [])
         return
-    if captured is None:
-        if model is None or not all(isinstance(b, nn.Module) for _, b in named):
-            raise LayerError("walk_blocks needs the model and its blocks, or the blocks' captured calls")
-        captured = capture_block_inputs(model, [b for _, b in named], batches)
-    hidden = captured.hidden
-    for i, (name, item) in blocks_with_progress(named, progress):
-        block = _real(item)
-        step = BlockStep(i, name, block, feed(captured.calls[i], hidden), list(hidden))
-        last = i + 1 == len(named)
-        before = None if sequential or last else block_outputs(block, step.inputs)
-        yield step
-        if not last:
-            hidden = before if before is not None else (
-                step.outputs if step.outputs is not None else block_outputs(step.block, step.inputs))
-        del block, step
+    cores = SharedCores() if DEFAULT_FIT_THREADS else None  # measured from here: the capture's pass counts
+    try:
+        if captured is None:
+            if model is None or not all(isinstance(b, nn.Module) for _, b in named):
+                raise LayerError("walk_blocks needs the model and its blocks, or the blocks' captured calls")
+            captured = capture_block_inputs(model, [b for _, b in named], batches)
+        hidden = captured.hidden
+        for i, (name, item) in blocks_with_progress(named, progress):
+            if cores is not None:
+                cores.fit()  # the threads other processes left free during the last block
+            block = _real(item)
+            step = BlockStep(i, name, block, feed(captured.calls[i], hidden), list(hidden))
+            last = i + 1 == len(named)
+            before = None if sequential or last else block_outputs(block, step.inputs)
+            yield step
+            if not last:
+                hidden = before if before is not None else (
+                    step.outputs if step.outputs is not None else block_outputs(step.block, step.inputs))
+            del block, step
+    finally:
+        if cores is not None:
+            cores.restore()
