@@ -136,9 +136,11 @@ def admm_prune(weight: Tensor, hessian: Tensor, *, sparsity: float | None = None
     b0 = (w * scale).float()  # rows of W in the unit-diagonal coordinates
     target = (b0.double() @ hn).float()
 
+    evecs32_t = evecs32.T.contiguous()
+
     def ridge(rhs: Tensor, penalty: float) -> Tensor:
         inv = (1 / (evals + penalty)).float()
-        return ((rhs @ evecs32) * inv) @ evecs32.T
+        return (rhs @ evecs32).mul_(inv) @ evecs32_t
 
     keep = project(b0, **budget)
     kept_total = int(keep.sum())
@@ -147,12 +149,16 @@ def admm_prune(weight: Tensor, hessian: Tensor, *, sparsity: float | None = None
     v = torch.zeros_like(b0)
     b = b0
     grew = False
+    # The iterations' element-wise steps write into fresh or owned buffers (each value computed as before, in the
+    # same order): a third fewer passes over the layer per iteration.
     for step in range(max_iter):
-        b = ridge(target - v + rho * d, rho)
-        z = b + v / rho
+        rhs = torch.sub(target, v)
+        rhs.add_(rho * d)
+        b = ridge(rhs, rho)
+        z = torch.div(v, rho).add_(b)
         new_keep = project(z, **budget)
-        d = z * new_keep
-        v = v + rho * (b - d)
+        d = z.mul_(new_keep)
+        v.add_(torch.sub(b, d).mul_(rho))
         if (step + 1) % update_iter:
             continue
         change = float((new_keep != keep).sum()) / max(kept_total, 1)
