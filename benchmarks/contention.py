@@ -112,9 +112,10 @@ def prune_main(args: argparse.Namespace) -> None:
             "torch": torch.__version__, "default_threads": torch.get_num_threads(), "model": args.model,
             "sparsity": 0.5, "calibration_samples": args.samples, "seqlen": 512}
     results: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    methods = {k: v for k, v in PRUNE_METHODS.items() if args.methods is None or k.split()[0] in args.methods}
     for r in range(args.rounds):
         for busy in args.busy:
-            for label, extra in PRUNE_METHODS.items():
+            for label, extra in methods.items():
                 with tempfile.TemporaryDirectory() as tmp:
                     seconds, peak = _with_busy(busy, lambda extra=extra, tmp=tmp: _timed_prune(args, extra,
                                                                                              f"{tmp}/out"))
@@ -125,7 +126,7 @@ def prune_main(args: argparse.Namespace) -> None:
                     with open(args.out, "a") as fh:
                         fh.write(json.dumps(line) + "\n")
     print(f"\n{'method':16} " + " ".join(f"{f'{b} busy s':>10} {'x idle':>7} {'MiB':>6}" for b in args.busy))
-    for label in PRUNE_METHODS:
+    for label in methods:
         idle = statistics.median(s for s, _ in results[(label, 0)]) if 0 in args.busy else None
         cells = []
         for b in args.busy:
@@ -141,6 +142,8 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m", help="--prune: the model (default: smollm2-135m)")
     parser.add_argument("--calibration", default="../shared/data/shakespeare/calib.txt")
     parser.add_argument("--samples", type=int, default=16, help="--prune: calibration windows of 512 tokens")
+    parser.add_argument("--methods", nargs="+", choices=["default", "sparsegpt", "wanda"],
+                        help="--prune: the recipes to time (default: all three)")
     parser.add_argument("--busy", type=int, nargs="+", default=[0, 1, 2], help="busy processes beside (default: 0 1 2)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of (idle, 1 busy, 2 busy) (default: 3)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per call and load per round")
