@@ -63,8 +63,9 @@ PLANS = {
                                                               ("sparsegpt", "exact")]],
     # The headline rows of today's tables a refactor must reproduce (issue 31), seed 0.
     "check-frontier": [(c, r, b, v) for b in ("50%", "2:4") for c, r, v in FRONTIER[:4]],
-    # Issue 32: the layer-error allocation against uniform (the frontier rows hold uniform, OWL and entropy).
-    "allocation-errors": [("admm", None, b, v) for b in ("70%", "60%") for v in ("errors", "errors-0.2")],
+    # Issue 32: the layer-error allocation against uniform, run the same day (the frontier rows hold OWL and
+    # entropy).
+    "allocation-errors": [("admm", None, b, v) for b in ("70%", "60%") for v in ("errors", "errors-0.2", "")],
     "grid": [(c, r, b) for b in ("60%", "70%", "4:8") for c, r in [("magnitude", None), ("ria", None), *KEY]],
     # Levers of issue 10: bias compensation for the mask-only criteria, OWL for every kind of recipe.
     "levers": [(c, None, b, "bc") for b in ("50%", "2:4", "60%", "70%") for c in ("contrib-share", "wanda")]
