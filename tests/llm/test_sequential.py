@@ -144,17 +144,23 @@ def test_owl_outlier_ratio_and_sparsities_by_hand():
         owl_sparsities([0.0, 1.0], 0.05, 0.08)
 
 
-@pytest.mark.parametrize("criterion", ["wanda", "magnitude"])  # magnitude: the blocks need not run to prune
-@pytest.mark.parametrize("allocation, block_one", [("owl", min), ("entropy", max)])
-def test_per_block_allocations_spread_around_the_target(allocation, block_one, criterion):
-    """5% of block 1's weights become 50x larger: outliers for OWL (pruned less), outputs resting on few
-    weights for the contribution entropy (pruned more)."""
+def _outlier_block_llama() -> nn.Module:
+    """A three-block tiny Llama whose block 1 has 5% of its weights made 50x larger."""
     model = tiny_llama(layers=3)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for layer in model.model.layers[1].modules():
             if isinstance(layer, nn.Linear):
                 layer.weight[torch.rand(layer.weight.shape, generator=g) < 0.05] *= 50
+    return model
+
+
+@pytest.mark.parametrize("criterion", ["wanda", "magnitude"])  # magnitude: the blocks need not run to prune
+@pytest.mark.parametrize("allocation, block_one", [("owl", min), ("entropy", max)])
+def test_per_block_allocations_spread_around_the_target(allocation, block_one, criterion):
+    """5% of block 1's weights become 50x larger: outliers for OWL (pruned less), outputs resting on few
+    weights for the contribution entropy (pruned more)."""
+    model = _outlier_block_llama()
     masks = prune_sequential(model, ids_batches(), sparsity=0.5, criterion=criterion, reconstruct=False,
                              allocation=allocation, owl_lambda=0.1)
     per_block = []
@@ -192,12 +198,7 @@ def test_sequential_pruning_over_two_ranks_equals_one_process(tmp_path, shares):
 def test_the_errors_allocation_gives_each_layer_its_own_sparsity_and_meets_the_budget(criterion):
     """5% of block 1's weights become 50x larger: its layers' outputs rest on those few, so removing the rest
     costs them little of their output (the errors are relative to it), and they lose more than the others."""
-    model = tiny_llama(layers=3)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for layer in model.model.layers[1].modules():
-            if isinstance(layer, nn.Linear):
-                layer.weight[torch.rand(layer.weight.shape, generator=g) < 0.05] *= 50
+    model = _outlier_block_llama()
     masks = prune_sequential(model, ids_batches(), sparsity=0.5, criterion=criterion,
                              reconstruct=False if criterion == "wanda" else None, allocation="errors", owl_lambda=0.2)
     removed = sum(m.numel() - int(m.sum()) for m in masks.values())
