@@ -321,10 +321,10 @@ def error_curve(weight: Tensor, hessian: Tensor, levels: Sequence[float], *, per
     approximation: how removed weights interact is ignored), then divided by the layer's output energy
     ``tr(W H W^T)``. No forward pass: one Cholesky of the damped Gram and one sort per layer."""
     w = weight.detach().double()
-    h, dead, _ = damped_gram(hessian, percdamp)
-    saliency = w.pow(2) / damped_inverse_diagonal(hessian, percdamp).reshape(1, -1)
+    factor, dead = damped_cholesky(hessian, percdamp)  # H + lambda I = L L^T, factored once for both below
+    saliency = w.pow(2) / torch.cholesky_inverse(factor).diagonal().reshape(1, -1)
     saliency[:, dead] = 0  # inputs that never fire cost nothing to remove
-    energy = float(((w @ h) * w).sum())
+    energy = float((w @ factor).pow(2).sum())  # tr(W L L^T W^T)
     cumulative = torch.cat([torch.zeros(w.shape[0], 1, dtype=torch.float64),
                             torch.sort(saliency, dim=1).values.cumsum(1)], dim=1).sum(0)
     columns = w.shape[1]

@@ -74,14 +74,13 @@ class Group:
         return f"channels of {', '.join(produced) or '(model input)'}"
 
 
-
 MemberScore = Callable[[nn.Module, Member, int, Stats | None], Tensor]
 
 
 @dataclass(frozen=True)
 class GroupScore:
-    """A named channel score: per member of a group, one value per channel (summed over members);
-    ``per_group`` scores draw a whole group's values at once instead (``random``)."""
+    """A named channel score: per member of a group, one value per channel (summed over members); a score
+    without a member function (``random``) draws a whole group's values at once instead."""
 
     name: str
     statistics: tuple[str, ...]

@@ -20,7 +20,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..core.units import group_score, score_names
 from ..defaults import DEFAULT_LLM_ROUND_TO
 from ..errors import RelpruneError
 from .blocks import BlockStep, block_outputs, walk_blocks
@@ -39,6 +38,7 @@ from .structured import (
     shrink_units,
     unit_compensation,
     unit_cost,
+    unit_score,
 )
 
 
@@ -83,9 +83,7 @@ def joint_statistics(model: nn.Module, batches: Sequence[dict[str, Tensor]], cri
     """What :func:`plan_joint` reads, in one pass through the dense blocks: the unit scores under ``criterion``
     (as :func:`~relprune.llm.structured.unit_scores` gives them; None: none) and the residual shares."""
     named = decoder_blocks(model, blocks)
-    statistics = () if criterion is None else group_score(criterion).statistics
-    if criterion is not None and criterion not in score_names(gradients=False):
-        raise RelpruneError(f"criterion must be one of {score_names(gradients=False)}, got {criterion!r}")
+    statistics = () if criterion is None else unit_score(criterion).statistics
     gen = torch.Generator().manual_seed(seed)
     model.eval()
     scores: dict[tuple[int, str], Tensor] = {}

@@ -34,7 +34,7 @@ from ..core.checks import real_number
 from ..core.collect import collect_stats
 from ..core.reconstruct import PERCDAMP, refit_columns
 from ..core.stats import Stats
-from ..core.units import Group, Member, group_score, score_groups, score_names
+from ..core.units import Group, GroupScore, Member, group_score, score_groups, score_names
 from ..defaults import DEFAULT_LLM_ROUND_TO
 from ..errors import RelpruneError
 from .blocks import walk_blocks
@@ -98,6 +98,14 @@ def decoder_groups(block: nn.Module) -> dict[str, Group]:
     return {"heads": heads, "mlp": channels}
 
 
+def unit_score(criterion: str) -> GroupScore:
+    """The structured score ``criterion`` for a decoder's units: a registered one that needs no loss gradient
+    (block-by-block passes compute none), or an error listing them."""
+    if criterion not in score_names(gradients=False):
+        raise RelpruneError(f"criterion must be one of {score_names(gradients=False)}, got {criterion!r}")
+    return group_score(criterion)
+
+
 def unit_scores(model: nn.Module, batches: Sequence[dict[str, Tensor]] | None, criterion: str = "rc", *,
                 blocks: str | Sequence[str] | None = None, seed: int = 0,
                 progress: bool = False) -> dict[tuple[int, str], Tensor]:
@@ -107,9 +115,7 @@ def unit_scores(model: nn.Module, batches: Sequence[dict[str, Tensor]] | None, c
     ``criterion`` is a structured score of :data:`relprune.deploy.groups.GROUP_SCORES` (the dependency
     graph's, summed over the places each unit lives); its statistics are gathered on the projections that
     read the units (``o_proj``, ``down_proj``), block by block on the dense model."""
-    if criterion not in score_names(gradients=False):
-        raise RelpruneError(f"criterion must be one of {score_names(gradients=False)}, got {criterion!r}")
-    statistics = group_score(criterion).statistics
+    statistics = unit_score(criterion).statistics
     named = decoder_blocks(model, blocks)
     gen = torch.Generator().manual_seed(seed)
     if statistics and not batches:
