@@ -313,6 +313,17 @@ def refit_columns(weight: Tensor, second_moment: Tensor, mean: Tensor, keep: Ten
     return new.to(weight.dtype), new_bias.to(weight.dtype)
 
 
+def obs_saliency(weight: Tensor, hessian: Tensor, *, percdamp: float = PERCDAMP) -> tuple[Tensor, float]:
+    """Each weight's optimal-brain-surgeon saliency ``w^2 / [H^-1]_jj`` (float64; the output error of removing
+    it alone, the others re-fitted) and the layer's output energy ``tr(W H W^T)``, from one Cholesky of the
+    damped Gram. Inputs that never fire have saliency 0."""
+    w = weight.detach().double()
+    factor, dead = damped_cholesky(hessian, percdamp)  # H + lambda I = L L^T, factored once for both below
+    saliency = w.pow(2) / torch.cholesky_inverse(factor).diagonal().reshape(1, -1)
+    saliency[:, dead] = 0
+    return saliency, float((w @ factor).pow(2).sum())  # tr(W L L^T W^T)
+
+
 def error_curve(weight: Tensor, hessian: Tensor, levels: Sequence[float], *, percdamp: float = PERCDAMP) -> Tensor:
     """The layer's relative output error at each sparsity of ``levels`` (float64), from its input Gram alone.
 
@@ -320,19 +331,19 @@ def error_curve(weight: Tensor, hessian: Tensor, levels: Sequence[float], *, per
     removing one weight with the others re-fitted), and the removed saliencies are summed (the diagonal
     approximation: how removed weights interact is ignored), then divided by the layer's output energy
     ``tr(W H W^T)``. No forward pass: one Cholesky of the damped Gram and one sort per layer."""
-    w = weight.detach().double()
-    factor, dead = damped_cholesky(hessian, percdamp)  # H + lambda I = L L^T, factored once for both below
-    saliency = w.pow(2) / torch.cholesky_inverse(factor).diagonal().reshape(1, -1)
-    saliency[:, dead] = 0  # inputs that never fire cost nothing to remove
-    energy = float((w @ factor).pow(2).sum())  # tr(W L L^T W^T)
-    cumulative = torch.cat([torch.zeros(w.shape[0], 1, dtype=torch.float64),
-                            torch.sort(saliency, dim=1).values.cumsum(1)], dim=1).sum(0)
-    columns = w.shape[1]
+    return saliency_error_curve(*obs_saliency(weight, hessian, percdamp=percdamp), levels)
+
+
+def saliency_error_curve(saliency: Tensor, energy: float, levels: Sequence[float]) -> Tensor:
+    """:func:`error_curve` from the saliencies and energy of :func:`obs_saliency`: at each level, the lowest
+    saliencies of every row summed over the energy (linear between whole counts removed)."""
+    columns = saliency.shape[1]
+    cumulative = torch.cat([torch.zeros(saliency.shape[0], 1, dtype=torch.float64),
+                            torch.sort(saliency.double(), dim=1).values.cumsum(1)], dim=1).sum(0)
     out = []
     for level in levels:
         position = level * columns  # a fractional count: the curve is linear between whole counts
         low = min(math.floor(position), columns)
         high = min(low + 1, columns)
-        value = cumulative[low] + (position - low) * (cumulative[high] - cumulative[low])
-        out.append(float(value) / max(energy, 1e-300))
-    return torch.tensor(out, dtype=torch.float64)
+        out.append(float(cumulative[low] + (position - low) * (cumulative[high] - cumulative[low])))
+    return torch.tensor(out, dtype=torch.float64) / max(energy, 1e-300)
