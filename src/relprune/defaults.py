@@ -73,3 +73,16 @@ DEFAULT_LLM_ROUND_TO = 32
 #: waits for it. The whole default prune of SmolLM2 at 50% took 1.65x its idle time beside one busy process with
 #: it, 2.32x before (docs/results.md, "Steady cost and allocation by layer errors", issue 32; one round).
 DEFAULT_FIT_THREADS = True
+
+#: ``allocation="search"`` (relprune.llm.search): candidates scored per run by default (the layer-error start
+#: included). Each costs one forward pass of the model on the search windows below, so the search's time grows
+#: with the model as the prune's does; see docs/results.md, "Allocation by search", for its time beside the
+#: prune's.
+DEFAULT_SEARCH_EVALUATIONS = 64
+#: The search scores a candidate on this many calibration windows ...
+SEARCH_WINDOWS = 2
+#: ... each cut to this many tokens (KL divergence from the dense model, per token).
+SEARCH_TOKENS = 256
+#: One level switch of the search moves a block's attention or MLP part by this much sparsity (and another part
+#: by as many weights the other way).
+SEARCH_STEP = 0.02

@@ -39,6 +39,14 @@ def _prune_args(folder: Path, tmp_path: Path, *extra: str) -> list[str]:
             "4", "--seqlen", "16", *extra]
 
 
+def test_the_search_allocation_runs_from_the_command_and_is_recorded(folder, tmp_path, capsys):
+    code, err = _run([*_prune_args(folder, tmp_path, "--sparsity", "0.5", "--allocation", "search",
+                                   "--search-evaluations", "4"), "--out", tmp_path / "search"], capsys)
+    assert code == 0, err
+    record = json.loads((tmp_path / "search" / "relprune.json").read_text())
+    assert (record["allocation"], record["search_evaluations"], record["search_seconds"]) == ("search", 4, None)
+
+
 def test_owl_lambda_other_than_zero_is_accepted(folder, tmp_path, capsys):
     code, err = _run([*_prune_args(folder, tmp_path, "--sparsity", "0.5", "--allocation", "owl", "--owl-lambda",
                                    "0.1"), "--out", tmp_path / "owl"], capsys)
@@ -52,6 +60,15 @@ def test_owl_lambda_other_than_zero_is_accepted(folder, tmp_path, capsys):
     (["--criterion", "rc-flow"], "output importance"),
     (["--seed", str(2**64)], "2\\^62"),
     (["--calibration-samples", "1000000000"], "distinct windows"),
+    (["--search-evaluations", "8"], "add --allocation search"),
+    (["--allocation", "errors", "--search-seconds", "5"], "add --allocation search"),
+    (["--allocation", "search", "--search-evaluations", "0"], "at least 2 evaluations"),
+    (["--allocation", "search", "--search-evaluations", "-4"], "at least 2 evaluations"),
+    (["--allocation", "search", "--search-seconds", "-1"], "positive number of seconds"),
+    (["--allocation", "search", "--search-seconds", "nan"], "positive number of seconds"),
+    (["--allocation", "search", "--streamed"], "needs the model in memory"),
+    (["--allocation", "search", "--owl-lambda", "0"], "lambda above 0"),
+    (["--allocation", "search", "--sparsity", "0.995"], "cannot be met|sparsity"),
 ])
 def test_bad_llm_prune_options_are_one_line_and_write_nothing(folder, tmp_path, capsys, extra, message):
     before = _listing(tmp_path)

@@ -20,6 +20,9 @@ from ..defaults import (
     DEFAULT_LLM_SAVE_FORMAT,
     DEFAULT_LLM_SCOPE,
     DEFAULT_LLM_UNIT_SCORE,
+    DEFAULT_SEARCH_EVALUATIONS,
+    SEARCH_TOKENS,
+    SEARCH_WINDOWS,
 )
 from ..errors import RelpruneError
 from .flags import (
@@ -75,8 +78,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allocation", choices=list(ALLOCATIONS), default="uniform",
                    help="one sparsity for every block, OWL's outlier-weighted per-block sparsities, "
                         "sparsities from the contribution entropy (fewer effective weights, more removed), or "
-                        "'errors': a sparsity per layer, least total output error from the layers' input Grams "
-                        "(with --sparsity only) (default: uniform)")
+                        "'errors': a sparsity per layer, least total output error from the layers' input Grams, "
+                        "or 'search': from there, a search scored by the model's KL divergence from the dense "
+                        "model (in memory only) (with --sparsity only) (default: uniform)")
+    p.add_argument("--search-evaluations", type=int, default=None,
+                   help="--allocation search: candidates scored, each one forward pass on "
+                        f"{SEARCH_WINDOWS} windows of {SEARCH_TOKENS} tokens (default: {DEFAULT_SEARCH_EVALUATIONS})")
+    p.add_argument("--search-seconds", type=float, default=None,
+                   help="--allocation search: stop searching after this many seconds (default: no limit)")
     p.add_argument("--owl-lambda", type=checked(float, owl_lambda_problem), default=0.08,
                    help="owl/entropy/errors: block (errors: layer) sparsities within sparsity +- lambda "
                         "(default: 0.08)")
@@ -247,15 +256,21 @@ def llm_recipe(ns: argparse.Namespace) -> Recipe:
     """The recipe ``llm prune``'s flags spell, checked by its one validation before any work."""
     from ..llm.sequential import block_recipe
 
+    searched = {k: v for k, v in (("search_evaluations", ns.search_evaluations),
+                                   ("search_seconds", ns.search_seconds)) if v is not None}
+    if searched and ns.allocation != "search":
+        flags = " and ".join("--" + k.replace("_", "-") for k in searched)
+        raise RelpruneError(f"{flags} bound the search allocation: add --allocation search, or leave them out")
     return block_recipe(Recipe.build(
         criterion=ns.criterion, sparsity=ns.sparsity, n_m=ns.n_m, scope=ns.scope,
         reconstruct=None if ns.reconstruct == "none" else ns.reconstruct, bias_compensation=ns.bias_compensation,
-        refine=ns.refine, allocation=ns.allocation, owl_lambda=ns.owl_lambda))
+        refine=ns.refine, allocation=ns.allocation, owl_lambda=ns.owl_lambda, **searched))
 
 
 def cmd_llm_prune(ns: argparse.Namespace) -> int:
     from ..llm import oneshot
     from ..llm.load import resolve_device
+    from ..llm.search import refuse_search
 
     recipe = llm_recipe(ns)
     device = resolve_device(ns.device)
@@ -263,6 +278,7 @@ def cmd_llm_prune(ns: argparse.Namespace) -> int:
         from ..llm.streamed import streamed_recipe
 
         streamed_recipe(recipe)
+        refuse_search(recipe, streamed=True)
         if device.type != "cpu" or ns.dtype != "float32":
             raise RelpruneError("--streamed runs on the CPU in float32; drop --device/--dtype, or prune in memory")
     out = _fresh_out(Path(ns.out))

@@ -12,15 +12,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from ..defaults import DEFAULT_CRITERION, DEFAULT_SCOPE
+from ..defaults import DEFAULT_CRITERION, DEFAULT_SCOPE, DEFAULT_SEARCH_EVALUATIONS
 from ..errors import RelpruneError, SparsityError
 from .allocation import SCOPES, check_sparsity, parse_n_m
 from .checks import real_number
 from .criteria import Criterion, get_criterion
 from .reconstruct import REFITS
+from .search import check_search_budget
 
 #: How a block-by-block driver spreads a sparsity over the blocks.
-ALLOCATIONS = ("uniform", "owl", "entropy", "errors")
+ALLOCATIONS = ("uniform", "owl", "entropy", "errors", "search")
+#: The highest sparsity the per-layer allocations (errors, search) give a layer.
+LEVEL_CEILING = 0.99
 #: OWL's lambda (each block's sparsity within sparsity +- lambda) lies in [0, OWL_LAMBDA_LIMIT).
 OWL_LAMBDA_LIMIT = 0.5
 
@@ -46,6 +49,9 @@ class Recipe:
     bounds, by the layers' output-error curves from their input Grams (least total error for the budget,
     :func:`relprune.core.allocation.sparsities_by_errors`); ``"entropy"`` by the effective share of weights
     its outputs rest on (the contribution entropy; fewer, more removed), within the same bounds.
+    ``"search"`` starts from ``"errors"`` and moves sparsity between the blocks' attention and MLP parts by a
+    search scored by the model's KL divergence from the dense model, in at most ``search_evaluations``
+    candidates and ``search_seconds`` (:mod:`relprune.llm.search`; in-memory models only).
     ``options`` are the criterion's own (``ucb_k``, ``importance``).
     """
 
@@ -60,6 +66,8 @@ class Recipe:
     allocation: str = "uniform"
     owl_lambda: float = 0.08
     owl_m: float = 5.0
+    search_evaluations: int = DEFAULT_SEARCH_EVALUATIONS
+    search_seconds: float | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -67,7 +75,8 @@ class Recipe:
               n_m: str | tuple[int, int] | None = None, threshold: float | None = None, scope: str | None = None,
               reconstruct: bool | str | None = None, bias_compensation: bool = False, refine: bool = False,
               allocation: str = "uniform",
-              owl_lambda: float = 0.08, owl_m: float = 5.0, options: Mapping[str, Any] | None = None) -> Recipe:
+              owl_lambda: float = 0.08, owl_m: float = 5.0, search_evaluations: int = DEFAULT_SEARCH_EVALUATIONS,
+              search_seconds: float | None = None, options: Mapping[str, Any] | None = None) -> Recipe:
         """A validated recipe from the spelled-out arguments (``reconstruct=True`` means ``"exact"``)."""
         if reconstruct not in (False, True, None) and reconstruct not in REFITS:
             raise RelpruneError(f"reconstruct must be None/False, True (exact) or one of {tuple(REFITS)}, got "
@@ -80,7 +89,8 @@ class Recipe:
         recipe = cls(criterion=name, sparsity=sparsity, n_m=n_m, threshold=threshold, scope=scope,
                      reconstruct=refit, bias_compensation=bool(bias_compensation), refine=bool(refine),
                      allocation=allocation,
-                     owl_lambda=owl_lambda, owl_m=owl_m, options=dict(options or {}))
+                     owl_lambda=owl_lambda, owl_m=owl_m, search_evaluations=search_evaluations,
+                     search_seconds=search_seconds, options=dict(options or {}))
         return recipe.validate()
 
     @classmethod
@@ -156,6 +166,13 @@ class Recipe:
             raise SparsityError(f"OWL's lambda {problem}, got {self.owl_lambda}")
         if not real_number(self.owl_m, "OWL's outlier multiple") > 0:
             raise SparsityError(f"OWL's outlier multiple must be positive, got {self.owl_m}")
+        if self.allocation in ("errors", "search") and self.owl_lambda == 0:
+            raise SparsityError(f"the {self.allocation} allocation moves sparsity between layers within sparsity "
+                                "+- lambda: give a lambda above 0")
+        if self.allocation in ("errors", "search") and self.sparsity is not None and self.sparsity > LEVEL_CEILING:
+            raise SparsityError(f"a sparsity of {self.sparsity} cannot be met by the {self.allocation} allocation, "
+                                f"whose layers stop at {LEVEL_CEILING}: give a lower sparsity or --allocation uniform")
+        check_search_budget(self.search_evaluations, self.search_seconds)
         return self
 
     @property

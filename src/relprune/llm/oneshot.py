@@ -17,6 +17,7 @@ from ..errors import RelpruneError
 from .compressed import SAVE_FORMATS
 from .load import load_model
 from .save import refuse_occupied, write_pretrained
+from .search import refuse_search
 from .sequential import block_recipe, llm_recipe, prune_sequential
 from .text import batches_of, calibration_windows, check_seqlen, tokenize_file
 
@@ -56,6 +57,7 @@ def oneshot(model: Any, calibration: str | Path, recipe: Recipe | None = None, *
         relprune.llm.oneshot("smollm2-135m", "calib.txt", sparsity=0.5, out="runs/smol-50")
     """
     recipe = block_recipe(llm_recipe(recipe, recipe_options))  # every refusal before anything is loaded or written
+    refuse_search(recipe)
     if save_format not in SAVE_FORMATS:
         raise RelpruneError(f"unknown save format {save_format!r}; expected one of {list(SAVE_FORMATS)}")
     target = None if out is None else Path(out)
@@ -84,6 +86,8 @@ def oneshot(model: Any, calibration: str | Path, recipe: Recipe | None = None, *
                       "sequential": sequential, "bias_compensation": recipe.bias_compensation,
                       "refine": recipe.refine, "allocation": recipe.allocation,
                       "owl_lambda": recipe.owl_lambda if recipe.allocation != "uniform" else None,
+                      **({"search_evaluations": recipe.search_evaluations,
+                          "search_seconds": recipe.search_seconds} if recipe.allocation == "search" else {}),
                       "calibration": str(calibration), "calibration_samples": samples, "seqlen": seqlen,
                       "seed": seed, "seconds": round(seconds, 1), "achieved_sparsity": masks.sparsity,
                       "save_format": save_format, "bias_switches": switches}

@@ -20,11 +20,9 @@ from ..core import allocation as _allocation
 from ..core.batches import Batch
 from ..core.collect import collect_stats
 from ..core.criteria import get_criterion
-from ..core.layers import oriented, weight_matrix
 from ..core.masks import Masks, make_permanent
 from ..core.pruning import prune
 from ..core.recipe import Recipe
-from ..core.reconstruct import error_curve
 from ..defaults import DEFAULT_LLM_CRITERION, DEFAULT_LLM_RECONSTRUCT, DEFAULT_LLM_SCOPE
 from ..errors import CalibrationError, LayerError, SparsityError
 from .blocks import (
@@ -35,6 +33,7 @@ from .blocks import (
     refuse_non_finite,
     walk_blocks,
 )
+from .search import refuse_search, search_sparsities, sparsities_by_errors
 
 
 def decoder_blocks(model: nn.Module, blocks: str | Sequence[str] | None = None) -> list[tuple[str, nn.Module]]:
@@ -107,6 +106,7 @@ def prune_sequential(
     outlier ratio: blocks whose outputs rest on fewer weights lose more.
     """
     recipe = block_recipe(llm_recipe(recipe, recipe_keywords))
+    refuse_search(recipe)
     wanted = set(recipe.statistics())
     named = decoder_blocks(model, blocks)
     refuse_non_finite(model)
@@ -118,7 +118,12 @@ def prune_sequential(
         captured = None
         if recipe.allocation != "uniform":
             captured = capture_block_inputs(model, modules, batches)
-        per_block = block_sparsities(recipe, named, captured or BlockInputs([[]] * len(named), []))
+        if recipe.allocation == "search":
+            per_block: list[BlockLevel] = list(search_sparsities(
+                model, recipe, named, captured, batches, evaluations=recipe.search_evaluations,
+                seconds=recipe.search_seconds)[0])
+        else:
+            per_block = block_sparsities(recipe, named, captured or BlockInputs([[]] * len(named), []))
         # A recipe that reads no activation (magnitude) runs no block.
         for step in walk_blocks(model, named, batches, sequential=sequential, progress=progress, captured=captured,
                                 run=bool(wanted)):
@@ -191,7 +196,10 @@ def block_sparsities(recipe: Recipe, named: Sequence[tuple[str, BlockSource]],
         return [recipe.sparsity] * len(named)
     assert recipe.sparsity is not None
     if recipe.allocation == "errors":
-        return _layer_sparsities_by_errors(recipe, named, captured)
+        return list(sparsities_by_errors(recipe, named, captured))
+    if recipe.allocation == "search":
+        raise SparsityError("the search allocation scores the whole model's output: it is chosen by "
+                            "prune_sequential, not block by block")
     wanda = get_criterion("wanda")
     statistics = ["relative_mean"] if recipe.allocation == "entropy" else sorted(wanda.statistics)
     ratios = []
@@ -207,38 +215,3 @@ def block_sparsities(recipe: Recipe, named: Sequence[tuple[str, BlockSource]],
     return _allocation.owl_sparsities(ratios, recipe.sparsity, recipe.owl_lambda)
 
 
-def _as_pruned(block: nn.Module, layer: str, weight: Tensor) -> Tensor:
-    """``weight`` in the O x I layout the layer is pruned in (a transformers Conv1D stores it transposed)."""
-    try:
-        return oriented(block.get_submodule(layer), weight)
-    except AttributeError:  # a packed attention projection, named for its statistics: stored O x I already
-        return weight
-
-
-def error_levels(sparsity: float, spread: float, step: float = 0.01) -> list[float]:
-    """The sparsities a layer may take under the ``errors`` allocation: ``sparsity +- spread`` in ``step`` s,
-    inside [0, 0.99]."""
-    low, high = max(0.0, sparsity - spread), min(0.99, sparsity + spread)
-    count = max(1, round((high - low) / step))
-    return [low + (high - low) * k / count for k in range(count + 1)]
-
-
-def _layer_sparsities_by_errors(recipe: Recipe, named: Sequence[tuple[str, BlockSource]],
-                                captured: BlockInputs) -> list[BlockLevel]:
-    """One pass over the dense blocks: every Linear's error curve from its input Gram, then the knapsack."""
-    assert recipe.sparsity is not None
-    levels = error_levels(recipe.sparsity, recipe.owl_lambda)
-    names: list[tuple[int, str]] = []
-    curves, sizes = [], []
-    for step in walk_blocks(None, named, (), captured=captured):
-        stats = collect_stats(step.block, step.inputs, statistics=["input_gram"], liveness=False)
-        for layer, ls in stats.items():
-            weight = weight_matrix(_as_pruned(step.block, layer, ls.checked_weight()))
-            names.append((step.index, layer))
-            curves.append(error_curve(weight, ls.input_gram, levels))
-            sizes.append(weight.numel())
-    chosen = _allocation.sparsities_by_errors(curves, sizes, levels, recipe.sparsity)
-    out: list[dict[str, float]] = [{} for _ in named]
-    for (i, layer), s in zip(names, chosen, strict=True):
-        out[i][layer] = s
-    return out

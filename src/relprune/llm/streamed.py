@@ -44,6 +44,7 @@ from .compressed import (
 )
 from .load import check_checkpoint, load_config, require_transformers, resolve_model, tied_names
 from .save import refuse_occupied, switches_for
+from .search import refuse_search
 from .sequential import block_recipe, block_sparsities, decoder_blocks, llm_recipe, prune_block
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -77,6 +78,7 @@ def prune_streamed(
     relprune wrote is checked against its manifest of SHA-256s first (``verify=False`` skips that).
     """
     recipe = streamed_recipe(llm_recipe(recipe, recipe_keywords))
+    refuse_search(recipe, streamed=True)
     if save_format not in SAVE_FORMATS:
         raise RelpruneError(f"unknown save format {save_format!r}; expected one of {list(SAVE_FORMATS)}")
     layout = layout_for(recipe.nm)
