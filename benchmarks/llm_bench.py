@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import resource
@@ -42,14 +43,15 @@ RECIPES = [
 # The recipes whose seed spread decides the headline comparison.
 KEY = [("wanda", None), ("sparsegpt", None), ("contrib-share", "exact"), ("wanda", "exact"), ("obs", "exact"),
        ("sparsegpt", "exact")]
-BUDGETS = {"50%": {"sparsity": 0.5}, "60%": {"sparsity": 0.6}, "70%": {"sparsity": 0.7},
+BUDGETS = {"50%": {"sparsity": 0.5}, "60%": {"sparsity": 0.6}, "70%": {"sparsity": 0.7}, "80%": {"sparsity": 0.8},
            "2:4": {"n_m": "2:4"}, "4:8": {"n_m": "4:8"}}
 # Variants of a recipe: "bc" bias compensation (bias-free projections get a bias), "owl" OWL's
 # outlier-weighted per-block sparsities (Yin et al. 2024, M=5, lambda=0.08 as published).
 VARIANTS = {"": {}, "bc": {"bias_compensation": True}, "owl": {"allocation": "owl"},
             "owl+bc": {"allocation": "owl", "bias_compensation": True}, "zero-anchor": {},
             "refine": {"refine": True}, "entropy": {"allocation": "entropy"},
-            "errors": {"allocation": "errors"}, "errors-0.2": {"allocation": "errors", "owl_lambda": 0.2}}
+            "errors": {"allocation": "errors"}, "errors-0.2": {"allocation": "errors", "owl_lambda": 0.2},
+            "search": {"allocation": "search"}}
 # Issue 22's frontier: the baselines as published, the peer (ALPS), our joint solvers, our best
 # criterion-then-re-fit recipe under both re-fit anchors.
 FRONTIER = [("wanda", None, ""), ("sparsegpt", None, ""), ("obs", "exact", ""), ("admm", None, ""),
@@ -66,6 +68,10 @@ PLANS = {
     # Issue 32: the layer-error allocation against uniform, run the same day (the frontier rows hold OWL and
     # entropy).
     "allocation-errors": [("admm", None, b, v) for b in ("70%", "60%") for v in ("errors", "errors-0.2", "")],
+    # Issue 32: the search allocation (from the layer errors, scored by KL to the dense model) against its start
+    # and uniform, run the same day; with --model gemma3-270m for the second family.
+    "allocation-search": [("admm", None, "70%", v) for v in ("search", "errors", "")],
+    "allocation-search-levels": [("admm", None, b, v) for b in ("60%", "80%") for v in ("search", "errors", "")],
     "grid": [(c, r, b) for b in ("60%", "70%", "4:8") for c, r in [("magnitude", None), ("ria", None), *KEY]],
     # Levers of issue 10: bias compensation for the mask-only criteria, OWL for every kind of recipe.
     "levers": [(c, None, b, "bc") for b in ("50%", "2:4", "60%", "70%") for c in ("contrib-share", "wanda")]
@@ -140,6 +146,11 @@ def run_cell(cell: dict) -> dict:
                                     cell["seqlen"], cell["eval_samples"])
     seconds = 0.0
     sparsity = 0.0
+    searched: list[str] = []  # the search allocation's account of itself (relprune.llm.search logs it)
+    handler = logging.Handler()
+    handler.emit = lambda record: searched.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("relprune.llm.search").addHandler(handler)
+    logging.getLogger("relprune.llm.search").setLevel(logging.INFO)
     if cell["criterion"] != "dense":
         calib = calibration_windows(tokenize_file(tokenizer, DATA / "calib.txt"), cell["calibration_samples"],
                                     cell["seqlen"], cell["seed"])
@@ -151,7 +162,7 @@ def run_cell(cell: dict) -> dict:
         sparsity = masks.sparsity
         relprune.make_permanent(model)
     ppl = perplexity(model, windows, batch_size=1)
-    extra = {}
+    extra: dict = {"search": searched[-1]} if searched else {}
     if second is not None:
         extra[f"perplexity_{cell['second_domain']}"] = perplexity(model, second, batch_size=1).value
     return {**cell, **extra, "perplexity": ppl.value, "eval_windows": ppl.windows, "eval_tokens": ppl.tokens,
