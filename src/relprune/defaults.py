@@ -74,10 +74,11 @@ DEFAULT_LLM_ROUND_TO = 32
 #: it, 2.32x before (docs/results.md, "Steady cost and allocation by layer errors", issue 32; one round).
 DEFAULT_FIT_THREADS = True
 
-#: ``allocation="search"`` (relprune.llm.search): candidates scored per run by default (the layer-error start
-#: included). Each costs one forward pass of the model on the search windows below, so the search's time grows
-#: with the model as the prune's does; see docs/results.md, "Allocation by search", for its time beside the
-#: prune's.
+#: ``allocation="search"`` (relprune.llm.search, an option; uniform stays the default allocation): candidates
+#: scored per run by default (the layer-error start included), each one forward pass on the search windows
+#: below. At 70% it took 118 s on SmolLM2-135M (the rest of the prune 312 s) and 322 s on Gemma 3 270M (its
+#: uniform prune 280 s), and lost to its own start in three of four cells (docs/results.md, "Two busy
+#: processes, allocation by search, models beyond 300M", issue 32).
 DEFAULT_SEARCH_EVALUATIONS = 64
 #: The search scores a candidate on this many calibration windows ...
 SEARCH_WINDOWS = 2
