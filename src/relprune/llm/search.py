@@ -112,7 +112,8 @@ def refuse_search(recipe: Recipe, *, streamed: bool = False) -> None:
 
 
 def _search_windows(batches: Sequence[Batch]) -> list[Batch]:
-    """The first :data:`SEARCH_WINDOWS` calibration windows, one per batch, cut to :data:`SEARCH_TOKENS`."""
+    """The first :data:`SEARCH_WINDOWS` rows of the calibration batches, each a window of its own, cut to
+    :data:`SEARCH_TOKENS` tokens."""
     out: list[Batch] = []
     for batch in batches:
         ids = batch["input_ids"]
@@ -132,6 +133,9 @@ class _Candidates:
     def __init__(self, model: nn.Module, named: Sequence[tuple[str, nn.Module]], found: LayerErrors,
                  windows: list[Batch]):
         assert found.orders is not None
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        device = embeddings.weight.device if embeddings is not None else next(model.parameters()).device
+        windows = [{k: v.to(device) for k, v in w.items()} for w in windows]  # as the block capture moves them
         self.model, self.found, self.windows = model, found, windows
         self.weights = [oriented(named[i][1].get_submodule(layer), named[i][1].get_submodule(layer).weight)
                         for i, layer in found.names]
