@@ -68,6 +68,12 @@ def _like(template: Any, hidden: Tensor) -> Any:
                      "return their hidden state (a tensor, or a tuple that starts with it)")
 
 
+def input_device(model: nn.Module) -> torch.device:
+    """Where the model's token ids go: its input embedding's device (else its first parameter's)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return embeddings.weight.device if embeddings is not None else next(model.parameters()).device
+
+
 def capture_block_inputs(model: nn.Module, blocks: Sequence[nn.Module], batches: Iterable[dict[str, Tensor]],
                          *, probe: nn.Module | None = None) -> BlockInputs:
     """The arguments the model passes each of ``blocks`` (in call order) on each batch.
@@ -108,7 +114,7 @@ def capture_block_inputs(model: nn.Module, blocks: Sequence[nn.Module], batches:
         return forward
 
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    device = embeddings.weight.device if embeddings is not None else next(model.parameters()).device
+    device = input_device(model)
     for i, b in enumerate(blocks):
         b.forward = recorder(i)
     try:

@@ -29,7 +29,7 @@ from ..core.reconstruct import PERCDAMP, obs_saliency, saliency_error_curve
 from ..core.search import SearchResult, search_levels
 from ..defaults import SEARCH_STEP, SEARCH_TOKENS, SEARCH_WINDOWS
 from ..errors import CalibrationError, SparsityError
-from .blocks import BlockInputs, BlockSource, walk_blocks
+from .blocks import BlockInputs, BlockSource, input_device, walk_blocks
 
 _log = logging.getLogger(__name__)
 
@@ -133,8 +133,7 @@ class _Candidates:
     def __init__(self, model: nn.Module, named: Sequence[tuple[str, nn.Module]], found: LayerErrors,
                  windows: list[Batch]):
         assert found.orders is not None
-        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-        device = embeddings.weight.device if embeddings is not None else next(model.parameters()).device
+        device = input_device(model)
         windows = [{k: v.to(device) for k, v in w.items()} for w in windows]  # as the block capture moves them
         self.model, self.found, self.windows = model, found, windows
         self.weights = [oriented(named[i][1].get_submodule(layer), named[i][1].get_submodule(layer).weight)
