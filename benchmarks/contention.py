@@ -12,7 +12,7 @@ call's median time per load and its ratio to the idle time, and appends one JSON
 
 ``--prune`` times whole ``relprune llm prune`` runs instead (each a fresh process, its peak resident memory
 from the kernel's accounting of that child): the default recipe, SparseGPT and Wanda (as published: no
-re-fit) at 50% on ``--model``, with 0, 1 and 2 busy processes beside, in alternating rounds.
+re-fit) at 50% (``--pattern 2:4``: at 2:4) on ``--model``, with 0, 1 and 2 busy processes beside, in alternating rounds.
 
     python benchmarks/contention.py --prune --model smollm2-135m --out docs/data/contention_issue32_prune.jsonl
 """
@@ -80,7 +80,8 @@ PRUNE_METHODS = {"default (admm)": [], "sparsegpt": ["--criterion", "sparsegpt"]
 
 def _timed_prune(args: argparse.Namespace, extra: list[str], out: str) -> tuple[float, float]:
     """(seconds, peak resident MiB) of one ``relprune llm prune`` in a fresh process."""
-    cmd = [sys.executable, "-m", "relprune", "llm", "prune", "--model", args.model, "--sparsity", "0.5",
+    budget = ["--n-m", args.pattern] if ":" in args.pattern else ["--sparsity", args.pattern]
+    cmd = [sys.executable, "-m", "relprune", "llm", "prune", "--model", args.model, *budget,
            "--calibration", args.calibration, "--calibration-samples", str(args.samples), "--seqlen", "512",
            "--out", out, *extra]
     t0 = time.perf_counter()
@@ -110,7 +111,7 @@ def _with_busy(busy: int, fn: Callable[[], object]) -> object:
 def prune_main(args: argparse.Namespace) -> None:
     meta = {"date": datetime.date.today().isoformat(), "machine": platform.machine(), "cores": mp.cpu_count(),
             "torch": torch.__version__, "default_threads": torch.get_num_threads(), "model": args.model,
-            "sparsity": 0.5, "calibration_samples": args.samples, "seqlen": 512}
+            "pattern": args.pattern, "calibration_samples": args.samples, "seqlen": 512}
     results: dict[tuple[str, int], list[tuple[float, float]]] = {}
     methods = {k: v for k, v in PRUNE_METHODS.items() if args.methods is None or k.split()[0] in args.methods}
     for r in range(args.rounds):
@@ -141,6 +142,8 @@ def main() -> None:
     parser.add_argument("--prune", action="store_true", help="time whole `relprune llm prune` runs")
     parser.add_argument("--model", default="smollm2-135m", help="--prune: the model (default: smollm2-135m)")
     parser.add_argument("--calibration", default="../shared/data/shakespeare/calib.txt")
+    parser.add_argument("--pattern", default="0.5", choices=["0.5", "2:4"],
+                        help="--prune: the budget, a sparsity or N:M (default: 0.5)")
     parser.add_argument("--samples", type=int, default=16, help="--prune: calibration windows of 512 tokens")
     parser.add_argument("--methods", nargs="+", choices=["default", "sparsegpt", "wanda"],
                         help="--prune: the recipes to time (default: all three)")

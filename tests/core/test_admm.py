@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import relprune
-from relprune.core.admm import admm_prune, gradual_prune, layer_error, project
+from relprune.core.admm import _Ridge, admm_prune, gradual_prune, layer_error, project
 from relprune.core.reconstruct import damped_inverse_diagonal, refit
 from relprune.errors import RelpruneError, SparsityError
 
@@ -87,6 +87,20 @@ def test_admm_matches_the_ported_alps_reference_on_a_layer(budget):
     assert (keep == (ref != 0)).float().mean() > 0.9
     ours, theirs = layer_error(w0, new, h), layer_error(w0, ref, h)
     assert ours <= 1.02 * theirs
+
+
+@pytest.mark.parametrize("rows, inputs", [(48, 32), (8, 64), (32, 96)])
+def test_the_ridge_step_is_the_regularised_solve_whether_or_not_it_forms_the_inverse(rows, inputs):
+    _, h = problem(rows, inputs, tokens=200, seed=3)
+    h = h / h.diagonal().mean()
+    evals, evecs = torch.linalg.eigh(h)
+    ridge = _Ridge(evals, evecs.float(), rows=rows, update_iter=3)
+    # The inverse is formed only where it costs less over three steps: 3 rows x inputs^2 > inputs^3.
+    assert ridge.form_inverse == (3 * rows > inputs)
+    rhs = torch.randn(rows, inputs, generator=torch.Generator().manual_seed(4))
+    for rho in (0.1, 0.13, 0.13, 5.0):  # a repeated rho reuses the inverse formed for it
+        expected = torch.linalg.solve(h + rho * torch.eye(inputs, dtype=torch.float64), rhs.double().T).T
+        torch.testing.assert_close(ridge(rhs, rho).double(), expected, rtol=2e-4, atol=2e-4)
 
 
 def test_projection_patterns():

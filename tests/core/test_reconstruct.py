@@ -11,7 +11,8 @@ from torch import nn
 
 import relprune
 from relprune.core.masks import mask_of, original_weight
-from relprune.core.reconstruct import refit, sparsegpt
+from relprune.core.reconstruct import refit, refit_from, sparsegpt
+from relprune.errors import SparsityError
 
 
 def reference_fasterprune(W, H, sparsity, prunen=0, prunem=0, blocksize=128, percdamp=0.01):
@@ -130,6 +131,41 @@ def test_exact_refit_is_per_row_least_squares_on_the_kept_columns(seed):
         cols = keep[r].nonzero().flatten()
         sol = torch.linalg.lstsq(rows[:, cols], target[:, r:r + 1]).solution.flatten()
         torch.testing.assert_close(new[r, cols], sol, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("seed", [5, 6])
+def test_warm_refit_reaches_the_per_row_least_squares_from_any_start_and_stays_at_it(seed, dtype):
+    w, x = layer_and_inputs(7, 24, tokens=400, seed=seed)
+    rows = x.reshape(-1, 24).double()
+    gram = rows.t() @ rows
+    keep = torch.rand(w.shape, generator=torch.Generator().manual_seed(seed)) > 0.5
+    keep[0] = True  # a row keeping every weight comes back as it was
+    damp = 0.01 * gram.diagonal().mean()
+    damped = gram + damp * torch.eye(24, dtype=torch.float64)
+    expected = torch.zeros(7, 24, dtype=torch.float64)
+    for r in range(7):
+        cols = keep[r].nonzero().flatten()
+        expected[r, cols] = torch.linalg.solve(damped[cols][:, cols], (damped @ w[r].double())[cols])
+    start = torch.randn(7, 24, generator=torch.Generator().manual_seed(seed + 10), dtype=dtype)
+    new = refit_from(w.to(dtype), gram.to(dtype), keep, start, max_iter=200, tol=1e-12)
+    assert new.dtype == dtype and ((new != 0) <= keep).all()
+    assert torch.equal(new[0], w[0].to(dtype))
+    tol = 1e-3 if dtype == torch.float32 else 1e-8
+    torch.testing.assert_close(new.double(), expected, rtol=tol, atol=tol)
+    # No iterations: the start on the mask; from the solution itself, the iterations have nothing left to do.
+    untouched = refit_from(w.to(dtype), gram.to(dtype), keep, start, max_iter=0)
+    assert torch.equal(untouched[1:], (start * keep)[1:])
+    again = refit_from(w.double(), gram, keep, expected, max_iter=3, tol=1e-9)
+    torch.testing.assert_close(again, expected, rtol=1e-8, atol=1e-10)
+
+
+def test_warm_refit_refuses_a_start_or_mask_of_another_shape():
+    w = torch.randn(4, 8)
+    with pytest.raises(SparsityError, match="must match"):
+        refit_from(w, torch.eye(8), torch.ones(4, 8, dtype=torch.bool), torch.zeros(4, 7))
+    with pytest.raises(SparsityError, match="must match"):
+        refit_from(w, torch.eye(8), torch.ones(8, 4, dtype=torch.bool), torch.zeros(4, 8))
 
 
 def mlp():

@@ -11,7 +11,8 @@ which a criterion-then-re-fit recipe only approximates (its mask is chosen befor
   diagonal, alternate a ridge step B = (H + rho I)^-1 (H W + rho D - V), a projection D of
   B + V / rho onto the pattern (largest magnitudes), and a dual step V += rho (B - D); rho grows
   while the support still changes and the support is fixed once it settles; the kept weights are
-  then re-fitted exactly on it (:func:`relprune.core.reconstruct.refit`). ``group="row"`` (our
+  then re-fitted exactly on it, by conjugate gradients started from ADMM's own weights
+  (:func:`relprune.core.reconstruct.refit_from`, ALPS's back-solve). ``group="row"`` (our
   default, as every other language-model recipe here) keeps the same count in every output row;
   ``group="layer"`` projects over the whole layer, as the ALPS reference does.
 - :func:`gradual_prune` raises the sparsity in ``steps``; at each step the mask is re-chosen by the
@@ -30,7 +31,7 @@ from torch import Tensor
 
 from ..errors import RelpruneError, SingularGramError, SparsityError
 from .allocation import check_sparsity, parse_n_m, removal_count
-from .reconstruct import PERCDAMP, damped_gram, damped_inverse_diagonal, refit
+from .reconstruct import PERCDAMP, damped_gram, damped_inverse_diagonal, refit, refit_from
 from .threads import bounded_threads
 
 #: ALPS's published settings (its reference code's defaults for LLaMA and OPT).
@@ -38,6 +39,8 @@ RHO = 0.1
 MAX_ITER = 300
 UPDATE_ITER = 3
 SWITCH_ITER = 30
+#: Conjugate-gradient iterations of the re-fit that follows, started from ADMM's weights (ALPS's back-solve).
+REFIT_ITER = 10
 GROUPS = ("row", "layer")
 
 
@@ -136,11 +139,7 @@ def admm_prune(weight: Tensor, hessian: Tensor, *, sparsity: float | None = None
     b0 = (w * scale).float()  # rows of W in the unit-diagonal coordinates
     target = (b0.double() @ hn).float()
 
-    evecs32_t = evecs32.T.contiguous()
-
-    def ridge(rhs: Tensor, penalty: float) -> Tensor:
-        inv = (1 / (evals + penalty)).float()
-        return (rhs @ evecs32).mul_(inv) @ evecs32_t
+    ridge = _Ridge(evals, evecs32, rows=weight.shape[0], update_iter=update_iter)
 
     keep = project(b0, **budget)
     kept_total = int(keep.sum())
@@ -182,7 +181,34 @@ def admm_prune(weight: Tensor, hessian: Tensor, *, sparsity: float | None = None
         if step >= switch_iter and change < 0.0003:
             break
     keep = project(b, **budget) & ~dead.reshape(1, -1)
-    return refit(weight.detach(), hessian, keep, method="exact", percdamp=percdamp), keep
+    start = b.double() / scale  # back from the unit-diagonal coordinates
+    return refit_from(weight.detach(), hessian, keep, start, max_iter=REFIT_ITER, percdamp=percdamp), keep
+
+
+class _Ridge:
+    """B = rhs (H + rho I)^-1 for the ADMM steps, from H = E diag(evals) E^T.
+
+    Either two products with E per step, or one with the inverse formed for the current rho (2 I^3 flops
+    each time rho moves, every ``update_iter`` steps, as ALPS's reference does): the inverse is formed when
+    that costs less over ``update_iter`` steps: with ALPS's 3, for layers with more than a third as many rows
+    as inputs.
+    """
+
+    def __init__(self, evals: Tensor, evecs: Tensor, rows: int, update_iter: int) -> None:
+        self.evals, self.evecs, self.evecs_t = evals, evecs, evecs.T.contiguous()
+        inputs = evecs.shape[0]
+        # Per update_iter steps: 2 products of rows x inputs^2 each step, or one each step plus one inputs^3.
+        self.form_inverse = update_iter * rows * inputs**2 > inputs**3
+        self.rho: float | None = None
+        self.inverse: Tensor | None = None
+
+    def __call__(self, rhs: Tensor, rho: float) -> Tensor:
+        inv = (1 / (self.evals + rho)).float()
+        if not self.form_inverse:
+            return (rhs @ self.evecs).mul_(inv) @ self.evecs_t
+        if rho != self.rho:
+            self.rho, self.inverse = rho, (self.evecs * inv) @ self.evecs_t
+        return rhs @ self.inverse
 
 
 def gradual_prune(weight: Tensor, hessian: Tensor, *, sparsity: float | None = None,
