@@ -72,6 +72,8 @@ PLANS = {
     # and uniform, run the same day; with --model gemma3-270m for the second family.
     "allocation-search": [("admm", None, "70%", v) for v in ("search", "errors", "")],
     "allocation-search-levels": [("admm", None, b, v) for b in ("60%", "80%") for v in ("search", "errors", "")],
+    # Issue 32: the default's rows after a change of its solver's speed (compare with the frontier rows, seed 0).
+    "check-default": [("admm", None, b, "") for b in ("50%", "2:4")],
     "grid": [(c, r, b) for b in ("60%", "70%", "4:8") for c, r in [("magnitude", None), ("ria", None), *KEY]],
     # Levers of issue 10: bias compensation for the mask-only criteria, OWL for every kind of recipe.
     "levers": [(c, None, b, "bc") for b in ("50%", "2:4", "60%", "70%") for c in ("contrib-share", "wanda")]
