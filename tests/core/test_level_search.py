@@ -78,8 +78,9 @@ def test_a_start_at_every_bound_returns_the_start():
 
 
 @pytest.mark.parametrize("evaluations, seconds, words", [
-    (0, None, "at least 2 evaluations"), (-3, None, "at least 2 evaluations"), (1, None, "at least 2"),
-    (2.5, None, "at least 2"), (True, None, "at least 2"), (10, 0, "positive number of seconds"),
+    (0, None, "evaluations must be at least 2"), (-3, None, "at least 2"), (1, None, "at least 2"),
+    (2.5, None, "whole number"), (True, None, "whole number"), (10, 0, "positive number of seconds"),
+    (10, "5", "time limit must be a number"),
     (10, -1.0, "positive number of seconds"), (10, float("nan"), "positive"), (10, float("inf"), "positive"),
 ])
 def test_budgets_the_search_cannot_honour_are_refused(evaluations, seconds, words):

@@ -85,9 +85,9 @@ def test_the_fitness_is_the_kl_divergence_of_the_model_masked_by_hand(monkeypatc
 
 
 def test_the_search_keeps_the_budget_and_leaves_the_weights_as_they_were():
-    model, batches, recipe, named, captured = _setup(sparsity=0.6)
+    model, batches, recipe, named, captured = _setup(sparsity=0.6, search_evaluations=12)
     dense = {k: v.clone() for k, v in model.state_dict().items()}
-    levels, result = S.search_sparsities(model, recipe, named, captured, batches, evaluations=12)
+    levels, result = S.search_sparsities(model, recipe, named, captured, batches)
     for k, v in model.state_dict().items():
         assert torch.equal(v, dense[k]), k
     sizes = {(i, n): named[i][1].get_submodule(n).weight.numel() for i, block in enumerate(levels) for n in block}
@@ -98,7 +98,7 @@ def test_the_search_keeps_the_budget_and_leaves_the_weights_as_they_were():
 
 
 def test_a_failing_candidate_leaves_the_weights_as_they_were(monkeypatch):
-    model, batches, recipe, named, captured = _setup()
+    model, batches, recipe, named, captured = _setup(search_evaluations=10)
     dense = {k: v.clone() for k, v in model.state_dict().items()}
     calls = []
     real = S._Candidates.kl
@@ -112,7 +112,7 @@ def test_a_failing_candidate_leaves_the_weights_as_they_were(monkeypatch):
 
     monkeypatch.setattr(S._Candidates, "kl", failing)
     with pytest.raises(KeyboardInterrupt):
-        S.search_sparsities(model, recipe, named, captured, batches, evaluations=10)
+        S.search_sparsities(model, recipe, named, captured, batches)
     for k, v in model.state_dict().items():
         assert torch.equal(v, dense[k]), k
 
@@ -135,8 +135,8 @@ def test_the_search_allocation_prunes_to_the_budget_with_the_default_solver():
 
 
 @pytest.mark.parametrize("keywords, words", [
-    (dict(search_evaluations=0), "at least 2 evaluations"),
-    (dict(search_evaluations=-5), "at least 2 evaluations"),
+    (dict(search_evaluations=0), "evaluations must be at least 2"),
+    (dict(search_evaluations=-5), "evaluations must be at least 2"),
     (dict(search_seconds=0.0), "positive number of seconds"),
     (dict(search_seconds=-2.0), "positive number of seconds"),
     (dict(owl_lambda=0.0), "lambda above 0"),

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..errors import SparsityError
+from .checks import real_number, whole_number
 
 
 @dataclass(frozen=True)
@@ -31,13 +32,13 @@ class SearchResult:
 
 
 def check_search_budget(evaluations: int, seconds: float | None) -> None:
-    """Refuse a budget the search cannot honour (one rule for the API and the command)."""
-    if isinstance(evaluations, bool) or not isinstance(evaluations, int) or evaluations < 2:
-        raise SparsityError(f"the search needs at least 2 evaluations (the start and one candidate), got "
-                            f"{evaluations!r}")
-    if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, int | float)
-                                or not math.isfinite(seconds) or seconds <= 0):
-        raise SparsityError(f"the search's time limit must be a positive number of seconds, got {seconds!r}")
+    """Refuse a budget the search cannot honour (one rule for the API and the command): at least 2 evaluations
+    (the start and one candidate), a time limit that is a positive finite number of seconds or None."""
+    whole_number(evaluations, "the search's evaluations", minimum=2, error=SparsityError)
+    if seconds is not None:
+        limit = real_number(seconds, "the search's time limit")
+        if not (math.isfinite(limit) and limit > 0):
+            raise SparsityError(f"the search's time limit must be a positive number of seconds, got {seconds!r}")
 
 
 def _switch(levels: list[float], sizes: Sequence[int], low: Sequence[float], high: Sequence[float], step: float,

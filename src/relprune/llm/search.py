@@ -188,15 +188,15 @@ def _units(names: Sequence[tuple[int, str]]) -> list[int]:
 
 
 def search_sparsities(model: nn.Module, recipe: Recipe, named: Sequence[tuple[str, nn.Module]],
-                      captured: BlockInputs, batches: Sequence[Batch], *, evaluations: int,
-                      seconds: float | None = None, seed: int = 0) -> tuple[list[dict[str, float]], SearchResult]:
+                      captured: BlockInputs, batches: Sequence[Batch], *,
+                      seed: int = 0) -> tuple[list[dict[str, float]], SearchResult]:
     """Each block's layers' sparsities, by name, under ``allocation="search"``, and the search's account.
 
     Starts from the ``errors`` allocation; each unit (a block's attention or MLP layers) then takes an offset
     in [-owl_lambda, owl_lambda] added to its layers' levels, chosen by :func:`relprune.core.search.
-    search_levels` in at most ``evaluations`` candidates (and ``seconds``), each scored by the KL divergence
-    from the dense model on :data:`relprune.defaults.SEARCH_WINDOWS` windows of up to
-    :data:`relprune.defaults.SEARCH_TOKENS` tokens. The model's weights are as before when this returns or
+    search_levels` in at most the recipe's ``search_evaluations`` candidates (and ``search_seconds``), each
+    scored by the KL divergence from the dense model on :data:`relprune.defaults.SEARCH_WINDOWS` windows of up
+    to :data:`relprune.defaults.SEARCH_TOKENS` tokens. The model's weights are as before when this returns or
     raises."""
     assert recipe.sparsity is not None
     refuse_search(recipe)
@@ -226,7 +226,8 @@ def search_sparsities(model: nn.Module, recipe: Recipe, named: Sequence[tuple[st
             return candidates.kl(layer_levels(offsets))
 
         result = search_levels([0.0] * count, sizes, fitness, low=[-f for f in floor], high=ceiling,
-                               step=SEARCH_STEP, evaluations=evaluations, seconds=seconds, seed=seed)
+                               step=SEARCH_STEP, evaluations=recipe.search_evaluations,
+                               seconds=recipe.search_seconds, seed=seed)
     finally:
         candidates.restore()
     _log.info("search allocation: %d candidates in %.1f s, KL from the dense model %.5g at the layer-error start, "

@@ -119,9 +119,7 @@ def prune_sequential(
         if recipe.allocation != "uniform":
             captured = capture_block_inputs(model, modules, batches)
         if recipe.allocation == "search":
-            per_block: list[BlockLevel] = list(search_sparsities(
-                model, recipe, named, captured, batches, evaluations=recipe.search_evaluations,
-                seconds=recipe.search_seconds)[0])
+            per_block: list[BlockLevel] = list(search_sparsities(model, recipe, named, captured, batches)[0])
         else:
             per_block = block_sparsities(recipe, named, captured or BlockInputs([[]] * len(named), []))
         # A recipe that reads no activation (magnitude) runs no block.
