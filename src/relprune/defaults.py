@@ -31,7 +31,8 @@ DEFAULT_RECONSTRUCT = "auto"
 #: and 152.6 / 240.1; the previous default (OBS saliency + exact re-fit) 55.2 / 57.9 at 50%.
 #: Gemma 3 270M (seed 0): 157.9 / 150.9 at 50% against SparseGPT's 197.3 / 176.1 and Wanda's
 #: 227.4 / 220.1; 214.7 / 304.7 at 70% against 366.3 / 430.8. One default for both families and all
-#: patterns; it costs 2.3-2.9x SparseGPT's prune time (183 s against 79 s on SmolLM2 at 50%).
+#: patterns; it costs 1.3-1.7x SparseGPT's prune time idle (SmolLM2 230 s against 139 s at 50%, 224 against 153 at
+#: 2:4; Gemma 3 254 against 194 and 264 against 154; docs/results.md, "ADMM as its reference runs it", issue 32).
 DEFAULT_LLM_CRITERION = "admm"
 #: The exact least-squares re-fit, with its damping pulling toward the dense weights: what every
 #: mask-first criterion gets by default (ADMM's weights already are it, so it adds nothing there).
