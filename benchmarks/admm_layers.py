@@ -69,8 +69,9 @@ def solve(args: argparse.Namespace) -> None:
     meta = {"date": datetime.date.today().isoformat(), "machine": platform.machine(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "commit": commit}
     total = 0.0
+    layers = _layers(Path(args.solve))
     with open(args.out, "a") as fh:
-        for path in _layers(Path(args.solve)):
+        for path in layers:
             saved = torch.load(path)
             w, h = saved["w"], saved["h"]
             for name, budget in BUDGETS.items():
@@ -81,7 +82,7 @@ def solve(args: argparse.Namespace) -> None:
                 row = {**meta, "layer": path.stem, "shape": list(w.shape), "budget": name, "seconds": seconds,
                        "error": layer_error(w, new, h)}
                 fh.write(json.dumps(row) + "\n")
-    print(f"{commit}: {total:.1f} s over {len(_layers(Path(args.solve)))} layers x {len(BUDGETS)} budgets")
+    print(f"{commit}: {total:.1f} s over {len(layers)} layers x {len(BUDGETS)} budgets")
 
 
 def compare(a_path: str, b_path: str) -> None:

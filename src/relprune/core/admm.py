@@ -208,12 +208,14 @@ class _Ridge:
         self.inverse: Tensor | None = None
 
     def __call__(self, rhs: Tensor, rho: float) -> Tensor:
-        inv = (1 / (self.evals + rho)).float()
         if not self.form_inverse:
-            return (rhs @ self.evecs).mul_(inv) @ self.evecs_t
+            return (rhs @ self.evecs).mul_(self._inverse_evals(rho)) @ self.evecs_t
         if rho != self.rho:
-            self.rho, self.inverse = rho, (self.evecs * inv) @ self.evecs_t
+            self.rho, self.inverse = rho, (self.evecs * self._inverse_evals(rho)) @ self.evecs_t
         return rhs @ self.inverse
+
+    def _inverse_evals(self, rho: float) -> Tensor:
+        return (1 / (self.evals + rho)).float()
 
 
 def gradual_prune(weight: Tensor, hessian: Tensor, *, sparsity: float | None = None,
