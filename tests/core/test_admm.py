@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 import relprune
-from relprune.core.admm import _Ridge, admm_prune, gradual_prune, layer_error, project
+from relprune.core.admm import _Ridge, admm_prune, gradual_prune, layer_error, project, ridge_inverse
 from relprune.core.reconstruct import damped_inverse_diagonal, refit
-from relprune.errors import RelpruneError, SparsityError
+from relprune.errors import RelpruneError, SingularGramError, SparsityError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from alps_port import alps_admm
@@ -90,17 +90,33 @@ def test_admm_matches_the_ported_alps_reference_on_a_layer(budget):
 
 
 @pytest.mark.parametrize("rows, inputs", [(48, 32), (8, 64), (32, 96)])
-def test_the_ridge_step_is_the_regularised_solve_whether_or_not_it_forms_the_inverse(rows, inputs):
+def test_the_ridge_step_is_the_regularised_solve(rows, inputs):
     _, h = problem(rows, inputs, tokens=200, seed=3)
     h = h / h.diagonal().mean()
-    evals, evecs = torch.linalg.eigh(h)
-    ridge = _Ridge(evals, evecs.float(), rows=rows, update_iter=3)
-    # The inverse is formed only where it costs less over three steps: 3 rows x inputs^2 > inputs^3.
-    assert ridge.form_inverse == (3 * rows > inputs)
+    ridge = _Ridge(h.float())
     rhs = torch.randn(rows, inputs, generator=torch.Generator().manual_seed(4))
+    formed = []
     for rho in (0.1, 0.13, 0.13, 5.0):  # a repeated rho reuses the inverse formed for it
         expected = torch.linalg.solve(h + rho * torch.eye(inputs, dtype=torch.float64), rhs.double().T).T
         torch.testing.assert_close(ridge(rhs, rho).double(), expected, rtol=2e-4, atol=2e-4)
+        formed.append(ridge.inverse)
+    assert formed[1] is formed[2] and formed[0] is not formed[1]
+
+
+def test_the_ridge_inverse_falls_back_to_float64_where_float32_loses_definiteness():
+    # [[1, 1], [1, 1]] + 1e-9 I is positive definite, but 1 + 1e-9 rounds to 1 in float32: a singular matrix.
+    gram = torch.ones(2, 2)
+    assert int(torch.linalg.cholesky_ex(gram + 1e-9 * torch.eye(2)).info) != 0
+    inverse = ridge_inverse(gram, 1e-9)
+    expected = torch.linalg.inv(gram.double() + 1e-9 * torch.eye(2, dtype=torch.float64))
+    assert inverse.dtype == torch.float32
+    torch.testing.assert_close(inverse.double(), expected, rtol=1e-5, atol=0)
+
+
+def test_a_ridge_system_no_precision_makes_definite_is_a_singular_gram_error():
+    gram = torch.tensor([[1.0, 2.0], [2.0, 1.0]])  # eigenvalues 3 and -1: a penalty of 0.5 leaves it indefinite
+    with pytest.raises(SingularGramError, match="percdamp"):
+        ridge_inverse(gram, 0.5)
 
 
 def test_projection_patterns():

@@ -32,7 +32,6 @@ from torch import Tensor
 from ..errors import RelpruneError, SingularGramError, SparsityError
 from .allocation import check_sparsity, parse_n_m, removal_count
 from .reconstruct import PERCDAMP, damped_gram, damped_inverse_diagonal, refit, refit_from
-from .threads import bounded_threads
 
 #: ALPS's published settings (its reference code's defaults for LLaMA and OPT).
 RHO = 0.1
@@ -132,18 +131,13 @@ def admm_prune(weight: Tensor, hessian: Tensor, *, sparsity: float | None = None
     # which is what puts the default's peak memory above SparseGPT's.
     hn = h.div_(scale.reshape(-1, 1)).div_(scale.reshape(1, -1))
     del h
-    # float32 is enough for the ridge steps (4e-6 relative on a 1536-input layer) and 2x faster than float64;
-    # one thread keeps its time steady when another process holds a core (core.threads).
-    with bounded_threads():
-        evals, evecs32 = torch.linalg.eigh(hn.float())
-    evals = evals.double()
     w = weight.detach().double().clone()
     w[:, dead] = 0
     b0 = (w * scale).float()  # rows of W in the unit-diagonal coordinates
     target = (b0.double() @ hn).float()
+    # float32 is enough for the ridge steps and 2x faster than float64 (see _Ridge).
+    ridge = _Ridge(hn.float())
     del hn, w
-
-    ridge = _Ridge(evals, evecs32, rows=weight.shape[0], update_iter=update_iter)
 
     keep = project(b0, **budget)
     kept_total = int(keep.sum())
@@ -191,31 +185,43 @@ def admm_prune(weight: Tensor, hessian: Tensor, *, sparsity: float | None = None
 
 
 class _Ridge:
-    """B = rhs (H + rho I)^-1 for the ADMM steps, from H = E diag(evals) E^T.
+    """B = rhs (H + rho I)^-1 for the ADMM steps: one product a step with the inverse, formed from a Cholesky
+    factor each time rho moves (every ``update_iter`` steps at most), as ALPS's reference does.
 
-    Either two products with E per step, or one with the inverse formed for the current rho (2 I^3 flops
-    each time rho moves, every ``update_iter`` steps, as ALPS's reference does): the inverse is formed when
-    that costs less over ``update_iter`` steps: with ALPS's 3, for layers with more than a third as many rows
-    as inputs.
+    A Cholesky factorisation, unlike the symmetric eigendecomposition it replaces, keeps its time on a shared
+    machine with torch's default threads (docs/results.md, issue 32), costs a third of the flops, and its
+    float32 inverse is closer to the float64 one (1.5e-6 against 3e-5 relative on SmolLM2's 1536-input
+    down_proj).
     """
 
-    def __init__(self, evals: Tensor, evecs: Tensor, rows: int, update_iter: int) -> None:
-        self.evals, self.evecs, self.evecs_t = evals, evecs, evecs.T.contiguous()
-        inputs = evecs.shape[0]
-        # Per update_iter steps: 2 products of rows x inputs^2 each step, or one each step plus one inputs^3.
-        self.form_inverse = update_iter * rows * inputs**2 > inputs**3
+    def __init__(self, gram: Tensor) -> None:
+        self.gram = gram
         self.rho: float | None = None
         self.inverse: Tensor | None = None
 
     def __call__(self, rhs: Tensor, rho: float) -> Tensor:
-        if not self.form_inverse:
-            return (rhs @ self.evecs).mul_(self._inverse_evals(rho)) @ self.evecs_t
         if rho != self.rho:
-            self.rho, self.inverse = rho, (self.evecs * self._inverse_evals(rho)) @ self.evecs_t
+            self.inverse = None  # freed before the next one is formed
+            self.rho, self.inverse = rho, ridge_inverse(self.gram, rho)
         return rhs @ self.inverse
 
-    def _inverse_evals(self, rho: float) -> Tensor:
-        return (1 / (self.evals + rho)).float()
+
+def ridge_inverse(gram: Tensor, rho: float) -> Tensor:
+    """(gram + rho I)^-1 in ``gram``'s dtype, by Cholesky; in float64 where ``gram``'s own precision loses
+    positive definiteness (a small ``rho`` beside a nearly singular Gram)."""
+    shifted = gram.clone()
+    shifted.diagonal().add_(rho)
+    factor, info = torch.linalg.cholesky_ex(shifted)
+    del shifted
+    if int(info) == 0:
+        return torch.cholesky_inverse(factor)
+    shifted = gram.double()
+    shifted.diagonal().add_(rho)
+    factor, info = torch.linalg.cholesky_ex(shifted)
+    if int(info):
+        raise SingularGramError(f"the scaled input second moment plus the ADMM penalty {rho:g} is not positive "
+                                "definite; raise the damping (percdamp) or collect more calibration tokens")
+    return torch.cholesky_inverse(factor).to(gram.dtype)
 
 
 def gradual_prune(weight: Tensor, hessian: Tensor, *, sparsity: float | None = None,
