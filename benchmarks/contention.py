@@ -2,10 +2,11 @@
 
 A user's machine is shared: another process may hold a core while relprune prunes. This measures
 the calls of one ADMM layer (SmolLM2's down_proj shape: a 576 x 1536 weight, a 1536 x 1536 Gram) -
-``eigh`` with torch's default threads and with one, a Cholesky, a matrix product, and the whole
-``admm_prune`` of the layer as the library runs it - with 0, 1 and 2 busy processes beside it (each a
-CPU-bound Python loop), alternating the loads in rounds so drift hits them alike. It prints each
-call's median time per load and its ratio to the idle time, and appends one JSON line per (call, load).
+``eigh`` with torch's default threads and with one (ADMM's ridge steps used it before the fifth session of
+issue 32), a Cholesky, a matrix product, and the whole ``admm_prune`` of the layer as the library runs it -
+with 0, 1 and 2 busy processes beside it (each a CPU-bound Python loop), alternating the loads in rounds so
+drift hits them alike. It prints each call's median time per load and its ratio to the idle time, and appends
+one JSON line per (call, load).
 
     python benchmarks/contention.py --out docs/data/contention_issue32.jsonl
     python benchmarks/contention.py --rounds 2 --quick     # a smaller layer, for a look
@@ -20,7 +21,6 @@ re-fit) at 50% (``--pattern 2:4``: at 2:4) on ``--model``, with 0, 1 and 2 busy 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import multiprocessing as mp
@@ -35,7 +35,6 @@ from collections.abc import Callable
 
 import torch
 
-from relprune.core import admm
 from relprune.core.admm import admm_prune
 from relprune.core.threads import bounded_threads
 
@@ -56,21 +55,11 @@ def _layer(inputs: int, outputs: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _one_thread(fn: Callable[[], object]) -> Callable[[], object]:
-    """``fn`` run as the library runs its eigendecompositions (:func:`relprune.core.threads.bounded_threads`)."""
+    """``fn`` on one thread (:func:`relprune.core.threads.bounded_threads`)."""
     def run() -> object:
         with bounded_threads(1):
             return fn()
     return run
-
-
-def _unbounded(weight: torch.Tensor, gram: torch.Tensor) -> object:
-    """admm_prune as it was before issue 32: its eigendecomposition on torch's default threads."""
-    bounded = admm.bounded_threads
-    admm.bounded_threads = contextlib.nullcontext  # type: ignore[assignment]
-    try:
-        return admm_prune(weight, gram, sparsity=0.5)
-    finally:
-        admm.bounded_threads = bounded
 
 
 #: The recipes ``--prune`` times: the default, and the two published baselines as their authors run them.
@@ -167,7 +156,6 @@ def main() -> None:
         f"cholesky, {default_threads} threads": lambda: torch.linalg.cholesky(h32.double()),
         f"matmul {outputs}x{inputs}x{inputs}, {default_threads} threads": lambda: weight @ h32,
         "admm_prune 50% (as the library runs it)": lambda: admm_prune(weight, gram, sparsity=0.5),
-        "admm_prune 50%, eigh on default threads (before)": lambda: _unbounded(weight, gram),
     }
     for call in calls.values():  # warm-up
         call()

@@ -60,8 +60,8 @@ def layer_shapes(shape: dict[str, int]) -> list[tuple[int, int]]:
 
 def cost_terms(shape: dict[str, int], tokens: int) -> tuple[float, float]:
     """A block's two cost terms: the solver's, sum over projections of out * in^2 + in^3 (ADMM's products
-    with the in x in eigenvectors, the eigendecomposition, the exact re-fit), and the statistics', tokens x
-    weights (the block's forward pass and the Grams)."""
+    with the in x in inverse, the Cholesky factors it is formed from, the exact re-fit), and the statistics',
+    tokens x weights (the block's forward pass and the Grams)."""
     shapes = layer_shapes(shape)
     return (float(sum(o * i * i + i**3 for o, i in shapes)), float(tokens * sum(o * i for o, i in shapes)))
 
@@ -85,9 +85,9 @@ def _fit(x, y):
 
 def working_set_terms(shape: dict[str, int], tokens: int) -> tuple[float, float]:
     """A block's working set in MiB, split into what is known from the shapes (the float64 running Grams of
-    its seven projections, and ADMM's float64 Gram and scaled copy and float32 eigenvectors and their
-    transpose for its widest input: 24 bytes x in^2) and the activations' term, tokens x (hidden + MLP
-    width) x 4 bytes, whose multiple the fit finds."""
+    its seven projections, and ADMM's float64 scaled Gram, its float32 copy, the inverse and the Cholesky
+    factor and shifted copy it is formed from, for its widest input: 24 bytes x in^2) and the activations' term,
+    tokens x (hidden + MLP width) x 4 bytes, whose multiple the fit finds."""
     shapes = layer_shapes(shape)
     known = sum(8 * i * i for _, i in shapes) + 24 * max(i for _, i in shapes) ** 2
     return known / 2**20, tokens * (shape["hidden_size"] + shape["intermediate_size"]) * 4 / 2**20
