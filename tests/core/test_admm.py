@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import relprune
-from relprune.core.admm import _Ridge, admm_prune, gradual_prune, layer_error, project, ridge_inverse
+from relprune.core.admm import _Ridge, admm_prune, gradual_prune, layer_error, project, ridge_factor
 from relprune.core.reconstruct import damped_inverse_diagonal, refit
 from relprune.errors import RelpruneError, SingularGramError, SparsityError
 
@@ -89,34 +89,51 @@ def test_admm_matches_the_ported_alps_reference_on_a_layer(budget):
     assert ours <= 1.02 * theirs
 
 
-@pytest.mark.parametrize("rows, inputs", [(48, 32), (8, 64), (32, 96)])
+@pytest.mark.parametrize("rows, inputs", [(48, 32), (8, 64), (32, 96), (64, 64)])
 def test_the_ridge_step_is_the_regularised_solve(rows, inputs):
     _, h = problem(rows, inputs, tokens=200, seed=3)
     h = h / h.diagonal().mean()
-    ridge = _Ridge(h.float())
+    ridge = _Ridge(h.float(), rows=rows)
+    assert ridge.solves == (rows < inputs)  # triangular solves for wide layers, the formed inverse otherwise
     rhs = torch.randn(rows, inputs, generator=torch.Generator().manual_seed(4))
     formed = []
-    for rho in (0.1, 0.13, 0.13, 5.0):  # a repeated rho reuses the inverse formed for it
+    for rho in (0.1, 0.13, 0.13, 5.0):  # a repeated rho reuses the factor (or inverse) formed for it
         expected = torch.linalg.solve(h + rho * torch.eye(inputs, dtype=torch.float64), rhs.double().T).T
         torch.testing.assert_close(ridge(rhs, rho).double(), expected, rtol=2e-4, atol=2e-4)
-        formed.append(ridge.inverse)
+        formed.append(ridge.factor)
     assert formed[1] is formed[2] and formed[0] is not formed[1]
 
 
-def test_the_ridge_inverse_falls_back_to_float64_where_float32_loses_definiteness():
+def test_the_ridge_factor_falls_back_to_float64_where_float32_loses_definiteness():
     # [[1, 1], [1, 1]] + 1e-9 I is positive definite, but 1 + 1e-9 rounds to 1 in float32: a singular matrix.
     gram = torch.ones(2, 2)
     assert int(torch.linalg.cholesky_ex(gram + 1e-9 * torch.eye(2)).info) != 0
-    inverse = ridge_inverse(gram, 1e-9)
-    expected = torch.linalg.inv(gram.double() + 1e-9 * torch.eye(2, dtype=torch.float64))
-    assert inverse.dtype == torch.float32
-    torch.testing.assert_close(inverse.double(), expected, rtol=1e-5, atol=0)
+    factor = ridge_factor(gram, 1e-9)
+    assert factor.dtype == torch.float32 and torch.equal(factor, factor.triu())
+    expected = torch.linalg.cholesky(gram.double() + 1e-9 * torch.eye(2, dtype=torch.float64), upper=True)
+    torch.testing.assert_close(factor.double(), expected, rtol=1e-6, atol=1e-9)
 
 
 def test_a_ridge_system_no_precision_makes_definite_is_a_singular_gram_error():
     gram = torch.tensor([[1.0, 2.0], [2.0, 1.0]])  # eigenvalues 3 and -1: a penalty of 0.5 leaves it indefinite
     with pytest.raises(SingularGramError, match="percdamp"):
-        ridge_inverse(gram, 0.5)
+        ridge_factor(gram, 0.5)
+
+
+@pytest.mark.parametrize("rows, inputs", [(96, 384), (384, 192)])
+def test_admm_gives_the_same_bits_on_one_thread_as_on_two(rows, inputs):
+    # Block-by-block pruning sets torch's thread count from the machine's load: the result must not depend on it.
+    w, h = problem(rows, inputs, tokens=4 * inputs, seed=5)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (2, 1):
+            torch.set_num_threads(threads)
+            results.append(admm_prune(w, h, sparsity=0.5))
+    finally:
+        torch.set_num_threads(before)
+    (w2, k2), (w1, k1) = results
+    assert torch.equal(k2, k1) and torch.equal(w2, w1)
 
 
 def test_projection_patterns():

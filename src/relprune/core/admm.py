@@ -32,6 +32,7 @@ from torch import Tensor
 from ..errors import RelpruneError, SingularGramError, SparsityError
 from .allocation import check_sparsity, parse_n_m, removal_count
 from .reconstruct import PERCDAMP, damped_gram, damped_inverse_diagonal, refit, refit_from
+from .threads import bounded_threads
 
 #: ALPS's published settings (its reference code's defaults for LLaMA and OPT).
 RHO = 0.1
@@ -136,7 +137,7 @@ def admm_prune(weight: Tensor, hessian: Tensor, *, sparsity: float | None = None
     b0 = (w * scale).float()  # rows of W in the unit-diagonal coordinates
     target = (b0.double() @ hn).float()
     # float32 is enough for the ridge steps and 2x faster than float64 (see _Ridge).
-    ridge = _Ridge(hn.float())
+    ridge = _Ridge(hn.float(), rows=weight.shape[0])
     del hn, w
 
     keep = project(b0, **budget)
@@ -185,43 +186,55 @@ def admm_prune(weight: Tensor, hessian: Tensor, *, sparsity: float | None = None
 
 
 class _Ridge:
-    """B = rhs (H + rho I)^-1 for the ADMM steps: one product a step with the inverse, formed from a Cholesky
-    factor each time rho moves (every ``update_iter`` steps at most), as ALPS's reference does.
+    """B = rhs (H + rho I)^-1 for the ADMM steps, from the upper Cholesky factor U of H + rho I, formed each time
+    rho moves (every ``update_iter`` steps at most, as ALPS's reference forms its inverse).
 
-    A Cholesky factorisation, unlike the symmetric eigendecomposition it replaces, keeps its time on a shared
-    machine with torch's default threads (docs/results.md, issue 32), costs a third of the flops, and its
-    float32 inverse is closer to the float64 one (1.5e-6 against 3e-5 relative on SmolLM2's 1536-input
-    down_proj).
+    Layers with fewer rows than inputs take two triangular solves a step with U; the others one product with
+    the inverse formed from U, as the reference does (fewer flops over the steps that share a rho). No
+    eigendecomposition: its time explodes beside busy processes. The factor and the inverse are formed on one
+    thread, so a prune gives the same bits whatever thread count torch has (block-by-block pruning changes it
+    with the machine's load; LAPACK's Cholesky rounds differently on two threads, the solves and products do not).
     """
 
-    def __init__(self, gram: Tensor) -> None:
+    def __init__(self, gram: Tensor, rows: int) -> None:
         self.gram = gram
+        self.solves = rows < gram.shape[0]
         self.rho: float | None = None
-        self.inverse: Tensor | None = None
+        self.factor: Tensor | None = None
 
     def __call__(self, rhs: Tensor, rho: float) -> Tensor:
         if rho != self.rho:
-            self.inverse = None  # freed before the next one is formed
-            self.rho, self.inverse = rho, ridge_inverse(self.gram, rho)
-        return rhs @ self.inverse
+            self.factor = None  # freed before the next one is formed
+            factor = ridge_factor(self.gram, rho)
+            if not self.solves:
+                with bounded_threads():
+                    factor = torch.cholesky_inverse(factor, upper=True)
+            self.rho, self.factor = rho, factor
+        if not self.solves:
+            return rhs @ self.factor
+        # rhs U^-1 U^-T: B (U^T U) = rhs.
+        x = torch.linalg.solve_triangular(self.factor, rhs, upper=True, left=False)
+        return torch.linalg.solve_triangular(self.factor.mT, x, upper=False, left=False)
 
 
-def ridge_inverse(gram: Tensor, rho: float) -> Tensor:
-    """(gram + rho I)^-1 in ``gram``'s dtype, by Cholesky; in float64 where ``gram``'s own precision loses
-    positive definiteness (a small ``rho`` beside a nearly singular Gram)."""
+def ridge_factor(gram: Tensor, rho: float) -> Tensor:
+    """Upper Cholesky factor U of gram + rho I (U^T U), in ``gram``'s dtype, on one thread (the same bits on any
+    machine load); from a float64 factorisation where ``gram``'s own precision loses positive definiteness (a
+    small ``rho`` beside a nearly singular Gram)."""
     shifted = gram.clone()
     shifted.diagonal().add_(rho)
-    factor, info = torch.linalg.cholesky_ex(shifted)
-    del shifted
-    if int(info) == 0:
-        return torch.cholesky_inverse(factor)
-    shifted = gram.double()
-    shifted.diagonal().add_(rho)
-    factor, info = torch.linalg.cholesky_ex(shifted)
+    with bounded_threads():
+        factor, info = torch.linalg.cholesky_ex(shifted, upper=True)
+        del shifted
+        if int(info) == 0:
+            return factor
+        shifted = gram.double()
+        shifted.diagonal().add_(rho)
+        factor, info = torch.linalg.cholesky_ex(shifted, upper=True)
     if int(info):
         raise SingularGramError(f"the scaled input second moment plus the ADMM penalty {rho:g} is not positive "
                                 "definite; raise the damping (percdamp) or collect more calibration tokens")
-    return torch.cholesky_inverse(factor).to(gram.dtype)
+    return factor.to(gram.dtype)
 
 
 def gradual_prune(weight: Tensor, hessian: Tensor, *, sparsity: float | None = None,
