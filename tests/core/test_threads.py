@@ -28,7 +28,7 @@ def test_the_thread_count_is_capped_inside_and_restored_after_even_on_error():
 
 def test_admm_runs_no_eigendecomposition_and_leaves_the_thread_count(monkeypatch):
     # The symmetric eigensolver is the call whose time exploded beside busy processes; ADMM's ridge steps use
-    # Cholesky factors instead, on torch's own thread count.
+    # Cholesky factors instead (test_admm checks they give the same bits on one thread and two).
     calls = []
     for name in ("eigh", "eigvalsh", "eig"):
         monkeypatch.setattr(torch.linalg, name, lambda *a, name=name, **k: calls.append(name))

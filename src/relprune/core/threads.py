@@ -4,9 +4,9 @@ Some LAPACK routines behind torch (the symmetric eigendecomposition among them) 
 the cores they lose when they run on every core while another process holds one: their threads wait on
 each other at every step. Calls of that kind run inside :func:`bounded_threads`, which costs them some
 speed on an idle machine and keeps their time steady on a shared one (``benchmarks/contention.py``
-measures both). The default recipe's path holds none since ADMM forms its ridge inverses from Cholesky
-factors; the damping advice of a singular Gram (:func:`relprune.core.reconstruct.damped_cholesky`) still
-runs one. Block-by-block pruning fits the whole thread count to the cores other processes leave free,
+measures both). The same bound serves calls whose rounding depends on the thread count: ADMM's Cholesky
+factors (LAPACK's blocked factorisation rounds differently on two threads, and block-by-block pruning sets
+the count from the machine's load), so that a prune gives the same bits on an idle machine and a busy one. Block-by-block pruning fits the whole thread count to the cores other processes leave free,
 block by block (:class:`SharedCores`).
 """
 
