@@ -31,8 +31,9 @@ DEFAULT_RECONSTRUCT = "auto"
 #: and 152.6 / 240.1; the previous default (OBS saliency + exact re-fit) 55.2 / 57.9 at 50%.
 #: Gemma 3 270M (seed 0): 157.9 / 150.9 at 50% against SparseGPT's 197.3 / 176.1 and Wanda's
 #: 227.4 / 220.1; 214.7 / 304.7 at 70% against 366.3 / 430.8. One default for both families and all
-#: patterns; it costs 1.3-1.7x SparseGPT's prune time idle (SmolLM2 230 s against 139 s at 50%, 224 against 153 at
-#: 2:4; Gemma 3 254 against 194 and 264 against 154; docs/results.md, "ADMM as its reference runs it", issue 32).
+#: patterns; it costs 2.0-2.3x the prune time of SparseGPT as published, idle (SmolLM2 222 s against 114 s at 50%,
+#: 217 against 96 at 2:4; Gemma 3 250 against 115 and 242 against 109; 1.3-1.6x SparseGPT followed by our exact
+#: re-fit; docs/results.md, "Cholesky ridge steps, the same bits under any load", issue 32).
 DEFAULT_LLM_CRITERION = "admm"
 #: The exact least-squares re-fit, with its damping pulling toward the dense weights: what every
 #: mask-first criterion gets by default (ADMM's weights already are it, so it adds nothing there).

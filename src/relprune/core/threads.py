@@ -6,8 +6,9 @@ each other at every step. Calls of that kind run inside :func:`bounded_threads`,
 speed on an idle machine and keeps their time steady on a shared one (``benchmarks/contention.py``
 measures both). The same bound serves calls whose rounding depends on the thread count: ADMM's Cholesky
 factors (LAPACK's blocked factorisation rounds differently on two threads, and block-by-block pruning sets
-the count from the machine's load), so that a prune gives the same bits on an idle machine and a busy one. Block-by-block pruning fits the whole thread count to the cores other processes leave free,
-block by block (:class:`SharedCores`).
+the count from the machine's load), so that a prune gives the same bits on an idle machine and a busy one.
+Block-by-block pruning fits the whole thread count to the cores other processes leave free, block by block
+(:class:`SharedCores`).
 """
 
 from __future__ import annotations
