@@ -100,7 +100,8 @@ def test_the_ridge_step_is_the_regularised_solve(rows, inputs):
     for rho in (0.1, 0.13, 0.13, 5.0):  # a repeated rho reuses the factor (or inverse) formed for it
         expected = torch.linalg.solve(h + rho * torch.eye(inputs, dtype=torch.float64), rhs.double().T).T
         torch.testing.assert_close(ridge(rhs, rho).double(), expected, rtol=2e-4, atol=2e-4)
-        formed.append(ridge.factor)
+        formed.append(ridge.factor if ridge.solves else ridge.inverse)
+        assert (ridge.factor is None) != (ridge.inverse is None)  # one of the two held, never both
     assert formed[1] is formed[2] and formed[0] is not formed[1]
 
 

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from ..errors import RelpruneError, SingularGramError, SparsityError
 from .allocation import check_sparsity, parse_n_m, removal_count
-from .reconstruct import PERCDAMP, damped_gram, damped_inverse_diagonal, refit, refit_from
+from .reconstruct import PERCDAMP, cholesky_or_none, damped_gram, damped_inverse_diagonal, refit, refit_from
 from .threads import bounded_threads
 
 #: ALPS's published settings (its reference code's defaults for LLaMA and OPT).
@@ -200,18 +200,21 @@ class _Ridge:
         self.gram = gram
         self.solves = rows < gram.shape[0]
         self.rho: float | None = None
-        self.factor: Tensor | None = None
+        self.factor: Tensor | None = None  # U, on the triangular-solve route
+        self.inverse: Tensor | None = None  # (H + rho I)^-1, on the product route
 
     def __call__(self, rhs: Tensor, rho: float) -> Tensor:
         if rho != self.rho:
-            self.factor = None  # freed before the next one is formed
+            self.factor = self.inverse = None  # freed before the next one is formed
             factor = ridge_factor(self.gram, rho)
-            if not self.solves:
+            if self.solves:
+                self.factor = factor
+            else:
                 with bounded_threads():
-                    factor = torch.cholesky_inverse(factor, upper=True)
-            self.rho, self.factor = rho, factor
-        if not self.solves:
-            return rhs @ self.factor
+                    self.inverse = torch.cholesky_inverse(factor, upper=True)
+            self.rho = rho
+        if self.inverse is not None:
+            return rhs @ self.inverse
         # rhs U^-1 U^-T: B (U^T U) = rhs.
         x = torch.linalg.solve_triangular(self.factor, rhs, upper=True, left=False)
         return torch.linalg.solve_triangular(self.factor.mT, x, upper=False, left=False)
@@ -224,14 +227,14 @@ def ridge_factor(gram: Tensor, rho: float) -> Tensor:
     shifted = gram.clone()
     shifted.diagonal().add_(rho)
     with bounded_threads():
-        factor, info = torch.linalg.cholesky_ex(shifted, upper=True)
+        factor = cholesky_or_none(shifted, upper=True)
         del shifted
-        if int(info) == 0:
+        if factor is not None:
             return factor
         shifted = gram.double()
         shifted.diagonal().add_(rho)
-        factor, info = torch.linalg.cholesky_ex(shifted, upper=True)
-    if int(info):
+        factor = cholesky_or_none(shifted, upper=True)
+    if factor is None:
         raise SingularGramError(f"the scaled input second moment plus the ADMM penalty {rho:g} is not positive "
                                 "definite; raise the damping (percdamp) or collect more calibration tokens")
     return factor.to(gram.dtype)

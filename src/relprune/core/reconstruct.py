@@ -41,6 +41,13 @@ def damped_gram(hessian: Tensor, percdamp: float, dtype: torch.dtype = torch.flo
     return h, dead, mean
 
 
+def cholesky_or_none(matrix: Tensor, *, upper: bool = False) -> Tensor | None:
+    """The Cholesky factor of ``matrix`` (lower, or upper: U^T U), or None where it is not positive definite
+    in its own precision (the callers each say what to do then: retry in float64, or name the damping)."""
+    factor, info = torch.linalg.cholesky_ex(matrix, upper=upper)
+    return factor if int(info) == 0 and bool(torch.isfinite(factor).all()) else None
+
+
 def damped_cholesky(hessian: Tensor, percdamp: float, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
     """(lower Cholesky factor of H + lambda I, the inputs that never fire), lambda = ``percdamp`` x mean
     diagonal, never-firing inputs (zero diagonal) given a unit one.
@@ -49,8 +56,8 @@ def damped_cholesky(hessian: Tensor, percdamp: float, dtype: torch.dtype = torch
     eigenvalue) when the damped matrix is still not positive definite.
     """
     h, dead, mean = damped_gram(hessian, percdamp, dtype)
-    factor, info = torch.linalg.cholesky_ex(h)
-    if int(info) == 0 and bool(torch.isfinite(factor).all()):
+    factor = cholesky_or_none(h)
+    if factor is not None:
         return factor, dead
     if not bool(torch.isfinite(h).all()) or not float(mean) > 0:
         raise SingularGramError("the input second moment holds NaN, Inf or no positive diagonal; no damping "
