@@ -3,8 +3,8 @@
 A user's machine is shared: another process may hold a core while relprune prunes. This measures
 the calls of one ADMM layer (SmolLM2's down_proj shape: a 576 x 1536 weight, a 1536 x 1536 Gram) -
 ``eigh`` with torch's default threads and with one (ADMM's ridge steps used it before the fifth session of
-issue 32), a Cholesky, a matrix product, and the whole ``admm_prune`` of the layer as the library runs it -
-with 0, 1 and 2 busy processes beside it (each a CPU-bound Python loop), alternating the loads in rounds so
+issue 32), ADMM's ridge factor as the library forms it (a float32 Cholesky on one thread), a matrix
+product, and the whole ``admm_prune`` of the layer as the library runs it - with 0, 1 and 2 busy processes beside it (each a CPU-bound Python loop), alternating the loads in rounds so
 drift hits them alike. It prints each call's median time per load and its ratio to the idle time, and appends
 one JSON line per (call, load).
 
@@ -36,7 +36,7 @@ from collections.abc import Callable
 
 import torch
 
-from relprune.core.admm import admm_prune
+from relprune.core.admm import admm_prune, ridge_factor
 from relprune.core.threads import bounded_threads
 
 
@@ -157,7 +157,7 @@ def main() -> None:
     calls: dict[str, Callable[[], object]] = {
         f"eigh, {default_threads} threads": lambda: torch.linalg.eigh(h32),
         "eigh, 1 thread": _one_thread(lambda: torch.linalg.eigh(h32)),
-        f"cholesky, {default_threads} threads": lambda: torch.linalg.cholesky(h32.double()),
+        "ADMM's ridge factor (float32 Cholesky, 1 thread)": lambda: ridge_factor(h32, 0.1),
         f"matmul {outputs}x{inputs}x{inputs}, {default_threads} threads": lambda: weight @ h32,
         "admm_prune 50% (as the library runs it)": lambda: admm_prune(weight, gram, sparsity=0.5),
     }
