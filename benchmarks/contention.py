@@ -4,9 +4,9 @@ A user's machine is shared: another process may hold a core while relprune prune
 the calls of one ADMM layer (SmolLM2's down_proj shape: a 576 x 1536 weight, a 1536 x 1536 Gram) -
 ``eigh`` with torch's default threads and with one (ADMM's ridge steps used it before the fifth session of
 issue 32), ADMM's ridge factor as the library forms it (a float32 Cholesky on one thread), a matrix
-product, and the whole ``admm_prune`` of the layer as the library runs it - with 0, 1 and 2 busy processes beside it (each a CPU-bound Python loop), alternating the loads in rounds so
-drift hits them alike. It prints each call's median time per load and its ratio to the idle time, and appends
-one JSON line per (call, load).
+product, and the whole ``admm_prune`` of the layer as the library runs it - with 0, 1 and 2 busy processes
+beside it (each a CPU-bound Python loop), alternating the loads in rounds so drift hits them alike. It prints
+each call's median time per load and its ratio to the idle time, and appends one JSON line per (call, load).
 
     python benchmarks/contention.py --out docs/data/contention_issue32.jsonl
     python benchmarks/contention.py --rounds 2 --quick     # a smaller layer, for a look

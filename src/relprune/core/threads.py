@@ -22,11 +22,11 @@ from contextlib import contextmanager
 import torch
 
 #: Threads for the linear-algebra calls whose time explodes under contention or whose rounding depends on the
-#: thread count (eigendecompositions, ADMM's Cholesky factors). The float32 eigh of a 1536 x 1536 Gram (SmolLM2's down_proj input) on
-#: the 2-core VM, medians of 6 (benchmarks/contention.py, 2026-12-07): one thread 0.43 s idle, 0.49 s beside
-#: one busy process, 0.69 s beside two; two threads 0.32, 0.76 and 1.12 s (docs/results.md, issue 32): 37%
-#: slower idle, 35-38% faster on a shared machine. The issue measured two threads at 10-18 s beside other
-#: jobs against 1.75 s with one.
+#: thread count (eigendecompositions, ADMM's Cholesky factors). The float32 eigh of a 1536 x 1536 Gram
+#: (SmolLM2's down_proj input) on the 2-core VM, medians of 6 (benchmarks/contention.py, 2026-12-07): one thread
+#: 0.43 s idle, 0.49 s beside one busy process, 0.69 s beside two; two threads 0.32, 0.76 and 1.12 s
+#: (docs/results.md, issue 32): 37% slower idle, 35-38% faster on a shared machine. The issue measured two
+#: threads at 10-18 s beside other jobs against 1.75 s with one.
 SOLVER_THREADS = 1
 
 _lock = threading.Lock()
