@@ -80,7 +80,11 @@ DEFAULT_FIT_THREADS = True
 #: scored per run by default (the layer-error start included), each one forward pass on the search windows
 #: below. At 70% it took 118 s on SmolLM2-135M (the rest of the prune 312 s) and 322 s on Gemma 3 270M (its
 #: uniform prune 280 s), and lost to its own start in three of four cells (docs/results.md, "Two busy
-#: processes, allocation by search, models beyond 300M", issue 32).
+#: processes, allocation by search, models beyond 300M", issue 32); at 80% on Gemma 3, 233.5 s against 171 s for
+#: the uniform prune. Uniform stays the default allocation: at 60/70/80% on both families and both domains, OWL,
+#: the contribution entropy, the layer errors and the search each lose to it by 3.6% or more somewhere (OWL
+#: +31.5% on Gemma's Botchan at 80%, the search +4.4% / +4.2% on Gemma at 60%; docs/results.md, "Both
+#: families beside busy processes, the allocation table at 60/70/80%", issue 32).
 DEFAULT_SEARCH_EVALUATIONS = 64
 #: The search scores a candidate on this many calibration windows ...
 SEARCH_WINDOWS = 2
